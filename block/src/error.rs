@@ -1,0 +1,53 @@
+//! The one error type of the image crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while opening, reading or writing a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A host I/O call failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file could not be opened.
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A guest-visible request lies (partly) beyond the image's virtual size.
+    #[error("request at offset {offset} length {len} is beyond the virtual size {size}")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// A write-type request on an image opened read-only.
+    #[error("image is read-only")]
+    ReadOnly,
+    /// The image is not in the format it was expected to be in, or is damaged.
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    /// The image uses a feature this crate refuses to handle.
+    #[error("unsupported image feature: {0}")]
+    Unsupported(String),
+    /// The image's metadata is inconsistent (it has been marked corrupt where possible).
+    #[error("image corrupt: {0}")]
+    Corrupt(String),
+    /// Invalid argument from the caller (CLI, device layer).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Result alias for the image crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an `std::io::Error` with a short description of what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! thinvm's disk image crate.
+//!
+//! One trait, [`DiskImage`], is what the device layer (virtio-blk) and the `thinvm image` tool
+//! use. Implementations: [`raw::RawImage`] and [`qcow2::Qcow2Image`]. [`open`] probes the
+//! format and opens either.
+//!
+//! The I/O model is synchronous positioned I/O (`pread`/`pwrite`); every request names its
+//! guest offset explicitly, so a queue-based (io_uring) backend can implement the same
+//! operations later.
+
+pub mod error;
+pub mod qcow2;
+pub mod raw;
+pub mod zero;
+
+use std::path::Path;
+
+pub use error::{Error, Result};
+
+/// Image file formats understood by the crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name used on command lines and in JSON (`raw`, `qcow2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown image format '{other}' (expected raw or qcow2)"
+            ))),
+        }
+    }
+}
+
+/// Zero detection on ordinary writes, with QEMU's names and meanings.
+///
+/// * `Off`: writes are written as given.
+/// * `On`: an all-zero write (per cluster for qcow2) becomes a write-zeroes request that keeps
+///   the allocation.
+/// * `Unmap`: an all-zero write becomes a write-zeroes request that may release host space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl std::str::FromStr for DetectZeroes {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown detect-zeroes mode '{other}' (expected off, on or unmap)"
+            ))),
+        }
+    }
+}
+
+/// Counters of host space given back, by the path that gave it back (bytes of host clusters
+/// released, not guest bytes requested).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimStats {
+    /// Released because an ordinary write turned out to be all zeros.
+    pub zero_detect_bytes: u64,
+    /// Released by discard requests.
+    pub discard_bytes: u64,
+    /// Released by write-zeroes requests.
+    pub write_zeroes_bytes: u64,
+}
+
+/// How much host storage the image file uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HostUsage {
+    /// Bytes of the file actually allocated on the host (`st_blocks * 512`, what `du` shows).
+    pub allocated_bytes: u64,
+    /// The file's apparent size (`st_size`, what `ls -l` shows).
+    pub apparent_bytes: u64,
+}
+
+impl HostUsage {
+    /// Reads the usage of an open file.
+    pub fn of_file(file: &std::fs::File) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("stat image file", e))?;
+        Ok(HostUsage {
+            allocated_bytes: meta.blocks().saturating_mul(512),
+            apparent_bytes: meta.size(),
+        })
+    }
+}
+
+/// The status of one guest-visible range, as `qemu-img map --output=json` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapExtent {
+    /// Guest offset of the extent.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Depth in the backing chain where the data comes from (0 = this image). For ranges
+    /// that no layer allocates, the depth of the last layer (the chain's length - 1) plus one
+    /// if it is beyond every layer, as QEMU reports it.
+    pub depth: u32,
+    /// Whether some layer of the chain provides the data (false: unallocated everywhere).
+    pub present: bool,
+    /// Whether the range reads as zeros.
+    pub zero: bool,
+    /// Whether the range is backed by data in a file.
+    pub data: bool,
+    /// Host offset in the file of `depth` where the data lives, if it is stored uncompressed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// A disk image as the device layer and the image tool see it.
+///
+/// All offsets and lengths are guest bytes. Requests beyond [`DiskImage::virtual_size`] fail
+/// with [`Error::OutOfRange`]; write-type requests on a read-only image fail with
+/// [`Error::ReadOnly`].
+pub trait DiskImage: Send {
+    /// The image file's format.
+    fn format(&self) -> ImageFormat;
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+    /// Whether the image was opened read-only (or was forced read-only, e.g. marked corrupt).
+    fn is_read_only(&self) -> bool;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` at `offset` (subject to zero detection, see [`DiskImage::set_detect_zeroes`]).
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&mut self) -> Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros. With `may_unmap`, host space may be
+    /// released.
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// Discards `len` bytes at `offset`: the range need not keep its contents, but on an
+    /// overlay it never reads back the backing file's data afterwards (thinvm reads zeros).
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// The status of the range starting at `offset`: one extent of uniform status, at most
+    /// `max_len` bytes long.
+    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent>;
+    /// Sets zero detection for subsequent writes.
+    fn set_detect_zeroes(&mut self, mode: DetectZeroes);
+    /// Current zero detection mode.
+    fn detect_zeroes(&self) -> DetectZeroes;
+    /// Host space given back so far, by path.
+    fn reclaim_stats(&self) -> ReclaimStats;
+    /// Host storage used by the image file (this layer only, not its backing files).
+    fn host_usage(&self) -> Result<HostUsage>;
+    /// Granularity (bytes) at which discard and write-zeroes can release space: the cluster
+    /// size for qcow2, 4 KiB for raw.
+    fn discard_granularity(&self) -> u64;
+}
+
+/// How to open an image.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open the file read-only.
+    pub read_only: bool,
+    /// The expected format; `None` probes the file's first bytes.
+    pub format: Option<ImageFormat>,
+}
+
+/// Probes the format of an image file: qcow2 by its magic, raw otherwise.
+pub fn probe_format(path: &Path) -> Result<ImageFormat> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match file.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        }
+    }
+    if got == magic.len() && magic == qcow2::MAGIC {
+        Ok(ImageFormat::Qcow2)
+    } else {
+        Ok(ImageFormat::Raw)
+    }
+}
+
+/// Opens an image, probing its format unless `opts.format` names it.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
+    let format = match opts.format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    Ok(match format {
+        ImageFormat::Raw => Box::new(raw::RawImage::open(path, opts.read_only)?),
+        ImageFormat::Qcow2 => Box::new(qcow2::Qcow2Image::open(path, opts.read_only)?),
+    })
+}
+
+/// Checks that `[offset, offset + len)` lies within `size`.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}

@@ -1,0 +1,399 @@
+//! Raw images: the file is the disk, byte for byte.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use crate::zero::is_zero;
+use crate::{
+    check_range, DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats,
+    Result,
+};
+
+/// Granularity of hole punching on raw files.
+const RAW_GRANULARITY: u64 = 4096;
+
+/// A raw image file.
+pub struct RawImage {
+    file: File,
+    size: u64,
+    read_only: bool,
+    detect_zeroes: DetectZeroes,
+    stats: ReclaimStats,
+    /// Whether the host file system accepted `FALLOC_FL_PUNCH_HOLE` so far.
+    punch_supported: bool,
+}
+
+impl RawImage {
+    /// Opens a raw image; its virtual size is the file's size.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::from_file(file, read_only)
+    }
+
+    /// Wraps an already open file.
+    pub fn from_file(file: File, read_only: bool) -> Result<Self> {
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io("stat raw image", e))?
+            .len();
+        Ok(RawImage {
+            file,
+            size,
+            read_only,
+            detect_zeroes: DetectZeroes::Off,
+            stats: ReclaimStats::default(),
+            punch_supported: true,
+        })
+    }
+
+    /// Creates (or truncates) a raw image of `size` bytes; the file is sparse.
+    pub fn create(path: &Path, size: u64) -> Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.set_len(size)
+            .map_err(|e| Error::io(format!("resize {}", path.display()), e))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Releases host blocks of the range, keeping the file size. Returns the number of bytes
+    /// of allocation given back (measured via st_blocks), or `None` if the file system cannot
+    /// punch holes.
+    fn punch(&mut self, offset: u64, len: u64) -> Result<Option<u64>> {
+        if !self.punch_supported || len == 0 {
+            return Ok(None);
+        }
+        let before = HostUsage::of_file(&self.file)?.allocated_bytes;
+        match fallocate(
+            &self.file,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => {
+                let after = HostUsage::of_file(&self.file)?.allocated_bytes;
+                Ok(Some(before.saturating_sub(after)))
+            }
+            Err(e) if is_unsupported(&e) => {
+                self.punch_supported = false;
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("punch hole in raw image", e)),
+        }
+    }
+
+    /// Zeroes the range without releasing space.
+    fn zero_range(&mut self, offset: u64, len: u64) -> Result<()> {
+        match fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) => self.write_zero_bytes(offset, len),
+            Err(e) => Err(Error::io("zero range in raw image", e)),
+        }
+    }
+
+    fn write_zero_bytes(&mut self, mut offset: u64, len: u64) -> Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(chunk.len() as u64) as usize;
+            self.file
+                .write_all_at(&chunk[..n], offset)
+                .map_err(|e| Error::io("write zeros to raw image", e))?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range, releasing space when allowed; returns bytes of allocation released.
+    fn zero_or_unmap(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<u64> {
+        if may_unmap {
+            if let Some(released) = self.punch(offset, len)? {
+                return Ok(released);
+            }
+        }
+        self.zero_range(offset, len)?;
+        Ok(0)
+    }
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// `fallocate(2)` on a file.
+pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: fallocate only operates on the file descriptor, which `file` keeps open for
+        // the duration of the call; no memory is passed.
+        let ret = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`; `None` when there is no such position (ENXIO).
+fn seek_data_hole(file: &File, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek only operates on the descriptor kept open by `file`; no memory is passed.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if ret < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    Ok(Some(ret as u64))
+}
+
+impl DiskImage for RawImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io("read raw image", e))
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        if self.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
+            let unmap = self.detect_zeroes == DetectZeroes::Unmap;
+            let released = self.zero_or_unmap(offset, buf.len() as u64, unmap)?;
+            self.stats.zero_detect_bytes += released;
+            return Ok(());
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("write raw image", e))
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("flush raw image", e))
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let released = self.zero_or_unmap(offset, len, may_unmap)?;
+        self.stats.write_zeroes_bytes += released;
+        Ok(())
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.size)?;
+        // A punched range reads as zeros; where the file system cannot punch, discard is a
+        // no-op (the contents may stay, as the discard contract allows for raw images).
+        if let Some(released) = self.punch(offset, len)? {
+            self.stats.discard_bytes += released;
+        }
+        Ok(())
+    }
+
+    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent> {
+        check_range(offset, max_len, self.size)?;
+        let end = offset + max_len;
+        let data_start = seek_data_hole(&self.file, offset, libc::SEEK_DATA)
+            .map_err(|e| Error::io("seek data in raw image", e))?;
+        let (is_data, ext_end) = match data_start {
+            Some(d) if d <= offset => {
+                let hole = seek_data_hole(&self.file, offset, libc::SEEK_HOLE)
+                    .map_err(|e| Error::io("seek hole in raw image", e))?
+                    .unwrap_or(end);
+                (true, hole)
+            }
+            Some(d) => (false, d),
+            None => (false, end),
+        };
+        let ext_end = ext_end.clamp(offset + 1, end);
+        Ok(MapExtent {
+            start: offset,
+            length: ext_end - offset,
+            depth: 0,
+            present: true,
+            zero: !is_data,
+            data: is_data,
+            offset: Some(offset),
+        })
+    }
+
+    fn set_detect_zeroes(&mut self, mode: DetectZeroes) {
+        self.detect_zeroes = mode;
+    }
+
+    fn detect_zeroes(&self) -> DetectZeroes {
+        self.detect_zeroes
+    }
+
+    fn reclaim_stats(&self) -> ReclaimStats {
+        self.stats
+    }
+
+    fn host_usage(&self) -> Result<HostUsage> {
+        HostUsage::of_file(&self.file)
+    }
+
+    fn discard_granularity(&self) -> u64 {
+        RAW_GRANULARITY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_raw(size: u64) -> (tempdir::Dir, std::path::PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.path().join("disk.raw");
+        RawImage::create(&path, size).unwrap();
+        (dir, path)
+    }
+
+    /// A tiny self-cleaning temporary directory (keeps the crate free of test-only deps).
+    mod tempdir {
+        pub struct Dir(std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "thinvm-raw-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+            pub fn path(&self) -> &std::path::Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn write_read_and_bounds() {
+        let (_d, path) = temp_raw(1 << 20);
+        let mut img = RawImage::open(&path, false).unwrap();
+        img.write_at(4096, &[0xab; 512]).unwrap();
+        let mut buf = [0u8; 512];
+        img.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, [0xab; 512]);
+        assert!(matches!(
+            img.write_at((1 << 20) - 100, &[1; 200]),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            img.read_at(u64::MAX - 10, &mut buf),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let (_d, path) = temp_raw(65536);
+        let mut img = RawImage::open(&path, true).unwrap();
+        assert!(matches!(img.write_at(0, &[1]), Err(Error::ReadOnly)));
+        assert!(matches!(img.discard(0, 4096), Err(Error::ReadOnly)));
+        assert!(matches!(
+            img.write_zeroes(0, 4096, true),
+            Err(Error::ReadOnly)
+        ));
+    }
+
+    #[test]
+    fn zero_detection_unmap_releases_space() {
+        let (_d, path) = temp_raw(4 << 20);
+        let mut img = RawImage::open(&path, false).unwrap();
+        img.write_at(0, &vec![7u8; 4 << 20]).unwrap();
+        img.flush().unwrap();
+        let full = img.host_usage().unwrap().allocated_bytes;
+        assert!(full >= 4 << 20);
+        img.set_detect_zeroes(DetectZeroes::Unmap);
+        img.write_at(1 << 20, &vec![0u8; 2 << 20]).unwrap();
+        let after = img.host_usage().unwrap();
+        let mut buf = vec![1u8; 2 << 20];
+        img.read_at(1 << 20, &mut buf).unwrap();
+        assert!(is_zero(&buf));
+        if img.punch_supported {
+            assert!(after.allocated_bytes <= full - (2 << 20));
+            assert_eq!(img.reclaim_stats().zero_detect_bytes, 2 << 20);
+            let ext = img.block_status(1 << 20, 2 << 20).unwrap();
+            assert!(ext.zero && !ext.data);
+        }
+        assert_eq!(after.apparent_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_read_zero() {
+        let (_d, path) = temp_raw(1 << 20);
+        let mut img = RawImage::open(&path, false).unwrap();
+        img.write_at(0, &vec![9u8; 1 << 20]).unwrap();
+        img.write_zeroes(8192, 8192, false).unwrap();
+        img.write_zeroes(65536, 65536, true).unwrap();
+        let mut buf = vec![1u8; 1 << 20];
+        img.read_at(0, &mut buf).unwrap();
+        for (i, b) in buf.iter().enumerate() {
+            let zero = (8192..16384).contains(&i) || (65536..131072).contains(&i);
+            assert_eq!(*b, if zero { 0 } else { 9 }, "byte {i}");
+        }
+        img.discard(0, 4096).unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! virtio devices and their MMIO transport.
