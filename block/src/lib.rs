@@ -9,6 +9,7 @@
 //! operations later.
 
 pub mod error;
+pub mod inspect;
 pub mod qcow2;
 pub mod raw;
 pub mod zero;
@@ -224,5 +225,23 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Creates an image of the given format. For raw, only `opts.size` is used.
+pub fn create(path: &Path, format: ImageFormat, opts: &qcow2::CreateOptions) -> Result<()> {
+    match format {
+        ImageFormat::Raw => {
+            if opts.backing_file.is_some() {
+                return Err(Error::InvalidArgument(
+                    "raw images cannot have a backing file".into(),
+                ));
+            }
+            let size = opts
+                .size
+                .ok_or_else(|| Error::InvalidArgument("image size required".into()))?;
+            raw::RawImage::create(path, size)
+        }
+        ImageFormat::Qcow2 => qcow2::create(path, opts),
     }
 }
