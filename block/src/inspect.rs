@@ -103,3 +103,28 @@ pub fn check(path: &Path, _repair: Option<RepairMode>) -> Result<CheckReport> {
         )),
     }
 }
+
+/// What `compact` did (issue 3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompactReport {
+    /// Host usage before and after.
+    pub before: HostUsage,
+    pub after: HostUsage,
+    /// Allocated clusters (data + metadata) before and after.
+    pub allocated_clusters_before: u64,
+    pub allocated_clusters_after: u64,
+    /// Data clusters found all-zero and turned into zero/unallocated entries.
+    pub zero_clusters_reclaimed: u64,
+    /// Clusters (data or metadata) moved towards the start of the file.
+    pub clusters_moved: u64,
+}
+
+/// Offline reclamation of an image: all-zero clusters become zero/unallocated entries (never
+/// exposing backing data), freed ranges are punched, and tail clusters are moved down so the
+/// file can be truncated. `progress(done, total)` is called as work proceeds.
+pub fn compact(path: &Path, _progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
+    Err(Error::Unsupported(format!(
+        "{}: compact is not implemented yet",
+        path.display()
+    )))
+}
