@@ -1,9 +1,9 @@
-//! Whole-image inspection and maintenance: `info`, `check`/`repair`, and (later) `compact`.
-//! Placeholder API until the qcow2 driver lands; the types are the contract for the image tool.
+//! Whole-image inspection and maintenance: `info`, `check`/`repair` and `compact`.
 
 use std::path::Path;
 
-use crate::{probe_format, Error, HostUsage, ImageFormat, Result};
+use crate::qcow2::Qcow2Image;
+use crate::{probe_format, DiskImage, Error, HostUsage, ImageFormat, Result};
 
 /// Format-specific details of a qcow2 image (what `qemu-img info` shows under
 /// "Format specific information").
@@ -18,6 +18,8 @@ pub struct Qcow2Details {
     /// The corrupt bit is set.
     pub corrupt: bool,
     pub extended_l2: bool,
+    /// `zlib` or `zstd`.
+    pub compression_type: String,
 }
 
 /// What `thinvm image info` reports about one image (one layer of a chain).
@@ -40,27 +42,83 @@ pub struct ImageInfo {
     pub qcow2: Option<Qcow2Details>,
 }
 
-/// Reads the information of an image and of every layer below it (first element: `path`).
-pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
+/// Information about one image file (not following its backing file).
+pub fn info(path: &Path) -> Result<ImageInfo> {
+    let filename = path.display().to_string();
     match probe_format(path)? {
         ImageFormat::Raw => {
             let img = crate::raw::RawImage::open(path, true)?;
-            Ok(vec![ImageInfo {
-                filename: path.display().to_string(),
+            Ok(ImageInfo {
+                filename,
                 format: ImageFormat::Raw,
-                virtual_size: crate::DiskImage::virtual_size(&img),
-                usage: crate::DiskImage::host_usage(&img)?,
+                virtual_size: img.virtual_size(),
+                usage: img.host_usage()?,
                 cluster_size: None,
                 backing_filename: None,
                 full_backing_filename: None,
                 backing_filename_format: None,
                 qcow2: None,
-            }])
+            })
         }
-        ImageFormat::Qcow2 => Err(Error::Unsupported(
-            "qcow2 info is not implemented yet".into(),
-        )),
+        ImageFormat::Qcow2 => {
+            let img = Qcow2Image::open_without_backing(path, true)?;
+            let h = img.header();
+            use crate::qcow2::header::{compat, incompat, CompressionType};
+            Ok(ImageInfo {
+                filename,
+                format: ImageFormat::Qcow2,
+                virtual_size: h.size,
+                usage: img.host_usage()?,
+                cluster_size: Some(img.cluster_size()),
+                backing_filename: h.backing_file.clone(),
+                full_backing_filename: h.backing_file.as_ref().map(|b| {
+                    crate::qcow2::resolve_backing_path(path, b)
+                        .display()
+                        .to_string()
+                }),
+                backing_filename_format: h.backing_format,
+                qcow2: Some(Qcow2Details {
+                    compat: img.version().compat_name().to_string(),
+                    refcount_bits: h.refcount_bits(),
+                    lazy_refcounts: h.compatible_features & compat::LAZY_REFCOUNTS != 0,
+                    dirty: h.incompatible_features & incompat::DIRTY != 0,
+                    corrupt: h.incompatible_features & incompat::CORRUPT != 0,
+                    extended_l2: h.incompatible_features & incompat::EXTENDED_L2 != 0,
+                    compression_type: match h.compression_type {
+                        CompressionType::Deflate => "zlib".into(),
+                        CompressionType::Zstd => "zstd".into(),
+                    },
+                }),
+            })
+        }
     }
+}
+
+/// Reads the information of an image and of every layer below it (first element: `path`).
+pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
+    let mut out = vec![info(path)?];
+    while let Some(next) = out.last().and_then(|i| i.full_backing_filename.clone()) {
+        if out.len() as u32 > crate::qcow2::MAX_CHAIN_DEPTH {
+            return Err(Error::InvalidImage(format!(
+                "backing chain deeper than {} images (loop?)",
+                crate::qcow2::MAX_CHAIN_DEPTH
+            )));
+        }
+        let p = std::path::PathBuf::from(&next);
+        let mut i = info(&p)?;
+        if let Some(f) = out.last().and_then(|l| l.backing_filename_format) {
+            if f != i.format {
+                return Err(Error::InvalidImage(format!(
+                    "backing file {next} is {} but the header says {}",
+                    i.format.name(),
+                    f.name()
+                )));
+            }
+        }
+        i.filename = next;
+        out.push(i);
+    }
+    Ok(out)
 }
 
 /// Which problems `check` may repair, as `qemu-img check -r leaks|all`.
@@ -93,18 +151,22 @@ pub struct CheckReport {
 }
 
 /// Checks (and with `repair`, repairs) an image.
-pub fn check(path: &Path, _repair: Option<RepairMode>) -> Result<CheckReport> {
+pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
     match probe_format(path)? {
         ImageFormat::Raw => Err(Error::Unsupported(
             "raw images have no metadata to check".into(),
         )),
-        ImageFormat::Qcow2 => Err(Error::Unsupported(
-            "qcow2 check is not implemented yet".into(),
-        )),
+        ImageFormat::Qcow2 => {
+            let mut img = match repair {
+                Some(_) => Qcow2Image::open_for_repair(path)?,
+                None => Qcow2Image::open_without_backing(path, true)?,
+            };
+            img.check(repair)
+        }
     }
 }
 
-/// What `compact` did (issue 3).
+/// What `compact` did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CompactReport {
     /// Host usage before and after.
@@ -122,9 +184,25 @@ pub struct CompactReport {
 /// Offline reclamation of an image: all-zero clusters become zero/unallocated entries (never
 /// exposing backing data), freed ranges are punched, and tail clusters are moved down so the
 /// file can be truncated. `progress(done, total)` is called as work proceeds.
-pub fn compact(path: &Path, _progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-    Err(Error::Unsupported(format!(
-        "{}: compact is not implemented yet",
-        path.display()
-    )))
+pub fn compact(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
+    if probe_format(path)? != ImageFormat::Qcow2 {
+        return Err(Error::Unsupported(
+            "compact works on qcow2 images (a raw image can be made sparse with `fallocate -d`)"
+                .into(),
+        ));
+    }
+    let mut img = Qcow2Image::open(path, false)?;
+    let before = img.host_usage()?;
+    let allocated_clusters_before = img.allocated_host_clusters()?;
+    let stats = img.compact(progress)?;
+    let allocated_clusters_after = img.allocated_host_clusters()?;
+    let after = img.host_usage()?;
+    Ok(CompactReport {
+        before,
+        after,
+        allocated_clusters_before,
+        allocated_clusters_after,
+        zero_clusters_reclaimed: stats.zero_clusters_reclaimed,
+        clusters_moved: stats.clusters_moved,
+    })
 }

@@ -173,6 +173,11 @@ pub trait DiskImage: Send {
     /// Granularity (bytes) at which discard and write-zeroes can release space: the cluster
     /// size for qcow2, 4 KiB for raw.
     fn discard_granularity(&self) -> u64;
+    /// Called when the device has no request in flight: lets the image finish deferred work
+    /// (e.g. committing freed clusters so the file shrinks without waiting for a flush).
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How to open an image.

@@ -1,40 +1,228 @@
-//! `thinvm image ...`: create, info, check, map, io, bench on disk images.
+//! `thinvm image ...`: a qemu-img / qemu-io style front end to the block crate, so people
+//! can script thinvm's images the way they script QEMU's.
+//!
+//! Subcommands: `create`, `info`, `check`, `map`, `io`, `bench`, `compact`. Output formats,
+//! JSON field names and exit codes follow qemu-img's.
+
+mod bench;
+mod check;
+mod compact;
+mod create;
+pub mod error;
+mod info;
+mod io;
+mod map;
+pub mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+pub use error::{CliError, Result};
+
+/// `--output` formats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// `-f` / `-F` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    Qcow2,
+    Raw,
+}
+
+impl From<FormatArg> for block::ImageFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Qcow2 => block::ImageFormat::Qcow2,
+            FormatArg::Raw => block::ImageFormat::Raw,
+        }
+    }
+}
+
+/// `check -r` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RepairArg {
+    Leaks,
+    All,
+}
+
+/// `--detect-zeroes` modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DetectZeroesArg {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl From<DetectZeroesArg> for block::DetectZeroes {
+    fn from(d: DetectZeroesArg) -> Self {
+        match d {
+            DetectZeroesArg::Off => block::DetectZeroes::Off,
+            DetectZeroesArg::On => block::DetectZeroes::On,
+            DetectZeroesArg::Unmap => block::DetectZeroes::Unmap,
+        }
+    }
+}
+
+/// `bench -t` cache modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheArg {
+    /// O_DIRECT in QEMU; not supported by thinvm's image crate (rejected with a message).
+    None,
+    #[default]
+    Writeback,
+}
+
 /// The `thinvm image` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
-    /// Show an image's format and virtual size.
+    /// Create a disk image (like `qemu-img create`).
+    Create {
+        /// Image format.
+        #[arg(short = 'f', value_enum, default_value = "qcow2")]
+        format: FormatArg,
+        /// Backing file (the new image is an overlay on it).
+        #[arg(short = 'b', value_name = "BACKING")]
+        backing: Option<String>,
+        /// Backing file format (probed when omitted).
+        #[arg(short = 'F', value_enum, value_name = "FMT")]
+        backing_format: Option<FormatArg>,
+        /// Options: cluster_size=N,compat=0.10|1.1,refcount_bits=N
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Suppress the "Formatting ..." line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The image file to create.
+        file: PathBuf,
+        /// Virtual size (K/M/G/T suffixes); defaults to the backing file's size.
+        size: Option<String>,
+    },
+    /// Show information about an image (like `qemu-img info`).
     Info {
-        /// The image file.
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        /// Also show every image of the backing chain.
+        #[arg(long)]
+        backing_chain: bool,
+        file: PathBuf,
+    },
+    /// Check an image's metadata for leaks and corruptions (like `qemu-img check`).
+    ///
+    /// Exit codes: 0 clean, 1 could not check, 2 corruptions, 3 leaks only.
+    Check {
+        /// Repair leaks, or everything that can be repaired.
+        #[arg(short = 'r', value_enum)]
+        repair: Option<RepairArg>,
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        #[arg(short = 'q')]
+        quiet: bool,
+        file: PathBuf,
+    },
+    /// Show how guest ranges map to the image chain (like `qemu-img map`).
+    Map {
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
+        file: PathBuf,
+    },
+    /// Run qemu-io style commands on an image: `write [-P PAT] [-z [-u]] OFF LEN`,
+    /// `read [-P PAT] OFF LEN`, `discard OFF LEN`, `flush`.
+    Io {
+        /// Zero detection on writes (QEMU's meanings; default off, like qemu-io).
+        #[arg(long, value_enum, default_value = "off")]
+        detect_zeroes: DetectZeroesArg,
+        /// Open read-only.
+        #[arg(short = 'r', long = "read-only")]
+        read_only: bool,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', value_enum)]
+        format: Option<FormatArg>,
+        /// A command; repeat for several (run in order).
+        #[arg(short = 'c', long = "cmd", value_name = "CMD", required = true)]
+        commands: Vec<String>,
+        file: PathBuf,
+    },
+    /// Measure image I/O speed (options and output like `qemu-img bench`).
+    Bench(bench::BenchArgs),
+    /// Reclaim space offline: zero clusters are released, tail clusters moved down, and the
+    /// file truncated.
+    Compact {
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputFormat,
         file: PathBuf,
     },
 }
 
 /// Runs one `thinvm image` subcommand and returns the process exit code.
 pub fn run(cmd: ImageCommand) -> ExitCode {
-    match cmd {
-        ImageCommand::Info { file } => {
-            match block::open(
-                &file,
-                &block::OpenOptions {
-                    read_only: true,
-                    format: None,
-                },
-            ) {
-                Ok(img) => {
-                    println!("image: {}", file.display());
-                    println!("file format: {}", img.format().name());
-                    println!("virtual size: {} bytes", img.virtual_size());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("thinvm: {}: {e}", file.display());
-                    ExitCode::FAILURE
-                }
-            }
+    let result = match cmd {
+        ImageCommand::Create {
+            format,
+            backing,
+            backing_format,
+            options,
+            quiet,
+            file,
+            size,
+        } => create::run(create::CreateArgs {
+            format,
+            backing,
+            backing_format,
+            options,
+            quiet,
+            file,
+            size,
+        })
+        .map(|()| 0),
+        ImageCommand::Info {
+            output,
+            backing_chain,
+            file,
+        } => info::run(&file, output, backing_chain).map(|()| 0),
+        ImageCommand::Check {
+            repair,
+            output,
+            quiet,
+            file,
+        } => check::run(&file, repair, output, quiet),
+        ImageCommand::Map { output, file } => map::run(&file, output).map(|()| 0),
+        ImageCommand::Io {
+            detect_zeroes,
+            read_only,
+            format,
+            commands,
+            file,
+        } => io::run(&file, format, read_only, detect_zeroes, &commands),
+        ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
+        ImageCommand::Compact { output, file } => compact::run(&file, output).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("thinvm: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Opens an image for the tool.
+pub(crate) fn open_image(
+    file: &std::path::Path,
+    format: Option<FormatArg>,
+    read_only: bool,
+) -> Result<Box<dyn block::DiskImage>> {
+    block::open(
+        file,
+        &block::OpenOptions {
+            read_only,
+            format: format.map(Into::into),
+        },
+    )
+    .map_err(|e| CliError::image(file, e))
 }

@@ -1,126 +1,574 @@
-//! qcow2 images (v2 and v3). Placeholder API until the qcow2 driver lands: the types and
-//! function signatures here are the contract the image tool and the device layer code against.
+//! qcow2 images, versions 2 (compat 0.10) and 3 (compat 1.1).
+//!
+//! Split like QEMU's driver:
+//! * [`header`]: the header, extensions and feature bits (`qcow2.c`'s header code);
+//! * [`cluster`]: guest-to-host mapping through L1/L2 tables, reads, allocating writes,
+//!   copy-on-write and zeroing (`qcow2-cluster.c`);
+//! * [`refcount`]: refcounts of every width, the cluster allocator and its free-space index,
+//!   refcount table growth, deferred frees, hole punching and tail truncation
+//!   (`qcow2-refcount.c`);
+//! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
+//! * [`check`]: consistency check, leak repair and refcount rebuild;
+//! * [`create`]: image creation; [`compressed`]: compressed clusters;
+//! * [`compact`]: offline reclamation and relocation.
 
-use std::path::Path;
+pub mod cache;
+pub mod check;
+pub mod cluster;
+pub mod compact;
+pub mod compressed;
+pub mod create;
+pub mod header;
+pub mod refcount;
 
-use crate::{Error, ImageFormat, Result};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::{
+    DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
+};
+use cache::TableCache;
+use header::{incompat, Header};
+use refcount::FreeMap;
+
+pub use create::{create, CreateOptions, Qcow2Version};
 
 /// The qcow2 magic, `QFI\xfb`.
 pub const MAGIC: [u8; 4] = [b'Q', b'F', b'I', 0xfb];
 
-/// qcow2 format versions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub enum Qcow2Version {
-    /// Version 2, `compat=0.10`.
-    V2,
-    /// Version 3, `compat=1.1` (QEMU's default).
-    #[default]
-    V3,
-}
+/// Host offset bits of L1 and L2 entries.
+pub(crate) const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Host offset bits of refcount table entries.
+pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Bits 56..=61 of a standard L2 entry / L1 entry: reserved, must be zero.
+pub(crate) const RESERVED_HIGH: u64 = 0x3f00_0000_0000_0000;
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
+pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub(crate) const OFLAG_ZERO: u64 = 1;
 
-impl Qcow2Version {
-    /// QEMU's `compat=` name of the version.
-    pub fn compat_name(self) -> &'static str {
-        match self {
-            Qcow2Version::V2 => "0.10",
-            Qcow2Version::V3 => "1.1",
-        }
-    }
-}
+/// Longest backing chain opened (QEMU has no fixed limit; loops must end somewhere).
+pub const MAX_CHAIN_DEPTH: u32 = 64;
 
-/// Options for [`create`], with `qemu-img create -f qcow2 -o ...` meanings.
-#[derive(Clone, Debug)]
-pub struct CreateOptions {
-    /// Virtual size in bytes; `None` takes the backing file's size (an error without one).
-    pub size: Option<u64>,
-    /// Cluster size in bytes, a power of two from 512 to 2 MiB.
-    pub cluster_size: u64,
-    /// Format version.
-    pub version: Qcow2Version,
-    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (v2 allows only 16).
-    pub refcount_bits: u32,
-    /// Backing file name as stored in the header (relative names are resolved against the
-    /// new image's directory).
-    pub backing_file: Option<String>,
-    /// Backing file format; `None` probes it (and records the probed format).
-    pub backing_format: Option<ImageFormat>,
-}
+/// Default upper bound of the L2 cache (QEMU's default on Linux).
+const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Freed clusters waiting for their L2 tables to reach the disk before their refcounts drop;
+/// committed in a batch once this many bytes are pending (or on flush / idle).
+pub(crate) const PENDING_FREE_BYTES: u64 = 64 << 20;
 
-impl Default for CreateOptions {
-    fn default() -> Self {
-        CreateOptions {
-            size: None,
-            cluster_size: 65536,
-            version: Qcow2Version::V3,
-            refcount_bits: 16,
-            backing_file: None,
-            backing_format: None,
-        }
-    }
-}
-
-/// Creates a new, empty qcow2 image (overwriting `path`).
-pub fn create(path: &Path, _opts: &CreateOptions) -> Result<()> {
-    Err(Error::Unsupported(format!(
-        "{}: qcow2 creation is not implemented yet",
-        path.display()
-    )))
+/// Internal open modes.
+#[derive(Clone, Copy, Debug, Default)]
+struct OpenFlags {
+    /// Do not open the backing chain.
+    no_backing: bool,
+    /// Open writable despite the corrupt bit, and skip automatic fixes (for `check -r`).
+    repair: bool,
 }
 
 /// A qcow2 image.
 pub struct Qcow2Image {
-    _private: (),
+    pub(crate) file: File,
+    pub(crate) path: PathBuf,
+    pub(crate) header: Header,
+    pub(crate) cluster_bits: u32,
+    pub(crate) cluster_size: u64,
+    /// Entries per L2 table.
+    pub(crate) l2_entries: u64,
+    pub(crate) l1: Vec<u64>,
+    pub(crate) l2_cache: TableCache,
+    pub(crate) reftable: Vec<u64>,
+    pub(crate) rc_cache: TableCache,
+    /// Refcount entries per refcount block.
+    pub(crate) rb_entries: u64,
+    /// Largest refcount value.
+    pub(crate) rc_max: u64,
+    /// Used/free state of every host cluster (built on first allocation).
+    pub(crate) free_map: Option<FreeMap>,
+    /// Current length of the file.
+    pub(crate) file_len: u64,
+    /// Host clusters holding metadata (header, L1, refcount table, refcount blocks, L2
+    /// tables, snapshot tables): data entries must never point at them.
+    pub(crate) meta: HashSet<u64>,
+    pub(crate) backing: Option<Box<dyn DiskImage>>,
+    pub(crate) read_only: bool,
+    pub(crate) detect_zeroes: DetectZeroes,
+    pub(crate) stats: ReclaimStats,
+    /// Host clusters whose L2 reference was dropped in the cache; their refcount drops once
+    /// the L2 tables are on disk. `(cluster index, punch, reason)`.
+    pub(crate) pending_frees: Vec<refcount::PendingFree>,
+    /// L2/L1 writes issued since the last fdatasync (refcount decrements must not reach the
+    /// disk before them).
+    pub(crate) l2_unsynced: bool,
+    /// Refcount writes issued since the last fdatasync (L2 entries must not reach the disk
+    /// before them).
+    pub(crate) rc_unsynced: bool,
+    /// v2 images with a backing file: shared all-zero clusters (host offsets) that zeroed
+    /// guest clusters map to (the 2008 RFC's scheme).
+    pub(crate) zero_clusters: Vec<cluster::ZeroCluster>,
+    /// Last decompressed cluster (L2 entry, data).
+    pub(crate) compressed_cache: Option<(u64, Vec<u8>)>,
+    /// Whether the file system accepted hole punching so far.
+    pub(crate) punch_supported: bool,
+    /// Set after a write failed half-way: the in-memory state can no longer be trusted.
+    pub(crate) broken: bool,
 }
 
 impl Qcow2Image {
     /// Opens a qcow2 image (and its backing chain, read-only).
-    pub fn open(path: &Path, _read_only: bool) -> Result<Self> {
-        Err(Error::Unsupported(format!(
-            "{}: qcow2 is not implemented yet",
-            path.display()
-        )))
+    pub fn open(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_with(path, read_only, 0, OpenFlags::default())
+    }
+
+    /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
+    /// reads of unallocated clusters then return zeros).
+    pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_with(
+            path,
+            read_only,
+            0,
+            OpenFlags {
+                no_backing: true,
+                repair: false,
+            },
+        )
+    }
+
+    /// Opens the image for repair: writable even when marked corrupt, without backing.
+    pub fn open_for_repair(path: &Path) -> Result<Self> {
+        Self::open_with(
+            path,
+            false,
+            0,
+            OpenFlags {
+                no_backing: true,
+                repair: true,
+            },
+        )
+    }
+
+    fn open_with(path: &Path, read_only: bool, depth: u32, flags: OpenFlags) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io("stat qcow2 image", e))?
+            .len();
+        let head_len = file_len.min(1 << header::MAX_CLUSTER_BITS) as usize;
+        let mut head = vec![0u8; head_len];
+        read_exact_or_eof(&file, &mut head, 0)?;
+        let header = Header::parse(&head, file_len)?;
+        drop(head);
+
+        let cluster_bits = header.cluster_bits;
+        let cluster_size = 1u64 << cluster_bits;
+        let mut read_only = read_only;
+        if header.incompatible_features & incompat::CORRUPT != 0 && !read_only && !flags.repair {
+            tracing::warn!(
+                "{}: image is marked corrupt; opening read-only (run `thinvm image check -r all`)",
+                path.display()
+            );
+            read_only = true;
+        }
+
+        // L1 table.
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        read_exact_or_eof(&file, &mut l1_raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        drop(l1_raw);
+
+        // Refcount table.
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
+        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        read_exact_or_eof(&file, &mut rt_raw, header.refcount_table_offset)?;
+        let reftable: Vec<u64> = rt_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        drop(rt_raw);
+
+        let l2_entries = cluster_size / 8;
+        let l2_tables_needed = Header::l1_entries_for(header.size, cluster_bits).max(1);
+        let l2_cap = l2_tables_needed
+            .min(MAX_L2_CACHE_BYTES / cluster_size)
+            .max(4) as usize;
+        let rc_cap = (l2_cap / 4).max(4);
+        let rb_entries = (cluster_size * 8) >> header.refcount_order;
+        let rc_max = if header.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << header.refcount_order)) - 1
+        };
+
+        let backing = match &header.backing_file {
+            Some(name) if !flags.no_backing => {
+                Some(open_backing(path, name, header.backing_format, depth)?)
+            }
+            _ => None,
+        };
+
+        let mut img = Qcow2Image {
+            file,
+            path: path.to_path_buf(),
+            cluster_bits,
+            cluster_size,
+            l2_entries,
+            l1,
+            l2_cache: TableCache::new(cluster_size as usize, l2_cap),
+            reftable,
+            rc_cache: TableCache::new(cluster_size as usize, rc_cap),
+            rb_entries,
+            rc_max,
+            free_map: None,
+            file_len,
+            meta: HashSet::new(),
+            backing,
+            read_only,
+            detect_zeroes: DetectZeroes::Off,
+            stats: ReclaimStats::default(),
+            pending_frees: Vec::new(),
+            l2_unsynced: false,
+            rc_unsynced: false,
+            zero_clusters: Vec::new(),
+            compressed_cache: None,
+            punch_supported: true,
+            broken: false,
+            header,
+        };
+        img.build_meta_set()?;
+
+        if !img.read_only && !flags.repair {
+            if img.header.incompatible_features & incompat::DIRTY != 0 {
+                tracing::info!(
+                    "{}: dirty bit set; rebuilding refcounts",
+                    img.path.display()
+                );
+                check::rebuild_refcounts(&mut img)?;
+                img.header.incompatible_features &= !incompat::DIRTY;
+                img.write_header()?;
+            }
+            if img.header.autoclear_features != 0 {
+                // We maintain none of the autoclear features (bitmaps, raw external data):
+                // clear them before we modify anything, as the spec requires.
+                img.header.autoclear_features = 0;
+                img.write_header()?;
+            }
+        } else if img.header.incompatible_features & incompat::DIRTY != 0 {
+            tracing::warn!(
+                "{}: dirty bit set (refcounts may be stale); opened read-only, reads are unaffected",
+                img.path.display()
+            );
+        }
+        Ok(img)
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The format version.
+    pub fn version(&self) -> Qcow2Version {
+        if self.header.version == 2 {
+            Qcow2Version::V2
+        } else {
+            Qcow2Version::V3
+        }
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// Whether the image has a backing file (even if it was not opened).
+    pub(crate) fn has_backing(&self) -> bool {
+        self.header.backing_file.is_some()
+    }
+
+    /// Consistency check (and repair), as `qemu-img check [-r]`.
+    pub fn check(
+        &mut self,
+        repair: Option<crate::inspect::RepairMode>,
+    ) -> Result<crate::inspect::CheckReport> {
+        check::check(self, repair)
+    }
+
+    /// Collects the host clusters that hold metadata, validating table pointers.
+    fn build_meta_set(&mut self) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut meta = HashSet::new();
+        meta.insert(0u64);
+        let l1_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cs);
+        for i in 0..l1_clusters {
+            meta.insert((self.header.l1_table_offset >> self.cluster_bits) + i);
+        }
+        for i in 0..u64::from(self.header.refcount_table_clusters) {
+            meta.insert((self.header.refcount_table_offset >> self.cluster_bits) + i);
+        }
+        for &e in &self.reftable {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 {
+                meta.insert(off >> self.cluster_bits);
+            }
+        }
+        for &e in &self.l1 {
+            let off = e & L1E_OFFSET_MASK;
+            if off != 0 {
+                meta.insert(off >> self.cluster_bits);
+            }
+        }
+        if self.header.nb_snapshots > 0 {
+            meta.insert(self.header.snapshots_offset >> self.cluster_bits);
+        }
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Rewrites the header cluster's header part (fields, extensions, backing name).
+    pub(crate) fn write_header(&mut self) -> Result<()> {
+        let bytes = self.header.serialize()?;
+        self.file
+            .write_all_at(&bytes, 0)
+            .map_err(|e| Error::io("write qcow2 header", e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("sync qcow2 header", e))
+    }
+
+    /// Records metadata corruption: the image is marked corrupt (v3) and becomes read-only.
+    pub(crate) fn corruption(&mut self, msg: String) -> Error {
+        tracing::error!("{}: {msg}; marking image corrupt", self.path.display());
+        if !self.read_only {
+            if self.header.version >= 3 {
+                self.header.incompatible_features |= incompat::CORRUPT;
+                if let Err(e) = self.write_header() {
+                    tracing::error!("could not mark image corrupt: {e}");
+                }
+            }
+            self.read_only = true;
+        }
+        Error::Corrupt(msg)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if self.broken {
+            return Err(Error::Corrupt(
+                "an earlier write failed half-way; reopen the image".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty metadata table in the right order and syncs the file.
+    pub(crate) fn flush_all(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.commit_frees()?;
+        self.write_dirty_refblocks()?;
+        self.write_dirty_l2()?;
+        self.shrink_tail()?;
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("sync qcow2 image", e))?;
+        self.l2_unsynced = false;
+        self.rc_unsynced = false;
+        Ok(())
     }
 }
 
-impl crate::DiskImage for Qcow2Image {
-    fn format(&self) -> crate::ImageFormat {
-        crate::ImageFormat::Qcow2
+impl Drop for Qcow2Image {
+    fn drop(&mut self) {
+        if !self.read_only && !self.broken {
+            if let Err(e) = self.flush_all() {
+                tracing::error!("{}: flushing on close failed: {e}", self.path.display());
+            }
+        }
     }
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes beyond the end of the file read as zeros.
+pub(crate) fn read_exact_or_eof(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("read qcow2 image", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a backing file name relative to the overlay's directory.
+pub fn resolve_backing_path(overlay: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        overlay
+            .parent()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|| p.to_path_buf())
+    }
+}
+
+fn open_backing(
+    overlay: &Path,
+    name: &str,
+    format: Option<ImageFormat>,
+    depth: u32,
+) -> Result<Box<dyn DiskImage>> {
+    if depth + 1 > MAX_CHAIN_DEPTH {
+        return Err(Error::InvalidImage(format!(
+            "backing chain deeper than {MAX_CHAIN_DEPTH} images (loop?)"
+        )));
+    }
+    let path = resolve_backing_path(overlay, name);
+    let format = match format {
+        Some(f) => f,
+        None => crate::probe_format(&path)
+            .map_err(|e| Error::InvalidImage(format!("cannot open backing file '{name}': {e}")))?,
+    };
+    let wrap = |e: Error| match e {
+        Error::Open { path, source } => Error::Open { path, source },
+        other => Error::InvalidImage(format!("backing file '{name}': {other}")),
+    };
+    Ok(match format {
+        ImageFormat::Raw => Box::new(crate::raw::RawImage::open(&path, true).map_err(wrap)?),
+        ImageFormat::Qcow2 => Box::new(
+            Qcow2Image::open_with(&path, true, depth + 1, OpenFlags::default()).map_err(wrap)?,
+        ),
+    })
+}
+
+impl DiskImage for Qcow2Image {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
     fn virtual_size(&self) -> u64 {
-        0
+        self.header.size
     }
+
     fn is_read_only(&self) -> bool {
-        true
+        self.read_only
     }
-    fn read_at(&mut self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        crate::check_range(offset, buf.len() as u64, self.header.size)?;
+        self.read_guest(offset, buf)
     }
-    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> Result<()> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        crate::check_range(offset, buf.len() as u64, self.header.size)?;
+        let r = self.write_guest(offset, buf);
+        self.after_request(r)
     }
+
     fn flush(&mut self) -> Result<()> {
-        Ok(())
+        if self.read_only {
+            return Ok(());
+        }
+        let r = self.flush_all();
+        self.after_request(r)
     }
-    fn write_zeroes(&mut self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        crate::check_range(offset, len, self.header.size)?;
+        let r = self.zero_guest(offset, len, may_unmap, refcount::FreeReason::WriteZeroes);
+        self.after_request(r)
     }
-    fn discard(&mut self, _offset: u64, _len: u64) -> Result<()> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        crate::check_range(offset, len, self.header.size)?;
+        // A discarded range reads as zeros afterwards, never as the backing file's data.
+        let r = self.zero_guest(offset, len, true, refcount::FreeReason::Discard);
+        self.after_request(r)
     }
-    fn block_status(&mut self, _offset: u64, _max_len: u64) -> Result<crate::MapExtent> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent> {
+        crate::check_range(offset, max_len, self.header.size)?;
+        self.guest_block_status(offset, max_len)
     }
-    fn set_detect_zeroes(&mut self, _mode: crate::DetectZeroes) {}
-    fn detect_zeroes(&self) -> crate::DetectZeroes {
-        crate::DetectZeroes::Off
+
+    fn set_detect_zeroes(&mut self, mode: DetectZeroes) {
+        self.detect_zeroes = mode;
     }
-    fn reclaim_stats(&self) -> crate::ReclaimStats {
-        crate::ReclaimStats::default()
+
+    fn detect_zeroes(&self) -> DetectZeroes {
+        self.detect_zeroes
     }
-    fn host_usage(&self) -> Result<crate::HostUsage> {
-        Err(Error::Unsupported("qcow2".into()))
+
+    fn reclaim_stats(&self) -> ReclaimStats {
+        self.stats
     }
+
+    fn host_usage(&self) -> Result<HostUsage> {
+        HostUsage::of_file(&self.file)
+    }
+
     fn discard_granularity(&self) -> u64 {
-        65536
+        self.cluster_size
+    }
+
+    fn idle(&mut self) -> Result<()> {
+        if self.read_only || self.pending_frees.is_empty() {
+            return Ok(());
+        }
+        let r = self.flush_all();
+        self.after_request(r)
+    }
+}
+
+impl Qcow2Image {
+    /// Post-processing of a write-type request: commit deferred frees in batches, and mark
+    /// the image unusable if a request failed half-way through metadata updates.
+    fn after_request(&mut self, r: Result<()>) -> Result<()> {
+        match r {
+            Ok(()) => {
+                if self.pending_free_bytes() >= PENDING_FREE_BYTES {
+                    self.commit_frees()?;
+                    self.shrink_tail()?;
+                }
+                Ok(())
+            }
+            Err(e @ (Error::OutOfRange { .. } | Error::ReadOnly | Error::InvalidArgument(_))) => {
+                Err(e)
+            }
+            Err(e @ Error::Corrupt(_)) => Err(e),
+            Err(e) => {
+                // An I/O error in the middle of an update: in-memory metadata may be ahead of
+                // the file. Refuse further writes rather than risk corrupting it.
+                self.broken = true;
+                Err(e)
+            }
+        }
     }
 }

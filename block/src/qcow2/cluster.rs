@@ -1,0 +1,797 @@
+//! Guest-to-host mapping through the L1 and L2 tables: reads, allocating writes with
+//! copy-on-write, zeroing / discarding, zero detection and block status (QEMU's
+//! `qcow2-cluster.c`).
+
+use super::compressed::{decompress, CompressedExtent};
+use super::refcount::FreeReason;
+use super::{
+    Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    RESERVED_HIGH,
+};
+use crate::zero::is_zero;
+use crate::{DetectZeroes, Error, MapExtent, Result};
+
+/// How one guest cluster is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Not allocated here: reads through to the backing file (zeros without one).
+    Unallocated,
+    /// Reads as zeros (v3 zero flag), possibly with a preallocated host cluster.
+    Zero { host: Option<u64>, copied: bool },
+    /// Plain data at a host offset; `copied` means refcount is exactly 1.
+    Data { host: u64, copied: bool },
+    /// Compressed data.
+    Compressed(CompressedExtent),
+}
+
+/// A shared all-zero cluster of a v2 overlay (the 2008 RFC's zero-cluster dedup).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZeroCluster {
+    pub host: u64,
+    /// While the cluster has exactly one reference, that reference's guest cluster (its L2
+    /// entry carries COPIED and must lose it when a second reference appears).
+    pub single_ref: Option<u64>,
+}
+
+pub(crate) fn read_l2(table: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&table[i * 8..i * 8 + 8]);
+    u64::from_be_bytes(b)
+}
+
+pub(crate) fn write_l2(table: &mut [u8], i: usize, v: u64) {
+    table[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Largest number of clusters handled by one allocation / one host I/O.
+const MAX_RUN: u64 = 2048;
+
+impl Qcow2Image {
+    // ----- L2 table access -------------------------------------------------------------
+
+    /// Loads the L2 table at host offset `off` into the cache.
+    pub(crate) fn load_l2(&mut self, off: u64) -> Result<usize> {
+        if let Some(slot) = self.l2_cache.lookup(off) {
+            return Ok(slot);
+        }
+        let slot = self.l2_cache.victim();
+        if self.l2_cache.is_dirty(slot) {
+            self.write_l2_slot(slot)?;
+        }
+        self.l2_cache.install(slot, off);
+        super::read_exact_or_eof(&self.file, self.l2_cache.data_mut(slot), off)?;
+        Ok(slot)
+    }
+
+    /// Writes back the dirty parts of one cached L2 table, after the refcounts it depends on.
+    fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
+        let Some(base) = self.l2_cache.offset_of(slot) else {
+            return Ok(());
+        };
+        self.write_dirty_refblocks()?;
+        self.order_after_refcounts()?;
+        for (pos, len) in self.l2_cache.dirty_ranges(slot) {
+            let data = self.l2_cache.data(slot)[pos..pos + len].to_vec();
+            self.pwrite(&data, base + pos as u64, "L2 table")?;
+        }
+        self.l2_cache.mark_clean(slot);
+        self.l2_unsynced = true;
+        Ok(())
+    }
+
+    /// Writes back every dirty L2 table (refcount blocks first).
+    pub(crate) fn write_dirty_l2(&mut self) -> Result<()> {
+        let slots = self.l2_cache.dirty_slots();
+        if slots.is_empty() {
+            return Ok(());
+        }
+        self.write_dirty_refblocks()?;
+        for slot in slots {
+            self.write_l2_slot(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Writes L1 entry `idx` to the file (after the refcounts it depends on).
+    pub(crate) fn write_l1_entry(&mut self, idx: usize) -> Result<()> {
+        self.write_dirty_refblocks()?;
+        self.order_after_refcounts()?;
+        let off = self.header.l1_table_offset + idx as u64 * 8;
+        let v = self.l1[idx];
+        self.pwrite(&v.to_be_bytes(), off, "L1 entry")?;
+        self.l2_unsynced = true;
+        Ok(())
+    }
+
+    /// Validates an L2 table pointer from L1 entry `l1_idx`.
+    fn check_l2_offset(&mut self, l1_idx: usize, entry: u64) -> Result<u64> {
+        let off = entry & L1E_OFFSET_MASK;
+        let cs = self.cluster_size;
+        if entry & RESERVED_HIGH != 0 || entry & 0x1ff != 0 {
+            return Err(self.corruption(format!(
+                "L1 entry {l1_idx} has reserved bits set ({entry:#x})"
+            )));
+        }
+        if off % cs != 0 {
+            return Err(self.corruption(format!("L2 table {l1_idx} at unaligned offset {off:#x}")));
+        }
+        let c = off / cs;
+        let l1_first = self.header.l1_table_offset / cs;
+        let l1_end = l1_first + (u64::from(self.header.l1_size) * 8).div_ceil(cs);
+        let rt_first = self.header.refcount_table_offset / cs;
+        let rt_end = rt_first + u64::from(self.header.refcount_table_clusters);
+        if c == 0 || (l1_first..l1_end).contains(&c) || (rt_first..rt_end).contains(&c) {
+            return Err(self.corruption(format!(
+                "L2 table {l1_idx} at {off:#x} overlaps the header, L1 or refcount table"
+            )));
+        }
+        if off >= self.file_len {
+            return Err(self.corruption(format!(
+                "L2 table {l1_idx} at {off:#x} lies beyond the end of the file"
+            )));
+        }
+        Ok(off)
+    }
+
+    /// The cache slot of the L2 table covering guest cluster `gc`; with `allocate`, a
+    /// missing table is created and a shared one is copied, so the slot can be modified.
+    fn l2_slot(&mut self, gc: u64, allocate: bool) -> Result<Option<usize>> {
+        let l1_idx = (gc / self.l2_entries) as usize;
+        let Some(&entry) = self.l1.get(l1_idx) else {
+            return Err(self.corruption(format!(
+                "guest cluster {gc} beyond the L1 table ({} entries)",
+                self.l1.len()
+            )));
+        };
+        if entry & L1E_OFFSET_MASK == 0 {
+            if !allocate {
+                return Ok(None);
+            }
+            return self.alloc_l2_table(l1_idx, None).map(Some);
+        }
+        let off = self.check_l2_offset(l1_idx, entry)?;
+        if allocate && entry & OFLAG_COPIED == 0 {
+            let rc = self.refcount(off / self.cluster_size)?;
+            if rc > 1 {
+                // Shared with a snapshot: copy it before modifying.
+                return self.alloc_l2_table(l1_idx, Some(off)).map(Some);
+            }
+            self.l1[l1_idx] = off | OFLAG_COPIED;
+            self.write_l1_entry(l1_idx)?;
+        }
+        self.load_l2(off).map(Some)
+    }
+
+    /// Creates the L2 table for L1 entry `l1_idx`: empty, or a copy of the table at `from`.
+    fn alloc_l2_table(&mut self, l1_idx: usize, from: Option<u64>) -> Result<usize> {
+        let content = match from {
+            Some(src) => {
+                let slot = self.load_l2(src)?;
+                self.l2_cache.data(slot).to_vec()
+            }
+            None => vec![0u8; self.cluster_size as usize],
+        };
+        let (c, _) = self.alloc_clusters(1)?;
+        let off = c * self.cluster_size;
+        self.meta.insert(c);
+        self.order_after_refcounts()?;
+        self.pwrite(&content, off, "L2 table")?;
+        let slot = self.l2_cache.victim();
+        if self.l2_cache.is_dirty(slot) {
+            self.write_l2_slot(slot)?;
+        }
+        self.l2_cache.install(slot, off);
+        self.l2_cache.data_mut(slot).copy_from_slice(&content);
+        self.l1[l1_idx] = off | OFLAG_COPIED;
+        self.write_l1_entry(l1_idx)?;
+        if let Some(src) = from {
+            // The active L1 no longer references the shared table.
+            self.queue_free(src / self.cluster_size, false, FreeReason::Internal);
+        }
+        Ok(slot)
+    }
+
+    /// Raw L2 entry of guest cluster `gc` (0 when no L2 table exists).
+    pub(crate) fn l2_entry(&mut self, gc: u64) -> Result<u64> {
+        match self.l2_slot(gc, false)? {
+            None => Ok(0),
+            Some(slot) => Ok(read_l2(
+                self.l2_cache.data(slot),
+                (gc % self.l2_entries) as usize,
+            )),
+        }
+    }
+
+    /// Sets the L2 entry of guest cluster `gc` (in the cache).
+    pub(crate) fn set_l2_entry(&mut self, gc: u64, value: u64) -> Result<()> {
+        let Some(slot) = self.l2_slot(gc, true)? else {
+            return Err(Error::InvalidImage("L2 table allocation failed".into()));
+        };
+        let i = (gc % self.l2_entries) as usize;
+        write_l2(self.l2_cache.data_mut(slot), i, value);
+        self.l2_cache.mark_dirty(slot, i * 8, 8);
+        Ok(())
+    }
+
+    /// Decodes and validates an L2 entry.
+    pub(crate) fn classify(&mut self, gc: u64, e: u64) -> Result<Mapping> {
+        let cs = self.cluster_size;
+        if e & OFLAG_COMPRESSED != 0 {
+            let ext =
+                CompressedExtent::decode(e & !(OFLAG_COMPRESSED | OFLAG_COPIED), self.cluster_bits);
+            if ext.offset < cs || ext.offset >= self.file_len {
+                return Err(self.corruption(format!(
+                    "compressed cluster {gc} at invalid offset {:#x}",
+                    ext.offset
+                )));
+            }
+            if self.meta.contains(&(ext.offset / cs)) {
+                return Err(self.corruption(format!(
+                    "compressed cluster {gc} at {:#x} overlaps metadata",
+                    ext.offset
+                )));
+            }
+            return Ok(Mapping::Compressed(ext));
+        }
+        let host = e & L2E_OFFSET_MASK;
+        let copied = e & OFLAG_COPIED != 0;
+        if e & RESERVED_HIGH != 0 {
+            return Err(self.corruption(format!(
+                "L2 entry for guest cluster {gc} points beyond 2^56 ({e:#x})"
+            )));
+        }
+        if host != 0 {
+            if host % cs != 0 {
+                return Err(self.corruption(format!(
+                    "L2 entry for guest cluster {gc} has unaligned offset {host:#x} (into the header or mid-cluster)"
+                )));
+            }
+            if self.meta.contains(&(host / cs)) {
+                return Err(self.corruption(format!(
+                    "L2 entry for guest cluster {gc} points at metadata ({host:#x})"
+                )));
+            }
+            if host >= self.file_len && e & OFLAG_ZERO == 0 {
+                return Err(self.corruption(format!(
+                    "L2 entry for guest cluster {gc} points beyond the end of the file ({host:#x})"
+                )));
+            }
+        }
+        if e & OFLAG_ZERO != 0 {
+            return Ok(Mapping::Zero {
+                host: (host != 0).then_some(host),
+                copied,
+            });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        Ok(Mapping::Data { host, copied })
+    }
+
+    /// The mapping of guest cluster `gc`.
+    pub(crate) fn mapping(&mut self, gc: u64) -> Result<Mapping> {
+        let e = self.l2_entry(gc)?;
+        self.classify(gc, e)
+    }
+
+    // ----- reads -----------------------------------------------------------------------
+
+    /// Reads from the backing file; bytes beyond its end (or without one) read as zeros.
+    pub(crate) fn read_backing(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(b) = self.backing.as_mut() else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = b.virtual_size();
+        let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            b.read_at(offset, &mut buf[..avail])?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(&mut self, gc: u64, ext: CompressedExtent, out: &mut [u8]) -> Result<()> {
+        let key = ext.offset ^ (ext.len << 56);
+        if let Some((k, data)) = &self.compressed_cache {
+            if *k == key {
+                out.copy_from_slice(data);
+                return Ok(());
+            }
+        }
+        let len = ext.len.min(self.file_len.saturating_sub(ext.offset)) as usize;
+        let mut input = vec![0u8; len];
+        super::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
+        if let Err(e) = decompress(self.header.compression_type, &input, out) {
+            return Err(self.corruption(format!("guest cluster {gc}: {e}")));
+        }
+        self.compressed_cache = Some((key, out.to_vec()));
+        Ok(())
+    }
+
+    /// The current contents of guest cluster `gc` as a whole cluster.
+    pub(crate) fn read_cluster(&mut self, gc: u64, m: Mapping, out: &mut [u8]) -> Result<()> {
+        match m {
+            Mapping::Data { host, .. } => super::read_exact_or_eof(&self.file, out, host),
+            Mapping::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => self.read_backing(gc * self.cluster_size, out),
+            Mapping::Compressed(ext) => self.read_compressed(gc, ext, out),
+        }
+    }
+
+    pub(crate) fn read_guest(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        let mut scratch: Vec<u8> = Vec::new();
+        while pos < len {
+            let goff = offset + pos;
+            let gc = goff / cs;
+            let in_off = goff % cs;
+            let m = self.mapping(gc)?;
+            // Extend over following clusters stored the same way (contiguous on the host).
+            let mut run_end = (gc + 1) * cs;
+            let mut k = 1;
+            if matches!(
+                m,
+                Mapping::Data { .. } | Mapping::Zero { .. } | Mapping::Unallocated
+            ) {
+                while run_end < offset + len && k < MAX_RUN {
+                    let next = self.mapping(gc + k)?;
+                    let same = match (m, next) {
+                        (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
+                            b == a + k * cs
+                        }
+                        (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                        (Mapping::Unallocated, Mapping::Unallocated) => true,
+                        _ => false,
+                    };
+                    if !same {
+                        break;
+                    }
+                    run_end += cs;
+                    k += 1;
+                }
+            }
+            let n = (run_end.min(offset + len) - goff) as usize;
+            let dst = &mut buf[pos as usize..pos as usize + n];
+            match m {
+                Mapping::Data { host, .. } => {
+                    super::read_exact_or_eof(&self.file, dst, host + in_off)?;
+                }
+                Mapping::Zero { .. } => dst.fill(0),
+                Mapping::Unallocated => self.read_backing(goff, dst)?,
+                Mapping::Compressed(_) => {
+                    scratch.resize(cs as usize, 0);
+                    self.read_cluster(gc, m, &mut scratch)?;
+                    dst.copy_from_slice(&scratch[in_off as usize..in_off as usize + n]);
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    // ----- writes ----------------------------------------------------------------------
+
+    /// Whether writing to a cluster with mapping `m` can happen in place.
+    fn writable_in_place(&mut self, m: Mapping) -> Result<bool> {
+        match m {
+            Mapping::Data { copied: true, .. } => Ok(true),
+            Mapping::Data {
+                host,
+                copied: false,
+            } => {
+                if self.zero_clusters.iter().any(|z| z.host == host) {
+                    return Ok(false);
+                }
+                Ok(self.refcount(host / self.cluster_size)? == 1)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let detect = self.detect_zeroes;
+        // L2 tables first, so metadata is allocated before (below) the data it maps. (An
+        // all-zero write under zero detection may need no table at all.)
+        if detect == DetectZeroes::Off || !is_zero(buf) {
+            let first = offset / cs;
+            let last = (offset + len - 1) / cs;
+            let mut gc = first;
+            while gc <= last {
+                self.l2_slot(gc, true)?;
+                gc = (gc / self.l2_entries + 1) * self.l2_entries;
+            }
+        }
+        let mut pos = 0u64;
+        while pos < len {
+            let goff = offset + pos;
+            let gc = goff / cs;
+            let in_off = goff % cs;
+            let n = (cs - in_off).min(len - pos);
+            let piece = &buf[pos as usize..(pos + n) as usize];
+            if detect != DetectZeroes::Off && is_zero(piece) {
+                let unmap = detect == DetectZeroes::Unmap;
+                if n == cs {
+                    self.make_cluster_zero(gc, unmap, FreeReason::ZeroDetect)?;
+                } else {
+                    self.zero_cluster_part(gc, in_off, n, unmap, FreeReason::ZeroDetect)?;
+                }
+                pos += n;
+                continue;
+            }
+            let m = self.mapping(gc)?;
+            if self.writable_in_place(m)? {
+                let Mapping::Data { host, copied } = m else {
+                    return Err(Error::InvalidImage("unexpected mapping".into()));
+                };
+                if !copied {
+                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
+                }
+                // A v2 zero cluster written in place is no longer a zero cluster.
+                self.zero_clusters.retain(|z| z.host != host);
+                // Extend over following clusters that are also writable in place and contiguous.
+                let mut k = 1;
+                while pos + k * cs - in_off < len && k < MAX_RUN {
+                    let next_piece_start = (pos + k * cs - in_off) as usize;
+                    let next_piece_end = (next_piece_start + cs as usize).min(buf.len());
+                    if detect != DetectZeroes::Off
+                        && is_zero(&buf[next_piece_start..next_piece_end])
+                    {
+                        break;
+                    }
+                    let nm = self.mapping(gc + k)?;
+                    match nm {
+                        Mapping::Data {
+                            host: h,
+                            copied: true,
+                        } if h == host + k * cs => {
+                            self.zero_clusters.retain(|z| z.host != h);
+                            k += 1
+                        }
+                        _ => break,
+                    }
+                }
+                let end = (pos + k * cs - in_off).min(len);
+                let data = &buf[pos as usize..end as usize];
+                self.pwrite(data, host + in_off, "guest data")?;
+                pos = end;
+                continue;
+            }
+            // Allocating write: a run of consecutive clusters that all need new clusters.
+            let mut k = 1;
+            while pos + k * cs - in_off < len && k < MAX_RUN {
+                let s = (pos + k * cs - in_off) as usize;
+                let e = (s + cs as usize).min(buf.len());
+                if detect != DetectZeroes::Off && is_zero(&buf[s..e]) {
+                    break;
+                }
+                let nm = self.mapping(gc + k)?;
+                if self.writable_in_place(nm)? {
+                    break;
+                }
+                k += 1;
+            }
+            let end = (pos + k * cs - in_off).min(len);
+            self.allocating_write(gc, k, in_off, &buf[pos as usize..end as usize])?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (starting `in_off` bytes into guest cluster `gc`, spanning `k` clusters)
+    /// into newly allocated clusters, copying the untouched parts of partially written
+    /// clusters from their current contents (backing file, shared or compressed cluster).
+    fn allocating_write(&mut self, gc: u64, k: u64, in_off: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut done_clusters = 0u64;
+        let mut data_pos = 0usize;
+        while done_clusters < k {
+            let want = k - done_clusters;
+            let (start, got) = self.alloc_clusters(want)?;
+            let host = start * cs;
+            let first_gc = gc + done_clusters;
+            let head_off = if done_clusters == 0 { in_off } else { 0 };
+            // Bytes of `data` covered by these `got` clusters.
+            let span = ((got * cs - head_off) as usize).min(data.len() - data_pos);
+            let piece = &data[data_pos..data_pos + span];
+            let full = head_off == 0 && span as u64 == got * cs;
+            let old: Vec<Mapping> = (0..got)
+                .map(|i| self.mapping(first_gc + i))
+                .collect::<Result<_>>()?;
+            if full {
+                self.pwrite(piece, host, "guest data")?;
+            } else {
+                let mut cluster_buf = vec![0u8; (got * cs) as usize];
+                let tail_end = head_off + span as u64;
+                // Only the first and the last cluster can be partially covered.
+                if head_off != 0 {
+                    self.read_cluster(first_gc, old[0], &mut cluster_buf[..cs as usize])?;
+                }
+                if tail_end % cs != 0 {
+                    let last = (tail_end - 1) / cs;
+                    if !(last == 0 && head_off != 0) {
+                        let lo = (last * cs) as usize;
+                        let hi = lo + cs as usize;
+                        self.read_cluster(
+                            first_gc + last,
+                            old[last as usize],
+                            &mut cluster_buf[lo..hi],
+                        )?;
+                    }
+                }
+                cluster_buf[head_off as usize..tail_end as usize].copy_from_slice(piece);
+                self.pwrite(&cluster_buf, host, "guest data")?;
+            }
+            for i in 0..got {
+                self.set_l2_entry(first_gc + i, (host + i * cs) | OFLAG_COPIED)?;
+                self.release_mapping(old[i as usize], false, FreeReason::Internal);
+            }
+            done_clusters += got;
+            data_pos += span;
+        }
+        Ok(())
+    }
+
+    /// Queues the release of whatever host clusters mapping `m` referenced.
+    fn release_mapping(&mut self, m: Mapping, punch: bool, reason: FreeReason) {
+        let cs = self.cluster_size;
+        match m {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                host: Some(host), ..
+            } => self.queue_free(host / cs, punch, reason),
+            Mapping::Compressed(ext) => {
+                for c in ext.clusters(self.cluster_bits) {
+                    self.queue_free(c, punch, reason);
+                }
+            }
+            Mapping::Zero { host: None, .. } | Mapping::Unallocated => {}
+        }
+    }
+
+    // ----- zeroing ---------------------------------------------------------------------
+
+    /// Whether the backing file reads as zeros over guest cluster `gc`.
+    fn backing_reads_zero(&mut self, gc: u64) -> Result<bool> {
+        let cs = self.cluster_size;
+        let Some(b) = self.backing.as_mut() else {
+            // No backing file, or one that was not opened: only the former reads as zeros.
+            return Ok(!self.has_backing());
+        };
+        let bsize = b.virtual_size();
+        let start = gc * cs;
+        if start >= bsize {
+            return Ok(true);
+        }
+        let len = cs.min(bsize - start);
+        let st = b.block_status(start, len)?;
+        if st.zero && st.length >= len {
+            return Ok(true);
+        }
+        let mut buf = vec![0u8; len as usize];
+        b.read_at(start, &mut buf)?;
+        Ok(is_zero(&buf))
+    }
+
+    /// Whether mapping `m` of cluster `gc` already reads as zeros everywhere.
+    fn reads_as_zero(&mut self, gc: u64, m: Mapping) -> Result<bool> {
+        Ok(match m {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => !self.has_backing() || self.backing_reads_zero(gc)?,
+            Mapping::Data { host, .. } => self.zero_clusters.iter().any(|z| z.host == host),
+            Mapping::Compressed(_) => false,
+        })
+    }
+
+    /// A shared zero cluster to map one more guest cluster to (v2 images with a backing
+    /// file), allocating one when none is usable.
+    fn zero_cluster_for(&mut self, gc: u64) -> Result<u64> {
+        let cs = self.cluster_size;
+        let mut i = 0;
+        while i < self.zero_clusters.len() {
+            let z = self.zero_clusters[i];
+            let rc = self.refcount(z.host / cs)?;
+            if rc == 0 {
+                self.zero_clusters.remove(i);
+                continue;
+            }
+            if rc < self.rc_max {
+                if let Some(prev) = z.single_ref {
+                    // Second reference: the first one loses COPIED.
+                    if self.l2_entry(prev)? == z.host | OFLAG_COPIED {
+                        self.set_l2_entry(prev, z.host)?;
+                    }
+                    self.zero_clusters[i].single_ref = None;
+                }
+                self.set_refcount(z.host / cs, rc + 1)?;
+                return Ok(z.host);
+            }
+            i += 1;
+        }
+        let (c, _) = self.alloc_clusters(1)?;
+        let host = c * cs;
+        self.pwrite(&vec![0u8; cs as usize], host, "zero cluster")?;
+        self.zero_clusters.push(ZeroCluster {
+            host,
+            single_ref: Some(gc),
+        });
+        Ok(host | OFLAG_COPIED)
+    }
+
+    /// Makes guest cluster `gc` read as zeros, releasing its host cluster.
+    pub(crate) fn make_cluster_zero(
+        &mut self,
+        gc: u64,
+        unmap: bool,
+        reason: FreeReason,
+    ) -> Result<()> {
+        let m = self.mapping(gc)?;
+        let v3 = self.header.version >= 3;
+        let backing = self.has_backing();
+        match m {
+            Mapping::Zero { host: None, .. } => return Ok(()),
+            Mapping::Unallocated if !backing => return Ok(()),
+            Mapping::Data { host, .. } if self.zero_clusters.iter().any(|z| z.host == host) => {
+                return Ok(())
+            }
+            _ => {}
+        }
+        let new_entry = if !backing {
+            0
+        } else if v3 {
+            OFLAG_ZERO
+        } else if self.backing_reads_zero(gc)? {
+            0
+        } else {
+            self.zero_cluster_for(gc)?
+        };
+        if new_entry == 0 && m == Mapping::Unallocated {
+            return Ok(());
+        }
+        self.set_l2_entry(gc, new_entry)?;
+        self.release_mapping(m, unmap, reason);
+        Ok(())
+    }
+
+    /// Zeroes `n` bytes at `in_off` inside guest cluster `gc`; the cluster is released when
+    /// it ends up all zero.
+    pub(crate) fn zero_cluster_part(
+        &mut self,
+        gc: u64,
+        in_off: u64,
+        n: u64,
+        unmap: bool,
+        reason: FreeReason,
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let m = self.mapping(gc)?;
+        if self.reads_as_zero(gc, m)? {
+            return Ok(());
+        }
+        let mut cluster = vec![0u8; cs as usize];
+        self.read_cluster(gc, m, &mut cluster)?;
+        cluster[in_off as usize..(in_off + n) as usize].fill(0);
+        if is_zero(&cluster) {
+            return self.make_cluster_zero(gc, unmap, reason);
+        }
+        if self.writable_in_place(m)? {
+            if let Mapping::Data { host, copied } = m {
+                if !copied {
+                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
+                }
+                let zeros = vec![0u8; n as usize];
+                return self.pwrite(&zeros, host + in_off, "guest data");
+            }
+        }
+        self.allocating_write(gc, 1, 0, &cluster)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros; whole clusters are released.
+    pub(crate) fn zero_guest(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        reason: FreeReason,
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let in_off = pos % cs;
+            let n = (cs - in_off).min(end - pos);
+            if n == cs {
+                // Skip whole L2 ranges that have no table and need none.
+                let l1_idx = (gc / self.l2_entries) as usize;
+                let no_table = self
+                    .l1
+                    .get(l1_idx)
+                    .is_some_and(|&e| e & L1E_OFFSET_MASK == 0);
+                if no_table && !self.has_backing() {
+                    let next = (gc / self.l2_entries + 1) * self.l2_entries * cs;
+                    pos = next.min(end / cs * cs);
+                    continue;
+                }
+                self.make_cluster_zero(gc, unmap, reason)?;
+            } else {
+                self.zero_cluster_part(gc, in_off, n, unmap, reason)?;
+            }
+            pos += n;
+            if self.pending_free_bytes() >= super::PENDING_FREE_BYTES {
+                self.commit_frees()?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- block status ----------------------------------------------------------------
+
+    pub(crate) fn guest_block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent> {
+        let cs = self.cluster_size;
+        let gc = offset / cs;
+        let in_off = offset % cs;
+        let m = self.mapping(gc)?;
+        let end = offset + max_len;
+        let mut run_end = ((gc + 1) * cs).min(end);
+        let mut k = 1;
+        while run_end < end {
+            let nm = self.mapping(gc + k)?;
+            let same = match (m, nm) {
+                (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => b == a + k * cs,
+                (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                (Mapping::Unallocated, Mapping::Unallocated) => true,
+                (Mapping::Compressed(_), Mapping::Compressed(_)) => true,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            run_end = ((gc + k + 1) * cs).min(end);
+            k += 1;
+        }
+        let length = run_end - offset;
+        let ext = |present, zero, data, off| MapExtent {
+            start: offset,
+            length,
+            depth: 0,
+            present,
+            zero,
+            data,
+            offset: off,
+        };
+        Ok(match m {
+            Mapping::Data { host, .. } => ext(true, false, true, Some(host + in_off)),
+            Mapping::Zero { .. } => ext(true, true, false, None),
+            Mapping::Compressed(_) => ext(true, false, true, None),
+            Mapping::Unallocated => match self.backing.as_mut() {
+                None => ext(false, true, false, None),
+                Some(b) => {
+                    let bsize = b.virtual_size();
+                    if offset >= bsize {
+                        MapExtent {
+                            depth: 1,
+                            ..ext(false, true, false, None)
+                        }
+                    } else {
+                        let blen = length.min(bsize - offset);
+                        let mut st = b.block_status(offset, blen)?;
+                        st.depth += 1;
+                        st
+                    }
+                }
+            },
+        })
+    }
+}

@@ -1,0 +1,161 @@
+//! `thinvm image bench`: qemu-img bench's options, meanings and output.
+//!
+//! Requests are issued synchronously one after another through the block crate (the crate
+//! has a synchronous engine); `-d DEPTH` is accepted for command-line compatibility and
+//! reported, but does not change how many requests are in flight.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::error::{CliError, Result};
+use crate::size::parse_size;
+use crate::{CacheArg, FormatArg};
+
+/// Arguments of `thinvm image bench` (qemu-img bench's, plus `--random`).
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Number of requests.
+    #[arg(short = 'c', default_value_t = 75000)]
+    pub count: u64,
+    /// Queue depth (accepted for compatibility; requests run one at a time).
+    #[arg(short = 'd', default_value_t = 64)]
+    pub depth: u64,
+    /// Request size.
+    #[arg(short = 's', default_value = "4k")]
+    pub size: String,
+    /// Distance between the offsets of consecutive requests (default: the request size).
+    #[arg(short = 'S')]
+    pub step: Option<String>,
+    /// Offset of the first request.
+    #[arg(short = 'o', default_value = "0")]
+    pub offset: String,
+    /// Write instead of read.
+    #[arg(short = 'w')]
+    pub write: bool,
+    /// Byte pattern of written data (default 0, like qemu-img bench).
+    #[arg(long)]
+    pub pattern: Option<String>,
+    /// Flush after every N write requests.
+    #[arg(long)]
+    pub flush_interval: Option<u64>,
+    /// Do not flush at the end.
+    #[arg(long)]
+    pub no_drain: bool,
+    /// Cache mode.
+    #[arg(short = 't', value_enum, default_value = "writeback")]
+    pub cache: CacheArg,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<FormatArg>,
+    /// Random offsets (aligned to the request size) instead of stepping.
+    #[arg(long)]
+    pub random: bool,
+    /// Zero detection for writes.
+    #[arg(long, value_enum, default_value = "off")]
+    pub detect_zeroes: crate::DetectZeroesArg,
+    /// Only print the summary line.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    pub file: PathBuf,
+}
+
+/// xorshift64* for reproducible random offsets.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.cache == CacheArg::None {
+        return Err(CliError::Usage(
+            "cache mode 'none' (O_DIRECT) is not supported by thinvm's image crate; use -t writeback (and the same for qemu-img bench when comparing)".into(),
+        ));
+    }
+    let size = parse_size(&a.size)?;
+    if size == 0 {
+        return Err(CliError::Usage("request size must not be 0".into()));
+    }
+    let step = match &a.step {
+        Some(s) => parse_size(s)?,
+        None => size,
+    };
+    let start = parse_size(&a.offset)?;
+    let pattern = match &a.pattern {
+        Some(p) => {
+            let v: u64 = if let Some(h) = p.strip_prefix("0x") {
+                u64::from_str_radix(h, 16)
+            } else {
+                p.parse()
+            }
+            .map_err(|_| CliError::Usage(format!("invalid pattern '{p}'")))?;
+            u8::try_from(v).map_err(|_| CliError::Usage(format!("invalid pattern '{p}'")))?
+        }
+        None => 0,
+    };
+    let mut img = crate::open_image(&a.file, a.format, !a.write)?;
+    img.set_detect_zeroes(a.detect_zeroes.into());
+    let vsize = img.virtual_size();
+    if size > vsize {
+        return Err(CliError::Usage(format!(
+            "request size {size} is larger than the image ({vsize} bytes)"
+        )));
+    }
+    if !a.quiet {
+        println!(
+            "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {}){}",
+            a.count,
+            if a.write { "write" } else { "read" },
+            size,
+            a.depth,
+            start,
+            step,
+            if a.random { " [random offsets]" } else { "" }
+        );
+    }
+    let mut buf = vec![pattern; size as usize];
+    let slots = vsize / size;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut off = start;
+    let err = |e| CliError::image(&a.file, e);
+    let t0 = Instant::now();
+    for i in 0..a.count {
+        let o = if a.random {
+            (rng.next() % slots) * size
+        } else {
+            if off + size > vsize {
+                off = 0;
+            }
+            let o = off;
+            off += step;
+            o
+        };
+        if a.write {
+            img.write_at(o, &buf).map_err(err)?;
+            if let Some(n) = a.flush_interval {
+                if n > 0 && (i + 1) % n == 0 {
+                    img.flush().map_err(err)?;
+                }
+            }
+        } else {
+            img.read_at(o, &mut buf).map_err(err)?;
+        }
+    }
+    if a.write && !a.no_drain {
+        img.flush().map_err(err)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!("Run completed in {secs:.3} seconds.");
+    let ops = a.count as f64 / secs.max(1e-9);
+    println!(
+        "{ops:.0} ops/sec, {:.1} MiB/sec",
+        ops * size as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
