@@ -401,31 +401,59 @@ impl Qcow2Image {
     /// first cluster index and how many were allocated (at least one). Refcounts are set to 1
     /// in the cache.
     pub(crate) fn alloc_clusters(&mut self, max: u64) -> Result<(u64, u64)> {
-        let fm = self.fm()?;
-        let start = fm.first_free();
-        let n = fm.free_run(start, max.max(1)).max(1);
-        for i in start..start + n {
-            fm.set_used(i);
+        loop {
+            let fm = self.fm()?;
+            let start = fm.first_free();
+            let n = fm.free_run(start, max.max(1)).max(1);
+            if self.cover_range(start, n)? {
+                // New refcount blocks took clusters: look again.
+                continue;
+            }
+            return self.reserve(start, n).map(|()| (start, n));
         }
-        self.check_host_limit(start + n)?;
-        for i in start..start + n {
-            self.set_refcount(i, 1)?;
-        }
-        Ok((start, n))
     }
 
     /// Allocates exactly `n` contiguous clusters (lowest fitting run).
     pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+        loop {
+            let start = self.fm()?.find_run(n);
+            if self.cover_range(start, n)? {
+                continue;
+            }
+            return self.reserve(start, n).map(|()| start);
+        }
+    }
+
+    /// Makes sure refcount blocks cover clusters `start..start + n`; returns whether any had
+    /// to be created (which may have used clusters of the range).
+    fn cover_range(&mut self, start: u64, n: u64) -> Result<bool> {
+        self.check_host_limit(start + n)?;
+        let first = (start / self.rb_entries) as usize;
+        let last = ((start + n - 1) / self.rb_entries) as usize;
+        let mut created = false;
+        for ti in first..=last {
+            let covered = self
+                .reftable
+                .get(ti)
+                .is_some_and(|&e| e & REFT_OFFSET_MASK != 0);
+            if !covered {
+                self.alloc_refblock(ti)?;
+                created = true;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Marks clusters used and sets their refcounts to 1.
+    fn reserve(&mut self, start: u64, n: u64) -> Result<()> {
         let fm = self.fm()?;
-        let start = fm.find_run(n);
         for i in start..start + n {
             fm.set_used(i);
         }
-        self.check_host_limit(start + n)?;
         for i in start..start + n {
             self.set_refcount(i, 1)?;
         }
-        Ok(start)
+        Ok(())
     }
 
     fn check_host_limit(&self, end_cluster: u64) -> Result<()> {

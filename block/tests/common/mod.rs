@@ -1,0 +1,224 @@
+//! Shared helpers of the block crate's integration tests: temporary directories, QEMU's tools
+//! as oracles, a seeded RNG and an in-memory model disk.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use block::qcow2::{CreateOptions, Qcow2Version};
+use block::{DiskImage, ImageFormat, OpenOptions};
+
+/// A self-deleting temporary directory.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("THINVM_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!(
+            "thinvm-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("THINVM_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Runs a command, returning (exit code, stdout, stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (install it with scripts/install-deps): {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &str, args: &[&str]) -> String {
+    let (code, out, err) = run(cmd, args);
+    assert_eq!(code, 0, "{cmd} {args:?} failed ({code}):\n{out}\n{err}");
+    out
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-img check` exit code and output.
+pub fn qemu_check(p: &Path) -> (i32, String) {
+    let (code, out, err) = run("qemu-img", &["check", "-f", "qcow2", s(p)]);
+    (code, format!("{out}{err}"))
+}
+
+/// Asserts `qemu-img check` finds the image clean.
+pub fn assert_qemu_clean(p: &Path) {
+    let (code, out) = qemu_check(p);
+    assert_eq!(code, 0, "qemu-img check {}:\n{out}", p.display());
+}
+
+/// Asserts `qemu-img compare` says the two images read the same.
+pub fn assert_same(a: &Path, b: &Path) {
+    let (code, out, err) = run("qemu-img", &["compare", s(a), s(b)]);
+    assert_eq!(
+        code,
+        0,
+        "qemu-img compare {} {}: {out}{err}",
+        a.display(),
+        b.display()
+    );
+}
+
+/// `qemu-img map --output=json` parsed.
+pub fn qemu_map(p: &Path) -> Vec<serde_json::Value> {
+    let out = ok("qemu-img", &["map", "--output=json", s(p)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `qemu-img info --output=json` parsed.
+pub fn qemu_info(p: &Path) -> serde_json::Value {
+    let out = ok("qemu-img", &["info", "--output=json", "-U", s(p)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Seeded xorshift64* RNG; the seed comes from `THINVM_SEED` when set.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn seeded(default: u64) -> Self {
+        let seed = std::env::var("THINVM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        eprintln!("seed = {seed} (set THINVM_SEED to reproduce)");
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes a raw file whose every 512-byte sector holds a recognisable pattern.
+pub fn patterned_raw(path: &Path, size: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size as usize];
+    for (i, sec) in data.chunks_mut(512).enumerate() {
+        let tag = (i as u32).wrapping_mul(2654435761).to_le_bytes();
+        for (j, b) in sec.iter_mut().enumerate() {
+            *b = tag[j % 4] ^ (j as u8);
+        }
+        // Leave some sectors zero so zero detection in the backing is exercised.
+        if i % 97 == 3 {
+            sec.fill(0);
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+pub fn create_qcow2(
+    path: &Path,
+    size: Option<u64>,
+    version: Qcow2Version,
+    cluster_size: u64,
+    refcount_bits: u32,
+    backing: Option<(&str, ImageFormat)>,
+) {
+    block::qcow2::create(
+        path,
+        &CreateOptions {
+            size,
+            cluster_size,
+            version,
+            refcount_bits,
+            backing_file: backing.map(|b| b.0.to_string()),
+            backing_format: backing.map(|b| b.1),
+        },
+    )
+    .unwrap();
+}
+
+pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
+    block::open(
+        path,
+        &OpenOptions {
+            read_only: false,
+            format: None,
+        },
+    )
+    .unwrap()
+}
+
+pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
+    block::open(
+        path,
+        &OpenOptions {
+            read_only: true,
+            format: None,
+        },
+    )
+    .unwrap()
+}
+
+/// Reads the whole image.
+pub fn read_all(img: &mut dyn DiskImage) -> Vec<u8> {
+    let mut buf = vec![0u8; img.virtual_size() as usize];
+    img.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// Asserts two byte slices are equal, reporting the first differing offset.
+pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i} (got {:#04x}, want {:#04x})",
+            got[i], want[i]
+        );
+    }
+}
+
+/// Allocated bytes and apparent size of a file.
+pub fn usage(p: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).unwrap();
+    (m.blocks() * 512, m.size())
+}
