@@ -653,6 +653,17 @@ impl Qcow2Image {
             OFLAG_ZERO
         } else if self.backing_reads_zero(gc)? {
             0
+        } else if let (true, Mapping::Data { host, copied: true }) =
+            (self.zero_clusters.is_empty(), m)
+        {
+            // No shared zero cluster yet: the cluster being zeroed becomes it, in place
+            // (it is exclusively ours), so no new cluster is allocated at the file's end.
+            self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
+            self.zero_clusters.push(ZeroCluster {
+                host,
+                single_ref: Some(gc),
+            });
+            return Ok(());
         } else {
             self.zero_cluster_for(gc)?
         };

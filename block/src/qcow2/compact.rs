@@ -92,16 +92,21 @@ impl Qcow2Image {
                 .ok_or_else(|| Error::InvalidImage("no free map".into()))?;
             fm.end().saturating_sub(fm.used_count())
         };
+        // Clusters moved away but still counted as used until their free is committed.
+        let mut moved_away: HashSet<u64> = HashSet::new();
         loop {
             let fm = self
                 .free_map
                 .as_mut()
                 .ok_or_else(|| Error::InvalidImage("no free map".into()))?;
-            let end = fm.end();
-            if end == 0 {
-                break;
-            }
-            let top = end - 1;
+            let mut top = fm.end();
+            let top = loop {
+                match fm.prev_used(top) {
+                    Some(t) if moved_away.contains(&t) => top = t,
+                    other => break other,
+                }
+            };
+            let Some(top) = top else { break };
             let first_free = fm.first_free();
             if first_free >= top {
                 break;
@@ -113,6 +118,7 @@ impl Qcow2Image {
                 match owners.remove(&top) {
                     Some(Owner::Data(gcs)) => {
                         let new = self.move_data_cluster(top, &gcs)?;
+                        moved_away.insert(top);
                         owners.insert(new, Owner::Data(gcs));
                         true
                     }
@@ -135,6 +141,7 @@ impl Qcow2Image {
             moves_since_commit += 1;
             if moves_since_commit >= 1024 {
                 self.commit_frees()?;
+                moved_away.clear();
                 moves_since_commit = 0;
             }
             progress(

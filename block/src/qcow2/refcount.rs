@@ -191,6 +191,37 @@ impl FreeMap {
         }
     }
 
+    /// Highest used cluster below `before`.
+    pub fn prev_used(&self, before: u64) -> Option<u64> {
+        if before == 0 {
+            return None;
+        }
+        let mut i = before - 1;
+        loop {
+            let w = (i / 64) as usize;
+            if w < self.words.len() {
+                let bit = i % 64;
+                let mask = if bit == 63 {
+                    u64::MAX
+                } else {
+                    (1u64 << (bit + 1)) - 1
+                };
+                let word = self.words[w] & mask;
+                if word != 0 {
+                    return Some(w as u64 * 64 + 63 - u64::from(word.leading_zeros()));
+                }
+            } else if self.words.is_empty() {
+                return None;
+            } else {
+                i = self.words.len() as u64 * 64;
+            }
+            if i < 64 {
+                return None;
+            }
+            i = (i / 64) * 64 - 1;
+        }
+    }
+
     /// Number of used clusters.
     pub fn used_count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -786,10 +817,19 @@ impl Qcow2Image {
             }
             let top = end - 1;
             let first_free = fm.first_free();
-            if first_free >= top || !self.meta.contains(&top) {
+            if first_free >= top {
                 return Ok(());
             }
             let top_off = top * self.cluster_size;
+            if !self.meta.contains(&top) {
+                // The only data cluster worth moving online: a shared zero cluster.
+                if self.zero_clusters.iter().any(|z| z.host == top_off)
+                    && self.move_zero_cluster(top)?
+                {
+                    continue;
+                }
+                return Ok(());
+            }
             if let Some(l1_idx) = self
                 .l1
                 .iter()
@@ -808,6 +848,61 @@ impl Qcow2Image {
             }
         }
         Ok(())
+    }
+
+    /// Active L2 entries that reference host cluster `host` as plain data:
+    /// (L2 table offset, index).
+    fn find_references(&mut self, host: u64) -> Result<Vec<(u64, usize)>> {
+        let mut out = Vec::new();
+        for l1_idx in 0..self.l1.len() {
+            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+                continue;
+            }
+            let slot = self.load_l2(l2_off)?;
+            for i in 0..self.l2_entries as usize {
+                let e = super::cluster::read_l2(self.l2_cache.data(slot), i);
+                if e & super::OFLAG_COMPRESSED == 0 && e & super::L2E_OFFSET_MASK == host {
+                    out.push((l2_off, i));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves a shared zero cluster (v2 overlays) to the lowest free cluster, rewriting every
+    /// reference. Returns false when not all references are in the active tables.
+    fn move_zero_cluster(&mut self, old: u64) -> Result<bool> {
+        let cs = self.cluster_size;
+        let old_host = old * cs;
+        let rc = self.refcount(old)?;
+        let refs = self.find_references(old_host)?;
+        if refs.len() as u64 != rc || rc == 0 {
+            return Ok(false);
+        }
+        let (new, _) = self.alloc_clusters(1)?;
+        let new_host = new * cs;
+        if rc > 1 {
+            self.set_refcount(new, rc)?;
+        }
+        self.pwrite(&vec![0u8; cs as usize], new_host, "zero cluster")?;
+        for (l2_off, i) in refs {
+            let slot = self.load_l2(l2_off)?;
+            let e = super::cluster::read_l2(self.l2_cache.data(slot), i);
+            let ne = (e & !super::L2E_OFFSET_MASK) | new_host;
+            super::cluster::write_l2(self.l2_cache.data_mut(slot), i, ne);
+            self.l2_cache.mark_dirty(slot, i * 8, 8);
+        }
+        for z in &mut self.zero_clusters {
+            if z.host == old_host {
+                z.host = new_host;
+            }
+        }
+        for _ in 0..rc {
+            self.queue_free(old, true, FreeReason::Internal);
+        }
+        self.commit_frees()?;
+        Ok(true)
     }
 
     /// Moves the L2 table of L1 entry `l1_idx` (at cluster `old`) to the lowest free cluster.
@@ -909,5 +1004,11 @@ mod tests {
         fm.set_free(70);
         assert_eq!(fm.end(), 10);
         assert_eq!(fm.used_count(), 9);
+        assert_eq!(fm.prev_used(10), Some(9));
+        assert_eq!(fm.prev_used(3), Some(2));
+        fm.set_used(200);
+        assert_eq!(fm.prev_used(200), Some(9));
+        assert_eq!(fm.prev_used(1000), Some(200));
+        assert_eq!(fm.prev_used(0), None);
     }
 }

@@ -1,0 +1,299 @@
+//! Reclamation: zero writes (with zero detection), write-zeroes (with and without unmap) and
+//! discard give space back to the host on every image kind, allocated bytes AND apparent
+//! size, without ever exposing the backing file's data; `compact` does it offline.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use block::qcow2::Qcow2Version;
+use block::{DetectZeroes, DiskImage, ImageFormat};
+use common::*;
+
+#[derive(Clone, Copy, Debug)]
+enum Path_ {
+    ZeroWrites,
+    WriteZeroesUnmap,
+    WriteZeroesKeep,
+    Discard,
+}
+
+const SIZE: u64 = 32 << 20;
+const FILL: u64 = 16 << 20;
+const FILL_AT: u64 = 4 << 20;
+
+fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
+    let cs = 65536u64;
+    let dir = TempDir::new("reclaim");
+    let base = dir.join("base.raw");
+    let base_data = patterned_raw(&base, SIZE);
+    let img_path = dir.join("ov.qcow2");
+    create_qcow2(
+        &img_path,
+        Some(SIZE),
+        version,
+        cs,
+        16,
+        backing.then_some(("base.raw", ImageFormat::Raw)),
+    );
+    let what = format!("{version:?} backing={backing} {path:?}");
+    let (fresh_alloc, fresh_apparent) = usage(&img_path);
+    let mut model = if backing {
+        base_data.clone()
+    } else {
+        vec![0u8; SIZE as usize]
+    };
+    let mut rng = Rng(0xfeed);
+    {
+        let mut img = open_rw(&img_path);
+        let mut chunk = vec![0u8; 1 << 20];
+        for off in (FILL_AT..FILL_AT + FILL).step_by(1 << 20) {
+            rng.fill(&mut chunk);
+            img.write_at(off, &chunk).unwrap();
+            model[off as usize..off as usize + chunk.len()].copy_from_slice(&chunk);
+        }
+        img.flush().unwrap();
+    }
+    let (full_alloc, full_apparent) = usage(&img_path);
+    assert!(
+        full_alloc >= FILL && full_apparent >= FILL,
+        "{what}: fill did not allocate"
+    );
+    let stats = {
+        let mut img = open_rw(&img_path);
+        img.set_detect_zeroes(DetectZeroes::Unmap);
+        let zeros = vec![0u8; 1 << 20];
+        for off in (FILL_AT..FILL_AT + FILL).step_by(1 << 20) {
+            match path {
+                Path_::ZeroWrites => img.write_at(off, &zeros).unwrap(),
+                Path_::WriteZeroesUnmap => img.write_zeroes(off, 1 << 20, true).unwrap(),
+                Path_::WriteZeroesKeep => img.write_zeroes(off, 1 << 20, false).unwrap(),
+                Path_::Discard => img.discard(off, 1 << 20).unwrap(),
+            }
+        }
+        model[FILL_AT as usize..(FILL_AT + FILL) as usize].fill(0);
+        img.flush().unwrap();
+        // Zeros, never the backing file's data.
+        let got = read_all(img.as_mut());
+        assert_bytes_eq(&got, &model, &format!("{what}: contents after zeroing"));
+        img.reclaim_stats()
+    };
+    let reclaimed = match path {
+        Path_::ZeroWrites => stats.zero_detect_bytes,
+        Path_::WriteZeroesUnmap | Path_::WriteZeroesKeep => stats.write_zeroes_bytes,
+        Path_::Discard => stats.discard_bytes,
+    };
+    // On v2 overlays the first zeroed cluster becomes the shared zero cluster in place.
+    let expected = if version == Qcow2Version::V2 && backing {
+        FILL - cs
+    } else {
+        FILL
+    };
+    assert_eq!(reclaimed, expected, "{what}: stats {stats:?}");
+    let (alloc, apparent) = usage(&img_path);
+    // Metadata a zeroed overlay legitimately keeps: the L2 table holding the zero entries
+    // (v3 with backing) and the shared zero cluster (v2 with backing).
+    let mut allowance = cs;
+    if backing {
+        allowance += cs; // L2 table
+        if version == Qcow2Version::V2 {
+            allowance += cs; // shared zero cluster
+        }
+    }
+    eprintln!(
+        "{what}: fresh {fresh_alloc}/{fresh_apparent}, full {full_alloc}/{full_apparent}, after {alloc}/{apparent}"
+    );
+    assert!(
+        alloc <= fresh_alloc + allowance,
+        "{what}: allocated {alloc} > fresh {fresh_alloc} + {allowance}"
+    );
+    assert!(
+        apparent <= fresh_apparent + allowance,
+        "{what}: apparent size {apparent} > fresh {fresh_apparent} + {allowance}"
+    );
+    assert_qemu_clean(&img_path);
+    // qemu-img map: the zeroed range reads as zeros without data, or (v2 overlays) maps every
+    // cluster to one shared zero cluster.
+    let map = qemu_map(&img_path);
+    let mut shared = std::collections::HashSet::new();
+    for e in &map {
+        let start = e["start"].as_u64().unwrap();
+        let end = start + e["length"].as_u64().unwrap();
+        if end <= FILL_AT || start >= FILL_AT + FILL {
+            continue;
+        }
+        if e["data"] == true {
+            assert!(
+                version == Qcow2Version::V2 && backing && e["depth"] == 0,
+                "{what}: data extent in zeroed range: {e}"
+            );
+            shared.insert(e["offset"].as_u64().unwrap());
+        } else {
+            assert_eq!(e["zero"], true, "{what}: {e}");
+            assert_eq!(
+                e["depth"], 0,
+                "{what}: zeroed range falls through to backing: {e}"
+            );
+        }
+    }
+    if version == Qcow2Version::V2 && backing {
+        // All map extents of the zeroed range point at the same cluster (qemu-img map merges
+        // contiguous host ranges only, so each 64k extent names the shared cluster).
+        assert_eq!(shared.len(), 1, "{what}: {shared:?}");
+    }
+    let reference = dir.join("model.raw");
+    std::fs::write(&reference, &model).unwrap();
+    assert_same(&img_path, &reference);
+}
+
+macro_rules! kinds {
+    ($($name:ident: $v:expr, $b:expr;)*) => {$(
+        mod $name {
+            use super::*;
+            #[test] fn zero_writes() { scenario($v, $b, Path_::ZeroWrites) }
+            #[test] fn write_zeroes_unmap() { scenario($v, $b, Path_::WriteZeroesUnmap) }
+            #[test] fn write_zeroes_keep() { scenario($v, $b, Path_::WriteZeroesKeep) }
+            #[test] fn discard() { scenario($v, $b, Path_::Discard) }
+        }
+    )*};
+}
+
+kinds! {
+    v3_no_backing: Qcow2Version::V3, false;
+    v2_no_backing: Qcow2Version::V2, false;
+    v2_backing: Qcow2Version::V2, true;
+    v3_backing: Qcow2Version::V3, true;
+}
+
+#[test]
+fn per_cluster_detection_inside_large_writes_and_partial_writes() {
+    let dir = TempDir::new("reclaim-detect");
+    let base = dir.join("base.raw");
+    let base_data = patterned_raw(&base, 4 << 20);
+    let p = dir.join("ov.qcow2");
+    create_qcow2(
+        &p,
+        None,
+        Qcow2Version::V3,
+        65536,
+        16,
+        Some(("base.raw", ImageFormat::Raw)),
+    );
+    let mut img = open_rw(&p);
+    img.set_detect_zeroes(DetectZeroes::Unmap);
+    // 1 MiB write with three zero clusters in the middle: only 13 clusters get allocated.
+    let mut buf = vec![0x5au8; 1 << 20];
+    buf[5 * 65536..8 * 65536].fill(0);
+    img.write_at(0, &buf).unwrap();
+    img.flush().unwrap();
+    let mut model = base_data.clone();
+    model[..1 << 20].copy_from_slice(&buf);
+    let rep = block::inspect::check(&p, None).unwrap();
+    assert_eq!(rep.allocated_clusters, Some(13), "{rep:?}");
+    for gc in 5..8u64 {
+        let st = img.block_status(gc * 65536, 65536).unwrap();
+        assert!(st.zero && !st.data && st.depth == 0, "cluster {gc}: {st:?}");
+    }
+    // A partial zero write that leaves an allocated cluster entirely zero reclaims it.
+    img.write_at(2 * 65536, &[0u8; 4096]).unwrap(); // cluster 2 still has data
+    img.write_at(65536, &vec![0u8; 65536 - 512]).unwrap();
+    img.write_at(65536 + 65536 - 512, &[0u8; 512]).unwrap(); // now cluster 1 is all zero
+    model[2 * 65536..2 * 65536 + 4096].fill(0);
+    model[65536..2 * 65536].fill(0);
+    img.flush().unwrap();
+    let st = img.block_status(65536, 65536).unwrap();
+    assert!(st.zero && !st.data, "cluster 1 not reclaimed: {st:?}");
+    let st = img.block_status(2 * 65536, 65536).unwrap();
+    assert!(st.data, "cluster 2 must stay allocated: {st:?}");
+    let got = read_all(img.as_mut());
+    assert_bytes_eq(&got, &model, "contents");
+    assert_eq!(img.reclaim_stats().zero_detect_bytes, 65536);
+    drop(img);
+    assert_qemu_clean(&p);
+}
+
+#[test]
+fn v2_zero_cluster_copy_on_write_and_unsharing() {
+    let dir = TempDir::new("reclaim-v2");
+    let base = dir.join("base.raw");
+    let base_data = patterned_raw(&base, 1 << 20);
+    let p = dir.join("ov.qcow2");
+    create_qcow2(
+        &p,
+        None,
+        Qcow2Version::V2,
+        65536,
+        16,
+        Some(("base.raw", ImageFormat::Raw)),
+    );
+    let mut model = base_data.clone();
+    {
+        let mut img = open_rw(&p);
+        img.write_zeroes(0, 3 * 65536, true).unwrap();
+        model[..3 * 65536].fill(0);
+        img.flush().unwrap();
+    }
+    assert_qemu_clean(&p);
+    {
+        let mut img = open_rw(&p);
+        // Non-zero writes to zero-mapped clusters are ordinary copy-on-write; after two of
+        // the three references are gone the last one owns the cluster (COPIED set).
+        img.write_at(100, &[7u8; 100]).unwrap();
+        model[100..200].fill(7);
+        img.write_at(65536 + 5000, &[8u8; 10]).unwrap();
+        model[65536 + 5000..65536 + 5010].fill(8);
+        img.flush().unwrap();
+        let got = read_all(img.as_mut());
+        assert_bytes_eq(&got, &model, "after copy-on-write");
+    }
+    assert_qemu_clean(&p);
+    // QEMU reads the zero-mapped cluster as zeros too.
+    ok("qemu-io", &["-c", "read -P 0 131072 65536", s(&p)]);
+    let reference = dir.join("model.raw");
+    std::fs::write(&reference, &model).unwrap();
+    assert_same(&p, &reference);
+}
+
+#[test]
+fn compact_reclaims_zero_clusters_and_moves_the_tail() {
+    let dir = TempDir::new("reclaim-compact");
+    let p = dir.join("img.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "64M"]);
+    // QEMU writes explicit zeros (allocated), then data at the end of the file.
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0 0 16M",
+            "-c",
+            "write -P 0x3c 20M 1M",
+            "-c",
+            "write -P 0x3d 40M 64k",
+            s(&p),
+        ],
+    );
+    let (alloc0, app0) = usage(&p);
+    let rep = block::inspect::compact(&p, &mut |_, _| {}).unwrap();
+    let (alloc1, app1) = usage(&p);
+    eprintln!("compact: {alloc0}/{app0} -> {alloc1}/{app1}: {rep:?}");
+    assert_eq!(rep.zero_clusters_reclaimed, 256);
+    assert!(rep.clusters_moved > 0);
+    // What remains: header, refcount table/block, L1, one L2, 17 data clusters.
+    assert!(app1 <= (5 + 17 + 1) * 65536, "apparent {app1}");
+    assert!(alloc1 <= (5 + 17 + 1) * 65536, "allocated {alloc1}");
+    assert_eq!(rep.after.apparent_bytes, app1);
+    assert_qemu_clean(&p);
+    ok(
+        "qemu-io",
+        &[
+            "-c",
+            "read -P 0 0 20M",
+            "-c",
+            "read -P 0x3c 20M 1M",
+            "-c",
+            "read -P 0x3d 40M 64k",
+            "-c",
+            "read -P 0 41M 23M",
+            s(&p),
+        ],
+    );
+}
