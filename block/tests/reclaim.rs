@@ -6,7 +6,7 @@
 mod common;
 
 use block::qcow2::Qcow2Version;
-use block::{DetectZeroes, DiskImage, ImageFormat};
+use block::{DetectZeroes, ImageFormat};
 use common::*;
 
 #[derive(Clone, Copy, Debug)]
