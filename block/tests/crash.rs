@@ -87,14 +87,21 @@ fn crash_child() {
 fn verify_after_kill(dir: &Path, what: &str) {
     let img_path = dir.join("img.qcow2");
     let (code, out) = qemu_check(&img_path);
-    assert!(code == 0 || code == 3, "{what}: qemu-img check found corruption ({code}):\n{out}");
+    assert!(
+        code == 0 || code == 3,
+        "{what}: qemu-img check found corruption ({code}):\n{out}"
+    );
     let snap = std::fs::read(dir.join("model.snap")).unwrap();
     let log = std::fs::read_to_string(dir.join("dirty.log")).unwrap_or_default();
     let mut exempt = vec![false; (SIZE / 512) as usize];
     for line in log.lines() {
         let mut it = line.split_whitespace();
-        let (Some(o), Some(l)) = (it.next(), it.next()) else { continue };
-        let (Ok(o), Ok(l)) = (o.parse::<u64>(), l.parse::<u64>()) else { continue };
+        let (Some(o), Some(l)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let (Ok(o), Ok(l)) = (o.parse::<u64>(), l.parse::<u64>()) else {
+            continue;
+        };
         for s in o / 512..(o + l).div_ceil(512) {
             if let Some(e) = exempt.get_mut(s as usize) {
                 *e = true;

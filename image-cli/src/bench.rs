@@ -38,7 +38,8 @@ pub struct BenchArgs {
     /// Flush after every N write requests.
     #[arg(long)]
     pub flush_interval: Option<u64>,
-    /// Do not flush at the end.
+    /// Do not drain in-flight requests before a flush (accepted for compatibility: requests
+    /// run one at a time here).
     #[arg(long)]
     pub no_drain: bool,
     /// Cache mode.
@@ -87,6 +88,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         None => size,
     };
     let start = parse_size(&a.offset)?;
+    if start + size > u64::MAX / 2 {
+        return Err(CliError::Usage("offset too large".into()));
+    }
     let pattern = match &a.pattern {
         Some(p) => {
             let v: u64 = if let Some(h) = p.strip_prefix("0x") {
@@ -118,6 +122,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             step,
             if a.random { " [random offsets]" } else { "" }
         );
+        if a.depth > 1 {
+            println!(
+                "(thinvm issues the requests one at a time; -d is accepted for compatibility)"
+            );
+        }
+    }
+    if start + size > vsize {
+        return Err(CliError::Usage(format!(
+            "offset {start} + request size {size} is beyond the image ({vsize} bytes)"
+        )));
     }
     let mut buf = vec![pattern; size as usize];
     let slots = vsize / size;
@@ -129,11 +143,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let o = if a.random {
             (rng.next() % slots) * size
         } else {
-            if off + size > vsize {
-                off = 0;
-            }
             let o = off;
-            off += step;
+            // qemu-img bench's rule: advance by the step, wrap modulo the image size (and
+            // keep the request inside the image).
+            off = (off + step) % vsize;
+            if off + size > vsize {
+                off %= vsize - size + 1;
+            }
             o
         };
         if a.write {
@@ -147,10 +163,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             img.read_at(o, &mut buf).map_err(err)?;
         }
     }
-    if a.write && !a.no_drain {
+    // Like qemu-img bench, the final flush (on close) is not part of the measured run.
+    let secs = t0.elapsed().as_secs_f64();
+    if a.write {
         img.flush().map_err(err)?;
     }
-    let secs = t0.elapsed().as_secs_f64();
     println!("Run completed in {secs:.3} seconds.");
     let ops = a.count as f64 / secs.max(1e-9);
     println!(
