@@ -1,5 +1,17 @@
 //! `thinvm`: command-line entry point.
 
+mod arch;
+mod config;
+mod disks;
+mod error;
+mod event_loop;
+mod host;
+mod lifecycle;
+mod runner;
+mod seccomp;
+mod terminal;
+mod vstate;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +27,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Boot a guest (Linux bzImage or ELF vmlinux) on KVM.
+    ///
+    /// Exit codes: 0 guest powered off or reset itself, 1 thinvm error, 2 guest crashed
+    /// (triple fault), 3 KVM could not run the guest (emulation failure), 128+N stopped by
+    /// signal N (130 also for Ctrl-A x).
+    Run(config::RunArgs),
     /// Disk image tools (qemu-img / qemu-io style).
     Image {
         #[command(subcommand)]
@@ -22,9 +40,52 @@ enum Command {
     },
 }
 
+fn init_logging(level: &str) -> Result<(), String> {
+    let level = match level {
+        "error" | "warn" | "info" | "debug" | "trace" | "off" => level,
+        other => {
+            return Err(format!(
+                "--log-level {other}: expected error, warn, info, debug, trace or off"
+            ))
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn run(args: config::RunArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level) {
+        eprintln!("thinvm: {e}");
+        return ExitCode::from(1);
+    }
+    let cfg = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("thinvm: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runner::run(cfg) {
+        Ok(reason) => {
+            eprintln!("thinvm: {}", reason.describe());
+            ExitCode::from(reason.exit_code())
+        }
+        Err(e) => {
+            eprintln!("thinvm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(args) => run(args),
         Command::Image { cmd } => image_cli::run(cmd),
     }
 }

@@ -1,1 +1,100 @@
-//! virtio devices and their MMIO transport.
+//! virtio devices and their MMIO transport (virtio 1.x, split virtqueues).
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// The interrupt line of a virtio-mmio device: the interrupt status register and the
+/// irqfd that raises the guest interrupt.
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+/// "A used buffer notification": bit 0 of the interrupt status.
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Configuration change: bit 1.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+impl Interrupt {
+    pub fn new(evt: EventFd) -> Arc<Self> {
+        Arc::new(Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+        })
+    }
+
+    /// Raises the interrupt for `reason` (INT_VRING / INT_CONFIG).
+    pub fn trigger(&self, reason: u32) {
+        self.status.fetch_or(reason, Ordering::AcqRel);
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The irqfd to register with KVM.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// A queue handed to a device at activation, with its notification eventfd.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// Errors of device activation.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device has no backend (already active?)")]
+    NoBackend,
+    #[error("wrong number of queues: {0}")]
+    QueueCount(usize),
+    #[error("cannot start worker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the MMIO transport needs from a device.
+pub trait VirtioDevice: Send {
+    /// virtio device id (2 = block).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered feature bits.
+    fn features(&self) -> u64;
+    /// Features the driver accepted (a subset of [`VirtioDevice::features`]).
+    fn ack_features(&mut self, features: u64);
+    /// Reads the device config space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device config space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts processing the queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stops processing; returns the queues' notification eventfds so the transport can
+    /// reuse them (they stay registered with KVM).
+    fn reset(&mut self) -> Option<Vec<EventFd>>;
+    /// The VM is ending: stop processing and make everything durable.
+    fn shutdown(&mut self) {}
+}

@@ -1,0 +1,116 @@
+//! The 16550A UART (vm-superio) on the port I/O bus, with its interrupt delivered through an
+//! irqfd and its output going to stdout, a file, or nowhere.
+
+use std::io::Write;
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// The interrupt line of the UART: an EventFd registered as an irqfd.
+pub struct EventFdTrigger(EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest output goes.
+pub enum SerialOutput {
+    Stdout,
+    File(std::fs::File),
+    Sink,
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SerialOutput::Stdout => {
+                let mut out = std::io::stdout().lock();
+                let n = out.write(buf)?;
+                out.flush()?;
+                Ok(n)
+            }
+            SerialOutput::File(f) => f.write(buf),
+            SerialOutput::Sink => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SerialOutput::Stdout => std::io::stdout().flush(),
+            SerialOutput::File(f) => f.flush(),
+            SerialOutput::Sink => Ok(()),
+        }
+    }
+}
+
+/// A 16550 UART at 8 consecutive ports.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+}
+
+impl SerialDevice {
+    /// `irq_evt` is the UART's interrupt (registered by the VMM as an irqfd).
+    pub fn new(irq_evt: EventFd, out: SerialOutput) -> Self {
+        SerialDevice {
+            serial: Serial::new(EventFdTrigger(irq_evt), out),
+        }
+    }
+
+    /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 || offset > 7 {
+            data.fill(0xff);
+            return;
+        }
+        data[0] = self.serial.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 || offset > 7 {
+            return;
+        }
+        if let Err(e) = self.serial.write(offset as u8, data[0]) {
+            tracing::warn!("serial: write failed: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_and_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dir = std::env::temp_dir().join(format!("thinvm-serial-{}", std::process::id()));
+        let f = std::fs::File::create(&dir).unwrap();
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::File(f));
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(std::fs::read(&dir).unwrap(), b"hi\n");
+        let _ = std::fs::remove_file(&dir);
+        // Enable the receive interrupt, then feed input.
+        dev.write(1, &[1]);
+        assert_eq!(dev.enqueue_input(b"ab"), 2);
+        assert!(irq.read().unwrap() >= 1);
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+    }
+}

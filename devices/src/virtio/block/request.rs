@@ -1,0 +1,398 @@
+//! virtio-blk requests: parsing a descriptor chain (with every check a hostile guest needs)
+//! and executing it against the disk image.
+
+use std::time::Instant;
+
+use block::DiskImage;
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::stats::BlockStats;
+
+pub const SECTOR: u64 = 512;
+/// Header: type (le32), reserved (le32), sector (le64).
+const HEADER_LEN: u32 = 16;
+/// Discard / write-zeroes segment: sector (le64), num_sectors (le32), flags (le32).
+const SEGMENT_LEN: u32 = 16;
+/// Bytes moved through the bounce buffer per image call.
+const CHUNK: usize = 8 << 20;
+/// Flag bit of write-zeroes segments.
+const FLAG_UNMAP: u32 = 1;
+
+/// Limits the device advertises and enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub capacity_sectors: u64,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+    pub read_only: bool,
+    /// `discard=unmap` (otherwise discards are ignored and write-zeroes never unmap).
+    pub discard_unmap: bool,
+}
+
+/// A request ready to execute.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub kind: u32,
+    pub sector: u64,
+    /// Data descriptors (address, length, device-writable).
+    pub data: Vec<(GuestAddress, u32, bool)>,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// Why a chain cannot be answered normally.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Invalid {
+    /// No usable status descriptor: the chain is returned without a status.
+    Drop(&'static str),
+    /// Answer with this status.
+    Status(u8, String),
+}
+
+/// Logs at most a few lines per second, so a hostile guest cannot flood the host's logs.
+pub fn ratelimited_warn(msg: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = START.get_or_init(Instant::now).elapsed().as_secs();
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        let suppressed = COUNT.swap(0, Ordering::Relaxed).saturating_sub(5);
+        if suppressed > 0 {
+            tracing::warn!("virtio-blk: {suppressed} similar messages suppressed");
+        }
+    }
+    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
+        tracing::warn!("virtio-blk: {msg}");
+    }
+}
+
+/// Parses a descriptor chain (already collected, at most queue-size descriptors; `truncated`
+/// says the chain went on beyond that: a loop or an over-long chain).
+pub fn parse(
+    descs: &[Descriptor],
+    truncated: bool,
+    mem: &GuestMemoryMmap,
+) -> Result<Request, Invalid> {
+    if truncated {
+        return Err(Invalid::Drop(
+            "descriptor chain loops or exceeds the queue size",
+        ));
+    }
+    let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
+        return Err(Invalid::Drop("empty descriptor chain"));
+    };
+    if descs.len() < 2 {
+        return Err(Invalid::Drop("chain has no status descriptor"));
+    }
+    if !last.is_write_only() || last.len() < 1 {
+        return Err(Invalid::Drop(
+            "status descriptor missing, read-only or empty",
+        ));
+    }
+    let status = last
+        .addr()
+        .checked_add(u64::from(last.len()) - 1)
+        .ok_or(Invalid::Drop("status descriptor wraps around"))?;
+    if mem.check_address(status).is_none() {
+        return Err(Invalid::Drop("status descriptor outside guest memory"));
+    }
+    let fail = |m: String| Invalid::Status(VIRTIO_BLK_S_IOERR as u8, m);
+    if first.is_write_only() {
+        return Err(fail("request header is device-writable".into()));
+    }
+    if first.len() < HEADER_LEN {
+        return Err(fail(format!(
+            "request header too short ({} bytes)",
+            first.len()
+        )));
+    }
+    let mut hdr = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut hdr, first.addr())
+        .map_err(|_| fail("request header outside guest memory".into()))?;
+    let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let mut sector = [0u8; 8];
+    sector.copy_from_slice(&hdr[8..16]);
+    let sector = u64::from_le_bytes(sector);
+    let mut data = Vec::with_capacity(descs.len() - 2);
+    for d in &descs[1..descs.len() - 1] {
+        if d.len() > 0 && !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(fail(format!(
+                "data descriptor {:#x}+{:#x} outside guest memory",
+                d.addr().0,
+                d.len()
+            )));
+        }
+        data.push((d.addr(), d.len(), d.is_write_only()));
+    }
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        status,
+    })
+}
+
+/// What executing a request produced.
+pub struct Outcome {
+    pub status: u8,
+    /// Bytes written into device-writable buffers (data, not counting the status byte).
+    pub written: u32,
+}
+
+fn ok(written: u32) -> Outcome {
+    Outcome {
+        status: VIRTIO_BLK_S_OK as u8,
+        written,
+    }
+}
+
+fn ioerr(msg: String) -> Outcome {
+    ratelimited_warn(&msg);
+    Outcome {
+        status: VIRTIO_BLK_S_IOERR as u8,
+        written: 0,
+    }
+}
+
+/// Executes `req`; `bounce` is a reusable buffer.
+pub fn execute(
+    req: &Request,
+    image: &mut dyn DiskImage,
+    mem: &GuestMemoryMmap,
+    limits: &Limits,
+    serial: &[u8; 20],
+    stats: &BlockStats,
+    bounce: &mut Vec<u8>,
+) -> Outcome {
+    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    let rw_checks = |device_writes: bool| -> Result<u64, String> {
+        if req.data.iter().any(|d| d.2 != device_writes) {
+            return Err("data descriptor has the wrong direction".into());
+        }
+        if total % SECTOR != 0 {
+            return Err(format!("data length {total} is not a multiple of 512"));
+        }
+        let end = req
+            .sector
+            .checked_add(total / SECTOR)
+            .ok_or_else(|| "sector overflow".to_string())?;
+        if end > limits.capacity_sectors {
+            return Err(format!(
+                "sectors {}..{end} beyond the capacity ({} sectors)",
+                req.sector, limits.capacity_sectors
+            ));
+        }
+        Ok(req.sector * SECTOR)
+    };
+    match req.kind {
+        VIRTIO_BLK_T_IN => {
+            let offset = match rw_checks(true) {
+                Ok(o) => o,
+                Err(m) => return ioerr(format!("read: {m}")),
+            };
+            let mut pos = offset;
+            let mut written: u32 = 0;
+            for &(addr, len, _) in &req.data {
+                let mut done = 0usize;
+                while done < len as usize {
+                    let n = (len as usize - done).min(CHUNK);
+                    bounce.resize(n, 0);
+                    if let Err(e) = image.read_at(pos, &mut bounce[..n]) {
+                        return ioerr(format!("read at {pos}: {e}"));
+                    }
+                    let Some(a) = addr.checked_add(done as u64) else {
+                        return ioerr("read buffer wraps around".into());
+                    };
+                    if mem.write_slice(&bounce[..n], a).is_err() {
+                        return ioerr("read buffer outside guest memory".into());
+                    }
+                    done += n;
+                    pos += n as u64;
+                    written = written.saturating_add(n as u32);
+                }
+            }
+            BlockStats::add(&stats.reads, 1);
+            BlockStats::add(&stats.read_bytes, total);
+            ok(written)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if limits.read_only {
+                return ioerr("write to a read-only disk".into());
+            }
+            let offset = match rw_checks(false) {
+                Ok(o) => o,
+                Err(m) => return ioerr(format!("write: {m}")),
+            };
+            // Gather the request (up to CHUNK at a time) so zero detection sees whole
+            // clusters even when the guest split the buffer into pages.
+            let mut pos = offset;
+            bounce.clear();
+            for &(addr, len, _) in &req.data {
+                let mut done = 0usize;
+                while done < len as usize {
+                    let room = CHUNK - bounce.len();
+                    let n = (len as usize - done).min(room);
+                    let start = bounce.len();
+                    bounce.resize(start + n, 0);
+                    let Some(a) = addr.checked_add(done as u64) else {
+                        return ioerr("write buffer wraps around".into());
+                    };
+                    if mem.read_slice(&mut bounce[start..], a).is_err() {
+                        return ioerr("write buffer outside guest memory".into());
+                    }
+                    done += n;
+                    if bounce.len() == CHUNK {
+                        if let Err(e) = image.write_at(pos, bounce) {
+                            return ioerr(format!("write at {pos}: {e}"));
+                        }
+                        pos += CHUNK as u64;
+                        bounce.clear();
+                    }
+                }
+            }
+            if !bounce.is_empty() {
+                if let Err(e) = image.write_at(pos, bounce) {
+                    return ioerr(format!("write at {pos}: {e}"));
+                }
+            }
+            BlockStats::add(&stats.writes, 1);
+            BlockStats::add(&stats.write_bytes, total);
+            ok(0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if let Err(e) = image.flush() {
+                return ioerr(format!("flush: {e}"));
+            }
+            BlockStats::add(&stats.flushes, 1);
+            ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            let Some(&(addr, len, writable)) = req.data.first() else {
+                return ioerr("get-id without a buffer".into());
+            };
+            if !writable || req.data.len() != 1 {
+                return ioerr("get-id buffer has the wrong direction".into());
+            }
+            let n = (len as usize).min(serial.len());
+            if mem.write_slice(&serial[..n], addr).is_err() {
+                return ioerr("get-id buffer outside guest memory".into());
+            }
+            BlockStats::add(&stats.get_ids, 1);
+            ok(n as u32)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            segments(req, image, mem, limits, stats)
+        }
+        other => {
+            ratelimited_warn(&format!("unsupported request type {other}"));
+            BlockStats::add(&stats.unsupported, 1);
+            Outcome {
+                status: VIRTIO_BLK_S_UNSUPP as u8,
+                written: 0,
+            }
+        }
+    }
+}
+
+/// Discard and write-zeroes: a list of segments.
+fn segments(
+    req: &Request,
+    image: &mut dyn DiskImage,
+    mem: &GuestMemoryMmap,
+    limits: &Limits,
+    stats: &BlockStats,
+) -> Outcome {
+    let discard = req.kind == VIRTIO_BLK_T_DISCARD;
+    let what = if discard { "discard" } else { "write-zeroes" };
+    if limits.read_only {
+        return ioerr(format!("{what} on a read-only disk"));
+    }
+    if req.data.iter().any(|d| d.2) {
+        return ioerr(format!("{what}: segment buffer is device-writable"));
+    }
+    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    let (max_seg, max_sectors) = if discard {
+        (limits.max_discard_seg, limits.max_discard_sectors)
+    } else {
+        (limits.max_write_zeroes_seg, limits.max_write_zeroes_sectors)
+    };
+    if total == 0 || total % u64::from(SEGMENT_LEN) != 0 {
+        return ioerr(format!("{what}: segment data of {total} bytes"));
+    }
+    if total / u64::from(SEGMENT_LEN) > u64::from(max_seg) {
+        return ioerr(format!("{what}: more than {max_seg} segments"));
+    }
+    let mut raw = Vec::with_capacity(total as usize);
+    for &(addr, len, _) in &req.data {
+        let start = raw.len();
+        raw.resize(start + len as usize, 0);
+        if mem.read_slice(&mut raw[start..], addr).is_err() {
+            return ioerr(format!("{what}: segments outside guest memory"));
+        }
+    }
+    // Validate every segment before touching the image.
+    let mut segs = Vec::new();
+    for s in raw.chunks_exact(SEGMENT_LEN as usize) {
+        let mut b8 = [0u8; 8];
+        b8.copy_from_slice(&s[0..8]);
+        let sector = u64::from_le_bytes(b8);
+        let num = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+        let flags = u32::from_le_bytes([s[12], s[13], s[14], s[15]]);
+        let allowed = if discard { 0 } else { FLAG_UNMAP };
+        if flags & !allowed != 0 {
+            ratelimited_warn(&format!("{what}: reserved flags {flags:#x}"));
+            BlockStats::add(&stats.unsupported, 1);
+            return Outcome {
+                status: VIRTIO_BLK_S_UNSUPP as u8,
+                written: 0,
+            };
+        }
+        if num > max_sectors {
+            return ioerr(format!(
+                "{what}: {num} sectors exceed the limit {max_sectors}"
+            ));
+        }
+        let end = match sector.checked_add(u64::from(num)) {
+            Some(e) if e <= limits.capacity_sectors => e,
+            _ => {
+                return ioerr(format!(
+                    "{what}: sectors {sector}+{num} beyond the capacity"
+                ))
+            }
+        };
+        segs.push((sector, end, flags));
+    }
+    for (sector, end, flags) in segs {
+        let (off, len) = (sector * SECTOR, (end - sector) * SECTOR);
+        let r = if discard {
+            if !limits.discard_unmap {
+                Ok(())
+            } else {
+                image.discard(off, len)
+            }
+        } else {
+            image.write_zeroes(off, len, flags & FLAG_UNMAP != 0 && limits.discard_unmap)
+        };
+        if let Err(e) = r {
+            return ioerr(format!("{what} at {off}+{len}: {e}"));
+        }
+        if discard {
+            BlockStats::add(&stats.discards, 1);
+            BlockStats::add(&stats.discard_bytes, len);
+        } else {
+            BlockStats::add(&stats.write_zeroes, 1);
+            BlockStats::add(&stats.write_zeroes_bytes, len);
+        }
+    }
+    ok(0)
+}
+
+/// Writes the status byte.
+pub fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, status: u8) -> bool {
+    mem.write_obj(status, addr).is_ok()
+}

@@ -1,0 +1,261 @@
+//! Loading the kernel (bzImage or ELF vmlinux), the initrd and the command line, and writing
+//! the boot information (Linux zero page with its e820 map, or PVH start info).
+
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::path::Path;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{bzimage::BzImage, load_cmdline, Cmdline, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+
+use super::layout::*;
+use super::regs::EntryMode;
+use crate::error::{Result, VmmError};
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// Kernel image formats thinvm boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    BzImage,
+    Elf,
+}
+
+/// Looks at the first bytes of a kernel file.
+pub fn probe_kernel(path: &Path) -> Result<KernelFormat> {
+    let kerr = |msg: String| VmmError::Kernel {
+        path: path.display().to_string(),
+        msg,
+    };
+    let mut f = File::open(path).map_err(|e| kerr(format!("cannot open: {e}")))?;
+    let mut head = [0u8; 0x206];
+    let n = read_up_to(&mut f, &mut head).map_err(|e| kerr(format!("cannot read: {e}")))?;
+    if n >= 4 && head[0..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(kerr(
+        "not a Linux kernel: neither a bzImage (no 'HdrS' boot header) nor an ELF file".into(),
+    ))
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The guest's memory map.
+fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
+    let mut v = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
+    ];
+    for (start, len) in ram_regions(mem_size) {
+        if start == 0 {
+            if len > HIMEM_START {
+                v.push((HIMEM_START, len - HIMEM_START, E820_RAM));
+            }
+        } else {
+            v.push((start, len, E820_RAM));
+        }
+    }
+    v
+}
+
+/// What the kernel loader placed where.
+pub struct Loaded {
+    pub entry: EntryMode,
+    pub format: KernelFormat,
+}
+
+/// Loads kernel, initrd and command line and writes the boot information.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<Loaded> {
+    let format = probe_kernel(kernel)?;
+    let kerr = |msg: String| VmmError::Kernel {
+        path: kernel.display().to_string(),
+        msg,
+    };
+    let mut f = File::open(kernel).map_err(|e| kerr(format!("cannot open: {e}")))?;
+    let result = match format {
+        KernelFormat::Elf => Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))),
+        KernelFormat::BzImage => BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))),
+    }
+    .map_err(|e| kerr(format!("cannot load: {e}")))?;
+    let low_end = mem_size.min(MMIO_HOLE_START);
+    if result.kernel_end > low_end {
+        return Err(kerr(format!(
+            "kernel ends at {:#x}, beyond guest RAM ({:#x}); give the VM more memory",
+            result.kernel_end, low_end
+        )));
+    }
+
+    // Command line.
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| VmmError::Config(format!("{e}")))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
+        .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
+    let cmdline_len = cmdline.len() as u32 + 1;
+
+    // Initrd: as high as possible in low memory, page aligned, above the kernel.
+    let initrd_info = match initrd {
+        None => None,
+        Some(p) => {
+            let ierr = |msg: String| VmmError::Initrd {
+                path: p.display().to_string(),
+                msg,
+            };
+            let mut file = File::open(p).map_err(|e| ierr(format!("cannot open: {e}")))?;
+            let size = file
+                .seek(std::io::SeekFrom::End(0))
+                .map_err(|e| ierr(format!("cannot read: {e}")))?;
+            file.rewind()
+                .map_err(|e| ierr(format!("cannot read: {e}")))?;
+            let mut max = low_end;
+            if let Some(h) = result.setup_header {
+                if h.initrd_addr_max != 0 {
+                    max = max.min(u64::from(h.initrd_addr_max) + 1);
+                }
+            }
+            let addr = max
+                .checked_sub(size)
+                .map(|a| a & !0xfff)
+                .filter(|&a| a >= result.kernel_end)
+                .ok_or_else(|| {
+                    ierr(format!(
+                        "{size} bytes do not fit in guest RAM above the kernel; give the VM more memory"
+                    ))
+                })?;
+            let mut slice = mem
+                .get_slice(GuestAddress(addr), size as usize)
+                .map_err(|e| ierr(format!("{e}")))?;
+            file.read_exact_volatile(&mut slice)
+                .map_err(|e| ierr(format!("cannot read: {e}")))?;
+            Some((addr, size))
+        }
+    };
+
+    let entry = match (format, result.pvh_boot_cap) {
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => {
+            write_pvh(mem, mem_size, initrd_info)?;
+            EntryMode::Pvh32 { entry: addr.0 }
+        }
+        _ => {
+            let mut params = boot_params::default();
+            if let Some(h) = result.setup_header {
+                params.hdr = h;
+            }
+            params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+            params.hdr.header = KERNEL_HDR_MAGIC;
+            params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+            params.hdr.cmdline_size = cmdline_len;
+            if params.hdr.kernel_alignment == 0 {
+                params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+            }
+            if let Some((addr, size)) = initrd_info {
+                params.hdr.ramdisk_image = addr as u32;
+                params.hdr.ramdisk_size = size as u32;
+            }
+            let map = e820_map(mem_size);
+            for (i, (addr, size, t)) in map.iter().enumerate() {
+                params.e820_table[i] = boot_e820_entry {
+                    addr: *addr,
+                    size: *size,
+                    r#type: *t,
+                };
+            }
+            params.e820_entries = map.len() as u8;
+            LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+                &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+                mem,
+            )
+            .map_err(|e| VmmError::Memory(format!("zero page: {e}")))?;
+            let entry = match format {
+                // The 64-bit entry point of a bzImage's protected-mode kernel.
+                KernelFormat::BzImage => result.kernel_load.0 + 0x200,
+                KernelFormat::Elf => result.kernel_load.0,
+            };
+            EntryMode::Long64 { entry }
+        }
+    };
+    Ok(Loaded { entry, format })
+}
+
+fn write_pvh(mem: &GuestMemoryMmap, mem_size: u64, initrd: Option<(u64, u64)>) -> Result<()> {
+    let map: Vec<hvm_memmap_table_entry> = e820_map(mem_size)
+        .into_iter()
+        .map(|(addr, size, t)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: t,
+            reserved: 0,
+        })
+        .collect();
+    let mut info = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
+    if let Some((paddr, size)) = initrd {
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_ADDR;
+        params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
+        let module = hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
+    }
+    params.set_sections(&map, GuestAddress(PVH_MEMMAP_ADDR));
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
+        .map_err(|e| VmmError::Memory(format!("PVH start info: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e820_has_the_hole() {
+        let m = e820_map(4 << 30);
+        assert!(m.contains(&(HIMEM_START, MMIO_HOLE_START - HIMEM_START, E820_RAM)));
+        assert!(m.contains(&(1 << 32, (4 << 30) - MMIO_HOLE_START, E820_RAM)));
+        assert!(m
+            .iter()
+            .all(|&(a, s, _)| a + s <= MMIO_HOLE_START || a >= MMIO_HOLE_END));
+    }
+}

@@ -1,0 +1,142 @@
+//! CPUID for each vCPU: KVM's supported set, with APIC ids, topology and the hypervisor bit
+//! filled in per vCPU, and (on software-nested hosts) the features that host's instruction
+//! emulator cannot handle hidden.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+/// Leaf 1 ECX / EDX bits.
+const ECX_PCLMUL: u32 = 1 << 1;
+const ECX_FMA: u32 = 1 << 12;
+const ECX_CX16: u32 = 1 << 13;
+const ECX_PCID: u32 = 1 << 17;
+const ECX_MOVBE: u32 = 1 << 22;
+const ECX_POPCNT: u32 = 1 << 23;
+const ECX_AES: u32 = 1 << 25;
+const ECX_XSAVE: u32 = 1 << 26;
+const ECX_OSXSAVE: u32 = 1 << 27;
+const ECX_AVX: u32 = 1 << 28;
+const ECX_F16C: u32 = 1 << 29;
+const ECX_RDRAND: u32 = 1 << 30;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+/// Leaf 0x8000_0001 ECX: ABM (LZCNT/POPCNT).
+const EXT_ECX_ABM: u32 = 1 << 5;
+
+/// Features hidden on software-nested hosts (see the host notes: the host's emulator fails
+/// on cmpxchg16b, xrstor, popcnt, clac, ...).
+const CONSERVATIVE_HIDE_LEAF1_ECX: u32 = ECX_PCLMUL
+    | ECX_FMA
+    | ECX_CX16
+    | ECX_PCID
+    | ECX_MOVBE
+    | ECX_POPCNT
+    | ECX_AES
+    | ECX_XSAVE
+    | ECX_OSXSAVE
+    | ECX_AVX
+    | ECX_F16C
+    | ECX_RDRAND;
+
+/// Adjusts `cpuid` for vCPU `id` of `cpus`.
+pub fn filter(entries: &mut CpuId, id: u32, cpus: u32, conservative: bool) {
+    let shift = 32 - (cpus.max(1) - 1).leading_zeros();
+    for e in entries.as_mut_slice().iter_mut() {
+        filter_entry(e, id, cpus, shift, conservative);
+    }
+}
+
+fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, conservative: bool) {
+    match e.function {
+        1 => {
+            // Initial APIC id, logical processor count, CLFLUSH line size (64 bytes).
+            e.ebx = (id << 24) | ((cpus.min(255)) << 16) | (8 << 8) | (e.ebx & 0xff);
+            e.ecx |= ECX_HYPERVISOR;
+            if cpus > 1 {
+                e.edx |= EDX_HTT;
+            } else {
+                e.edx &= !EDX_HTT;
+            }
+            if conservative {
+                e.ecx &= !CONSERVATIVE_HIDE_LEAF1_ECX;
+            }
+        }
+        4 => {
+            // Cores per package - 1 in EAX[31:26]; one thread per core.
+            e.eax = (e.eax & 0x03ff_ffff) | ((cpus.min(64) - 1) << 26);
+            e.eax &= !(0xfff << 14);
+        }
+        7 if conservative => {
+            // SMEP, SMAP, FSGSBASE, BMI, ERMS, INVPCID, AVX2, RDSEED, ADX (EBX); UMIP, RDPID
+            // (ECX); FSRM (EDX) ...
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        0xb | 0x1f => {
+            // x2APIC topology: level 0 = SMT (1 thread), level 1 = core (all CPUs).
+            match e.index {
+                0 => {
+                    e.eax = 0;
+                    e.ebx = 1;
+                    e.ecx = 1 << 8;
+                }
+                1 => {
+                    e.eax = shift;
+                    e.ebx = cpus;
+                    e.ecx = (2 << 8) | 1;
+                }
+                n => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = n;
+                }
+            }
+            e.edx = id;
+        }
+        0xd if conservative => {
+            e.eax = 0;
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        }
+        0x8000_0001 if conservative => {
+            e.ecx &= !EXT_ECX_ABM;
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ecx: u32::MAX,
+            ebx: 0xffff_ffff,
+            edx: 0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_ids_and_topology() {
+        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 1), entry(7, 0)]).unwrap();
+        filter(&mut cpuid, 3, 4, false);
+        let s = cpuid.as_slice();
+        assert_eq!(s[0].ebx >> 24, 3);
+        assert_eq!((s[0].ebx >> 16) & 0xff, 4);
+        assert!(s[0].ecx & ECX_HYPERVISOR != 0);
+        assert!(s[0].ecx & ECX_CX16 != 0, "not hidden unless conservative");
+        assert_eq!(s[1].ebx, 4);
+        assert_eq!(s[1].eax, 2);
+        assert_eq!(s[1].edx, 3);
+        assert_ne!(s[2].ebx, 0);
+        filter(&mut cpuid, 0, 1, true);
+        let s = cpuid.as_slice();
+        assert_eq!(s[0].ecx & (ECX_CX16 | ECX_POPCNT | ECX_XSAVE), 0);
+        assert_eq!(s[2].ebx, 0);
+    }
+}

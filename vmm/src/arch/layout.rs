@@ -1,0 +1,64 @@
+//! Guest physical memory layout (x86_64), in the style of Firecracker's.
+
+/// GDT and IDT for the boot CPU state.
+pub const GDT_ADDR: u64 = 0x500;
+pub const IDT_ADDR: u64 = 0x520;
+/// PVH start info, its memory map and module list.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+pub const PVH_MEMMAP_ADDR: u64 = 0x6100;
+/// The Linux "zero page" (struct boot_params).
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Identity page tables: PML4, PDPT, then 4 page directories (4 GiB with 2 MiB pages).
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+pub const PD_ADDR: u64 = 0xb000;
+/// Extended BIOS data area: the MP table lives here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// Kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 2048;
+/// Start of high memory, where kernels are loaded.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// The MMIO hole below 4 GiB: device registers, IOAPIC, LAPIC.
+pub const MMIO_HOLE_START: u64 = 0xd000_0000;
+pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// virtio-mmio devices: one 4 KiB window each from here.
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_HOLE_START;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// KVM's TSS (three pages below the BIOS area).
+pub const TSS_ADDR: u64 = 0xfffb_d000;
+/// First IRQ for virtio-mmio devices (4 is the serial port).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// IRQs the IOAPIC routes (0..=23).
+pub const IOAPIC_PINS: u32 = 24;
+/// Smallest and largest guest RAM accepted.
+pub const MIN_MEMORY: u64 = 16 << 20;
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Guest RAM regions for `mem` bytes: below the MMIO hole, and the rest above 4 GiB.
+pub fn ram_regions(mem: u64) -> Vec<(u64, u64)> {
+    if mem <= MMIO_HOLE_START {
+        vec![(0, mem)]
+    } else {
+        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, mem - MMIO_HOLE_START)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_skip_the_hole() {
+        assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_regions(4 << 30),
+            vec![(0, MMIO_HOLE_START), (1 << 32, (4 << 30) - MMIO_HOLE_START)]
+        );
+    }
+}

@@ -1,0 +1,70 @@
+//! Host checks: /dev/kvm access and capabilities, and detection of software-nested KVM
+//! hosts on which Linux user space cannot run (see the project's host notes).
+
+use kvm_ioctls::{Cap, Kvm};
+
+use crate::error::{Result, VmmError};
+
+/// Opens /dev/kvm (or `$THINVM_KVM_DEVICE`, for tests) with an explanation of what to do
+/// when that fails.
+pub fn open_kvm() -> Result<Kvm> {
+    let dev = std::env::var_os("THINVM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+    let path = std::path::Path::new(&dev);
+    if !path.exists() {
+        return Err(VmmError::Kvm(
+            "does not exist: this host has no KVM (enable virtualization in the firmware, load kvm_intel or kvm_amd, or run inside a VM with nested virtualization)".into(),
+        ));
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| VmmError::Kvm("device path contains a NUL byte".into()))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
+        if e.errno() == libc::EACCES || e.errno() == libc::EPERM {
+            VmmError::Kvm(format!(
+                "permission denied: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root ({e})"
+            ))
+        } else {
+            VmmError::Kvm(format!("cannot open: {e}"))
+        }
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(VmmError::Kvm(format!(
+            "unsupported KVM API version {}",
+            kvm.get_api_version()
+        )));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "in-kernel IRQ chip"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Pit2, "in-kernel PIT"),
+        (Cap::ImmediateExit, "immediate exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::Kvm(format!(
+                "KVM lacks a required capability: {name}"
+            )));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Why this host's KVM cannot run Linux user space, if it is a software-nested KVM.
+pub fn software_nested_kvm() -> Option<&'static str> {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        return Some("kvm_pvm (software-nested KVM)");
+    }
+    let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    if modules.lines().any(|l| l.starts_with("kvm_pvm ")) {
+        return Some("kvm_pvm (software-nested KVM)");
+    }
+    None
+}
+
+/// The one-line warning printed before booting Linux on such a host.
+pub fn nested_warning(kind: &str) -> String {
+    format!(
+        "thinvm: warning: this host's /dev/kvm is {kind}: small guests run, but Linux user space does not (init dies at its first syscall); run Linux guests inside the test rig (guest-images/rig) or on a host with hardware virtualization"
+    )
+}

@@ -1,0 +1,145 @@
+//! Why a VM ended, and the process exit code for it.
+//!
+//! Exit codes (documented in the README):
+//! * 0: the guest powered off, halted, or reset itself (i8042 `reboot=k`, KVM system event);
+//! * 1: thinvm could not start or run the VM (bad arguments, missing kernel, KVM errors);
+//! * 2: the guest crashed: triple fault (KVM shutdown exit) or a KVM crash event;
+//! * 3: KVM could not run the guest's code (emulation failure / internal error);
+//! * 128 + N: stopped by signal N (130 for SIGINT, 143 for SIGTERM); 130 for Ctrl-A x.
+
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest asked for a reset (i8042 pulse or KVM reset event).
+    Reset,
+    /// The guest powered off (KVM shutdown event) or halted all vCPUs with interrupts off.
+    Poweroff,
+    /// Triple fault.
+    TripleFault { vcpu: u32 },
+    /// KVM reported a guest crash event.
+    Crash { vcpu: u32 },
+    /// KVM could not emulate an instruction.
+    EmulationFailure { vcpu: u32, rip: u64, bytes: Vec<u8> },
+    /// Another KVM internal error.
+    InternalError { vcpu: u32, suberror: u32 },
+    /// VM entry failed.
+    FailEntry { vcpu: u32, reason: u64 },
+    /// A KVM_RUN error or an exit thinvm does not handle.
+    Fatal { vcpu: u32, msg: String },
+    /// Stopped by a signal.
+    Signal(i32),
+    /// The user pressed Ctrl-A x on the console.
+    UserQuit,
+}
+
+impl ExitReason {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExitReason::Reset | ExitReason::Poweroff => 0,
+            ExitReason::TripleFault { .. } | ExitReason::Crash { .. } => 2,
+            ExitReason::EmulationFailure { .. }
+            | ExitReason::InternalError { .. }
+            | ExitReason::FailEntry { .. }
+            | ExitReason::Fatal { .. } => 3,
+            ExitReason::Signal(s) => (128 + *s).clamp(0, 255) as u8,
+            ExitReason::UserQuit => 130,
+        }
+    }
+
+    /// One line for the user.
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::Reset => "guest requested a reset".into(),
+            ExitReason::Poweroff => "guest powered off".into(),
+            ExitReason::TripleFault { vcpu } => {
+                format!("guest triple fault on vCPU {vcpu} (KVM shutdown exit)")
+            }
+            ExitReason::Crash { vcpu } => format!("guest crashed (KVM crash event on vCPU {vcpu})"),
+            ExitReason::EmulationFailure { vcpu, rip, bytes } => {
+                let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                format!(
+                    "KVM emulation failure on vCPU {vcpu} at RIP {rip:#x}, instruction bytes [{}]{}",
+                    hex.join(" "),
+                    if bytes.is_empty() { " (not reported by this KVM)" } else { "" }
+                )
+            }
+            ExitReason::InternalError { vcpu, suberror } => {
+                format!("KVM internal error on vCPU {vcpu} (suberror {suberror})")
+            }
+            ExitReason::FailEntry { vcpu, reason } => {
+                format!("VM entry failed on vCPU {vcpu} (hardware reason {reason:#x})")
+            }
+            ExitReason::Fatal { vcpu, msg } => format!("vCPU {vcpu}: {msg}"),
+            ExitReason::UserQuit => "stopped from the console (Ctrl-A x)".into(),
+            ExitReason::Signal(s) => format!(
+                "stopped by signal {s} ({})",
+                match *s {
+                    libc::SIGINT => "SIGINT",
+                    libc::SIGTERM => "SIGTERM",
+                    libc::SIGHUP => "SIGHUP",
+                    _ => "signal",
+                }
+            ),
+        }
+    }
+}
+
+/// The first exit reason reported wins; `evt` wakes the event loop.
+pub struct ExitState {
+    reason: Mutex<Option<ExitReason>>,
+    pub evt: EventFd,
+}
+
+impl ExitState {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitState {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn set(&self, r: ExitReason) {
+        let mut g = match self.reason.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.is_none() {
+            *g = Some(r);
+        }
+        drop(g);
+        let _ = self.evt.write(1);
+    }
+
+    pub fn get(&self) -> Option<ExitReason> {
+        match self.reason.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_codes() {
+        let s = ExitState::new().unwrap();
+        s.set(ExitReason::Reset);
+        s.set(ExitReason::Signal(libc::SIGTERM));
+        assert_eq!(s.get(), Some(ExitReason::Reset));
+        assert_eq!(ExitReason::Signal(libc::SIGINT).exit_code(), 130);
+        assert_eq!(ExitReason::TripleFault { vcpu: 0 }.exit_code(), 2);
+        let d = ExitReason::EmulationFailure {
+            vcpu: 0,
+            rip: 0x1000,
+            bytes: vec![0xf0, 0x48],
+        }
+        .describe();
+        assert!(d.contains("0x1000") && d.contains("f0 48"), "{d}");
+    }
+}

@@ -1,0 +1,4 @@
+//! KVM state: the VM (memory, IRQ chip, PIT) and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,116 @@
+//! Helpers of thinvm's integration tests: the binary, the tiny test guests built with gcc,
+//! and KVM availability (tests skip with a visible message where /dev/kvm is missing).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn thinvm() -> &'static str {
+    env!("CARGO_BIN_EXE_thinvm")
+}
+
+/// Whether /dev/kvm can be opened; prints a SKIPPED line when not.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            false
+        }
+    }
+}
+
+/// Builds a tiny guest from `tests/guest/<name>.c` (plus start.S) with gcc, once.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<std::collections::HashMap<String, PathBuf>>> =
+        OnceLock::new();
+    let map = BUILT.get_or_init(Default::default);
+    let mut m = map.lock().unwrap();
+    if let Some(p) = m.get(name) {
+        return p.clone();
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("guest-{name}.elf"));
+    let status = Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pic",
+            "-no-pie",
+            "-mno-red-zone",
+            "-mgeneral-regs-only",
+            "-O2",
+            "-Wall",
+            "-Wno-unused-function",
+            "-Wl,--no-warn-rwx-segments",
+            "-Wl,-z,noexecstack",
+            "-Wl,--build-id=none",
+        ])
+        .arg("-T")
+        .arg(src.join("link.ld"))
+        .arg("-o")
+        .arg(&out)
+        .arg(src.join("start.S"))
+        .arg(src.join(format!("{name}.c")))
+        .status()
+        .expect("gcc is needed to build the test guests (apt-get install gcc)");
+    assert!(status.success(), "building test guest {name} failed");
+    m.insert(name.to_string(), out.clone());
+    out
+}
+
+/// Runs thinvm with a timeout (the test fails if the VM does not end by itself).
+pub fn run_thinvm(args: &[&str], timeout_secs: u64) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("-s")
+        .arg("KILL")
+        .arg(timeout_secs.to_string())
+        .arg(thinvm())
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(137),
+        "thinvm {args:?} did not end within {timeout_secs}s\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "thinvm-vmm-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn join(&self, n: &str) -> PathBuf {
+        self.0.join(n)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,74 @@
+/* Freestanding helpers for thinvm's tiny test guests. */
+#ifndef THINVM_GUEST_H
+#define THINVM_GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long u64;
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write16(u64 addr, u16 v) { *(volatile u16 *)addr = v; }
+static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
+
+#define COM1 0x3f8
+
+static void putc_serial(char c) {
+    while (!(inb(COM1 + 5) & 0x20)) { }
+    outb(COM1, (u8)c);
+}
+
+static void puts_serial(const char *s) {
+    while (*s) {
+        if (*s == '\n') putc_serial('\r');
+        putc_serial(*s++);
+    }
+}
+
+static void put_hex(u64 v) {
+    const char *d = "0123456789abcdef";
+    char buf[19];
+    buf[0] = '0'; buf[1] = 'x';
+    for (int i = 0; i < 16; i++) buf[2 + i] = d[(v >> (60 - 4 * i)) & 0xf];
+    buf[18] = 0;
+    puts_serial(buf);
+}
+
+static void put_dec(u64 v) {
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do { buf[--i] = (char)('0' + v % 10); v /= 10; } while (v && i > 0);
+    puts_serial(&buf[i]);
+}
+
+/* The kernel command line from the boot_params thinvm passes in rsi. */
+static const char *boot_cmdline(const u8 *boot_params) {
+    u32 ptr = *(const u32 *)(boot_params + 0x228);
+    return (const char *)(u64)ptr;
+}
+
+static int has_word(const char *s, const char *w) {
+    for (; *s; s++) {
+        const char *a = s, *b = w;
+        while (*b && *a == *b) { a++; b++; }
+        if (!*b && (*a == 0 || *a == ' ')) return 1;
+    }
+    return 0;
+}
+
+static void request_reset(void) {
+    outb(0x64, 0xfe);
+    for (;;) __asm__ volatile("hlt");
+}
+
+static void *memset_(void *p, int c, u64 n) {
+    u8 *d = p;
+    while (n--) *d++ = (u8)c;
+    return p;
+}
+
+#endif
