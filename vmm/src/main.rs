@@ -33,6 +33,9 @@ enum Command {
     /// (triple fault), 3 KVM could not run the guest (emulation failure), 128+N stopped by
     /// signal N (130 also for Ctrl-A x).
     Run(config::RunArgs),
+    /// Boot the default Linux guest on a fresh overlay, fill / delete / zero-wipe / trim, and
+    /// show the overlay shrinking (table + chart). Builds the guest on first use.
+    Demo(demo::DemoArgs),
     /// Disk image tools (qemu-img / qemu-io style).
     Image {
         #[command(subcommand)]
@@ -87,5 +90,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Image { cmd } => image_cli::run(cmd),
+        Command::Demo(args) => demo::run(args),
     }
 }

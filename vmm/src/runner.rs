@@ -75,7 +75,13 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let mut cmdline = cfg.cmdline.clone();
     let mut disk_set = disks::attach(&vm, &mut mmio, &cfg, &mut cmdline)?;
 
-    // Kernel, boot information, MP table, page tables.
+    // Kernel, boot information, MP table, page tables. A bzImage is Linux: warn before
+    // loading it on a host that cannot run Linux user space (PVH vmlinux: after loading,
+    // once the PVH note identified it).
+    let format = boot::probe_kernel(&cfg.kernel)?;
+    if let (Some(kind), KernelFormat::BzImage) = (nested, format) {
+        eprintln!("{}", host::nested_warning(kind));
+    }
     let loaded = boot::load(
         &vm.memory,
         cfg.mem_size,

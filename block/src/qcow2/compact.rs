@@ -209,6 +209,90 @@ impl Qcow2Image {
         Ok(map)
     }
 
+    /// Online shrinking: moves up to `budget` data clusters from the end of the file into
+    /// free clusters lower down (highest first), so the tail can be truncated. Returns how
+    /// many were moved. Stops at the first cluster that cannot be moved (compressed data,
+    /// references from snapshots).
+    pub(crate) fn relocate_tail_data(&mut self, budget: u64) -> Result<u64> {
+        self.ensure_free_map()?;
+        let cs = self.cluster_size;
+        let pending: HashSet<u64> = self.pending_frees.iter().map(|p| p.cluster).collect();
+        let mut candidates: Vec<u64> = Vec::new();
+        {
+            let fm = self
+                .free_map
+                .as_mut()
+                .ok_or_else(|| Error::InvalidImage("no free map".into()))?;
+            let first_free = fm.first_free();
+            let mut c = fm.end();
+            while (candidates.len() as u64) < budget {
+                match fm.prev_used(c) {
+                    Some(t) if t > first_free => {
+                        c = t;
+                        if !self.meta.contains(&t) && !pending.contains(&t) {
+                            candidates.push(t);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let wanted: HashSet<u64> = candidates.iter().copied().collect();
+        let mut refs: HashMap<u64, Owner> = HashMap::new();
+        for l1_idx in 0..self.l1.len() {
+            let off = self.l1[l1_idx] & L1E_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let slot = self.load_l2(off)?;
+            let table = self.l2_cache.data(slot).to_vec();
+            for j in 0..self.l2_entries as usize {
+                let e = read_l2(&table, j);
+                if e & OFLAG_COMPRESSED != 0 {
+                    let ext = super::compressed::CompressedExtent::decode(
+                        e & !(OFLAG_COMPRESSED | OFLAG_COPIED),
+                        self.cluster_bits,
+                    );
+                    for c in ext.clusters(self.cluster_bits) {
+                        if wanted.contains(&c) {
+                            refs.insert(c, Owner::Pinned);
+                        }
+                    }
+                    continue;
+                }
+                let host = (e & L2E_OFFSET_MASK) / cs;
+                if host != 0 && wanted.contains(&host) {
+                    let gc = l1_idx as u64 * self.l2_entries + j as u64;
+                    match refs.entry(host).or_insert_with(|| Owner::Data(Vec::new())) {
+                        Owner::Data(v) => v.push(gc),
+                        Owner::Pinned => {}
+                    }
+                }
+            }
+        }
+        let mut moved = 0;
+        for c in candidates {
+            let Some(Owner::Data(gcs)) = refs.get(&c) else {
+                break;
+            };
+            if self.refcount(c)? != gcs.len() as u64 {
+                break; // referenced from a snapshot too
+            }
+            let first_free = self.free_map.as_mut().map_or(u64::MAX, |f| f.first_free());
+            if first_free >= c {
+                break;
+            }
+            let gcs = gcs.clone();
+            self.move_data_cluster(c, &gcs)?;
+            moved += 1;
+        }
+        self.commit_frees()?;
+        Ok(moved)
+    }
+
     /// Moves a data cluster referenced by `gcs` to the lowest free cluster.
     fn move_data_cluster(&mut self, old: u64, gcs: &[u64]) -> Result<u64> {
         let cs = self.cluster_size;
@@ -222,7 +306,10 @@ impl Qcow2Image {
         self.pwrite(&buf, new * cs, "relocated data")?;
         let flag = if rc == 1 { OFLAG_COPIED } else { 0 };
         for &gc in gcs {
-            self.set_l2_entry(gc, (new * cs) | flag)?;
+            // Keep every other flag of the entry (a preallocated zero cluster stays zero).
+            let e = self.l2_entry(gc)?;
+            let ne = (e & !(L2E_OFFSET_MASK | OFLAG_COPIED)) | (new * cs) | flag;
+            self.set_l2_entry(gc, ne)?;
         }
         for z in &mut self.zero_clusters {
             if z.host == old * cs {

@@ -15,6 +15,11 @@ use std::os::unix::fs::FileExt;
 use super::{Qcow2Image, L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::{Error, Result};
 
+/// Online tail relocation starts once the file has this much free space inside it.
+const TAIL_SLACK_BYTES: u64 = 1 << 20;
+/// Data clusters moved per round of online tail relocation.
+const TAIL_MOVE_BUDGET: u64 = 1024;
+
 /// Why a cluster is being freed (for the reclaim statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FreeReason {
@@ -790,7 +795,16 @@ impl Qcow2Image {
         if self.read_only || self.free_map.is_none() {
             return Ok(());
         }
-        self.relocate_tail_metadata()?;
+        // Move what sits in the tail (metadata first, then data) while the file has a
+        // worthwhile amount of free space inside it.
+        for _ in 0..16 {
+            self.relocate_tail_metadata()?;
+            let fm = self.fm()?;
+            let slack = fm.end().saturating_sub(fm.used_count()) * self.cluster_size;
+            if slack < TAIL_SLACK_BYTES || self.relocate_tail_data(TAIL_MOVE_BUDGET)? == 0 {
+                break;
+            }
+        }
         let end = self.fm()?.end();
         let new_len = end * self.cluster_size;
         if self.file_len > new_len {

@@ -53,9 +53,9 @@ void guest_main(const u8 *boot_params) {
     mmio_write32(LAPIC + 0x3e0, 0xb);
     mmio_write32(LAPIC + 0x320, 0x40);
     mmio_write32(LAPIC + 0x380, 200000);
-    __asm__ volatile("sti");
-    while (!ticks) __asm__ volatile("hlt");
-    __asm__ volatile("cli");
+    /* "sti; hlt" back to back: sti's interrupt shadow guarantees the interrupt is taken
+       only once hlt is waiting, so it cannot slip in between the check and the hlt. */
+    while (!ticks) __asm__ volatile("sti; hlt; cli");
     puts_serial("thinvm-test-guest: timer interrupt received\n");
 
     if (has_word(cmdline, "mode=spin")) {

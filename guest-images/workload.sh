@@ -1,0 +1,136 @@
+#!/bin/sh
+# thinvm guest workloads. Runs as PID 1 (from the initramfs, or from the root file system
+# after switch_root). The steps come from the kernel command line:
+#   thinvm.workload=STEP[,STEP...]
+# STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df | sleep:S
+# Each step prints a machine-readable line:
+#   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
+# and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
+# THINVM-DONE and reboots itself (reboot=k: thinvm sees the i8042 reset and exits 0).
+export PATH=/usr/sbin:/sbin:/usr/bin:/bin
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/block ] || mount -t sysfs sys /sys
+mkdir -p /tmp
+mountpoint -q /tmp 2>/dev/null || mount -t tmpfs tmp /tmp
+
+param() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+now_ms() { read up _ < /proc/uptime; echo "$up" | awk '{ printf "%d", $1 * 1000 }'; }
+result() { echo "THINVM-RESULT step=$1 ms=$2 $3"; }
+error() { echo "THINVM-ERROR step=$1 msg=$2"; }
+finish() { sync; echo "THINVM-DONE"; sleep 0.2; reboot -f; }
+
+# Where file-based workloads write: the root file system when we run from it.
+DATA=${THINVM_DATA:-/}
+
+step_boot() {
+  mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)
+  echo "THINVM-BOOT-OK cpus=$(nproc) mem_kb=$mem kernel=$(uname -r)"
+}
+
+# 1 MiB of random data, reused as the fill pattern (urandom is slow in nested guests).
+chunk() {
+  [ -f /tmp/chunk ] || head -c 1048576 /dev/urandom > /tmp/chunk
+}
+
+step_fill() {
+  n=$1; chunk
+  i=0
+  while [ "$i" -lt "$n" ]; do cat /tmp/chunk; i=$((i + 1)); done > "$DATA/fill.bin" || return 1
+  sync
+  echo "bytes=$((n * 1048576))"
+}
+
+step_rm() { rm -f "$DATA/fill.bin" && sync; }
+
+step_zero_wipe() {
+  # What wipe tools do: fill the free space with zeros, sync, delete.
+  dd if=/dev/zero of="$DATA/zero.bin" bs=1M 2>/tmp/dd.err
+  bytes=$(stat -c %s "$DATA/zero.bin" 2>/dev/null || echo 0)
+  sync
+  rm -f "$DATA/zero.bin"
+  sync
+  echo "bytes=$bytes"
+}
+
+step_fstrim() {
+  out=$(fstrim -v "$DATA" 2>&1) || { echo "$out" >&2; return 1; }
+  bytes=$(echo "$out" | sed -n "s/.* \([0-9][0-9]*\) bytes.*/\1/p")
+  echo "bytes=${bytes:-0}"
+}
+
+step_zero_range() {
+  dev=/dev/vdb
+  [ -b "$dev" ] || { echo "no $dev"; return 1; }
+  blkdiscard -z -l $(($1 * 1048576)) "$dev" && sync
+}
+
+# Raw-device checks on /dev/vda (unmounted): write, read back, zero-fill with O_DIRECT,
+# discard, write-zeroes. Each prints its own result.
+step_devtest() {
+  dev=/dev/vda
+  [ -b "$dev" ] || { echo "no $dev"; return 1; }
+  pat() { head -c "$1" /dev/zero | tr '\000' "$2"; }
+  # MiB 0-1: pattern 0xab; MiB 1-2: 0xcd then zero-filled (dd O_DIRECT);
+  # MiB 2-3: 0xef then blkdiscard; MiB 3-4: 0x12 then blkdiscard -z.
+  pat 1048576 '\253' | dd of=$dev bs=1M seek=0 count=1 conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\315' | dd of=$dev bs=1M seek=1 count=1 conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\357' | dd of=$dev bs=1M seek=2 count=1 conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\022' | dd of=$dev bs=1M seek=3 count=1 conv=fsync 2>/dev/null || return 1
+  sum1=$(dd if=$dev bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+  want=$(pat 1048576 '\253' | md5sum | cut -c1-32)
+  [ "$sum1" = "$want" ] && echo "THINVM-CHECK readback ok" || echo "THINVM-CHECK readback FAIL"
+  dd if=/dev/zero of=$dev bs=1M seek=1 count=1 oflag=direct 2>/dev/null || return 1
+  blkdiscard -o $((2 * 1048576)) -l 1048576 $dev || return 1
+  blkdiscard -z -o $((3 * 1048576)) -l 1048576 $dev || return 1
+  sync
+  zero=$(pat 1048576 '\000' | md5sum | cut -c1-32)
+  for m in 1 2 3; do
+    s=$(dd if=$dev bs=1M skip=$m count=1 iflag=direct 2>/dev/null | md5sum | cut -c1-32)
+    [ "$s" = "$zero" ] && echo "THINVM-CHECK zeros-$m ok" || echo "THINVM-CHECK zeros-$m FAIL"
+  done
+  serial=$(cat /sys/block/vda/serial 2>/dev/null || true)
+  echo "serial=$serial discard_granularity=$(cat /sys/block/vda/queue/discard_granularity)"
+}
+
+step_df() { df -k "$DATA" | awk 'NR == 2 { printf "used_kb=%s avail_kb=%s", $3, $4 }'; }
+
+run_step() {
+  name=${1%%:*}
+  arg=${1#*:}
+  [ "$arg" = "$1" ] && arg=
+  t0=$(now_ms)
+  case "$name" in
+    boot) out=$(step_boot) ;;
+    fill) out=$(step_fill "${arg:-64}") ;;
+    rm) out=$(step_rm) ;;
+    sync) out=$(sync) ;;
+    zero-wipe) out=$(step_zero_wipe) ;;
+    fstrim) out=$(step_fstrim) ;;
+    zero-range) out=$(step_zero_range "${arg:-16}") ;;
+    devtest) out=$(step_devtest) ;;
+    df) out=$(step_df) ;;
+    sleep) sleep "${arg:-1}"; out= ;;
+    *) error "$name" "unknown-step"; return ;;
+  esac
+  rc=$?
+  t1=$(now_ms)
+  # Let the host see a settled image: everything flushed, deferred work done.
+  sync
+  sleep 0.3
+  # Lines the step printed as checks go out as they are; the last word list is the result.
+  echo "$out" | grep '^THINVM-' || true
+  extra=$(echo "$out" | grep -v '^THINVM-' | tr '\n' ' ')
+  if [ $rc -eq 0 ]; then
+    result "$name" $((t1 - t0)) "$extra"
+  else
+    error "$name" "exit-$rc:$(echo "$extra" | tr ' ' '_')"
+  fi
+}
+
+steps=$(param thinvm.workload)
+[ -n "$steps" ] || steps=boot
+echo "thinvm-guest: workload $steps"
+for s in $(echo "$steps" | tr ',' ' '); do
+  run_step "$s"
+done
+finish

@@ -1,0 +1,136 @@
+//! A small Rust front end to `guest-images/`: builds the default Linux guest (kernel,
+//! initramfs, base root file system) and runs commands where a Linux guest can run —
+//! directly on a host with hardware KVM, or inside the test rig (QEMU's TCG emulating AMD
+//! SVM) on software-nested hosts like thinvm's development machines.
+//!
+//! Used by thinvm's Linux tests and by `thinvm demo`:
+//! ```no_run
+//! let guest = guest_rig::build_guest().unwrap();
+//! let out = guest_rig::run_linux_capable(&format!("ls {}", guest.base_qcow2.display()), 600).unwrap();
+//! assert!(out.status.success());
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Errors of the rig helper.
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    #[error("cannot run {what}: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+}
+
+pub type Result<T> = std::result::Result<T, RigError>;
+
+/// The repository's `guest-images/` directory.
+pub fn images_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.join("guest-images"))
+        .unwrap_or_else(|| PathBuf::from("guest-images"))
+}
+
+/// Paths of the built default guest.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+    pub base_qcow2: PathBuf,
+}
+
+/// Builds (or finds in the cache) the default guest; progress goes to stderr.
+pub fn build_guest() -> Result<Guest> {
+    let script = images_dir().join("build-guest");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| RigError::Spawn {
+            what: script.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RigError::Failed {
+            what: "guest-images/build-guest".into(),
+            detail: format!("exit status {}", out.status),
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| -> Result<PathBuf> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(PathBuf::from)
+            .ok_or_else(|| RigError::Failed {
+                what: "guest-images/build-guest".into(),
+                detail: format!("no {k} in its output"),
+            })
+    };
+    Ok(Guest {
+        bzimage: get("KERNEL_BZIMAGE")?,
+        vmlinux: get("KERNEL_VMLINUX")?,
+        initrd: get("INITRD")?,
+        base_qcow2: get("BASE_QCOW2")?,
+    })
+}
+
+/// Whether this host's /dev/kvm is a software-nested KVM that cannot run Linux user space.
+pub fn host_is_software_nested() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+        || std::fs::read_to_string("/proc/modules")
+            .map(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")))
+            .unwrap_or(false)
+}
+
+/// Whether /dev/kvm exists and opens.
+pub fn host_has_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Where scratch files of a Linux-capable run should go (a tmpfs inside the rig).
+pub fn scratch_dir() -> PathBuf {
+    std::env::var_os("THINVM_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// The command (argv) that runs `script` with bash where Linux guests can run.
+pub fn linux_capable_command(script: &str, timeout_secs: u64) -> Command {
+    if host_is_software_nested() || !host_has_kvm() {
+        let mut c = Command::new(images_dir().join("rig"));
+        c.arg("--timeout")
+            .arg(timeout_secs.to_string())
+            .arg("--")
+            .arg("bash")
+            .arg("-c")
+            .arg(script);
+        c
+    } else {
+        let mut c = Command::new("timeout");
+        c.arg(timeout_secs.to_string())
+            .arg("bash")
+            .arg("-c")
+            .arg(script);
+        c
+    }
+}
+
+/// Runs `script` (bash) where Linux guests can run, capturing its output.
+pub fn run_linux_capable(script: &str, timeout_secs: u64) -> Result<Output> {
+    linux_capable_command(script, timeout_secs)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RigError::Spawn {
+            what: "the Linux test rig".into(),
+            source,
+        })
+}

@@ -1,0 +1,228 @@
+//! Linux guests under `thinvm run`, where Linux can run: directly on hosts with hardware
+//! KVM, inside the test rig (guest-images/rig) on software-nested hosts like these.
+//! Slow (the first run builds the guest kernel, ~2 minutes): `#[ignore]`d in the fast suite,
+//! run by `scripts/test` (`cargo test -p vmm --test linux_rig -- --ignored`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+
+fn guest() -> guest_rig::Guest {
+    guest_rig::build_guest().expect("building the default guest (guest-images/build-guest)")
+}
+
+/// Runs a bash script where Linux can run; returns its stdout (asserting success).
+fn linux(script: &str, timeout: u64) -> String {
+    let out = guest_rig::run_linux_capable(script, timeout).unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "script failed ({}):\n{script}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    stdout
+}
+
+/// `KEY a=1 b=2` lines -> map of the first such line's fields.
+fn fields(out: &str, prefix: &str) -> Vec<HashMap<String, String>> {
+    out.lines()
+        .filter_map(|l| l.trim_end().strip_prefix(prefix))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn num(m: &HashMap<String, String>, k: &str) -> u64 {
+    m.get(k)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+}
+
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn linux_boots_from_bzimage_and_pvh_vmlinux_with_two_cpus() {
+    let g = guest();
+    for kernel in [&g.bzimage, &g.vmlinux] {
+        let script = format!(
+            "{thinvm} run --kernel {k} --initrd {i} --cpus 2 --memory 256M --cmdline '{CMDLINE} thinvm.workload=boot' </dev/null; echo \"EXIT code=$?\"",
+            thinvm = thinvm(),
+            k = kernel.display(),
+            i = g.initrd.display()
+        );
+        let out = linux(&script, 600);
+        let boot = fields(&out, "THINVM-BOOT-OK ");
+        assert_eq!(boot.len(), 1, "{out}");
+        assert_eq!(num(&boot[0], "cpus"), 2, "{out}");
+        let mem = num(&boot[0], "mem_kb");
+        assert!(
+            (200_000..=262_144).contains(&mem),
+            "guest saw {mem} KiB: {out}"
+        );
+        assert!(out.contains("THINVM-DONE"), "{out}");
+        assert_eq!(num(&fields(&out, "EXIT ")[0], "code"), 0, "{out}");
+    }
+}
+
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn linux_virtio_blk_driver_writes_zeroes_and_discards_on_an_overlay() {
+    let g = guest();
+    // Base: 64 MiB of 0x5a. The guest writes MiB 0 (0xab) and zeroes MiB 1-3 three ways.
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/blk.XXXXXX"); cd "$d"
+qemu-img create -q -f raw base.raw 64M
+qemu-io -f raw -c 'write -P 0x5a 0 64M' base.raw >/dev/null
+qemu-img create -q -f qcow2 -b base.raw -F raw ov.qcow2
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2,serial=thinvm-devtest --cmdline '{CMDLINE} thinvm.workload=devtest' </dev/null
+echo "EXIT code=$?"
+qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
+qemu-io -c 'read -P 0xab 0 1M' -c 'read -P 0 1M 3M' -c 'read -P 0x5a 4M 60M' ov.qcow2 | grep -c 'verification failed' | sed 's/^/MISMATCHES n=/'
+echo "SIZE alloc=$(( $(stat -c %b ov.qcow2) * 512 )) apparent=$(stat -c %s ov.qcow2)"
+rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        k = g.bzimage.display(),
+        i = g.initrd.display()
+    );
+    let out = linux(&script, 900);
+    assert!(out.contains("THINVM-CHECK readback ok"), "{out}");
+    for m in 1..=3 {
+        assert!(out.contains(&format!("THINVM-CHECK zeros-{m} ok")), "{out}");
+    }
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(out.contains("serial=thinvm-devtest"), "{out}");
+    assert_eq!(num(&fields(&out, "EXIT ")[0], "code"), 0, "{out}");
+    assert_eq!(num(&fields(&out, "QEMUCHECK ")[0], "rc"), 0, "{out}");
+    assert_eq!(
+        num(&fields(&out, "MISMATCHES ")[0], "n"),
+        0,
+        "qemu-io saw other data: {out}"
+    );
+    // Only MiB 0 stays allocated (16 clusters) plus metadata: the zeroed MiBs were released.
+    let size = &fields(&out, "SIZE ")[0];
+    assert!(num(size, "alloc") <= (1 << 20) + 6 * 65536, "{out}");
+    assert!(num(size, "apparent") <= (1 << 20) + 6 * 65536, "{out}");
+}
+
+/// fill + rm + RECLAIM on the guest's ext4 root; sizes after each step.
+fn reclaim_scenario(reclaim: &str) {
+    let g = guest();
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/e2e.XXXXXX"); cd "$d"
+{thinvm} image create -q -b {base} -F qcow2 ov.qcow2
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --cpus 2 --disk path=ov.qcow2 --cmdline '{CMDLINE} thinvm.root=vda thinvm.workload=df,fill:96,rm,{reclaim}' </dev/null |
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    case "$line" in THINVM-RESULT*) echo "SIZE alloc=$(( $(stat -c %b ov.qcow2) * 512 )) apparent=$(stat -c %s ov.qcow2) ${{line#THINVM-RESULT }}";; esac
+  done
+echo "FINAL alloc=$(( $(stat -c %b ov.qcow2) * 512 )) apparent=$(stat -c %s ov.qcow2)"
+qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
+qemu-img convert -O raw ov.qcow2 fs.raw
+e2fsck -fn fs.raw >/dev/null 2>&1 && echo "FSCK rc=0" || echo "FSCK rc=$?"
+rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        base = g.base_qcow2.display(),
+        k = g.bzimage.display(),
+        i = g.initrd.display()
+    );
+    let out = linux(&script, 1800);
+    assert!(out.contains("THINVM-DONE"), "{out}");
+    assert!(!out.contains("THINVM-ERROR"), "{out}");
+    let sizes = fields(&out, "SIZE ");
+    let step = |name: &str| {
+        sizes
+            .iter()
+            .find(|m| m.get("step").map(String::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no size after {name}: {out}"))
+    };
+    let before_fill = num(step("df"), "alloc");
+    let filled = step("fill");
+    assert!(
+        num(filled, "alloc") >= before_fill + (90 << 20),
+        "fill did not allocate: {out}"
+    );
+    let after = step(reclaim);
+    let final_ = &fields(&out, "FINAL ")[0];
+    eprintln!(
+        "before fill {before_fill}, filled {filled:?}, after {reclaim} {after:?}, final {final_:?}"
+    );
+    // Within a few clusters of the size before the fill, plus file-system metadata the
+    // guest touched meanwhile (journal, bitmaps): 2 MiB.
+    assert!(
+        num(after, "alloc") <= before_fill + (2 << 20),
+        "allocated after {reclaim}: {} vs {before_fill} before the fill\n{out}",
+        num(after, "alloc")
+    );
+    assert!(num(final_, "alloc") <= before_fill + (2 << 20), "{out}");
+    assert!(
+        num(final_, "apparent") < num(filled, "apparent"),
+        "the file did not shrink: {out}"
+    );
+    assert_eq!(num(&fields(&out, "QEMUCHECK ")[0], "rc"), 0, "{out}");
+    assert_eq!(num(&fields(&out, "FSCK ")[0], "rc"), 0, "{out}");
+}
+
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn zero_wipe_in_the_guest_shrinks_the_overlay() {
+    reclaim_scenario("zero-wipe");
+}
+
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn fstrim_in_the_guest_shrinks_the_overlay() {
+    reclaim_scenario("fstrim");
+}
+
+#[test]
+fn software_nested_hosts_get_a_one_line_warning_before_linux_boots() {
+    if !guest_rig::host_is_software_nested() {
+        eprintln!("SKIPPED software_nested_hosts_get_a_one_line_warning_before_linux_boots: this host's KVM is not software-nested");
+        return;
+    }
+    if !kvm_or_skip("software_nested_hosts_get_a_one_line_warning_before_linux_boots") {
+        return;
+    }
+    // Any bzImage will do: a fake one with the boot header is enough to reach the warning,
+    // but a real kernel is cheap when the guest cache exists; use the fake to stay fast.
+    let dir = TempDir::new("nested");
+    let fake = dir.join("bzImage");
+    let mut img = vec![0u8; 0x4000];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1fe] = 0x55;
+    img[0x1ff] = 0xaa;
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+    img[0x211] = 1; // loadflags: LOADED_HIGH
+    std::fs::write(&fake, &img).unwrap();
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            fake.to_str().unwrap(),
+            "--serial",
+            "none",
+        ],
+        60,
+    );
+    let err = text(&out.stderr);
+    let warning: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("software-nested"))
+        .collect();
+    assert_eq!(warning.len(), 1, "{err}");
+    assert!(warning[0].contains("rig"), "{err}");
+}
