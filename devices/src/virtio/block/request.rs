@@ -396,3 +396,298 @@ fn segments(
 pub fn write_status(mem: &GuestMemoryMmap, addr: GuestAddress, status: u8) -> bool {
     mem.write_obj(status, addr).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block::raw::RawImage;
+    use virtio_queue::desc::split::Descriptor;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+    const MEM: usize = 1 << 20;
+
+    struct Env {
+        mem: GuestMemoryMmap,
+        image: RawImage,
+        limits: Limits,
+        stats: BlockStats,
+        _dir: std::path::PathBuf,
+    }
+
+    fn env(read_only: bool, discard_unmap: bool) -> Env {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "thinvm-req-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("disk.raw");
+        std::fs::write(&p, vec![0x11u8; 1 << 20]).unwrap();
+        let image = RawImage::open(&p, read_only).unwrap();
+        Env {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap(),
+            image,
+            limits: Limits {
+                capacity_sectors: 2048,
+                max_discard_sectors: 1024,
+                max_discard_seg: 2,
+                max_write_zeroes_sectors: 1024,
+                max_write_zeroes_seg: 2,
+                read_only,
+                discard_unmap,
+            },
+            stats: BlockStats::default(),
+            _dir: dir,
+        }
+    }
+
+    impl Drop for Env {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self._dir);
+        }
+    }
+
+    fn header(e: &Env, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        e.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    fn chain(data: &[(u64, u32, bool)]) -> Vec<Descriptor> {
+        let mut v = vec![Descriptor::new(HDR, 16, F_NEXT, 1)];
+        for (i, &(a, l, w)) in data.iter().enumerate() {
+            v.push(Descriptor::new(
+                a,
+                l,
+                F_NEXT | if w { F_WRITE } else { 0 },
+                i as u16 + 2,
+            ));
+        }
+        v.push(Descriptor::new(STATUS, 1, F_WRITE, 0));
+        v
+    }
+
+    /// Parses and executes; returns (status, written).
+    fn run(e: &mut Env, descs: &[Descriptor]) -> Result<(u8, u32), Invalid> {
+        let req = parse(descs, false, &e.mem)?;
+        let mut bounce = Vec::new();
+        let out = execute(
+            &req,
+            &mut e.image,
+            &e.mem,
+            &e.limits,
+            b"serial-0123456789abc",
+            &e.stats,
+            &mut bounce,
+        );
+        Ok((out.status, out.written))
+    }
+
+    fn seg(e: &Env, at: u64, sector: u64, num: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&num.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        e.mem.write_slice(&s, GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn out_in_flush_get_id() {
+        let mut e = env(false, true);
+        e.mem
+            .write_slice(&[0xabu8; 1024], GuestAddress(DATA))
+            .unwrap();
+        header(&e, VIRTIO_BLK_T_OUT, 4);
+        assert_eq!(
+            run(
+                &mut e,
+                &chain(&[(DATA, 512, false), (DATA + 512, 512, false)])
+            ),
+            Ok((0, 0))
+        );
+        header(&e, VIRTIO_BLK_T_IN, 4);
+        e.mem
+            .write_slice(&[0u8; 1024], GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert_eq!(
+            run(&mut e, &chain(&[(DATA + 0x10000, 1024, true)])),
+            Ok((0, 1024))
+        );
+        let mut back = [0u8; 1024];
+        e.mem
+            .read_slice(&mut back, GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert_eq!(back, [0xab; 1024]);
+        header(&e, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(run(&mut e, &chain(&[])), Ok((0, 0)));
+        header(&e, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 20, true)])), Ok((0, 20)));
+        let mut id = [0u8; 20];
+        e.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+        let s = e.stats.snapshot();
+        assert_eq!(
+            (
+                s.writes,
+                s.write_bytes,
+                s.reads,
+                s.read_bytes,
+                s.flushes,
+                s.get_ids
+            ),
+            (1, 1024, 1, 1024, 1, 1)
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let mut e = env(false, true);
+        seg(&e, DATA, 0, 8, 0);
+        seg(&e, DATA + 16, 16, 8, 0);
+        header(&e, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 32, false)])), Ok((0, 0)));
+        seg(&e, DATA, 32, 8, 1);
+        header(&e, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((0, 0)));
+        let mut b = vec![0xffu8; 512 * 40];
+        use block::DiskImage;
+        e.image.read_at(0, &mut b).unwrap();
+        assert!(
+            b[32 * 512..40 * 512].iter().all(|&x| x == 0),
+            "write-zeroes"
+        );
+        assert!(
+            b[8 * 512..16 * 512].iter().all(|&x| x == 0x11),
+            "untouched range"
+        );
+        let s = e.stats.snapshot();
+        assert_eq!(
+            (s.discards, s.discard_bytes, s.write_zeroes),
+            (2, 16 * 512, 1)
+        );
+    }
+
+    #[test]
+    fn discard_ignore_leaves_data() {
+        let mut e = env(false, false);
+        seg(&e, DATA, 0, 8, 0);
+        header(&e, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((0, 0)));
+        let mut b = vec![0u8; 512];
+        use block::DiskImage;
+        e.image.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0x11));
+    }
+
+    #[test]
+    fn hostile_requests_get_the_right_status() {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let unsupp = VIRTIO_BLK_S_UNSUPP as u8;
+        let mut e = env(false, true);
+        // Beyond capacity, overflowing sector numbers, lengths not a multiple of 512.
+        header(&e, VIRTIO_BLK_T_IN, 2047);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 1024, true)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_OUT, u64::MAX - 1);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 1024, false)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 100, false)])), Ok((ioerr, 0)));
+        // Wrong directions.
+        header(&e, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 512, false)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 512, true)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 20, false)])), Ok((ioerr, 0)));
+        // Buffers outside guest RAM, or wrapping around.
+        header(&e, VIRTIO_BLK_T_IN, 0);
+        assert!(matches!(
+            run(&mut e, &chain(&[(MEM as u64 - 256, 512, true)])),
+            Err(Invalid::Status(1, _))
+        ));
+        assert!(matches!(
+            run(&mut e, &chain(&[(u64::MAX - 100, 512, true)])),
+            Err(Invalid::Status(1, _))
+        ));
+        // Unknown type; discard/write-zeroes segment problems.
+        header(&e, 42, 0);
+        assert_eq!(run(&mut e, &chain(&[])), Ok((unsupp, 0)));
+        header(&e, VIRTIO_BLK_T_DISCARD, 0);
+        seg(&e, DATA, 0, 8, 1); // UNMAP flag is reserved for discard
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((unsupp, 0)));
+        header(&e, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        seg(&e, DATA, 0, 8, 4);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((unsupp, 0)));
+        header(&e, VIRTIO_BLK_T_DISCARD, 0);
+        seg(&e, DATA, 2040, 16, 0); // beyond capacity
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((ioerr, 0)));
+        seg(&e, DATA, 0, 2000, 0); // more sectors than max_discard_sectors
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((ioerr, 0)));
+        assert_eq!(
+            run(&mut e, &chain(&[(DATA, 48, false)])),
+            Ok((ioerr, 0)),
+            "too many segments"
+        );
+        assert_eq!(
+            run(&mut e, &chain(&[(DATA, 20, false)])),
+            Ok((ioerr, 0)),
+            "partial segment"
+        );
+        assert_eq!(
+            run(&mut e, &chain(&[(DATA, 16, true)])),
+            Ok((ioerr, 0)),
+            "writable segments"
+        );
+        // Header problems: device-writable, too short.
+        let mut d = chain(&[]);
+        d[0] = Descriptor::new(HDR, 16, F_NEXT | F_WRITE, 1);
+        assert!(matches!(
+            parse(&d, false, &e.mem),
+            Err(Invalid::Status(1, _))
+        ));
+        d[0] = Descriptor::new(HDR, 8, F_NEXT, 1);
+        assert!(matches!(
+            parse(&d, false, &e.mem),
+            Err(Invalid::Status(1, _))
+        ));
+        // Unanswerable chains are dropped: missing / read-only / empty / outside status,
+        // loops and over-long chains.
+        assert!(matches!(
+            parse(&[Descriptor::new(HDR, 16, 0, 0)], false, &e.mem),
+            Err(Invalid::Drop(_))
+        ));
+        let mut d = chain(&[]);
+        d[1] = Descriptor::new(STATUS, 1, 0, 0);
+        assert!(matches!(parse(&d, false, &e.mem), Err(Invalid::Drop(_))));
+        d[1] = Descriptor::new(STATUS, 0, F_WRITE, 0);
+        assert!(matches!(parse(&d, false, &e.mem), Err(Invalid::Drop(_))));
+        d[1] = Descriptor::new(MEM as u64 + 10, 1, F_WRITE, 0);
+        assert!(matches!(parse(&d, false, &e.mem), Err(Invalid::Drop(_))));
+        assert!(matches!(
+            parse(&chain(&[]), true, &e.mem),
+            Err(Invalid::Drop(_))
+        ));
+        assert!(matches!(parse(&[], false, &e.mem), Err(Invalid::Drop(_))));
+    }
+
+    #[test]
+    fn read_only_refuses_write_types() {
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        let mut e = env(true, true);
+        header(&e, VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 512, false)])), Ok((ioerr, 0)));
+        seg(&e, DATA, 0, 8, 0);
+        header(&e, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 16, false)])), Ok((ioerr, 0)));
+        header(&e, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(run(&mut e, &chain(&[(DATA, 512, true)])), Ok((0, 512)));
+    }
+}
