@@ -34,19 +34,26 @@ pub fn to_json(i: &ImageInfo) -> Value {
         obj.insert("backing-filename-format".into(), json!(f.name()));
     }
     if let Some(q) = &i.qcow2 {
+        // Like qemu-img, v2 images report only the fields v2 has.
+        let data = if q.compat == "0.10" {
+            json!({
+                "compat": q.compat,
+                "compression-type": q.compression_type,
+                "refcount-bits": q.refcount_bits,
+            })
+        } else {
+            json!({
+                "compat": q.compat,
+                "compression-type": q.compression_type,
+                "lazy-refcounts": q.lazy_refcounts,
+                "refcount-bits": q.refcount_bits,
+                "corrupt": q.corrupt,
+                "extended-l2": q.extended_l2,
+            })
+        };
         obj.insert(
             "format-specific".into(),
-            json!({
-                "type": "qcow2",
-                "data": {
-                    "compat": q.compat,
-                    "compression-type": q.compression_type,
-                    "lazy-refcounts": q.lazy_refcounts,
-                    "refcount-bits": q.refcount_bits,
-                    "corrupt": q.corrupt,
-                    "extended-l2": q.extended_l2,
-                }
-            }),
+            json!({ "type": "qcow2", "data": data }),
         );
     }
     v
@@ -88,10 +95,14 @@ pub fn to_human(i: &ImageInfo) -> String {
         s.push_str("Format specific information:\n");
         s.push_str(&format!("    compat: {}\n", q.compat));
         s.push_str(&format!("    compression type: {}\n", q.compression_type));
-        s.push_str(&format!("    lazy refcounts: {}\n", q.lazy_refcounts));
-        s.push_str(&format!("    refcount bits: {}\n", q.refcount_bits));
-        s.push_str(&format!("    corrupt: {}\n", q.corrupt));
-        s.push_str(&format!("    extended l2: {}\n", q.extended_l2));
+        if q.compat == "0.10" {
+            s.push_str(&format!("    refcount bits: {}\n", q.refcount_bits));
+        } else {
+            s.push_str(&format!("    lazy refcounts: {}\n", q.lazy_refcounts));
+            s.push_str(&format!("    refcount bits: {}\n", q.refcount_bits));
+            s.push_str(&format!("    corrupt: {}\n", q.corrupt));
+            s.push_str(&format!("    extended l2: {}\n", q.extended_l2));
+        }
         if q.dirty {
             s.push_str("    dirty: true\n");
         }
