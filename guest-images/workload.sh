@@ -19,6 +19,11 @@ result() { echo "THINVM-RESULT step=$1 ms=$2 $3"; }
 error() { echo "THINVM-ERROR step=$1 msg=$2"; }
 finish() { sync; echo "THINVM-DONE"; sleep 0.2; reboot -f; }
 
+# util-linux's blkdiscard (it has -z). By absolute path: busybox's shell prefers its own
+# applets over $PATH.
+BLKDISCARD=/usr/sbin/blkdiscard
+[ -x "$BLKDISCARD" ] || BLKDISCARD=blkdiscard
+
 # Where file-based workloads write: the root file system when we run from it.
 DATA=${THINVM_DATA:-/}
 
@@ -61,7 +66,7 @@ step_fstrim() {
 step_zero_range() {
   dev=/dev/vdb
   [ -b "$dev" ] || { echo "no $dev"; return 1; }
-  blkdiscard -z -l $(($1 * 1048576)) "$dev" && sync
+  "$BLKDISCARD" -z -l $(($1 * 1048576)) "$dev" && sync
 }
 
 # Raw-device checks on /dev/vda (unmounted): write, read back, zero-fill with O_DIRECT,
@@ -72,16 +77,16 @@ step_devtest() {
   pat() { head -c "$1" /dev/zero | tr '\000' "$2"; }
   # MiB 0-1: pattern 0xab; MiB 1-2: 0xcd then zero-filled (dd O_DIRECT);
   # MiB 2-3: 0xef then blkdiscard; MiB 3-4: 0x12 then blkdiscard -z.
-  pat 1048576 '\253' | dd of=$dev bs=1M seek=0 count=1 conv=fsync 2>/dev/null || return 1
-  pat 1048576 '\315' | dd of=$dev bs=1M seek=1 count=1 conv=fsync 2>/dev/null || return 1
-  pat 1048576 '\357' | dd of=$dev bs=1M seek=2 count=1 conv=fsync 2>/dev/null || return 1
-  pat 1048576 '\022' | dd of=$dev bs=1M seek=3 count=1 conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\253' | dd of=$dev bs=1M seek=0 count=1 iflag=fullblock conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\315' | dd of=$dev bs=1M seek=1 count=1 iflag=fullblock conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\357' | dd of=$dev bs=1M seek=2 count=1 iflag=fullblock conv=fsync 2>/dev/null || return 1
+  pat 1048576 '\022' | dd of=$dev bs=1M seek=3 count=1 iflag=fullblock conv=fsync 2>/dev/null || return 1
   sum1=$(dd if=$dev bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -c1-32)
   want=$(pat 1048576 '\253' | md5sum | cut -c1-32)
   [ "$sum1" = "$want" ] && echo "THINVM-CHECK readback ok" || echo "THINVM-CHECK readback FAIL"
   dd if=/dev/zero of=$dev bs=1M seek=1 count=1 oflag=direct 2>/dev/null || return 1
-  blkdiscard -o $((2 * 1048576)) -l 1048576 $dev || return 1
-  blkdiscard -z -o $((3 * 1048576)) -l 1048576 $dev || return 1
+  "$BLKDISCARD" -o $((2 * 1048576)) -l 1048576 $dev || return 1
+  "$BLKDISCARD" -z -o $((3 * 1048576)) -l 1048576 $dev || return 1
   sync
   zero=$(pat 1048576 '\000' | md5sum | cut -c1-32)
   for m in 1 2 3; do

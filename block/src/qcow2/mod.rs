@@ -56,7 +56,7 @@ pub const MAX_CHAIN_DEPTH: u32 = 64;
 const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
 /// Freed clusters waiting for their L2 tables to reach the disk before their refcounts drop;
 /// committed in a batch once this many bytes are pending (or on flush / idle).
-pub(crate) const PENDING_FREE_BYTES: u64 = 64 << 20;
+pub(crate) const PENDING_FREE_BYTES: u64 = 256 << 20;
 
 /// Internal open modes.
 #[derive(Clone, Copy, Debug, Default)]
