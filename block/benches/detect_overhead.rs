@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use block::qcow2::CreateOptions;
-use block::{DetectZeroes, DiskImage, OpenOptions};
+use block::{DetectZeroes, OpenOptions};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn bench(c: &mut Criterion) {
