@@ -2,7 +2,8 @@
 # thinvm guest workloads. Runs as PID 1 (from the initramfs, or from the root file system
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
-# STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df | sleep:S
+# STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
+#       sleep:S | blkbench:MODE:BS:SECS
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
@@ -104,6 +105,14 @@ step_devtest() {
   echo "serial=$serial discard_granularity=$(cat /sys/block/vda/queue/discard_granularity)"
 }
 
+# blkbench:MODE:BS:SECS on /dev/vda (raw device, from the initramfs).
+step_blkbench() {
+  IFS=: read -r mode bs secs <<ARGS
+$1
+ARGS
+  /bin/blkbench /dev/vda "${mode:-randread}" "${bs:-4096}" "${secs:-5}" 256
+}
+
 step_df() { df -k "$DATA" | awk 'NR == 2 { printf "used_kb=%s avail_kb=%s", $3, $4 }'; }
 
 run_step() {
@@ -121,6 +130,7 @@ run_step() {
     zero-range) out=$(step_zero_range "${arg:-16}") ;;
     devtest) out=$(step_devtest) ;;
     df) out=$(step_df) ;;
+    blkbench) out=$(step_blkbench "$arg") ;;
     sleep) sleep "${arg:-1}"; out= ;;
     *) error "$name" "unknown-step"; return ;;
   esac

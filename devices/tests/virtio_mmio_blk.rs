@@ -36,8 +36,21 @@ struct Fixture {
     _dir: std::path::PathBuf,
 }
 
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
 fn fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!("thinvm-mmio-{}", std::process::id()));
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    // One directory per fixture: tests run in parallel threads of one process.
+    let dir = std::env::temp_dir().join(format!(
+        "thinvm-mmio-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("disk.raw");
     std::fs::write(&p, vec![0x22u8; 1 << 20]).unwrap();

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Runs one VM command for the benchmarks and reports, as one JSON line:
+time to the first console byte, time to a marker line, the VMM's memory overhead (RSS
+minus the guest-RAM mapping) when the marker appears, all THINVM-* lines, exit code.
+
+  vmrun.py --marker TEXT [--kill-after-marker] [--mem-mib N] [--until TEXT] -- CMD ...
+
+--until TEXT: keep reading until TEXT (e.g. THINVM-DONE) before killing (QEMU microvm does
+not exit when its guest reboots inside the rig)."""
+import argparse, json, os, select, signal, subprocess, sys, time
+
+def overhead_kib(pid, mem_mib):
+    total = 0
+    largest = 0
+    size = 0
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "Size:":
+                    size = int(parts[1])
+                elif len(parts) >= 2 and parts[0] == "Rss:":
+                    rss = int(parts[1])
+                    total += rss
+                    if size >= mem_mib * 1024 and rss > largest:
+                        largest = rss
+    except OSError:
+        return None, None
+    return total, total - largest
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--marker", required=True)
+ap.add_argument("--until")
+ap.add_argument("--kill-after-marker", action="store_true")
+ap.add_argument("--mem-mib", type=int, default=256)
+ap.add_argument("--timeout", type=float, default=600)
+ap.add_argument("cmd", nargs=argparse.REMAINDER)
+a = ap.parse_args()
+cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+t0 = time.monotonic()
+p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+first = marker = None
+rss = ovh = None
+buf = b""
+lines = []
+until = a.until or a.marker
+done = False
+os.set_blocking(p.stdout.fileno(), False)
+while not done:
+    if time.monotonic() - t0 > a.timeout:
+        break
+    r, _, _ = select.select([p.stdout], [], [], 0.5)
+    if not r:
+        if p.poll() is not None:
+            break
+        continue
+    chunk = p.stdout.read()
+    if not chunk:
+        break
+    now = time.monotonic() - t0
+    if first is None:
+        first = now
+    buf += chunk
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        text = line.decode(errors="replace").strip()
+        if text.startswith("THINVM-"):
+            lines.append(text)
+        if marker is None and a.marker in text:
+            marker = now
+            rss, ovh = overhead_kib(p.pid, a.mem_mib)
+        if until in text:
+            done = True
+if a.kill_after_marker and p.poll() is None:
+    p.send_signal(signal.SIGTERM)
+try:
+    code = p.wait(timeout=30)
+except subprocess.TimeoutExpired:
+    p.kill()
+    code = p.wait()
+print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
+                  "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
+                  "lines": lines}))
