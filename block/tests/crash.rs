@@ -137,6 +137,9 @@ fn run(version: Qcow2Version, cluster_size: u64, backing: bool, iterations: u32,
     let mut leaky = 0;
     for i in 0..iterations {
         let what = format!("{version:?} cs={cluster_size} backing={backing} kill #{i}");
+        // The kill must land while the child writes, not while it starts (a loaded
+        // machine can take longer than the sleep below to get there).
+        let _ = std::fs::remove_file(dir.join("model.snap"));
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env("THINVM_CRASH_CHILD", dir.path())
@@ -145,7 +148,15 @@ fn run(version: Qcow2Version, cluster_size: u64, backing: bool, iterations: u32,
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(30 + rng.below(250)));
+        let started = std::time::Instant::now();
+        while !dir.join("model.snap").exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{what}: the child did not start writing"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(10 + rng.below(250)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         verify_after_kill(dir.path(), &what);

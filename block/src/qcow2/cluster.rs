@@ -29,7 +29,7 @@ pub enum Mapping {
 pub struct ZeroCluster {
     pub host: u64,
     /// While the cluster has exactly one reference, that reference's guest cluster (its L2
-    /// entry carries COPIED and must lose it when a second reference appears).
+    /// entry carries COPIED; a second reference moves both to a fresh shared cluster).
     pub single_ref: Option<u64>,
 }
 
@@ -595,7 +595,14 @@ impl Qcow2Image {
     }
 
     /// A shared zero cluster to map one more guest cluster to (v2 images with a backing
-    /// file), allocating one when none is usable.
+    /// file), allocating one when none is usable. Returns the L2 entry for `gc`.
+    ///
+    /// `qemu-img check` calls COPIED on a shared cluster, or a lone reference without it, a
+    /// corruption, and no order of the L2 and refcount writes keeps a cluster consistent
+    /// across a crash while it goes from one reference to two. So a zero cluster with one
+    /// reference (COPIED) is never shared: when a second guest cluster needs zeros, both move
+    /// to a fresh zero cluster whose refcount starts at 2 (refcount before L2, as for any
+    /// allocation), and the old one is freed once the L2 change is on disk.
     fn zero_cluster_for(&mut self, gc: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let mut i = 0;
@@ -606,27 +613,46 @@ impl Qcow2Image {
                 self.zero_clusters.remove(i);
                 continue;
             }
-            if rc < self.rc_max {
-                if let Some(prev) = z.single_ref {
-                    // Second reference: the first one loses COPIED.
-                    if self.l2_entry(prev)? == z.host | OFLAG_COPIED {
-                        self.set_l2_entry(prev, z.host)?;
+            match z.single_ref {
+                Some(prev) => {
+                    if rc == 1 && self.l2_entry(prev)? == z.host | OFLAG_COPIED {
+                        let fresh = self.new_zero_cluster(2)?;
+                        self.set_l2_entry(prev, fresh)?;
+                        self.queue_free(z.host / cs, true, FreeReason::Internal);
+                        self.zero_clusters[i] = ZeroCluster {
+                            host: fresh,
+                            single_ref: None,
+                        };
+                        return Ok(fresh);
                     }
-                    self.zero_clusters[i].single_ref = None;
+                    // Not in the state recorded: stop using it as a zero cluster.
+                    self.zero_clusters.remove(i);
+                    continue;
                 }
-                self.set_refcount(z.host / cs, rc + 1)?;
-                return Ok(z.host);
+                None if rc >= 2 && rc < self.rc_max => {
+                    self.set_refcount(z.host / cs, rc + 1)?;
+                    return Ok(z.host);
+                }
+                None => i += 1,
             }
-            i += 1;
         }
-        let (c, _) = self.alloc_clusters(1)?;
-        let host = c * cs;
-        self.pwrite(&vec![0u8; cs as usize], host, "zero cluster")?;
+        let host = self.new_zero_cluster(1)?;
         self.zero_clusters.push(ZeroCluster {
             host,
             single_ref: Some(gc),
         });
         Ok(host | OFLAG_COPIED)
+    }
+
+    /// Allocates an all-zero cluster with refcount `refs`.
+    pub(crate) fn new_zero_cluster(&mut self, refs: u64) -> Result<u64> {
+        let (c, _) = self.alloc_clusters(1)?;
+        let host = c * self.cluster_size;
+        self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
+        if refs != 1 {
+            self.set_refcount(c, refs)?;
+        }
+        Ok(host)
     }
 
     /// Makes guest cluster `gc` read as zeros, releasing its host cluster.

@@ -10,9 +10,8 @@
 //!   (process kill or power loss) can leak clusters but never leave a reference to a cluster
 //!   whose refcount is too low.
 
-use std::os::unix::fs::FileExt;
-
 use super::{Qcow2Image, L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
+use crate::zero::is_zero;
 use crate::{Error, Result};
 
 /// Online tail relocation starts once the file has this much free space inside it.
@@ -677,9 +676,14 @@ impl Qcow2Image {
         self.write_dirty_l2()?;
         let pending = std::mem::take(&mut self.pending_frees);
         let mut punch: Vec<u64> = Vec::new();
-        let mut unshared: Vec<u64> = Vec::new();
+        // Shared clusters about to keep a single reference (see `move_last_reference`).
+        let mut unsharing: Vec<u64> = Vec::new();
         for pf in pending {
             let rc = self.refcount(pf.cluster)?;
+            if rc == 2 && !unsharing.contains(&pf.cluster) {
+                unsharing.push(pf.cluster);
+                continue;
+            }
             if rc == 0 {
                 tracing::warn!(
                     "{}: freeing cluster {} whose refcount is already 0",
@@ -702,14 +706,10 @@ impl Qcow2Image {
                 if pf.punch {
                     punch.push(pf.cluster);
                 }
-            } else if rc == 2 {
-                unshared.push(pf.cluster);
             }
         }
-        for c in unshared {
-            if self.refcount(c)? == 1 {
-                self.fix_copied_flag(c)?;
-            }
+        for c in unsharing {
+            self.move_last_reference(c, &mut punch)?;
         }
         punch.sort_unstable();
         punch.dedup();
@@ -726,32 +726,80 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Shared cluster `cluster` (refcount 2 when queued) loses one of its references. If
+    /// the other one went in the same batch, the cluster is simply released. Otherwise its
+    /// survivor would need COPIED the moment the refcount drops to 1, and no order of the two
+    /// writes survives a crash in between (`qemu-img check` calls either mismatch a
+    /// corruption). So an active survivor moves to a fresh copy first (allocated with
+    /// refcount 1 and mapped with COPIED, refcount before L2 as for any allocation), and only
+    /// then does the old cluster drop to 0 (after that L2 change is on disk). In practice the
+    /// shared clusters are v2 zero clusters; others come from internal snapshots.
+    fn move_last_reference(&mut self, cluster: u64, punch: &mut Vec<u64>) -> Result<()> {
+        let cs = self.cluster_size;
+        let host = cluster * cs;
+        self.zero_clusters.retain(|z| z.host != host);
+        if self.refcount(cluster)? <= 1 {
+            self.set_refcount(cluster, 0)?;
+            punch.push(cluster);
+            return Ok(());
+        }
+        let Some((gc, entry)) = self.find_active_reference(host)? else {
+            // The survivor is not in an active, exclusively owned L2 table (e.g. an internal
+            // snapshot's, where COPIED does not apply): plain decrement.
+            self.set_refcount(cluster, 1)?;
+            return self.fix_copied_flag(cluster);
+        };
+        let mut data = vec![0u8; cs as usize];
+        super::read_exact_or_eof(&self.file, &mut data, host)?;
+        let fresh = if is_zero(&data) {
+            let fresh = self.new_zero_cluster(1)?;
+            self.zero_clusters.push(super::cluster::ZeroCluster {
+                host: fresh,
+                single_ref: Some(gc),
+            });
+            fresh
+        } else {
+            let (c, _) = self.alloc_clusters(1)?;
+            self.pwrite(&data, c * cs, "copy of a shared cluster")?;
+            c * cs
+        };
+        // Keep the entry's flags (v3's ZERO flag on an allocated cluster).
+        self.set_l2_entry(gc, fresh | OFLAG_COPIED | (entry & super::OFLAG_ZERO))?;
+        self.write_dirty_l2()?;
+        // Ordered after the L2 write by `write_refblock_slot`.
+        self.set_refcount(cluster, 0)?;
+        punch.push(cluster);
+        Ok(())
+    }
+
+    /// The guest cluster (and its L2 entry) of an active, exclusively owned L2 table that
+    /// maps host offset `host` as uncompressed data.
+    fn find_active_reference(&mut self, host: u64) -> Result<Option<(u64, u64)>> {
+        for l1_idx in 0..self.l1.len() {
+            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
+            // Only tables exclusively owned by the active L1 may be modified in place.
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+                continue;
+            }
+            let slot = self.load_l2(l2_off)?;
+            for i in 0..self.l2_entries as usize {
+                let e = super::cluster::read_l2(self.l2_cache.data(slot), i);
+                if e & super::OFLAG_COMPRESSED == 0 && e & super::L2E_OFFSET_MASK == host {
+                    return Ok(Some((l1_idx as u64 * self.l2_entries + i as u64, e)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// A shared cluster became exclusively owned: set COPIED on its remaining active L2
     /// reference (as `qemu-img check` requires), and stop using it as a shared zero cluster.
     fn fix_copied_flag(&mut self, cluster: u64) -> Result<()> {
         let host = cluster * self.cluster_size;
         self.zero_clusters.retain(|z| z.host != host);
-        for l1_idx in 0..self.l1.len() {
-            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            // Only tables exclusively owned by the active L1 may be modified in place.
-            if self.l1[l1_idx] & OFLAG_COPIED == 0 {
-                continue;
-            }
-            let slot = self.load_l2(l2_off)?;
-            let n = self.l2_entries as usize;
-            for i in 0..n {
-                let e = super::cluster::read_l2(self.l2_cache.data(slot), i);
-                if e & super::OFLAG_COMPRESSED == 0
-                    && e & super::L2E_OFFSET_MASK == host
-                    && e & OFLAG_COPIED == 0
-                {
-                    super::cluster::write_l2(self.l2_cache.data_mut(slot), i, e | OFLAG_COPIED);
-                    self.l2_cache.mark_dirty(slot, i * 8, 8);
-                    return Ok(());
-                }
+        if let Some((gc, e)) = self.find_active_reference(host)? {
+            if e & OFLAG_COPIED == 0 {
+                self.set_l2_entry(gc, e | OFLAG_COPIED)?;
             }
         }
         Ok(())
