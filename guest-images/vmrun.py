@@ -78,6 +78,7 @@ try:
 except subprocess.TimeoutExpired:
     p.kill()
     code = p.wait()
+err = p.stderr.read().decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
-                  "lines": lines}))
+                  "lines": lines, "stderr_tail": err[-5:]}))

@@ -25,6 +25,7 @@ fn bench(c: &mut Criterion) {
         &OpenOptions {
             read_only: false,
             format: None,
+            direct: false,
         },
     )
     .unwrap();

@@ -9,6 +9,7 @@
 //! operations later.
 
 pub mod error;
+pub mod host_file;
 pub mod inspect;
 pub mod qcow2;
 pub mod raw;
@@ -101,7 +102,7 @@ pub struct HostUsage {
 
 impl HostUsage {
     /// Reads the usage of an open file.
-    pub fn of_file(file: &std::fs::File) -> Result<Self> {
+    pub fn of_file(file: &host_file::HostFile) -> Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let meta = file
             .metadata()
@@ -187,6 +188,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// The expected format; `None` probes the file's first bytes.
     pub format: Option<ImageFormat>,
+    /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache=none`), for the image and its
+    /// backing chain.
+    pub direct: bool,
 }
 
 /// Probes the format of an image file: qcow2 by its magic, raw otherwise.
@@ -220,8 +224,8 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
         None => probe_format(path)?,
     };
     Ok(match format {
-        ImageFormat::Raw => Box::new(raw::RawImage::open(path, opts.read_only)?),
-        ImageFormat::Qcow2 => Box::new(qcow2::Qcow2Image::open(path, opts.read_only)?),
+        ImageFormat::Raw => Box::new(raw::RawImage::open_with(path, opts.read_only, opts.direct)?),
+        ImageFormat::Qcow2 => Box::new(qcow2::Qcow2Image::open_with_options(path, opts)?),
     })
 }
 

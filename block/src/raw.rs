@@ -1,10 +1,10 @@
 //! Raw images: the file is the disk, byte for byte.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use crate::host_file::HostFile;
 use crate::zero::is_zero;
 use crate::{
     check_range, DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats,
@@ -16,7 +16,7 @@ const RAW_GRANULARITY: u64 = 4096;
 
 /// A raw image file.
 pub struct RawImage {
-    file: File,
+    file: HostFile,
     size: u64,
     read_only: bool,
     detect_zeroes: DetectZeroes,
@@ -28,19 +28,24 @@ pub struct RawImage {
 impl RawImage {
     /// Opens a raw image; its virtual size is the file's size.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Self::from_file(file, read_only)
+        Self::open_with(path, read_only, false)
+    }
+
+    /// Opens a raw image, with `O_DIRECT` if `direct`.
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
+        let file = HostFile::open(path, read_only, direct).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_host_file(file, read_only)
     }
 
     /// Wraps an already open file.
     pub fn from_file(file: File, read_only: bool) -> Result<Self> {
+        Self::from_host_file(HostFile::from_file(file), read_only)
+    }
+
+    fn from_host_file(file: HostFile, read_only: bool) -> Result<Self> {
         let size = file
             .metadata()
             .map_err(|e| Error::io("stat raw image", e))?
@@ -146,7 +151,12 @@ fn is_unsupported(e: &std::io::Error) -> bool {
 }
 
 /// `fallocate(2)` on a file.
-pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+pub(crate) fn fallocate(
+    file: &impl AsRawFd,
+    mode: i32,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
     let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
@@ -164,7 +174,7 @@ pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::i
 }
 
 /// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`; `None` when there is no such position (ENXIO).
-fn seek_data_hole(file: &File, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+fn seek_data_hole(file: &impl AsRawFd, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
     let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek only operates on the descriptor kept open by `file`; no memory is passed.
     let ret = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };

@@ -16,6 +16,8 @@ struct Config {
     cluster_size: u64,
     refcount_bits: u32,
     backing: bool,
+    /// Open the image (and its backing file) with O_DIRECT.
+    direct: bool,
 }
 
 fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
@@ -37,11 +39,22 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
         model[..base_data.len()].copy_from_slice(&base_data);
     }
     let what = format!(
-        "{:?} cs={} rb={} backing={}",
-        cfg.version, cfg.cluster_size, cfg.refcount_bits, cfg.backing
+        "{:?} cs={} rb={} backing={} direct={}",
+        cfg.version, cfg.cluster_size, cfg.refcount_bits, cfg.backing, cfg.direct
     );
+    let open = |read_only: bool| {
+        block::open(
+            &img,
+            &block::OpenOptions {
+                read_only,
+                format: None,
+                direct: cfg.direct,
+            },
+        )
+        .unwrap()
+    };
     for batch in 0..batches {
-        let mut im = open_rw(&img);
+        let mut im = open(false);
         let mode = match rng.below(3) {
             0 => DetectZeroes::Off,
             1 => DetectZeroes::On,
@@ -109,7 +122,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
         let got = read_all(im.as_mut());
         assert_bytes_eq(&got, &model, &format!("{what}: after batch {batch}"));
         drop(im);
-        let mut im = open_ro(&img);
+        let mut im = open(true);
         let got = read_all(im.as_mut());
         assert_bytes_eq(
             &got,
@@ -141,6 +154,7 @@ fn differential_v3_64k_backing() {
             cluster_size: 65536,
             refcount_bits: 16,
             backing: true,
+            direct: false,
         },
         &mut rng,
         8,
@@ -157,6 +171,7 @@ fn differential_v2_64k_backing() {
             cluster_size: 65536,
             refcount_bits: 16,
             backing: true,
+            direct: false,
         },
         &mut rng,
         8,
@@ -173,6 +188,7 @@ fn differential_v2_512_no_backing() {
             cluster_size: 512,
             refcount_bits: 16,
             backing: false,
+            direct: false,
         },
         &mut rng,
         6,
@@ -189,6 +205,7 @@ fn differential_v3_4k_1bit_backing() {
             cluster_size: 4096,
             refcount_bits: 1,
             backing: true,
+            direct: false,
         },
         &mut rng,
         6,
@@ -205,6 +222,64 @@ fn differential_v2_4k_backing() {
             cluster_size: 4096,
             refcount_bits: 16,
             backing: true,
+            direct: false,
+        },
+        &mut rng,
+        6,
+        300,
+    );
+}
+
+/// Whether files in the test directory can be opened with O_DIRECT (tmpfs before Linux 6.6
+/// cannot); prints why a direct-I/O test is skipped.
+fn direct_io_supported() -> bool {
+    let dir = TempDir::new("odirect-probe");
+    let p = dir.join("probe");
+    std::fs::write(&p, [0u8; 4096]).unwrap();
+    match block::host_file::HostFile::open(&p, false, true) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIPPED: O_DIRECT is not supported here ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+fn differential_v2_512_backing_direct_io() {
+    // 512-byte clusters under O_DIRECT: every metadata and data access is smaller than the
+    // 4 KiB direct-I/O alignment (read-modify-write, file length kept exact).
+    if !direct_io_supported() {
+        return;
+    }
+    let mut rng = Rng::seeded(0x5eed_0006);
+    run_config(
+        &Config {
+            version: Qcow2Version::V2,
+            cluster_size: 512,
+            refcount_bits: 16,
+            backing: true,
+            direct: true,
+        },
+        &mut rng,
+        6,
+        300,
+    );
+}
+
+#[test]
+fn differential_v3_64k_backing_direct_io() {
+    if !direct_io_supported() {
+        return;
+    }
+    let mut rng = Rng::seeded(0x5eed_0007);
+    run_config(
+        &Config {
+            version: Qcow2Version::V3,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            backing: true,
+            direct: true,
         },
         &mut rng,
         6,

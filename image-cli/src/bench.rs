@@ -74,11 +74,6 @@ impl Rng {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    if a.cache == CacheArg::None {
-        return Err(CliError::Usage(
-            "cache mode 'none' (O_DIRECT) is not supported by thinvm's image crate; use -t writeback (and the same for qemu-img bench when comparing)".into(),
-        ));
-    }
     let size = parse_size(&a.size)?;
     if size == 0 {
         return Err(CliError::Usage("request size must not be 0".into()));
@@ -103,7 +98,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         None => 0,
     };
-    let mut img = crate::open_image(&a.file, a.format, !a.write)?;
+    let mut img = crate::open_image(
+        &a.file,
+        crate::ImageAccess {
+            format: a.format,
+            read_only: !a.write,
+            direct: a.cache == CacheArg::None,
+        },
+    )?;
     img.set_detect_zeroes(a.detect_zeroes.into());
     let vsize = img.virtual_size();
     if size > vsize {

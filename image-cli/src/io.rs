@@ -7,7 +7,7 @@ use block::DiskImage;
 
 use crate::error::{CliError, Result};
 use crate::size::parse_size;
-use crate::{DetectZeroesArg, FormatArg};
+use crate::DetectZeroesArg;
 
 /// One parsed command.
 #[derive(Debug, PartialEq, Eq)]
@@ -231,14 +231,13 @@ fn exec(img: &mut dyn DiskImage, file: &Path, cmd: &Cmd) -> Result<bool> {
 /// Runs the commands in order; returns the exit code (1 if a command failed).
 pub fn run(
     file: &Path,
-    format: Option<FormatArg>,
-    read_only: bool,
+    access: crate::ImageAccess,
     detect_zeroes: DetectZeroesArg,
     commands: &[String],
 ) -> Result<u8> {
     // Parse everything first: a typo should not leave a half-applied script.
     let cmds: Vec<Cmd> = commands.iter().map(|c| parse(c)).collect::<Result<_>>()?;
-    let mut img = crate::open_image(file, format, read_only)?;
+    let mut img = crate::open_image(file, access)?;
     img.set_detect_zeroes(detect_zeroes.into());
     let mut failed = false;
     for (cmd, text) in cmds.iter().zip(commands) {
@@ -252,7 +251,7 @@ pub fn run(
         }
     }
     // Closing flushes; report a failure there too.
-    if !read_only {
+    if !access.read_only {
         if let Err(e) = img.flush() {
             eprintln!("thinvm: {}", CliError::image(file, e));
             failed = true;

@@ -69,11 +69,12 @@ impl From<DetectZeroesArg> for block::DetectZeroes {
     }
 }
 
-/// `bench -t` cache modes.
+/// `-t` cache modes (qemu-img's names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum CacheArg {
-    /// O_DIRECT in QEMU; not supported by thinvm's image crate (rejected with a message).
+    /// Bypass the host page cache (O_DIRECT), like QEMU's cache=none.
     None,
+    /// Through the host page cache.
     #[default]
     Writeback,
 }
@@ -143,6 +144,9 @@ pub enum ImageCommand {
         /// Image format (probed when omitted).
         #[arg(short = 'f', value_enum)]
         format: Option<FormatArg>,
+        /// Cache mode: `none` bypasses the host page cache (O_DIRECT).
+        #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
+        cache: CacheArg,
         /// A command; repeat for several (run in order).
         #[arg(short = 'c', long = "cmd", value_name = "CMD", required = true)]
         commands: Vec<String>,
@@ -196,9 +200,19 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
             detect_zeroes,
             read_only,
             format,
+            cache,
             commands,
             file,
-        } => io::run(&file, format, read_only, detect_zeroes, &commands),
+        } => io::run(
+            &file,
+            crate::ImageAccess {
+                format,
+                read_only,
+                direct: cache == CacheArg::None,
+            },
+            detect_zeroes,
+            &commands,
+        ),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
         ImageCommand::Compact { output, file } => compact::run(&file, output).map(|()| 0),
     };
@@ -211,18 +225,36 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
     }
 }
 
+/// How a subcommand opens its image.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ImageAccess {
+    pub format: Option<FormatArg>,
+    pub read_only: bool,
+    /// O_DIRECT (`-t none`).
+    pub direct: bool,
+}
+
 /// Opens an image for the tool.
 pub(crate) fn open_image(
     file: &std::path::Path,
-    format: Option<FormatArg>,
-    read_only: bool,
+    access: ImageAccess,
 ) -> Result<Box<dyn block::DiskImage>> {
     block::open(
         file,
         &block::OpenOptions {
-            read_only,
-            format: format.map(Into::into),
+            read_only: access.read_only,
+            format: access.format.map(Into::into),
+            direct: access.direct,
         },
     )
-    .map_err(|e| CliError::image(file, e))
+    .map_err(|e| {
+        if access.direct && matches!(&e, block::Error::Open { source, .. } if source.raw_os_error() == Some(libc::EINVAL)) {
+            CliError::Usage(format!(
+                "{}: the file system does not support O_DIRECT (-t none); use -t writeback",
+                file.display()
+            ))
+        } else {
+            CliError::image(file, e)
+        }
+    })
 }

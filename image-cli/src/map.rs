@@ -9,7 +9,13 @@ use crate::OutputFormat;
 
 /// Every extent of the image, merged the way qemu-img merges them.
 pub fn extents(file: &Path) -> Result<Vec<MapExtent>> {
-    let mut img = crate::open_image(file, None, true)?;
+    let mut img = crate::open_image(
+        file,
+        crate::ImageAccess {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let size = img.virtual_size();
     let mut out: Vec<MapExtent> = Vec::new();
     let mut pos = 0;

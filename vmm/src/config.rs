@@ -41,7 +41,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// A virtio-blk disk; repeat for more.
-    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,serial=ID]
+    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,serial=ID]
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<String>,
     /// Run every disk on a temporary overlay that is deleted when the VM ends.
@@ -78,6 +78,8 @@ pub struct DiskConfig {
     pub format: Option<ImageFormat>,
     pub detect_zeroes: DetectZeroes,
     pub discard: DiscardMode,
+    /// `cache=none`: O_DIRECT on the image and its backing chain.
+    pub direct: bool,
     pub serial: Option<String>,
 }
 
@@ -125,6 +127,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
         format: None,
         detect_zeroes: DetectZeroes::Unmap,
         discard: DiscardMode::Unmap,
+        direct: false,
         serial: None,
     };
     let mut detect_given = false;
@@ -160,6 +163,13 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
                     _ => return Err(bad(format!("--disk discard={v}: expected ignore or unmap"))),
                 }
             }
+            "cache" => {
+                d.direct = match v {
+                    "none" | "directsync" => true,
+                    "writeback" | "writethrough" | "unsafe" => false,
+                    _ => return Err(bad(format!("--disk cache={v}: expected writeback or none"))),
+                }
+            }
             "serial" => {
                 if v.len() > 20 {
                     return Err(bad(format!(
@@ -170,7 +180,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
             }
             other => {
                 return Err(bad(format!(
-                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, serial)"
+                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, serial)"
                 )))
             }
         }
@@ -292,7 +302,7 @@ mod tests {
     #[test]
     fn disk_options() {
         let d = parse_disk(
-            "path=a.qcow2,readonly=on,format=raw,detect-zeroes=on,discard=ignore,serial=xyz",
+            "path=a.qcow2,readonly=on,format=raw,detect-zeroes=on,discard=ignore,cache=none,serial=xyz",
         )
         .unwrap();
         assert_eq!(d.path, PathBuf::from("a.qcow2"));
@@ -301,12 +311,15 @@ mod tests {
         assert_eq!(d.detect_zeroes, DetectZeroes::On);
         assert_eq!(d.discard, DiscardMode::Ignore);
         assert_eq!(d.serial.as_deref(), Some("xyz"));
+        assert!(d.direct);
         let d = parse_disk("b.qcow2").unwrap();
         assert_eq!(d.detect_zeroes, DetectZeroes::Unmap);
         assert_eq!(d.discard, DiscardMode::Unmap);
         assert!(parse_disk("readonly=on").is_err());
         assert!(parse_disk("path=a,bogus=1").is_err());
         assert!(parse_disk("path=a,detect-zeroes=maybe").is_err());
+        assert!(parse_disk("path=a,cache=sometimes").is_err());
+        assert!(!parse_disk("path=a,cache=writeback").unwrap().direct);
         assert!(parse_disk("path=a,serial=123456789012345678901").is_err());
     }
 

@@ -117,6 +117,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             &OpenOptions {
                 read_only: d.read_only,
                 format,
+                direct: d.direct,
             },
         )
         .map_err(|e| derr(format!("{e}")))?;

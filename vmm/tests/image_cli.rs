@@ -419,6 +419,108 @@ fn compact_and_bench_work() {
 }
 
 #[test]
+fn direct_io_cache_none_writes_what_qemu_reads() {
+    let d = TempDir::new("img-direct");
+    let probe = d.join("probe");
+    std::fs::write(&probe, [0u8; 4096]).unwrap();
+    if sh(&[
+        "dd",
+        "if=/dev/zero",
+        &format!("of={}", probe.display()),
+        "bs=4096",
+        "count=1",
+        "oflag=direct",
+    ])
+    .status
+    .code()
+        != Some(0)
+    {
+        eprintln!("SKIPPED: O_DIRECT is not supported in {}", d.0.display());
+        return;
+    }
+    let base = d.join("base.raw");
+    let b = base.to_str().unwrap();
+    ok_out(
+        &sh(&["qemu-img", "create", "-q", "-f", "raw", b, "8M"]),
+        "base",
+    );
+    ok_out(
+        &sh(&["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 8M", b]),
+        "fill",
+    );
+    let img = d.join("ov.qcow2");
+    let i = img.to_str().unwrap();
+    // 512-byte clusters: every access is below the direct-I/O alignment.
+    ok_out(
+        &tv(&[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            i,
+        ]),
+        "create",
+    );
+    ok_out(
+        &tv(&[
+            "image",
+            "io",
+            "-t",
+            "none",
+            "--detect-zeroes=unmap",
+            i,
+            "-c",
+            "write -P 0xa1 1000 3000",
+            "-c",
+            "write -P 0 1M 64k",
+            "-c",
+            "write -z -u 2M 4k",
+            "-c",
+            "discard 3M 512",
+            "-c",
+            "read -P 0x33 0 1000",
+            "-c",
+            "read -P 0xa1 1000 3000",
+            "-c",
+            "flush",
+        ]),
+        "io -t none",
+    );
+    assert_eq!(sh(&["qemu-img", "check", i]).status.code(), Some(0));
+    let q = sh(&[
+        "qemu-io",
+        "-c",
+        "read -P 0x33 0 1000",
+        "-c",
+        "read -P 0xa1 1000 3000",
+        "-c",
+        "read -P 0x33 4000 1044576",
+        "-c",
+        "read -P 0 1M 64k",
+        "-c",
+        "read -P 0 2M 4k",
+        "-c",
+        "read -P 0 3M 512",
+        "-c",
+        "read -P 0x33 3146240 512",
+        i,
+    ]);
+    let out = text(&q.stdout);
+    assert!(q.status.success() && !out.contains("fail"), "{out}");
+    let out = ok_out(
+        &tv(&["image", "bench", "-t", "none", "-c", "100", "-s", "4k", i]),
+        "bench -t none",
+    );
+    assert!(out.contains("Run completed in"), "{out}");
+}
+
+#[test]
 fn bad_arguments_are_one_clear_line() {
     let d = TempDir::new("img-args");
     let img = d.join("x.qcow2");

@@ -6,8 +6,6 @@
 //! number of references is a corruption, above it a leak. COPIED flags are checked against
 //! the refcounts as QEMU does.
 
-use std::os::unix::fs::FileExt;
-
 use super::compressed::CompressedExtent;
 use super::refcount::{get_entry, FreeMap};
 use super::{

@@ -116,6 +116,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             &crate::OpenOptions {
                 read_only: true,
                 format: Some(fmt),
+                direct: false,
             },
         )
         .map_err(|e| {

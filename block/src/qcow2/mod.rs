@@ -22,10 +22,9 @@ pub mod header;
 pub mod refcount;
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::host_file::HostFile;
 use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
 };
@@ -65,11 +64,13 @@ struct OpenFlags {
     no_backing: bool,
     /// Open writable despite the corrupt bit, and skip automatic fixes (for `check -r`).
     repair: bool,
+    /// `O_DIRECT` for the image and its backing chain.
+    direct: bool,
 }
 
 /// A qcow2 image.
 pub struct Qcow2Image {
-    pub(crate) file: File,
+    pub(crate) file: HostFile,
     pub(crate) path: PathBuf,
     pub(crate) header: Header,
     pub(crate) cluster_bits: u32,
@@ -121,6 +122,20 @@ impl Qcow2Image {
         Self::open_with(path, read_only, 0, OpenFlags::default())
     }
 
+    /// Opens a qcow2 image with the read-only and direct-I/O settings of `opts` (its
+    /// `format` is not looked at).
+    pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+        Self::open_with(
+            path,
+            opts.read_only,
+            0,
+            OpenFlags {
+                direct: opts.direct,
+                ..OpenFlags::default()
+            },
+        )
+    }
+
     /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
     /// reads of unallocated clusters then return zeros).
     pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
@@ -130,7 +145,7 @@ impl Qcow2Image {
             0,
             OpenFlags {
                 no_backing: true,
-                repair: false,
+                ..OpenFlags::default()
             },
         )
     }
@@ -144,19 +159,16 @@ impl Qcow2Image {
             OpenFlags {
                 no_backing: true,
                 repair: true,
+                ..OpenFlags::default()
             },
         )
     }
 
     fn open_with(path: &Path, read_only: bool, depth: u32, flags: OpenFlags) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let file = HostFile::open(path, read_only, flags.direct).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let file_len = file
             .metadata()
             .map_err(|e| Error::io("stat qcow2 image", e))?
@@ -212,9 +224,13 @@ impl Qcow2Image {
         };
 
         let backing = match &header.backing_file {
-            Some(name) if !flags.no_backing => {
-                Some(open_backing(path, name, header.backing_format, depth)?)
-            }
+            Some(name) if !flags.no_backing => Some(open_backing(
+                path,
+                name,
+                header.backing_format,
+                depth,
+                flags.direct,
+            )?),
             _ => None,
         };
 
@@ -407,7 +423,7 @@ impl Drop for Qcow2Image {
 }
 
 /// Reads `buf.len()` bytes at `offset`; bytes beyond the end of the file read as zeros.
-pub(crate) fn read_exact_or_eof(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+pub(crate) fn read_exact_or_eof(file: &HostFile, buf: &mut [u8], offset: u64) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -441,6 +457,7 @@ fn open_backing(
     name: &str,
     format: Option<ImageFormat>,
     depth: u32,
+    direct: bool,
 ) -> Result<Box<dyn DiskImage>> {
     if depth + 1 > MAX_CHAIN_DEPTH {
         return Err(Error::InvalidImage(format!(
@@ -458,9 +475,20 @@ fn open_backing(
         other => Error::InvalidImage(format!("backing file '{name}': {other}")),
     };
     Ok(match format {
-        ImageFormat::Raw => Box::new(crate::raw::RawImage::open(&path, true).map_err(wrap)?),
+        ImageFormat::Raw => {
+            Box::new(crate::raw::RawImage::open_with(&path, true, direct).map_err(wrap)?)
+        }
         ImageFormat::Qcow2 => Box::new(
-            Qcow2Image::open_with(&path, true, depth + 1, OpenFlags::default()).map_err(wrap)?,
+            Qcow2Image::open_with(
+                &path,
+                true,
+                depth + 1,
+                OpenFlags {
+                    direct,
+                    ..OpenFlags::default()
+                },
+            )
+            .map_err(wrap)?,
         ),
     })
 }

@@ -182,6 +182,7 @@ pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
         &OpenOptions {
             read_only: false,
             format: None,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -193,6 +194,7 @@ pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
         &OpenOptions {
             read_only: true,
             format: None,
+            ..Default::default()
         },
     )
     .unwrap()
