@@ -264,6 +264,19 @@ impl Qcow2Image {
         };
         img.build_meta_set()?;
 
+        // Metadata past the end of the file (a truncated or forged image): writing could
+        // allocate data over it, so only read-only opens and repair accept it.
+        let end_cluster = img.file_len.div_ceil(cluster_size);
+        if !img.read_only && !flags.repair {
+            if let Some(&c) = img.meta.iter().filter(|&&c| c >= end_cluster).min() {
+                return Err(Error::InvalidImage(format!(
+                    "metadata at offset {:#x} lies beyond the end of the file ({} bytes): truncated or corrupt image (open it read-only, or run `thinvm image check -r all`)",
+                    c * cluster_size,
+                    img.file_len
+                )));
+            }
+        }
+
         if !img.read_only && !flags.repair {
             if img.header.incompatible_features & incompat::DIRTY != 0 {
                 tracing::info!(

@@ -394,23 +394,28 @@ impl Qcow2Image {
         let mut fm = FreeMap::default();
         let mut block = vec![0u8; cs];
         let order = self.header.refcount_order;
+        // Clusters past the end of the file hold nothing (no mapping may point there), so
+        // refcounts describing them are ignored, as `qemu-img check` does; this also bounds
+        // the index by the file's size whatever a hostile refcount table says.
+        let limit = self.file_len.div_ceil(self.cluster_size);
         for ti in 0..self.reftable.len() {
             let off = self.reftable[ti] & REFT_OFFSET_MASK;
-            if off == 0 {
+            let base = ti as u64 * self.rb_entries;
+            if off == 0 || base >= limit {
                 continue;
             }
             self.check_refblock_offset(ti, off)?;
             super::read_exact_or_eof(&self.file, &mut block, off)?;
-            let base = ti as u64 * self.rb_entries;
+            let n = self.rb_entries.min(limit - base);
             if order == 4 {
                 // Fast path for the common 16-bit width.
-                for (i, pair) in block.chunks_exact(2).enumerate() {
+                for (i, pair) in block.chunks_exact(2).take(n as usize).enumerate() {
                     if pair[0] | pair[1] != 0 {
                         fm.set_used(base + i as u64);
                     }
                 }
             } else {
-                for i in 0..self.rb_entries {
+                for i in 0..n {
                     if get_entry(&block, i, order) != 0 {
                         fm.set_used(base + i);
                     }
@@ -419,7 +424,9 @@ impl Qcow2Image {
         }
         // Metadata must never be handed out even if its refcount is (wrongly) zero.
         for &m in &self.meta {
-            fm.set_used(m);
+            if m < limit {
+                fm.set_used(m);
+            }
         }
         self.free_map = Some(fm);
         Ok(())
