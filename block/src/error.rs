@@ -40,6 +40,13 @@ pub enum Error {
 }
 
 /// Result alias for the image crate.
+impl Error {
+    /// Whether opening with O_DIRECT failed because the file system does not support it.
+    pub fn is_direct_io_unsupported(&self) -> bool {
+        matches!(self, Error::Open { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

@@ -248,7 +248,7 @@ pub(crate) fn open_image(
         },
     )
     .map_err(|e| {
-        if access.direct && matches!(&e, block::Error::Open { source, .. } if source.raw_os_error() == Some(libc::EINVAL)) {
+        if access.direct && e.is_direct_io_unsupported() {
             CliError::Usage(format!(
                 "{}: the file system does not support O_DIRECT (-t none); use -t writeback",
                 file.display()

@@ -120,7 +120,15 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
                 direct: d.direct,
             },
         )
-        .map_err(|e| derr(format!("{e}")))?;
+        .map_err(|e| {
+            if d.direct && e.is_direct_io_unsupported() {
+                derr(format!(
+                    "{e}: the file system does not support O_DIRECT (cache=none); use cache=writeback"
+                ))
+            } else {
+                derr(format!("{e}"))
+            }
+        })?;
         // QEMU's rule: detect-zeroes=unmap needs discard=unmap, else it acts like "on".
         image.set_detect_zeroes(match (d.detect_zeroes, d.discard) {
             (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
