@@ -683,40 +683,24 @@ impl Qcow2Image {
         self.write_dirty_l2()?;
         let pending = std::mem::take(&mut self.pending_frees);
         let mut punch: Vec<u64> = Vec::new();
-        // Shared clusters about to keep a single reference (see `move_last_reference`).
-        let mut unsharing: Vec<u64> = Vec::new();
+        // Decrements that would leave a shared cluster with a single reference wait until the
+        // rest of the batch is applied (see `move_last_reference`).
+        let mut unsharing: Vec<PendingFree> = Vec::new();
         for pf in pending {
-            let rc = self.refcount(pf.cluster)?;
-            if rc == 2 && !unsharing.contains(&pf.cluster) {
-                unsharing.push(pf.cluster);
+            if self.refcount(pf.cluster)? == 2 && !unsharing.iter().any(|u| u.cluster == pf.cluster)
+            {
+                unsharing.push(pf);
                 continue;
             }
-            if rc == 0 {
-                tracing::warn!(
-                    "{}: freeing cluster {} whose refcount is already 0",
-                    self.path.display(),
-                    pf.cluster
-                );
-                continue;
-            }
-            self.set_refcount(pf.cluster, rc - 1)?;
-            if rc == 1 {
-                let bytes = self.cluster_size;
-                match pf.reason {
-                    FreeReason::ZeroDetect => self.stats.zero_detect_bytes += bytes,
-                    FreeReason::Discard => self.stats.discard_bytes += bytes,
-                    FreeReason::WriteZeroes => self.stats.write_zeroes_bytes += bytes,
-                    FreeReason::Internal => {}
-                }
-                self.zero_clusters
-                    .retain(|z| z.host != pf.cluster * self.cluster_size);
-                if pf.punch {
-                    punch.push(pf.cluster);
-                }
-            }
+            self.apply_free(pf, &mut punch)?;
         }
-        for c in unsharing {
-            self.move_last_reference(c, &mut punch)?;
+        for pf in unsharing {
+            if self.refcount(pf.cluster)? == 2 {
+                self.move_last_reference(pf.cluster, &mut punch)?;
+            } else {
+                // The other reference went in the same batch.
+                self.apply_free(pf, &mut punch)?;
+            }
         }
         punch.sort_unstable();
         punch.dedup();
@@ -733,8 +717,37 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Shared cluster `cluster` (refcount 2 when queued) loses one of its references. If
-    /// the other one went in the same batch, the cluster is simply released. Otherwise its
+    /// Applies one queued refcount decrement: statistics, and the hole punch when the
+    /// cluster becomes free.
+    fn apply_free(&mut self, pf: PendingFree, punch: &mut Vec<u64>) -> Result<()> {
+        let rc = self.refcount(pf.cluster)?;
+        if rc == 0 {
+            tracing::warn!(
+                "{}: freeing cluster {} whose refcount is already 0",
+                self.path.display(),
+                pf.cluster
+            );
+            return Ok(());
+        }
+        self.set_refcount(pf.cluster, rc - 1)?;
+        if rc == 1 {
+            let bytes = self.cluster_size;
+            match pf.reason {
+                FreeReason::ZeroDetect => self.stats.zero_detect_bytes += bytes,
+                FreeReason::Discard => self.stats.discard_bytes += bytes,
+                FreeReason::WriteZeroes => self.stats.write_zeroes_bytes += bytes,
+                FreeReason::Internal => {}
+            }
+            self.zero_clusters
+                .retain(|z| z.host != pf.cluster * self.cluster_size);
+            if pf.punch {
+                punch.push(pf.cluster);
+            }
+        }
+        Ok(())
+    }
+
+    /// Shared cluster `cluster` (refcount 2) loses one of its two references. Its
     /// survivor would need COPIED the moment the refcount drops to 1, and no order of the two
     /// writes survives a crash in between (`qemu-img check` calls either mismatch a
     /// corruption). So an active survivor moves to a fresh copy first (allocated with
@@ -745,11 +758,6 @@ impl Qcow2Image {
         let cs = self.cluster_size;
         let host = cluster * cs;
         self.zero_clusters.retain(|z| z.host != host);
-        if self.refcount(cluster)? <= 1 {
-            self.set_refcount(cluster, 0)?;
-            punch.push(cluster);
-            return Ok(());
-        }
         let Some((gc, entry)) = self.find_active_reference(host)? else {
             // The survivor is not in an active, exclusively owned L2 table (e.g. an internal
             // snapshot's, where COPIED does not apply): plain decrement.
