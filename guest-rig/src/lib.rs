@@ -124,13 +124,59 @@ pub fn linux_capable_command(script: &str, timeout_secs: u64) -> Command {
     }
 }
 
-/// Runs `script` (bash) where Linux guests can run, capturing its output.
+/// The line the rig prints on stdout when its emulated hardware failed and it runs the command
+/// again in a fresh rig (see `guest-images/rig`).
+pub const RIG_RETRY_MARKER: &str = "THINVM-RIG-RETRY";
+
+/// The output of the last attempt: what follows the last [`RIG_RETRY_MARKER`] line, if any.
+pub fn last_attempt(stdout: &[u8]) -> &[u8] {
+    let marker = RIG_RETRY_MARKER.as_bytes();
+    let mut start = 0;
+    let mut pos = 0;
+    for line in stdout.split_inclusive(|&b| b == b'\n') {
+        pos += line.len();
+        if line.trim_ascii_end() == marker {
+            start = pos;
+        }
+    }
+    &stdout[start..]
+}
+
+/// Runs `script` (bash) where Linux guests can run, capturing its output. When the rig had to
+/// run it again, stdout holds the last attempt's output only.
 pub fn run_linux_capable(script: &str, timeout_secs: u64) -> Result<Output> {
-    linux_capable_command(script, timeout_secs)
+    let mut out = linux_capable_command(script, timeout_secs)
         .stdin(Stdio::null())
         .output()
         .map_err(|source| RigError::Spawn {
             what: "the Linux test rig".into(),
             source,
-        })
+        })?;
+    let kept = last_attempt(&out.stdout).len();
+    if kept != out.stdout.len() {
+        out.stdout.drain(..out.stdout.len() - kept);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_last_attempt_of_a_retried_rig_run_is_kept() {
+        assert_eq!(last_attempt(b"a\nb\n"), b"a\nb\n");
+        assert_eq!(
+            last_attempt(b"EXIT code=0\npanic\nTHINVM-RIG-RETRY\nEXIT code=1\n"),
+            b"EXIT code=1\n"
+        );
+        assert_eq!(
+            last_attempt(b"x\nTHINVM-RIG-RETRY\r\ny\nTHINVM-RIG-RETRY\nz"),
+            b"z"
+        );
+        assert_eq!(
+            last_attempt(b"THINVM-RIG-RETRY-NOT\nq\n"),
+            b"THINVM-RIG-RETRY-NOT\nq\n"
+        );
+    }
 }
