@@ -1,4 +1,5 @@
 //! KVM state: the VM (memory, IRQ chip, PIT) and its vCPUs.
 
+pub mod memory;
 pub mod vcpu;
 pub mod vm;

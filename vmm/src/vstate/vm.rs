@@ -24,7 +24,7 @@ impl Vm {
             .into_iter()
             .map(|(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let memory = GuestMemoryMmap::from_ranges(&ranges)
+        let memory = super::memory::create(&ranges)
             .map_err(|e| VmmError::Memory(format!("cannot allocate {mem_size} bytes: {e}")))?;
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
