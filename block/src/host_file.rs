@@ -175,6 +175,79 @@ impl HostFile {
         Ok(())
     }
 
+    /// Writes the concatenation of `bufs` at `offset` straight from the buffers (`pwritev`,
+    /// no copy). In direct mode the buffers are gathered into one aligned bounce buffer.
+    pub fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        if self.direct {
+            let total = bufs.iter().map(|b| b.len()).sum();
+            let mut all = Vec::with_capacity(total);
+            for b in bufs {
+                all.extend_from_slice(b);
+            }
+            return self.write_all_at(&all, offset);
+        }
+        // At most IOV_MAX (1024) buffers per call; short writes resume mid-buffer.
+        const IOV_MAX: usize = 1024;
+        let mut idx = 0;
+        let mut skip = 0usize;
+        let mut pos = offset;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
+        while idx < bufs.len() {
+            if bufs[idx].len() == skip {
+                idx += 1;
+                skip = 0;
+                continue;
+            }
+            iov.clear();
+            for (k, b) in bufs[idx..].iter().take(IOV_MAX).enumerate() {
+                let from = if k == 0 { skip } else { 0 };
+                iov.push(libc::iovec {
+                    iov_base: b[from..].as_ptr() as *mut libc::c_void,
+                    iov_len: b.len() - from,
+                });
+            }
+            let at = libc::off_t::try_from(pos)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: every iovec points into a live slice of `bufs` with its exact remaining
+            // length; pwritev only reads them.
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    at,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
+            }
+            let mut n = n as usize;
+            pos += n as u64;
+            while n > 0 {
+                let left = bufs[idx].len() - skip;
+                if n >= left {
+                    n -= left;
+                    idx += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads aligned blocks into an aligned buffer until it is full or the file ends; the
     /// rest of the buffer is zeroed. Returns the bytes read.
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

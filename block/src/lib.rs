@@ -152,6 +152,18 @@ pub trait DiskImage: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes `buf` at `offset` (subject to zero detection, see [`DiskImage::set_detect_zeroes`]).
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Writes the concatenation of `bufs` at `offset`, exactly like [`DiskImage::write_at`]
+    /// of the gathered bytes. Images that can write straight from the buffers override it;
+    /// the default gathers them into `scratch` (a reusable buffer) first.
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[&[u8]],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        gather(bufs, scratch);
+        self.write_at(offset, scratch)
+    }
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<()>;
     /// Makes `len` bytes at `offset` read as zeros. With `may_unmap`, host space may be
@@ -179,6 +191,36 @@ pub trait DiskImage: Send {
     fn idle(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Copies the concatenation of `bufs` into `scratch` (replacing its contents).
+pub(crate) fn gather(bufs: &[&[u8]], scratch: &mut Vec<u8>) {
+    scratch.clear();
+    scratch.reserve(bufs.iter().map(|b| b.len()).sum());
+    for b in bufs {
+        scratch.extend_from_slice(b);
+    }
+}
+
+/// Whether every byte of the concatenation of `bufs` in `range` is zero.
+pub(crate) fn is_zero_vectored(bufs: &[&[u8]], range: std::ops::Range<u64>) -> bool {
+    let mut at = 0u64;
+    for b in bufs {
+        let (s, e) = (at, at + b.len() as u64);
+        at = e;
+        if e <= range.start {
+            continue;
+        }
+        if s >= range.end {
+            break;
+        }
+        let from = range.start.saturating_sub(s) as usize;
+        let to = (range.end.min(e) - s) as usize;
+        if !zero::is_zero(&b[from..to]) {
+            return false;
+        }
+    }
+    true
 }
 
 /// How to open an image.

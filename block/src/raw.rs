@@ -222,6 +222,29 @@ impl DiskImage for RawImage {
             .map_err(|e| Error::io("write raw image", e))
     }
 
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[&[u8]],
+        _scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_writable()?;
+        check_range(offset, total, self.size)?;
+        if self.detect_zeroes != DetectZeroes::Off
+            && total > 0
+            && crate::is_zero_vectored(bufs, 0..total)
+        {
+            let unmap = self.detect_zeroes == DetectZeroes::Unmap;
+            let released = self.zero_or_unmap(offset, total, unmap)?;
+            self.stats.zero_detect_bytes += released;
+            return Ok(());
+        }
+        self.file
+            .write_vectored_all_at(bufs, offset)
+            .map_err(|e| Error::io("write raw image", e))
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());

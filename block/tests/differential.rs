@@ -20,6 +20,23 @@ struct Config {
     direct: bool,
 }
 
+/// `buf` cut at random points into pieces: 4 KiB pages, odd sizes, and empty pieces.
+fn split_randomly<'a>(buf: &'a [u8], rng: &mut Rng) -> Vec<&'a [u8]> {
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let n = match rng.below(4) {
+            0 => 4096,
+            1 => 0,
+            _ => 1 + rng.below(3 * 4096) as usize,
+        }
+        .min(buf.len() - at);
+        pieces.push(&buf[at..at + n]);
+        at += n;
+    }
+    pieces
+}
+
 fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
     let dir = TempDir::new("diff");
     let size: u64 = 4 << 20;
@@ -53,6 +70,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
         )
         .unwrap()
     };
+    let mut scratch = Vec::new();
     for batch in 0..batches {
         let mut im = open(false);
         let mode = match rng.below(3) {
@@ -91,7 +109,14 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                         let zs = rng.below(l as u64 / 2) as usize;
                         buf[zs..zs + cfg.cluster_size as usize].fill(0);
                     }
-                    im.write_at(off, &buf).unwrap();
+                    if rng.below(2) == 0 {
+                        im.write_at(off, &buf).unwrap();
+                    } else {
+                        // As the device sends it: the guest's buffer in pieces (page-sized
+                        // or odd, some empty), written without gathering where possible.
+                        let pieces = split_randomly(&buf, rng);
+                        im.write_vectored_at(off, &pieces, &mut scratch).unwrap();
+                    }
                     model[o..o + l].copy_from_slice(&buf);
                 }
                 4 => {

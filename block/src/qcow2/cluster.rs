@@ -395,6 +395,48 @@ impl Qcow2Image {
         }
     }
 
+    /// Where the guest range `offset..offset + len` (the concatenation of `bufs`) can be
+    /// written in one piece, straight from the buffers: every cluster it touches is a data
+    /// cluster writable in place (COPIED, so refcount 1, and not a shared v2 zero cluster), the
+    /// clusters follow each other in the file, and under zero detection no piece of the range
+    /// is all zeros. `None` when the general path ([`Self::write_guest`]) is needed.
+    pub(crate) fn in_place_host_run(
+        &mut self,
+        offset: u64,
+        len: u64,
+        bufs: &[&[u8]],
+    ) -> Result<Option<u64>> {
+        let cs = self.cluster_size;
+        if len == 0 {
+            return Ok(None);
+        }
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        let detect = self.detect_zeroes != DetectZeroes::Off;
+        let mut first_host = 0;
+        for gc in first..=last {
+            if detect {
+                let s = (gc * cs).max(offset) - offset;
+                let e = ((gc + 1) * cs).min(offset + len) - offset;
+                if crate::is_zero_vectored(bufs, s..e) {
+                    return Ok(None);
+                }
+            }
+            let Mapping::Data { host, copied: true } = self.mapping(gc)? else {
+                return Ok(None);
+            };
+            if gc == first {
+                first_host = host;
+            } else if host != first_host + (gc - first) * cs {
+                return Ok(None);
+            }
+            if self.zero_clusters.iter().any(|z| z.host == host) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(first_host + offset % cs))
+    }
+
     pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.cluster_size;
         let len = buf.len() as u64;

@@ -531,6 +531,33 @@ impl DiskImage for Qcow2Image {
         self.after_request(r)
     }
 
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[&[u8]],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check_writable()?;
+        crate::check_range(offset, total, self.header.size)?;
+        // Overwrites of allocated clusters go to the file straight from the buffers; anything
+        // that allocates, copies on write or reclaims takes the general path.
+        if !self.file.is_direct() {
+            let r = match self.in_place_host_run(offset, total, bufs) {
+                Ok(Some(host)) => self.pwrite_vectored(bufs, host, "guest data"),
+                Ok(None) => {
+                    crate::gather(bufs, scratch);
+                    self.write_guest(offset, scratch)
+                }
+                Err(e) => Err(e),
+            };
+            return self.after_request(r);
+        }
+        crate::gather(bufs, scratch);
+        let r = self.write_guest(offset, scratch);
+        self.after_request(r)
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());

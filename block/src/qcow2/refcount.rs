@@ -269,6 +269,23 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Writes the concatenation of `bufs` at host `offset` (no gathering copy).
+    pub(crate) fn pwrite_vectored(
+        &mut self,
+        bufs: &[&[u8]],
+        offset: u64,
+        what: &str,
+    ) -> Result<()> {
+        self.file
+            .write_vectored_all_at(bufs, offset)
+            .map_err(|e| Error::io(format!("write {what}"), e))?;
+        let end = offset + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        if end > self.file_len {
+            self.file_len = end;
+        }
+        Ok(())
+    }
+
     /// Validates a refcount block offset from the refcount table.
     fn check_refblock_offset(&mut self, ti: usize, off: u64) -> Result<()> {
         if off % self.cluster_size != 0 {

@@ -6,7 +6,10 @@ use std::time::Instant;
 use block::DiskImage;
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 
 use super::stats::BlockStats;
 
@@ -159,6 +162,39 @@ fn ioerr(msg: String) -> Outcome {
     }
 }
 
+/// Appends `len` bytes of guest memory at `addr` to `parts` as byte slices (one per RAM
+/// region the range touches); false if any of it lies outside guest RAM.
+fn guest_parts<'m>(
+    mem: &'m GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    parts: &mut Vec<&'m [u8]>,
+) -> bool {
+    let mut at = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some(region) = mem.find_region(at) else {
+            return false;
+        };
+        let off = at.0 - region.start_addr().0;
+        let take = left.min((region.len() - off) as usize);
+        let Ok(vs) = region.get_slice(MemoryRegionAddress(off), take) else {
+            return false;
+        };
+        let ptr = vs.ptr_guard().as_ptr();
+        // SAFETY: `get_slice` checked that the `take` bytes lie inside this mapped RAM
+        // region, which stays mapped for the VM's whole life (guest RAM is never unmapped),
+        // so the pointer is valid for `take` bytes while `mem` is borrowed. The guest may
+        // change the bytes while they are being written (a driver modifying a buffer it
+        // handed to the device): the slice is only read (zero detection, pwritev), and the
+        // disk then holds some mix of old and new bytes, all the guest can expect from that.
+        parts.push(unsafe { std::slice::from_raw_parts(ptr, take) });
+        left -= take;
+        at = GuestAddress(at.0 + take as u64);
+    }
+    true
+}
+
 /// The first `n` bytes of `bounce`, grown (never shrunk, so never re-zeroed) as needed.
 fn sized(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
     if bounce.len() < n {
@@ -254,34 +290,36 @@ pub fn execute(
                 Ok(o) => o,
                 Err(m) => return ioerr(format!("write: {m}")),
             };
-            // Gather the request (up to CHUNK at a time) so zero detection sees whole
-            // clusters even when the guest split the buffer into pages.
+            // The image gets the request up to CHUNK at a time as a list of slices of guest
+            // memory, so zero detection sees whole clusters even when the guest split the
+            // buffer into pages, and overwrites need no gathering copy.
             let mut pos = offset;
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(req.data.len());
             let mut filled = 0usize;
-            let buf = sized(bounce, (total.min(CHUNK as u64)) as usize);
             for &(addr, len, _) in &req.data {
                 let mut done = 0usize;
                 while done < len as usize {
-                    let n = (len as usize - done).min(buf.len() - filled);
+                    let n = (len as usize - done).min(CHUNK - filled);
                     let Some(a) = addr.checked_add(done as u64) else {
                         return ioerr("write buffer wraps around".into());
                     };
-                    if mem.read_slice(&mut buf[filled..filled + n], a).is_err() {
+                    if !guest_parts(mem, a, n, &mut parts) {
                         return ioerr("write buffer outside guest memory".into());
                     }
                     done += n;
                     filled += n;
-                    if filled == buf.len() {
-                        if let Err(e) = image.write_at(pos, buf) {
+                    if filled == CHUNK {
+                        if let Err(e) = image.write_vectored_at(pos, &parts, bounce) {
                             return ioerr(format!("write at {pos}: {e}"));
                         }
                         pos += filled as u64;
                         filled = 0;
+                        parts.clear();
                     }
                 }
             }
             if filled > 0 {
-                if let Err(e) = image.write_at(pos, &buf[..filled]) {
+                if let Err(e) = image.write_vectored_at(pos, &parts, bounce) {
                     return ioerr(format!("write at {pos}: {e}"));
                 }
             }
