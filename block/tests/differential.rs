@@ -120,7 +120,13 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                     model[o..o + l].copy_from_slice(&buf);
                 }
                 4 => {
-                    im.write_at(off, &vec![0u8; l]).unwrap();
+                    let zeros = vec![0u8; l];
+                    if rng.below(2) == 0 {
+                        im.write_at(off, &zeros).unwrap();
+                    } else {
+                        let pieces = split_randomly(&zeros, rng);
+                        im.write_vectored_at(off, &pieces, &mut scratch).unwrap();
+                    }
                     model[o..o + l].fill(0);
                 }
                 5 => {

@@ -437,6 +437,27 @@ impl Qcow2Image {
         Ok(Some(first_host + offset % cs))
     }
 
+    /// A write of `len` zero bytes at `offset` that zero detection caught (detection on):
+    /// whole clusters become zero clusters (unmapped under `unmap`), partial ones are zeroed.
+    pub(crate) fn detected_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.cluster_size;
+        let unmap = self.detect_zeroes == DetectZeroes::Unmap;
+        let mut pos = 0u64;
+        while pos < len {
+            let goff = offset + pos;
+            let gc = goff / cs;
+            let in_off = goff % cs;
+            let n = (cs - in_off).min(len - pos);
+            if n == cs {
+                self.make_cluster_zero(gc, unmap, FreeReason::ZeroDetect)?;
+            } else {
+                self.zero_cluster_part(gc, in_off, n, unmap, FreeReason::ZeroDetect)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
     pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         let cs = self.cluster_size;
         let len = buf.len() as u64;
@@ -463,12 +484,7 @@ impl Qcow2Image {
             let n = (cs - in_off).min(len - pos);
             let piece = &buf[pos as usize..(pos + n) as usize];
             if detect != DetectZeroes::Off && is_zero(piece) {
-                let unmap = detect == DetectZeroes::Unmap;
-                if n == cs {
-                    self.make_cluster_zero(gc, unmap, FreeReason::ZeroDetect)?;
-                } else {
-                    self.zero_cluster_part(gc, in_off, n, unmap, FreeReason::ZeroDetect)?;
-                }
+                self.detected_zeroes(goff, n)?;
                 pos += n;
                 continue;
             }

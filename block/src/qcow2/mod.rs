@@ -540,6 +540,14 @@ impl DiskImage for Qcow2Image {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check_writable()?;
         crate::check_range(offset, total, self.header.size)?;
+        // All zeros under zero detection: no data to write, nothing to gather.
+        if total > 0
+            && self.detect_zeroes != DetectZeroes::Off
+            && crate::is_zero_vectored(bufs, 0..total)
+        {
+            let r = self.detected_zeroes(offset, total);
+            return self.after_request(r);
+        }
         // Overwrites of allocated clusters go to the file straight from the buffers; anything
         // that allocates, copies on write or reclaims takes the general path.
         if !self.file.is_direct() {
