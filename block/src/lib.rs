@@ -11,6 +11,7 @@
 pub mod error;
 pub mod host_file;
 pub mod inspect;
+mod parallel;
 pub mod qcow2;
 pub mod raw;
 pub mod zero;
@@ -164,6 +165,32 @@ pub trait DiskImage: Send {
         gather(bufs, scratch);
         self.write_at(offset, scratch)
     }
+    /// Reads every `(offset, buf)` of a batch, as [`DiskImage::read_at`] would. Images may
+    /// run the batch's data reads in parallel, on up to `threads` threads (a queue depth
+    /// above one). Stops at the first error.
+    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
+        let _ = threads;
+        for (offset, buf) in reqs.iter_mut() {
+            self.read_at(*offset, buf)?;
+        }
+        Ok(())
+    }
+    /// Writes every `(offset, buffers)` of a batch in order, as
+    /// [`DiskImage::write_vectored_at`] would. Images may run the data writes of requests
+    /// that touch different clusters in parallel, on up to `threads` threads; requests that
+    /// share a cluster keep their order. Stops at the first error.
+    fn write_many(
+        &mut self,
+        reqs: &[(u64, &[&[u8]])],
+        threads: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let _ = threads;
+        for (offset, bufs) in reqs {
+            self.write_vectored_at(*offset, bufs, scratch)?;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<()>;
     /// Makes `len` bytes at `offset` read as zeros. With `may_unmap`, host space may be
@@ -221,6 +248,11 @@ pub(crate) fn is_zero_vectored(bufs: &[&[u8]], range: std::ops::Range<u64>) -> b
         }
     }
     true
+}
+
+/// Whether `start..end` overlaps one of `ranges`.
+pub(crate) fn overlaps(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    ranges.iter().any(|&(s, e)| s < end && start < e)
 }
 
 /// How to open an image.

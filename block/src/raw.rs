@@ -222,6 +222,55 @@ impl DiskImage for RawImage {
             .map_err(|e| Error::io("write raw image", e))
     }
 
+    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
+        for (offset, buf) in reqs.iter() {
+            check_range(*offset, buf.len() as u64, self.size)?;
+        }
+        let jobs = reqs
+            .iter_mut()
+            .map(|(offset, buf)| crate::parallel::ReadJob {
+                offset: *offset,
+                buf: &mut buf[..],
+            })
+            .collect();
+        crate::parallel::read_all(&self.file, jobs, threads)
+            .map_err(|e| Error::io("read raw image", e))
+    }
+
+    fn write_many(
+        &mut self,
+        reqs: &[(u64, &[&[u8]])],
+        threads: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
+        let mut pending: Vec<(u64, u64)> = Vec::new();
+        for &(offset, bufs) in reqs {
+            let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            check_range(offset, total, self.size)?;
+            if crate::overlaps(&pending, offset, offset + total) {
+                crate::parallel::write_all(&self.file, std::mem::take(&mut jobs), threads)
+                    .map_err(|e| Error::io("write raw image", e))?;
+                pending.clear();
+            }
+            if self.detect_zeroes != DetectZeroes::Off
+                && total > 0
+                && crate::is_zero_vectored(bufs, 0..total)
+            {
+                self.write_vectored_at(offset, bufs, scratch)?;
+                continue;
+            }
+            jobs.push(crate::parallel::WriteJob {
+                offset,
+                bufs: bufs.to_vec(),
+            });
+            pending.push((offset, offset + total));
+        }
+        crate::parallel::write_all(&self.file, jobs, threads)
+            .map_err(|e| Error::io("write raw image", e))
+    }
+
     fn write_vectored_at(
         &mut self,
         offset: u64,

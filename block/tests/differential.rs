@@ -100,7 +100,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                 continue;
             }
             let (o, l) = (off as usize, len as usize);
-            match rng.below(10) {
+            match rng.below(12) {
                 0..=3 => {
                     let mut buf = vec![0u8; l];
                     rng.fill(&mut buf);
@@ -139,6 +139,51 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                     model[o..o + l].fill(0);
                 }
                 7 => im.flush().unwrap(),
+                10 => {
+                    // A batch of writes (a queue depth above one): some overlap, some are
+                    // all zeros; applied in order.
+                    let n = 2 + rng.below(7) as usize;
+                    let mut datas = Vec::new();
+                    for _ in 0..n {
+                        let l = 512 * (1 + rng.below(3 * cfg.cluster_size / 512 + 1));
+                        let o = rng.below(size - l) & !511;
+                        let mut d = vec![0u8; l as usize];
+                        if rng.below(4) != 0 {
+                            rng.fill(&mut d);
+                        }
+                        datas.push((o, d));
+                    }
+                    let pieces: Vec<Vec<&[u8]>> =
+                        datas.iter().map(|(_, d)| split_randomly(d, rng)).collect();
+                    let reqs: Vec<(u64, &[&[u8]])> = datas
+                        .iter()
+                        .zip(&pieces)
+                        .map(|((o, _), p)| (*o, &p[..]))
+                        .collect();
+                    im.write_many(&reqs, 4, &mut scratch).unwrap();
+                    for (o, d) in &datas {
+                        model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+                    }
+                }
+                11 => {
+                    let n = 2 + rng.below(7) as usize;
+                    let mut bufs: Vec<(u64, Vec<u8>)> = (0..n)
+                        .map(|_| {
+                            let l = 1 + rng.below(3 * cfg.cluster_size);
+                            (rng.below(size - l), vec![0xeeu8; l as usize])
+                        })
+                        .collect();
+                    let mut reqs: Vec<(u64, &mut [u8])> =
+                        bufs.iter_mut().map(|(o, b)| (*o, &mut b[..])).collect();
+                    im.read_many(&mut reqs, 4).unwrap();
+                    for (o, b) in &bufs {
+                        assert_bytes_eq(
+                            b,
+                            &model[*o as usize..*o as usize + b.len()],
+                            &format!("{what}: batch {batch} op {op} batched read at {o}"),
+                        );
+                    }
+                }
                 _ => {
                     let mut buf = vec![0u8; l];
                     im.read_at(off, &mut buf).unwrap();

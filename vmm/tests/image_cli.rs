@@ -416,6 +416,48 @@ fn compact_and_bench_work() {
     );
     assert!(out.contains("Run completed in"), "{out}");
     assert_eq!(sh(&["qemu-img", "check", i]).status.code(), Some(0));
+    // Queue depth 16: batches whose data writes run in parallel (over allocated clusters
+    // and fresh ones), then parallel reads; qemu-io sees every request's pattern.
+    ok_out(
+        &tv(&[
+            "image",
+            "bench",
+            "-c",
+            "300",
+            "-d",
+            "16",
+            "-w",
+            "--pattern",
+            "0x3c",
+            "-s",
+            "8k",
+            "-S",
+            "96k",
+            i,
+        ]),
+        "bench -d 16 -w",
+    );
+    ok_out(
+        &tv(&[
+            "image", "bench", "-c", "300", "-d", "16", "-s", "8k", "-S", "96k", i,
+        ]),
+        "bench -d 16",
+    );
+    assert_eq!(sh(&["qemu-img", "check", i]).status.code(), Some(0));
+    let mut cmds = Vec::new();
+    for k in [0u64, 1, 150, 299] {
+        cmds.push("-c".to_string());
+        cmds.push(format!("read -P 0x3c {} 8k", k * 96 * 1024));
+    }
+    let mut args: Vec<&str> = vec!["qemu-io"];
+    args.extend(cmds.iter().map(|c| c.as_str()));
+    args.push(i);
+    let q = sh(&args);
+    let qout = text(&q.stdout);
+    assert!(
+        !qout.contains("fail") && qout.contains("read 8192/8192"),
+        "{qout}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use super::{
     Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
     RESERVED_HIGH,
 };
+use crate::parallel::ReadJob;
 use crate::zero::is_zero;
 use crate::{DetectZeroes, Error, MapExtent, Result};
 
@@ -324,9 +325,27 @@ impl Qcow2Image {
     }
 
     pub(crate) fn read_guest(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut jobs = Vec::new();
+        self.plan_read(offset, buf, &mut jobs)?;
+        for j in jobs {
+            super::read_exact_or_eof(&self.file, j.buf, j.offset)?;
+        }
+        Ok(())
+    }
+
+    /// Resolves a guest read: zeros, backing-file data and compressed clusters are filled in
+    /// at once; the parts stored as data clusters of this file become `jobs` (host offset and
+    /// the part of `buf` to read into), to run one by one or in parallel.
+    pub(crate) fn plan_read<'b>(
+        &mut self,
+        offset: u64,
+        buf: &'b mut [u8],
+        jobs: &mut Vec<ReadJob<'b>>,
+    ) -> Result<()> {
         let cs = self.cluster_size;
         let len = buf.len() as u64;
         let mut pos = 0u64;
+        let mut rest: &'b mut [u8] = buf;
         let mut scratch: Vec<u8> = Vec::new();
         while pos < len {
             let goff = offset + pos;
@@ -358,11 +377,13 @@ impl Qcow2Image {
                 }
             }
             let n = (run_end.min(offset + len) - goff) as usize;
-            let dst = &mut buf[pos as usize..pos as usize + n];
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
             match m {
-                Mapping::Data { host, .. } => {
-                    super::read_exact_or_eof(&self.file, dst, host + in_off)?;
-                }
+                Mapping::Data { host, .. } => jobs.push(ReadJob {
+                    offset: host + in_off,
+                    buf: dst,
+                }),
                 Mapping::Zero { .. } => dst.fill(0),
                 Mapping::Unallocated => self.read_backing(goff, dst)?,
                 Mapping::Compressed(_) => {

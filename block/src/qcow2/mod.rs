@@ -425,6 +425,69 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Image {
+    /// [`DiskImage::write_many`]: requests are resolved in order; overwrites of allocated
+    /// clusters are collected and written in parallel, everything else (allocation, COW, zero
+    /// detection) runs at once. A request sharing a cluster with a collected one first waits
+    /// for the collected writes.
+    fn write_batch(
+        &mut self,
+        reqs: &[(u64, &[&[u8]])],
+        threads: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let cs = self.cluster_size;
+        let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
+        let mut pending: Vec<(u64, u64)> = Vec::new();
+        for &(offset, bufs) in reqs {
+            let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            crate::check_range(offset, total, self.header.size)?;
+            if total == 0 {
+                continue;
+            }
+            let span = (offset / cs * cs, (offset + total).div_ceil(cs) * cs);
+            if crate::overlaps(&pending, span.0, span.1) {
+                self.run_write_jobs(std::mem::take(&mut jobs), threads)?;
+                pending.clear();
+            }
+            if self.detect_zeroes != DetectZeroes::Off && crate::is_zero_vectored(bufs, 0..total) {
+                self.detected_zeroes(offset, total)?;
+                continue;
+            }
+            match self.in_place_host_run(offset, total, bufs)? {
+                Some(host) => {
+                    jobs.push(crate::parallel::WriteJob {
+                        offset: host,
+                        bufs: bufs.to_vec(),
+                    });
+                    pending.push(span);
+                }
+                None => {
+                    crate::gather(bufs, scratch);
+                    self.write_guest(offset, scratch)?;
+                }
+            }
+        }
+        self.run_write_jobs(jobs, threads)
+    }
+
+    fn run_write_jobs(
+        &mut self,
+        jobs: Vec<crate::parallel::WriteJob>,
+        threads: usize,
+    ) -> Result<()> {
+        let end = jobs
+            .iter()
+            .map(|j| j.offset + j.bufs.iter().map(|b| b.len() as u64).sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        crate::parallel::write_all(&self.file, jobs, threads)
+            .map_err(|e| Error::io("write guest data", e))?;
+        self.file_len = self.file_len.max(end);
+        Ok(())
+    }
+}
+
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
         if !self.read_only && !self.broken {
@@ -528,6 +591,29 @@ impl DiskImage for Qcow2Image {
         self.check_writable()?;
         crate::check_range(offset, buf.len() as u64, self.header.size)?;
         let r = self.write_guest(offset, buf);
+        self.after_request(r)
+    }
+
+    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
+        for (offset, buf) in reqs.iter() {
+            crate::check_range(*offset, buf.len() as u64, self.header.size)?;
+        }
+        let mut jobs = Vec::new();
+        for (offset, buf) in reqs.iter_mut() {
+            self.plan_read(*offset, buf, &mut jobs)?;
+        }
+        crate::parallel::read_all(&self.file, jobs, threads)
+            .map_err(|e| Error::io("read qcow2 image", e))
+    }
+
+    fn write_many(
+        &mut self,
+        reqs: &[(u64, &[&[u8]])],
+        threads: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let r = self.write_batch(reqs, threads, scratch);
         self.after_request(r)
     }
 
