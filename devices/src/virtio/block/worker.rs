@@ -141,7 +141,6 @@ impl Worker {
     /// Processes every available request.
     fn process_queue(&mut self, s: &mut Serving, bounce: &mut Vec<u8>) {
         let mem = s.mem.clone();
-        let event_idx = s.queue.event_idx_enabled();
         loop {
             if let Err(e) = s.queue.disable_notification(&mem) {
                 request::ratelimited_warn(&format!("queue: {e}"));
@@ -153,12 +152,6 @@ impl Worker {
                 let used = self.handle(&descs, truncated, &mem, bounce);
                 if let Err(e) = s.queue.add_used(&mem, head, used) {
                     request::ratelimited_warn(&format!("cannot return a used buffer: {e}"));
-                }
-                // With EVENT_IDX the driver says when it wants an interrupt: tell it about
-                // each completion it is waiting for right away, so its next requests need not
-                // wait for the whole batch (without EVENT_IDX: one interrupt per batch).
-                if event_idx && matches!(s.queue.needs_notification(&mem), Ok(true)) {
-                    s.interrupt.trigger(INT_VRING);
                 }
             }
             match s.queue.enable_notification(&mem) {
