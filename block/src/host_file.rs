@@ -179,7 +179,17 @@ impl HostFile {
     /// no copy). In direct mode the buffers are gathered into one aligned bounce buffer.
     pub fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
         if self.direct {
-            let total = bufs.iter().map(|b| b.len()).sum();
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            if offset % DIRECT_ALIGN == 0 && total as u64 % DIRECT_ALIGN == 0 {
+                // Aligned: one copy into an aligned buffer, written as it is.
+                let mut aligned = AlignedBuf::new(total);
+                let mut at = 0;
+                for b in bufs {
+                    aligned.as_mut_slice()[at..at + b.len()].copy_from_slice(b);
+                    at += b.len();
+                }
+                return self.file.write_all_at(aligned.as_slice(), offset);
+            }
             let mut all = Vec::with_capacity(total);
             for b in bufs {
                 all.extend_from_slice(b);

@@ -326,7 +326,7 @@ impl Qcow2Image {
 
     pub(crate) fn read_guest(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut jobs = Vec::new();
-        self.plan_read(offset, buf, &mut jobs)?;
+        self.plan_read(offset, buf, &mut jobs, None)?;
         for j in jobs {
             super::read_exact_or_eof(&self.file, j.buf, j.offset)?;
         }
@@ -335,12 +335,15 @@ impl Qcow2Image {
 
     /// Resolves a guest read: zeros, backing-file data and compressed clusters are filled in
     /// at once; the parts stored as data clusters of this file become `jobs` (host offset and
-    /// the part of `buf` to read into), to run one by one or in parallel.
+    /// the part of `buf` to read into), to run one by one or in parallel. With
+    /// `backing_jobs`, the parts that come from the backing file are not read either but
+    /// collected there (guest offset, part of `buf`), for one batch on the backing image.
     pub(crate) fn plan_read<'b>(
         &mut self,
         offset: u64,
         buf: &'b mut [u8],
         jobs: &mut Vec<ReadJob<'b>>,
+        mut backing_jobs: Option<&mut Vec<(u64, &'b mut [u8])>>,
     ) -> Result<()> {
         let cs = self.cluster_size;
         let len = buf.len() as u64;
@@ -385,7 +388,17 @@ impl Qcow2Image {
                     buf: dst,
                 }),
                 Mapping::Zero { .. } => dst.fill(0),
-                Mapping::Unallocated => self.read_backing(goff, dst)?,
+                Mapping::Unallocated => match (backing_jobs.as_deref_mut(), &self.backing) {
+                    (Some(bj), Some(b)) => {
+                        let avail = b.virtual_size().saturating_sub(goff).min(n as u64) as usize;
+                        let (from_backing, past_end) = dst.split_at_mut(avail);
+                        past_end.fill(0);
+                        if avail > 0 {
+                            bj.push((goff, from_backing));
+                        }
+                    }
+                    _ => self.read_backing(goff, dst)?,
+                },
                 Mapping::Compressed(_) => {
                     scratch.resize(cs as usize, 0);
                     self.read_cluster(gc, m, &mut scratch)?;

@@ -599,8 +599,14 @@ impl DiskImage for Qcow2Image {
             crate::check_range(*offset, buf.len() as u64, self.header.size)?;
         }
         let mut jobs = Vec::new();
+        let mut backing_jobs = Vec::new();
         for (offset, buf) in reqs.iter_mut() {
-            self.plan_read(*offset, buf, &mut jobs)?;
+            self.plan_read(*offset, buf, &mut jobs, Some(&mut backing_jobs))?;
+        }
+        if let Some(b) = self.backing.as_mut() {
+            if !backing_jobs.is_empty() {
+                b.read_many(&mut backing_jobs, threads)?;
+            }
         }
         crate::parallel::read_all(&self.file, jobs, threads)
             .map_err(|e| Error::io("read qcow2 image", e))
