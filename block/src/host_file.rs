@@ -52,6 +52,11 @@ impl AlignedBuf {
     }
 }
 
+/// Whether `buf` can go to an O_DIRECT file as it is: address and length 4 KiB-aligned.
+fn is_aligned(buf: &[u8]) -> bool {
+    (buf.as_ptr() as usize) % DIRECT_ALIGN as usize == 0 && (buf.len() as u64) % DIRECT_ALIGN == 0
+}
+
 fn align_down(v: u64) -> u64 {
     v & !(DIRECT_ALIGN - 1)
 }
@@ -103,7 +108,7 @@ impl HostFile {
 
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        if !self.direct {
+        if !self.direct || (offset % DIRECT_ALIGN == 0 && is_aligned(buf)) {
             return self.file.read_at(buf, offset);
         }
         if buf.is_empty() {
@@ -136,7 +141,7 @@ impl HostFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !self.direct {
+        if !self.direct || (offset % DIRECT_ALIGN == 0 && is_aligned(buf)) {
             return self.file.write_all_at(buf, offset);
         }
         if buf.is_empty() {
@@ -178,7 +183,8 @@ impl HostFile {
     /// Writes the concatenation of `bufs` at `offset` straight from the buffers (`pwritev`,
     /// no copy). In direct mode the buffers are gathered into one aligned bounce buffer.
     pub fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        if self.direct {
+        let zero_copy = offset % DIRECT_ALIGN == 0 && bufs.iter().all(|b| is_aligned(b));
+        if self.direct && !zero_copy {
             let total: usize = bufs.iter().map(|b| b.len()).sum();
             if offset % DIRECT_ALIGN == 0 && total as u64 % DIRECT_ALIGN == 0 {
                 // Aligned: one copy into an aligned buffer, written as it is.
@@ -330,12 +336,33 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
+        // Every third write and read is fully aligned (address, length, offset): those go to
+        // the file without a bounce buffer; vectored writes gather or go straight through.
+        let mut aligned_store = vec![0u8; 16384 + 4096];
+        let a0 = aligned_store.as_ptr().align_offset(4096);
         for i in 0..300 {
-            let off = next() % 40_000;
-            let len = (next() % 9000) as usize + 1;
             let byte = (i % 251) as u8 + 1;
+            let (off, len) = if i % 3 == 0 {
+                ((next() % 10) * 4096, ((next() % 4) as usize + 1) * 4096)
+            } else {
+                (next() % 40_000, (next() % 9000) as usize + 1)
+            };
             let data = vec![byte; len];
-            f.write_all_at(&data, off).unwrap();
+            if i % 3 == 0 {
+                let buf = &mut aligned_store[a0..a0 + len];
+                buf.fill(byte);
+                if i % 2 == 0 {
+                    f.write_all_at(buf, off).unwrap();
+                } else {
+                    let (x, y) = buf.split_at(4096);
+                    f.write_vectored_all_at(&[x, y], off).unwrap();
+                }
+            } else if i % 3 == 1 {
+                let (x, y) = data.split_at(len / 2);
+                f.write_vectored_all_at(&[x, &[], y], off).unwrap();
+            } else {
+                f.write_all_at(&data, off).unwrap();
+            }
             let end = off as usize + len;
             if model.len() < end {
                 model.resize(end, 0);
@@ -346,10 +373,20 @@ mod tests {
                 model.len() as u64,
                 "length after write {i}"
             );
-            let roff = next() % 45_000;
-            let rlen = (next() % 9000) as usize + 1;
+            let (roff, rlen) = if i % 3 == 2 {
+                ((next() % 12) * 4096, ((next() % 4) as usize + 1) * 4096)
+            } else {
+                (next() % 45_000, (next() % 9000) as usize + 1)
+            };
             let mut got = vec![0xeeu8; rlen];
-            let n = f.read_at(&mut got, roff).unwrap();
+            let n = if i % 3 == 2 {
+                let buf = &mut aligned_store[a0..a0 + rlen];
+                let n = f.read_at(buf, roff).unwrap();
+                got[..n].copy_from_slice(&buf[..n]);
+                n
+            } else {
+                f.read_at(&mut got, roff).unwrap()
+            };
             let want: &[u8] = model.get(roff as usize..).unwrap_or(&[]);
             let want = &want[..want.len().min(rlen)];
             assert_eq!(n, want.len(), "read length {i}");

@@ -139,8 +139,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     } else {
         (depth * 8).min(((64 << 20) / size) as usize).max(depth)
     };
-    let wbuf = vec![pattern; size as usize];
-    let mut rbufs = vec![vec![pattern; size as usize]; batch];
+    let wbuf = Aligned::new(size as usize, pattern);
+    let wbuf = wbuf.get();
+    let mut rbufs: Vec<Aligned> = (0..batch)
+        .map(|_| Aligned::new(size as usize, pattern))
+        .collect();
     let mut scratch = Vec::new();
     let slots = vsize / size;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -167,9 +170,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let offsets: Vec<u64> = (0..n).map(|_| next_offset()).collect();
         if a.write {
             if n == 1 {
-                img.write_at(offsets[0], &wbuf).map_err(err)?;
+                img.write_at(offsets[0], wbuf).map_err(err)?;
             } else {
-                let one: [&[u8]; 1] = [&wbuf];
+                let one: [&[u8]; 1] = [wbuf];
                 let reqs: Vec<(u64, &[&[u8]])> = offsets.iter().map(|&o| (o, &one[..])).collect();
                 img.write_many(&reqs, depth, &mut scratch).map_err(err)?;
             }
@@ -179,12 +182,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 }
             }
         } else if n == 1 {
-            img.read_at(offsets[0], &mut rbufs[0]).map_err(err)?;
+            img.read_at(offsets[0], rbufs[0].get_mut()).map_err(err)?;
         } else {
             let mut reqs: Vec<(u64, &mut [u8])> = offsets
                 .iter()
                 .zip(rbufs.iter_mut())
-                .map(|(&o, b)| (o, &mut b[..]))
+                .map(|(&o, b)| (o, b.get_mut()))
                 .collect();
             img.read_many(&mut reqs, depth).map_err(err)?;
         }
@@ -202,4 +205,32 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ops * size as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// A buffer at a 4 KiB-aligned address, as qemu-img bench allocates them, so that `-t none`
+/// (O_DIRECT) can read and write it without a bounce copy.
+struct Aligned {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Self {
+        let storage = vec![fill; len + 4096];
+        let start = storage.as_ptr().align_offset(4096).min(4096);
+        Aligned {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    fn get_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
 }
