@@ -26,14 +26,16 @@ pub struct HostFile {
 
 /// A buffer of `len` bytes whose start is aligned to [`DIRECT_ALIGN`] (a slice of a slightly
 /// larger vector, so no unsafe allocation is needed).
-struct AlignedBuf {
+/// A zero-filled buffer at a 4 KiB-aligned address: what O_DIRECT reads and writes need.
+pub struct AlignedBuf {
     storage: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    /// `len` zero bytes at a 4 KiB-aligned address.
+    pub fn new(len: usize) -> Self {
         let storage = vec![0u8; len + DIRECT_ALIGN as usize];
         let start = storage.as_ptr().align_offset(DIRECT_ALIGN as usize);
         AlignedBuf {
@@ -43,11 +45,13 @@ impl AlignedBuf {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    /// The buffer.
+    pub fn as_slice(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    /// The buffer, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }
 }

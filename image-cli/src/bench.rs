@@ -7,6 +7,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use block::host_file::AlignedBuf;
+
 use crate::error::{CliError, Result};
 use crate::size::parse_size;
 use crate::{CacheArg, FormatArg};
@@ -139,10 +141,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     } else {
         (depth * 8).min(((64 << 20) / size) as usize).max(depth)
     };
-    let wbuf = Aligned::new(size as usize, pattern);
-    let wbuf = wbuf.get();
-    let mut rbufs: Vec<Aligned> = (0..batch)
-        .map(|_| Aligned::new(size as usize, pattern))
+    let wbuf = aligned(size as usize, pattern);
+    let wbuf = wbuf.as_slice();
+    let mut rbufs: Vec<AlignedBuf> = (0..batch)
+        .map(|_| aligned(size as usize, pattern))
         .collect();
     let mut scratch = Vec::new();
     let slots = vsize / size;
@@ -182,12 +184,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 }
             }
         } else if n == 1 {
-            img.read_at(offsets[0], rbufs[0].get_mut()).map_err(err)?;
+            img.read_at(offsets[0], rbufs[0].as_mut_slice())
+                .map_err(err)?;
         } else {
             let mut reqs: Vec<(u64, &mut [u8])> = offsets
                 .iter()
                 .zip(rbufs.iter_mut())
-                .map(|(&o, b)| (o, b.get_mut()))
+                .map(|(&o, b)| (o, b.as_mut_slice()))
                 .collect();
             img.read_many(&mut reqs, depth).map_err(err)?;
         }
@@ -207,30 +210,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// A buffer at a 4 KiB-aligned address, as qemu-img bench allocates them, so that `-t none`
-/// (O_DIRECT) can read and write it without a bounce copy.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize, fill: u8) -> Self {
-        let storage = vec![fill; len + 4096];
-        let start = storage.as_ptr().align_offset(4096).min(4096);
-        Aligned {
-            storage,
-            start,
-            len,
-        }
-    }
-
-    fn get(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
-    }
-
-    fn get_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
+/// `len` bytes of `fill` at a 4 KiB-aligned address, as qemu-img bench allocates its
+/// buffers, so that `-t none` (O_DIRECT) reads and writes them without a bounce copy.
+fn aligned(len: usize, fill: u8) -> AlignedBuf {
+    let mut b = AlignedBuf::new(len);
+    b.as_mut_slice().fill(fill);
+    b
 }

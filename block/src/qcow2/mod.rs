@@ -500,19 +500,7 @@ impl Drop for Qcow2Image {
 
 /// Reads `buf.len()` bytes at `offset`; bytes beyond the end of the file read as zeros.
 pub(crate) fn read_exact_or_eof(file: &HostFile, buf: &mut [u8], offset: u64) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io("read qcow2 image", e)),
-        }
-    }
-    Ok(())
+    crate::parallel::read_or_zeros(file, buf, offset).map_err(|e| Error::io("read qcow2 image", e))
 }
 
 /// Resolves a backing file name relative to the overlay's directory.
