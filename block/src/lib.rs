@@ -220,6 +220,11 @@ pub trait DiskImage: Send {
     }
 }
 
+/// Total length of `bufs`.
+pub(crate) fn total_len(bufs: &[&[u8]]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
 /// Copies the concatenation of `bufs` into `scratch` (replacing its contents).
 pub(crate) fn gather(bufs: &[&[u8]], scratch: &mut Vec<u8>) {
     scratch.clear();

@@ -132,6 +132,14 @@ impl RawImage {
     }
 
     /// Zeroes a range, releasing space when allowed; returns bytes of allocation released.
+    /// A write of `len` zero bytes that zero detection caught (detection on).
+    fn detected_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        let unmap = self.detect_zeroes == DetectZeroes::Unmap;
+        let released = self.zero_or_unmap(offset, len, unmap)?;
+        self.stats.zero_detect_bytes += released;
+        Ok(())
+    }
+
     fn zero_or_unmap(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<u64> {
         if may_unmap {
             if let Some(released) = self.punch(offset, len)? {
@@ -212,10 +220,7 @@ impl DiskImage for RawImage {
         self.check_writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
         if self.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
-            let unmap = self.detect_zeroes == DetectZeroes::Unmap;
-            let released = self.zero_or_unmap(offset, buf.len() as u64, unmap)?;
-            self.stats.zero_detect_bytes += released;
-            return Ok(());
+            return self.detected_zeroes(offset, buf.len() as u64);
         }
         self.file
             .write_all_at(buf, offset)
@@ -241,13 +246,13 @@ impl DiskImage for RawImage {
         &mut self,
         reqs: &[(u64, &[&[u8]])],
         threads: usize,
-        scratch: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
     ) -> Result<()> {
         self.check_writable()?;
         let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
         let mut pending: Vec<(u64, u64)> = Vec::new();
         for &(offset, bufs) in reqs {
-            let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            let total: u64 = crate::total_len(bufs);
             check_range(offset, total, self.size)?;
             if crate::overlaps(&pending, offset, offset + total) {
                 crate::parallel::write_all(&self.file, std::mem::take(&mut jobs), threads)
@@ -258,7 +263,7 @@ impl DiskImage for RawImage {
                 && total > 0
                 && crate::is_zero_vectored(bufs, 0..total)
             {
-                self.write_vectored_at(offset, bufs, scratch)?;
+                self.detected_zeroes(offset, total)?;
                 continue;
             }
             jobs.push(crate::parallel::WriteJob {
@@ -277,17 +282,14 @@ impl DiskImage for RawImage {
         bufs: &[&[u8]],
         _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let total: u64 = crate::total_len(bufs);
         self.check_writable()?;
         check_range(offset, total, self.size)?;
         if self.detect_zeroes != DetectZeroes::Off
             && total > 0
             && crate::is_zero_vectored(bufs, 0..total)
         {
-            let unmap = self.detect_zeroes == DetectZeroes::Unmap;
-            let released = self.zero_or_unmap(offset, total, unmap)?;
-            self.stats.zero_detect_bytes += released;
-            return Ok(());
+            return self.detected_zeroes(offset, total);
         }
         self.file
             .write_vectored_all_at(bufs, offset)

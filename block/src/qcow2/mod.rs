@@ -440,7 +440,7 @@ impl Qcow2Image {
         let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
         let mut pending: Vec<(u64, u64)> = Vec::new();
         for &(offset, bufs) in reqs {
-            let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            let total = crate::total_len(bufs);
             crate::check_range(offset, total, self.header.size)?;
             if total == 0 {
                 continue;
@@ -478,7 +478,7 @@ impl Qcow2Image {
     ) -> Result<()> {
         let end = jobs
             .iter()
-            .map(|j| j.offset + j.bufs.iter().map(|b| b.len() as u64).sum::<u64>())
+            .map(|j| j.offset + crate::total_len(&j.bufs))
             .max()
             .unwrap_or(0);
         crate::parallel::write_all(&self.file, jobs, threads)
@@ -617,7 +617,7 @@ impl DiskImage for Qcow2Image {
         bufs: &[&[u8]],
         scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let total = crate::total_len(bufs);
         self.check_writable()?;
         crate::check_range(offset, total, self.header.size)?;
         // All zeros under zero detection: no data to write, nothing to gather.

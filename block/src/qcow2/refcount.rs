@@ -279,7 +279,7 @@ impl Qcow2Image {
         self.file
             .write_vectored_all_at(bufs, offset)
             .map_err(|e| Error::io(format!("write {what}"), e))?;
-        let end = offset + bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        let end = offset + crate::total_len(bufs);
         if end > self.file_len {
             self.file_len = end;
         }
