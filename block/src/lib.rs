@@ -234,25 +234,27 @@ pub(crate) fn gather(bufs: &[&[u8]], scratch: &mut Vec<u8>) {
     }
 }
 
-/// Whether every byte of the concatenation of `bufs` in `range` is zero.
-pub(crate) fn is_zero_vectored(bufs: &[&[u8]], range: std::ops::Range<u64>) -> bool {
+/// The pieces of the concatenation of `bufs` that make up its bytes `range` (no copy).
+pub(crate) fn pieces<'s, 'a>(
+    bufs: &'s [&'a [u8]],
+    range: std::ops::Range<u64>,
+) -> impl Iterator<Item = &'a [u8]> + use<'s, 'a> {
     let mut at = 0u64;
-    for b in bufs {
+    bufs.iter().filter_map(move |b| {
         let (s, e) = (at, at + b.len() as u64);
         at = e;
-        if e <= range.start {
-            continue;
-        }
-        if s >= range.end {
-            break;
+        if e <= range.start || s >= range.end {
+            return None;
         }
         let from = range.start.saturating_sub(s) as usize;
         let to = (range.end.min(e) - s) as usize;
-        if !zero::is_zero(&b[from..to]) {
-            return false;
-        }
-    }
-    true
+        Some(&b[from..to])
+    })
+}
+
+/// Whether every byte of the concatenation of `bufs` in `range` is zero.
+pub(crate) fn is_zero_vectored(bufs: &[&[u8]], range: std::ops::Range<u64>) -> bool {
+    pieces(bufs, range).all(zero::is_zero)
 }
 
 /// Whether `start..end` overlaps one of `ranges`.

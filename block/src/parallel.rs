@@ -9,7 +9,7 @@
 use std::io;
 use std::sync::{Mutex, OnceLock};
 
-use crate::host_file::HostFile;
+use crate::host_file::{HostFile, DIRECT_ALIGN};
 
 /// Threads of the I/O pool: the most data reads or writes in flight at once.
 pub const MAX_THREADS: usize = 64;
@@ -100,15 +100,24 @@ pub(crate) fn read_all(file: &HostFile, jobs: Vec<ReadJob<'_>>, threads: usize) 
     run(jobs, threads, |j| read_or_zeros(file, j.buf, j.offset))
 }
 
-/// Runs the writes on up to `threads` threads.
+/// Runs the writes on up to `threads` threads. Under `O_DIRECT`, a write that does not cover
+/// whole blocks is a read-modify-write of its partial blocks, which two writes sharing a
+/// block must not do at once: those writes run one after another, after the others.
 pub(crate) fn write_all(
     file: &HostFile,
     jobs: Vec<WriteJob<'_>>,
     threads: usize,
 ) -> io::Result<()> {
-    run(jobs, threads, |j| {
+    let (whole_blocks, partial): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| {
+        !file.is_direct()
+            || (j.offset % DIRECT_ALIGN == 0 && crate::total_len(&j.bufs) % DIRECT_ALIGN == 0)
+    });
+    run(whole_blocks, threads, |j| {
         file.write_vectored_all_at(&j.bufs, j.offset)
-    })
+    })?;
+    partial
+        .into_iter()
+        .try_for_each(|j| file.write_vectored_all_at(&j.bufs, j.offset))
 }
 
 #[cfg(test)]
@@ -162,6 +171,48 @@ mod tests {
             write_all(&bad, jobs, 2).is_err(),
             "a read-only file refuses writes"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn direct_writes_sharing_a_block_do_not_lose_each_other() {
+        let dir = std::env::temp_dir().join(format!("thinvm-par-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, vec![0u8; 16 * 4096]).unwrap();
+        let Ok(f) = HostFile::open(&p, false, true) else {
+            eprintln!("skipping: O_DIRECT not supported in {}", dir.display());
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        };
+        // 512-byte writes (8 per block, each a read-modify-write of its block) mixed with
+        // whole-block writes, many rounds so that a race would show.
+        for round in 0..20u8 {
+            let small: Vec<[u8; 512]> = (0..64u8).map(|i| [i ^ round; 512]).collect();
+            let big = vec![round; 8 * 4096];
+            let mut jobs: Vec<WriteJob<'_>> = small
+                .iter()
+                .enumerate()
+                .map(|(i, d)| WriteJob {
+                    offset: i as u64 * 512,
+                    bufs: vec![&d[..100], &d[100..]],
+                })
+                .collect();
+            jobs.push(WriteJob {
+                offset: 8 * 4096,
+                bufs: vec![&big],
+            });
+            write_all(&f, jobs, 16).unwrap();
+            let back = std::fs::read(&p).unwrap();
+            for (i, d) in small.iter().enumerate() {
+                assert_eq!(
+                    &back[i * 512..(i + 1) * 512],
+                    &d[..],
+                    "round {round}, write {i}"
+                );
+            }
+            assert_eq!(&back[8 * 4096..], &big[..], "round {round}, whole blocks");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -136,7 +136,7 @@ impl Qcow2Image {
 
     /// The cache slot of the L2 table covering guest cluster `gc`; with `allocate`, a
     /// missing table is created and a shared one is copied, so the slot can be modified.
-    fn l2_slot(&mut self, gc: u64, allocate: bool) -> Result<Option<usize>> {
+    pub(super) fn l2_slot(&mut self, gc: u64, allocate: bool) -> Result<Option<usize>> {
         let l1_idx = (gc / self.l2_entries) as usize;
         let Some(&entry) = self.l1.get(l1_idx) else {
             return Err(self.corruption(format!(
@@ -413,7 +413,7 @@ impl Qcow2Image {
     // ----- writes ----------------------------------------------------------------------
 
     /// Whether writing to a cluster with mapping `m` can happen in place.
-    fn writable_in_place(&mut self, m: Mapping) -> Result<bool> {
+    pub(super) fn writable_in_place(&mut self, m: Mapping) -> Result<bool> {
         match m {
             Mapping::Data { copied: true, .. } => Ok(true),
             Mapping::Data {
@@ -636,7 +636,7 @@ impl Qcow2Image {
     }
 
     /// Queues the release of whatever host clusters mapping `m` referenced.
-    fn release_mapping(&mut self, m: Mapping, punch: bool, reason: FreeReason) {
+    pub(super) fn release_mapping(&mut self, m: Mapping, punch: bool, reason: FreeReason) {
         let cs = self.cluster_size;
         match m {
             Mapping::Data { host, .. }

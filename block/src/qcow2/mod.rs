@@ -12,6 +12,7 @@
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
 //! * [`compact`]: offline reclamation and relocation.
 
+mod batch;
 pub mod cache;
 pub mod check;
 pub mod cluster;
@@ -421,69 +422,6 @@ impl Qcow2Image {
             .map_err(|e| Error::io("sync qcow2 image", e))?;
         self.l2_unsynced = false;
         self.rc_unsynced = false;
-        Ok(())
-    }
-}
-
-impl Qcow2Image {
-    /// [`DiskImage::write_many`]: requests are resolved in order; overwrites of allocated
-    /// clusters are collected and written in parallel, everything else (allocation, COW, zero
-    /// detection) runs at once. A request sharing a cluster with a collected one first waits
-    /// for the collected writes.
-    fn write_batch(
-        &mut self,
-        reqs: &[(u64, &[&[u8]])],
-        threads: usize,
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let cs = self.cluster_size;
-        let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        for &(offset, bufs) in reqs {
-            let total = crate::total_len(bufs);
-            crate::check_range(offset, total, self.header.size)?;
-            if total == 0 {
-                continue;
-            }
-            let span = (offset / cs * cs, (offset + total).div_ceil(cs) * cs);
-            if crate::overlaps(&pending, span.0, span.1) {
-                self.run_write_jobs(std::mem::take(&mut jobs), threads)?;
-                pending.clear();
-            }
-            if self.detect_zeroes != DetectZeroes::Off && crate::is_zero_vectored(bufs, 0..total) {
-                self.detected_zeroes(offset, total)?;
-                continue;
-            }
-            match self.in_place_host_run(offset, total, bufs)? {
-                Some(host) => {
-                    jobs.push(crate::parallel::WriteJob {
-                        offset: host,
-                        bufs: bufs.to_vec(),
-                    });
-                    pending.push(span);
-                }
-                None => {
-                    crate::gather(bufs, scratch);
-                    self.write_guest(offset, scratch)?;
-                }
-            }
-        }
-        self.run_write_jobs(jobs, threads)
-    }
-
-    fn run_write_jobs(
-        &mut self,
-        jobs: Vec<crate::parallel::WriteJob>,
-        threads: usize,
-    ) -> Result<()> {
-        let end = jobs
-            .iter()
-            .map(|j| j.offset + crate::total_len(&j.bufs))
-            .max()
-            .unwrap_or(0);
-        crate::parallel::write_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("write guest data", e))?;
-        self.file_len = self.file_len.max(end);
         Ok(())
     }
 }
