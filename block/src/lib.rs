@@ -19,6 +19,7 @@ pub mod zero;
 use std::path::Path;
 
 pub use error::{Error, Result};
+pub use parallel::{start_pool, ThreadStart, MAX_THREADS as MAX_IO_THREADS};
 
 /// Image file formats understood by the crate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

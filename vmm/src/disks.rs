@@ -98,6 +98,9 @@ fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Resul
 /// Attaches every `--disk`, appending `virtio_mmio.device=` entries to `cmdline`.
 pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> Result<DiskSet> {
     let mut set = DiskSet::default();
+    if cfg.seccomp && !cfg.disks.is_empty() {
+        start_confined_io_pool()?;
+    }
     for (i, d) in cfg.disks.iter().enumerate() {
         let derr = |msg: String| VmmError::Disk {
             path: d.path.display().to_string(),
@@ -187,11 +190,12 @@ fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)]) {
     for (name, path, stats, before) in disks {
         let s = stats.snapshot();
         eprintln!(
-            "thinvm: disk {name} {path}: reads {} ({}), writes {} ({}), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
+            "thinvm: disk {name} {path}: reads {} ({}), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
             s.reads,
             human_size(s.read_bytes),
             s.writes,
             human_size(s.write_bytes),
+            s.batched_writes,
             s.flushes,
             s.discards,
             human_size(s.discard_bytes),
@@ -242,4 +246,21 @@ impl DiskSet {
             report(&self.summary());
         }
     }
+}
+
+/// Starts the image crate's I/O threads (parallel data reads and writes of a request batch)
+/// with the block worker's seccomp filter installed on each: the worker itself may not create
+/// threads once confined. Once per process.
+fn start_confined_io_pool() -> Result<()> {
+    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            let prog = seccomp::filter(ThreadKind::Block).map_err(|e| e.to_string())?;
+            block::start_pool(Box::new(move || {
+                seccomp::apply(&prog).map_err(|e| e.to_string())
+            }))
+        })
+        .clone()
+        .map_err(|msg| VmmError::Seccomp(format!("block I/O threads: {msg}")))
 }

@@ -141,6 +141,7 @@ pub fn parse(
 }
 
 /// What executing a request produced.
+#[derive(Clone, Copy, Debug)]
 pub struct Outcome {
     pub status: u8,
     /// Bytes written into device-writable buffers (data, not counting the status byte).
@@ -203,6 +204,88 @@ fn sized(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
     &mut bounce[..n]
 }
 
+/// Checks a read (`device_writes`) or write request of `total` data bytes: direction of
+/// every data descriptor, whole sectors, within the capacity. Returns its byte offset.
+fn rw_offset(
+    req: &Request,
+    total: u64,
+    limits: &Limits,
+    device_writes: bool,
+) -> Result<u64, String> {
+    if req.data.iter().any(|d| d.2 != device_writes) {
+        return Err("data descriptor has the wrong direction".into());
+    }
+    if total % SECTOR != 0 {
+        return Err(format!("data length {total} is not a multiple of 512"));
+    }
+    let end = req
+        .sector
+        .checked_add(total / SECTOR)
+        .ok_or_else(|| "sector overflow".to_string())?;
+    if end > limits.capacity_sectors {
+        return Err(format!(
+            "sectors {}..{end} beyond the capacity ({} sectors)",
+            req.sector, limits.capacity_sectors
+        ));
+    }
+    Ok(req.sector * SECTOR)
+}
+
+/// A write request that can join a batch: its byte offset and its data as slices of guest
+/// memory.
+pub struct BatchWrite<'m> {
+    pub offset: u64,
+    pub parts: Vec<&'m [u8]>,
+}
+
+/// Whether `req` is a valid write of at most [`CHUNK`] bytes, which can run in a batch
+/// ([`execute_write_batch`]); anything else (other types, larger or bad writes, a
+/// read-only disk) goes through [`execute`] alone, which answers it.
+pub fn batch_write<'m>(
+    req: &Request,
+    mem: &'m GuestMemoryMmap,
+    limits: &Limits,
+) -> Option<BatchWrite<'m>> {
+    if req.kind != VIRTIO_BLK_T_OUT || limits.read_only {
+        return None;
+    }
+    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    if total > CHUNK as u64 {
+        return None;
+    }
+    let offset = rw_offset(req, total, limits, false).ok()?;
+    let mut parts = Vec::with_capacity(req.data.len());
+    for &(addr, len, _) in &req.data {
+        if !guest_parts(mem, addr, len as usize, &mut parts) {
+            return None;
+        }
+    }
+    Some(BatchWrite { offset, parts })
+}
+
+/// Executes several writes at once ([`DiskImage::write_many`]: metadata in order, data in
+/// parallel). One result for all: on failure every write of the batch reports an error.
+pub fn execute_write_batch(
+    writes: &[BatchWrite<'_>],
+    image: &mut dyn DiskImage,
+    stats: &BlockStats,
+    bounce: &mut Vec<u8>,
+) -> Outcome {
+    let reqs: Vec<(u64, &[&[u8]])> = writes.iter().map(|w| (w.offset, &w.parts[..])).collect();
+    if let Err(e) = image.write_many(&reqs, block::MAX_IO_THREADS, bounce) {
+        return ioerr(format!("batch of {} writes: {e}", writes.len()));
+    }
+    BlockStats::add(&stats.batched_writes, writes.len() as u64);
+    for w in writes {
+        BlockStats::add(&stats.writes, 1);
+        BlockStats::add(
+            &stats.write_bytes,
+            w.parts.iter().map(|p| p.len() as u64).sum(),
+        );
+    }
+    ok(0)
+}
+
 /// Executes `req`; `bounce` is a reusable buffer.
 pub fn execute(
     req: &Request,
@@ -214,25 +297,7 @@ pub fn execute(
     bounce: &mut Vec<u8>,
 ) -> Outcome {
     let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
-    let rw_checks = |device_writes: bool| -> Result<u64, String> {
-        if req.data.iter().any(|d| d.2 != device_writes) {
-            return Err("data descriptor has the wrong direction".into());
-        }
-        if total % SECTOR != 0 {
-            return Err(format!("data length {total} is not a multiple of 512"));
-        }
-        let end = req
-            .sector
-            .checked_add(total / SECTOR)
-            .ok_or_else(|| "sector overflow".to_string())?;
-        if end > limits.capacity_sectors {
-            return Err(format!(
-                "sectors {}..{end} beyond the capacity ({} sectors)",
-                req.sector, limits.capacity_sectors
-            ));
-        }
-        Ok(req.sector * SECTOR)
-    };
+    let rw_checks = |device_writes: bool| rw_offset(req, total, limits, device_writes);
     match req.kind {
         VIRTIO_BLK_T_IN => {
             let offset = match rw_checks(true) {

@@ -9,13 +9,21 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use block::DiskImage;
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, Invalid, Limits};
+use super::request::{self, Invalid, Limits, Request};
 use super::stats::BlockStats;
 use crate::virtio::{Interrupt, INT_VRING};
+
+/// Most data bytes of one write batch.
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// A popped descriptor chain: head index, descriptors, the parsed request.
+type Chain = (u16, Vec<Descriptor>, Result<Request, Invalid>);
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
@@ -138,9 +146,11 @@ impl Worker {
         self.stats.set_image(self.image.reclaim_stats(), usage);
     }
 
-    /// Processes every available request.
+    /// Processes every available request. Runs of consecutive writes go to the image as one
+    /// batch (their data written in parallel); everything else runs one request at a time.
     fn process_queue(&mut self, s: &mut Serving, bounce: &mut Vec<u8>) {
         let mem = s.mem.clone();
+        let mut chains = Vec::new();
         loop {
             if let Err(e) = s.queue.disable_notification(&mem) {
                 request::ratelimited_warn(&format!("queue: {e}"));
@@ -149,11 +159,36 @@ impl Worker {
                 let head = chain.head_index();
                 let descs: Vec<_> = chain.collect();
                 let truncated = descs.last().is_some_and(|d| d.has_next());
-                let used = self.handle(&descs, truncated, &mem, bounce);
-                if let Err(e) = s.queue.add_used(&mem, head, used) {
-                    request::ratelimited_warn(&format!("cannot return a used buffer: {e}"));
+                let parsed = request::parse(&descs, truncated, &mem);
+                chains.push((head, descs, parsed));
+            }
+            let mut i = 0;
+            while i < chains.len() {
+                let batch = self.batchable_writes(&chains[i..], &mem);
+                let n = batch.len();
+                if n >= 2 {
+                    let out = request::execute_write_batch(
+                        &batch,
+                        self.image.as_mut(),
+                        &self.stats,
+                        bounce,
+                    );
+                    for (head, _, parsed) in &chains[i..i + n] {
+                        let used = match parsed {
+                            Ok(req) => self.answer(req, out, &mem),
+                            Err(_) => 0,
+                        };
+                        Self::add_used(s, &mem, *head, used);
+                    }
+                    i += n;
+                } else {
+                    let (head, descs, parsed) = &chains[i];
+                    let used = self.handle(descs, parsed, &mem, bounce);
+                    Self::add_used(s, &mem, *head, used);
+                    i += 1;
                 }
             }
+            chains.clear();
             match s.queue.enable_notification(&mem) {
                 Ok(true) => continue,
                 _ => break,
@@ -165,18 +200,60 @@ impl Worker {
         }
     }
 
+    /// The writes at the start of `chains` that can run as one batch (at most
+    /// [`BATCH_BYTES`] of data together).
+    fn batchable_writes<'m>(
+        &self,
+        chains: &[Chain],
+        mem: &'m GuestMemoryMmap,
+    ) -> Vec<request::BatchWrite<'m>> {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for (_, _, parsed) in chains {
+            let Ok(req) = parsed else { break };
+            let Some(w) = request::batch_write(req, mem, &self.limits) else {
+                break;
+            };
+            bytes += w.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            if bytes > BATCH_BYTES && !out.is_empty() {
+                break;
+            }
+            out.push(w);
+        }
+        out
+    }
+
+    fn add_used(s: &mut Serving, mem: &GuestMemoryMmap, head: u16, used: u32) {
+        if let Err(e) = s.queue.add_used(mem, head, used) {
+            request::ratelimited_warn(&format!("cannot return a used buffer: {e}"));
+        }
+    }
+
+    /// Reports `out` for `req`: counts an error, writes the status byte; returns the used
+    /// length.
+    fn answer(&self, req: &Request, out: request::Outcome, mem: &GuestMemoryMmap) -> u32 {
+        if out.status == VIRTIO_BLK_S_IOERR as u8 {
+            BlockStats::add(&self.stats.errors, 1);
+        }
+        if request::write_status(mem, req.status, out.status) {
+            out.written.saturating_add(1)
+        } else {
+            0
+        }
+    }
+
     /// Handles one chain; returns the used length to report.
     fn handle(
         &mut self,
-        descs: &[virtio_queue::desc::split::Descriptor],
-        truncated: bool,
+        descs: &[Descriptor],
+        parsed: &Result<Request, Invalid>,
         mem: &GuestMemoryMmap,
         bounce: &mut Vec<u8>,
     ) -> u32 {
-        match request::parse(descs, truncated, mem) {
+        match parsed {
             Ok(req) => {
                 let out = request::execute(
-                    &req,
+                    req,
                     self.image.as_mut(),
                     mem,
                     &self.limits,
@@ -184,24 +261,17 @@ impl Worker {
                     &self.stats,
                     bounce,
                 );
-                if out.status == 1 {
-                    BlockStats::add(&self.stats.errors, 1);
-                }
-                if request::write_status(mem, req.status, out.status) {
-                    out.written.saturating_add(1)
-                } else {
-                    0
-                }
+                self.answer(req, out, mem)
             }
             Err(Invalid::Status(status, msg)) => {
-                request::ratelimited_warn(&msg);
+                request::ratelimited_warn(msg);
                 BlockStats::add(&self.stats.errors, 1);
                 // parse() validated the status descriptor before any Status error.
                 match descs
                     .last()
                     .and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1))
                 {
-                    Some(a) if request::write_status(mem, a, status) => 1,
+                    Some(a) if request::write_status(mem, a, *status) => 1,
                     _ => 0,
                 }
             }
