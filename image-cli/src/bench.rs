@@ -132,18 +132,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "offset {start} + request size {size} is beyond the image ({vsize} bytes)"
         )));
     }
-    // -d N: up to N requests in flight. Requests go to the image in batches (of up to 8 N,
-    // at most 64 MiB of reads), whose data I/O runs on N threads at a time, so N stay in
-    // flight through most of a batch; metadata work runs in order.
+    // -d N: up to N requests in flight. Requests go to the image in batches of up to 8 N
+    // (reads: at most 64 MiB, the buffers they need), whose data I/O runs on N threads at a
+    // time, so N stay in flight through most of a batch; metadata work runs in order.
     let depth = a.depth.clamp(1, 1024) as usize;
     let batch = if depth == 1 {
         1
+    } else if a.write {
+        depth * 8
     } else {
         (depth * 8).min(((64 << 20) / size) as usize).max(depth)
     };
     let wbuf = aligned(size as usize, pattern);
     let wbuf = wbuf.as_slice();
-    let mut rbufs: Vec<AlignedBuf> = (0..batch)
+    let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { batch })
         .map(|_| aligned(size as usize, pattern))
         .collect();
     let mut scratch = Vec::new();
