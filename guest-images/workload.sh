@@ -3,7 +3,7 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS
+#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
@@ -113,6 +113,31 @@ ARGS
   /bin/blkbench /dev/vda "${mode:-randread}" "${bs:-4096}" "${secs:-5}" 256
 }
 
+# fio:RW[:SECS] (root file system only): fio on a 64 MiB file there, O_DIRECT, libaio, 32
+# requests in flight, SECS seconds (default 5). RW is fio's rw: randread and randwrite use
+# 4 KiB blocks, read and write 1 MiB; "verify" writes 64 MiB at random offsets in 4-64 KiB
+# blocks, then reads every block back and checks its crc32c (fails on any mismatch).
+step_fio() {
+  IFS=: read -r rw secs <<ARGS
+$1
+ARGS
+  rw=${rw:-randread}
+  case "$rw" in
+    randread | randwrite) set -- --rw="$rw" --bs=4k --runtime="${secs:-5}" --time_based ;;
+    read | write) set -- --rw="$rw" --bs=1M --runtime="${secs:-5}" --time_based ;;
+    verify) set -- --rw=randwrite --bsrange=4k-64k --verify=crc32c --do_verify=1 ;;
+    *) echo "unknown-rw-$rw"; return 1 ;;
+  esac
+  [ -x /usr/bin/fio ] || { echo "no-fio-here"; return 1; }
+  out=$(/usr/bin/fio --name=thinvm --filename="$DATA/fio.bin" --size=64M --direct=1 \
+    --ioengine=libaio --iodepth=32 --thread --output-format=terse --terse-version=3 "$@" 2>&1) ||
+    { echo "fio-failed: $(echo "$out" | tail -1)"; return 1; }
+  rm -f "$DATA/fio.bin"
+  # Terse v3: field 5 error, 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
+  echo "$out" | awk -F';' -v rw="$rw" '$1 == 3 {
+    printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
+}
+
 step_df() { df -k "$DATA" | awk 'NR == 2 { printf "used_kb=%s avail_kb=%s", $3, $4 }'; }
 
 run_step() {
@@ -131,6 +156,7 @@ run_step() {
     devtest) out=$(step_devtest) ;;
     df) out=$(step_df) ;;
     blkbench) out=$(step_blkbench "$arg") ;;
+    fio) out=$(step_fio "$arg") ;;
     sleep) sleep "${arg:-1}"; out= ;;
     *) error "$name" "unknown-step"; return ;;
   esac

@@ -89,8 +89,12 @@ fn fixture_with(image: Box<dyn DiskImage>, dir: std::path::PathBuf) -> Fixture {
     }
 }
 
-/// Negotiates features and sets up queue 0 at the mock queue's addresses.
+/// Negotiates features and sets up queue 0 (16 entries) at the mock queue's addresses.
 fn driver_init(f: &mut Fixture, q: &MockSplitQueue<GuestMemoryMmap>) {
+    driver_init_sized(f, q, 16);
+}
+
+fn driver_init_sized(f: &mut Fixture, q: &MockSplitQueue<GuestMemoryMmap>, size: u32) {
     let t = &mut f.t;
     assert_eq!(r(t, 0x0), 0x7472_6976);
     assert_eq!(r(t, 0x4), 2);
@@ -110,7 +114,7 @@ fn driver_init(f: &mut Fixture, q: &MockSplitQueue<GuestMemoryMmap>) {
     assert_eq!(r(t, 0x70) & 8, 8, "FEATURES_OK accepted");
     w(t, 0x30, 0);
     assert_eq!(r(t, 0x34), 256);
-    w(t, 0x38, 16);
+    w(t, 0x38, size);
     let a = |g: GuestAddress| (g.0 as u32, (g.0 >> 32) as u32);
     let (dl, dh) = a(q.desc_table_addr());
     let (al, ah) = a(q.avail_addr());
@@ -212,11 +216,14 @@ fn features_without_version_1_are_refused() {
 }
 
 /// Many requests made available at once, as a guest with a deep queue does: the device runs
-/// consecutive writes as one batch (data in parallel), and the result is as if they had run
-/// one by one in queue order: an overlapping later write wins, a bad write in the middle
-/// fails alone, a zero write is detected, a read behind the writes sees them.
+/// consecutive writes as one batch and consecutive reads as one batch (data in parallel),
+/// and the result is as if they had run one by one in queue order: an overlapping later
+/// write wins, a zero write in the batch is detected, a bad write fails alone, the reads
+/// behind the writes see them.
 #[test]
-fn queued_writes_run_as_a_batch_in_order() {
+fn queued_requests_run_in_batches_in_order() {
+    // Status bytes past the data buffers (64 KiB apart from DATA on).
+    const BATCH_STATUS: u64 = 0x30_0000;
     struct RemoveOnDrop(std::path::PathBuf);
     impl Drop for RemoveOnDrop {
         fn drop(&mut self) {
@@ -238,21 +245,22 @@ fn queued_writes_run_as_a_batch_in_order() {
     let mut f = fixture_with(image, test_dir());
     let stats = f.stats.clone();
     let mem = f.mem.clone();
-    let q = MockSplitQueue::new(&mem, 16);
-    driver_init(&mut f, &q);
-    // (type, sector, data byte, length): four writes (one beyond the capacity), then a read.
-    let reqs: [(u32, u64, u8, u32); 5] = [
+    let q = MockSplitQueue::new(&mem, 32);
+    driver_init_sized(&mut f, &q, 32);
+    // (type, sector, data byte, length): three writes, one beyond the capacity, two reads.
+    let reqs: [(u32, u64, u8, u32); 6] = [
         (1, 0, 0xa1, 4096),
+        (1, 256, 0x00, 65536),
         (1, 4, 0xb2, 4096),
         (1, 5000, 0xc3, 4096),
-        (1, 256, 0x00, 65536),
         (0, 0, 0xff, 8192),
+        (0, 255, 0xff, 1024),
     ];
     let mut descs = Vec::new();
     for (i, &(kind, sector, byte, len)) in reqs.iter().enumerate() {
         let hdr = HDR + 16 * i as u64;
         let data = DATA + 0x1_0000 * i as u64;
-        let status = STATUS + i as u64;
+        let status = BATCH_STATUS + i as u64;
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -283,26 +291,46 @@ fn queued_writes_run_as_a_batch_in_order() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let statuses: Vec<u8> = (0..reqs.len())
-        .map(|i| f.mem.read_obj(GuestAddress(STATUS + i as u64)).unwrap())
+        .map(|i| {
+            f.mem
+                .read_obj(GuestAddress(BATCH_STATUS + i as u64))
+                .unwrap()
+        })
         .collect();
-    assert_eq!(statuses, [0, 0, 1, 0, 0], "per-request status");
+    assert_eq!(statuses, [0, 0, 0, 1, 0, 0], "per-request status");
     let st = stats.snapshot();
     assert_eq!(
-        (st.writes, st.batched_writes, st.errors),
-        (3, 2, 1),
-        "the first two writes ran as one batch"
+        (
+            st.writes,
+            st.batched_writes,
+            st.reads,
+            st.batched_reads,
+            st.errors
+        ),
+        (3, 3, 2, 2, 1),
+        "the three writes ran as one batch, the two reads as another"
     );
-    let mut back = vec![0u8; 8192];
-    f.mem
-        .read_slice(&mut back, GuestAddress(DATA + 0x4_0000))
-        .unwrap();
+    let read_back = |i: u64, len: usize| {
+        let mut b = vec![0u8; len];
+        f.mem
+            .read_slice(&mut b, GuestAddress(DATA + 0x1_0000 * i))
+            .unwrap();
+        b
+    };
     let mut want = vec![0u8; 8192];
     want[..2048].fill(0xa1);
     want[2048..6144].fill(0xb2);
+    let got = read_back(4, 8192);
     assert!(
-        back == want,
+        got == want,
         "the read sees both writes, the later one on top (first difference at byte {:?})",
-        back.iter().zip(&want).position(|(a, b)| a != b)
+        got.iter().zip(&want).position(|(a, b)| a != b)
+    );
+    // Sector 255 is unwritten (zeros), sector 256 the start of the zero write.
+    assert_eq!(
+        read_back(5, 1024),
+        vec![0u8; 1024],
+        "second read of the batch"
     );
     drop(f);
     let mut img = block::open(&p, &Default::default()).unwrap();

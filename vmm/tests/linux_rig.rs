@@ -115,6 +115,48 @@ rm -rf "$d"
     assert!(num(size, "apparent") <= (1 << 20) + 6 * 65536, "{out}");
 }
 
+/// fio in the guest on the overlay's ext4 root, 32 requests in flight (so the device runs
+/// batches of reads and of writes, data in parallel): a verify run (random writes of 4-64 KiB, every
+/// block read back and checked by crc32c), then short random-write and sequential-read runs
+/// that must report throughput. The image checks clean afterwards.
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn fio_verifies_its_writes_in_the_guest_on_an_overlay() {
+    let g = guest();
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/fio.XXXXXX"); cd "$d"
+qemu-img create -q -f qcow2 -b {base} -F qcow2 ov.qcow2
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fio:verify,fio:randwrite:2,fio:read:2" </dev/null 2>vmm.log | grep '^THINVM' || true
+grep 'in batches' vmm.log | sed 's/.*reads \([0-9]*\) ([^,]*, \([0-9]*\) in batches), writes \([0-9]*\) ([^,]*, \([0-9]*\) in batches).*/BATCHES reads=\1 batched_reads=\2 writes=\3 batched=\4/'
+qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
+rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        base = g.base_qcow2.display(),
+        k = g.bzimage.display(),
+        i = g.initrd.display()
+    );
+    let out = linux(&script, 900);
+    assert!(out.contains("THINVM-DONE"), "{out}");
+    assert!(!out.contains("THINVM-ERROR"), "{out}");
+    let runs = fields(&out, "THINVM-RESULT step=fio ");
+    assert_eq!(runs.len(), 3, "{out}");
+    for r in &runs {
+        assert_eq!(num(r, "error"), 0, "{out}");
+    }
+    assert!(
+        num(&runs[0], "write_iops") > 0 && num(&runs[0], "read_iops") > 0,
+        "{out}"
+    );
+    assert!(num(&runs[1], "write_iops") > 0, "{out}");
+    assert!(num(&runs[2], "read_kib_s") > 0, "{out}");
+    let b = &fields(&out, "BATCHES ")[0];
+    assert!(num(b, "batched") > 0, "no write ran in a batch: {out}");
+    assert!(num(b, "batched_reads") > 0, "no read ran in a batch: {out}");
+    assert_eq!(num(&fields(&out, "QEMUCHECK ")[0], "rc"), 0, "{out}");
+}
+
 /// fill + rm + RECLAIM on the guest's ext4 root. One boot per step, so each size is taken
 /// at rest (the VM ended, the image closed).
 fn reclaim_scenario(reclaim: &str) {

@@ -286,6 +286,78 @@ pub fn execute_write_batch(
     ok(0)
 }
 
+/// A read request that can join a batch: its byte offset and length.
+pub struct BatchRead {
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// Whether `req` is a valid read of at most [`CHUNK`] bytes, which can run in a batch
+/// ([`execute_read_batch`]); anything else goes through [`execute`] alone.
+pub fn batch_read(req: &Request, limits: &Limits) -> Option<BatchRead> {
+    if req.kind != VIRTIO_BLK_T_IN {
+        return None;
+    }
+    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    if total > CHUNK as u64 {
+        return None;
+    }
+    let offset = rw_offset(req, total, limits, true).ok()?;
+    Some(BatchRead {
+        offset,
+        len: total as usize,
+    })
+}
+
+/// Copies `data` into the request's buffers, in order; returns the bytes copied.
+fn scatter(data: &[u8], req: &Request, mem: &GuestMemoryMmap) -> Result<u32, String> {
+    let mut done = 0usize;
+    for &(addr, len, _) in &req.data {
+        let n = (len as usize).min(data.len() - done);
+        if mem.write_slice(&data[done..done + n], addr).is_err() {
+            return Err("read buffer outside guest memory".into());
+        }
+        done += n;
+    }
+    Ok(done as u32)
+}
+
+/// Executes several reads at once ([`DiskImage::read_many`]: data reads in parallel) into
+/// consecutive parts of `bounce`, then copies each into its request's buffers. One outcome
+/// per read; if the image fails the batch, every read of it reports an error.
+pub fn execute_read_batch(
+    reads: &[(&Request, BatchRead)],
+    image: &mut dyn DiskImage,
+    mem: &GuestMemoryMmap,
+    stats: &BlockStats,
+    bounce: &mut Vec<u8>,
+) -> Vec<Outcome> {
+    let total = reads.iter().map(|(_, r)| r.len).sum();
+    let mut rest = sized(bounce, total);
+    let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(reads.len());
+    for (_, r) in reads {
+        let (this, tail) = std::mem::take(&mut rest).split_at_mut(r.len);
+        rest = tail;
+        reqs.push((r.offset, this));
+    }
+    if let Err(e) = image.read_many(&mut reqs, block::MAX_IO_THREADS) {
+        let out = ioerr(format!("batch of {} reads: {e}", reads.len()));
+        return vec![out; reads.len()];
+    }
+    BlockStats::add(&stats.batched_reads, reads.len() as u64);
+    reqs.iter()
+        .zip(reads)
+        .map(|((_, data), (req, _))| match scatter(data, req, mem) {
+            Ok(written) => {
+                BlockStats::add(&stats.reads, 1);
+                BlockStats::add(&stats.read_bytes, data.len() as u64);
+                ok(written)
+            }
+            Err(m) => ioerr(m),
+        })
+        .collect()
+}
+
 /// Executes `req`; `bounce` is a reusable buffer.
 pub fn execute(
     req: &Request,
