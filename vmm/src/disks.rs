@@ -190,10 +190,9 @@ fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)]) {
     for (name, path, stats, before) in disks {
         let s = stats.snapshot();
         eprintln!(
-            "thinvm: disk {name} {path}: reads {} ({}, {} in batches), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
+            "thinvm: disk {name} {path}: reads {} ({}), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
             s.reads,
             human_size(s.read_bytes),
-            s.batched_reads,
             s.writes,
             human_size(s.write_bytes),
             s.batched_writes,

@@ -10,8 +10,6 @@ use block::{HostUsage, ReclaimStats};
 pub struct BlockStats {
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
-    /// Reads that ran as part of a batch (several queued reads at once).
-    pub batched_reads: AtomicU64,
     pub writes: AtomicU64,
     pub write_bytes: AtomicU64,
     /// Writes that ran as part of a batch (several queued writes at once).
@@ -36,7 +34,6 @@ pub struct BlockStats {
 pub struct StatsSnapshot {
     pub reads: u64,
     pub read_bytes: u64,
-    pub batched_reads: u64,
     pub writes: u64,
     pub write_bytes: u64,
     pub batched_writes: u64,
@@ -75,7 +72,6 @@ impl BlockStats {
         StatsSnapshot {
             reads: l(&self.reads),
             read_bytes: l(&self.read_bytes),
-            batched_reads: l(&self.batched_reads),
             writes: l(&self.writes),
             write_bytes: l(&self.write_bytes),
             batched_writes: l(&self.batched_writes),
