@@ -102,9 +102,11 @@ fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
     eprintln!(
         "{what}: fresh {fresh_alloc}/{fresh_apparent}, full {full_alloc}/{full_apparent}, after {alloc}/{apparent}"
     );
+    // Plus one 4 KiB file-system block: ext4 occasionally reports one block more than the
+    // file's clusters after hole punching (seen once in CI: 331776 with 327680 apparent).
     assert!(
-        alloc <= fresh_alloc + allowance,
-        "{what}: allocated {alloc} > fresh {fresh_alloc} + {allowance}"
+        alloc <= fresh_alloc + allowance + 4096,
+        "{what}: allocated {alloc} > fresh {fresh_alloc} + {allowance} + 4096"
     );
     assert!(
         apparent <= fresh_apparent + allowance,
