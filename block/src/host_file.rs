@@ -24,9 +24,8 @@ pub struct HostFile {
     direct: bool,
 }
 
-/// A buffer of `len` bytes whose start is aligned to [`DIRECT_ALIGN`] (a slice of a slightly
-/// larger vector, so no unsafe allocation is needed).
-/// A zero-filled buffer at a 4 KiB-aligned address: what O_DIRECT reads and writes need.
+/// A zero-filled buffer whose start is aligned to [`DIRECT_ALIGN`]: what O_DIRECT reads and
+/// writes need (a slice of a slightly larger vector, so no unsafe allocation is needed).
 pub struct AlignedBuf {
     storage: Vec<u8>,
     start: usize,

@@ -131,7 +131,6 @@ impl RawImage {
         Ok(())
     }
 
-    /// Zeroes a range, releasing space when allowed; returns bytes of allocation released.
     /// A write of `len` zero bytes that zero detection caught (detection on).
     fn detected_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         let unmap = self.detect_zeroes == DetectZeroes::Unmap;
@@ -140,6 +139,7 @@ impl RawImage {
         Ok(())
     }
 
+    /// Zeroes a range, releasing space when allowed; returns bytes of allocation released.
     fn zero_or_unmap(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<u64> {
         if may_unmap {
             if let Some(released) = self.punch(offset, len)? {

@@ -47,6 +47,13 @@ pub struct Request {
     pub status: GuestAddress,
 }
 
+impl Request {
+    /// Total length of the data descriptors.
+    pub fn data_len(&self) -> u64 {
+        self.data.iter().map(|d| u64::from(d.1)).sum()
+    }
+}
+
 /// Why a chain cannot be answered normally.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Invalid {
@@ -238,6 +245,13 @@ pub struct BatchWrite<'m> {
     pub parts: Vec<&'m [u8]>,
 }
 
+impl BatchWrite<'_> {
+    /// Bytes to write.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.len() as u64).sum()
+    }
+}
+
 /// Whether `req` is a valid write of at most [`CHUNK`] bytes, which can run in a batch
 /// ([`execute_write_batch`]); anything else (other types, larger or bad writes, a
 /// read-only disk) goes through [`execute`] alone, which answers it.
@@ -249,7 +263,7 @@ pub fn batch_write<'m>(
     if req.kind != VIRTIO_BLK_T_OUT || limits.read_only {
         return None;
     }
-    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    let total = req.data_len();
     if total > CHUNK as u64 {
         return None;
     }
@@ -278,10 +292,7 @@ pub fn execute_write_batch(
     BlockStats::add(&stats.batched_writes, writes.len() as u64);
     for w in writes {
         BlockStats::add(&stats.writes, 1);
-        BlockStats::add(
-            &stats.write_bytes,
-            w.parts.iter().map(|p| p.len() as u64).sum(),
-        );
+        BlockStats::add(&stats.write_bytes, w.bytes());
     }
     ok(0)
 }
@@ -296,7 +307,7 @@ pub fn execute(
     stats: &BlockStats,
     bounce: &mut Vec<u8>,
 ) -> Outcome {
-    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    let total = req.data_len();
     let rw_checks = |device_writes: bool| rw_offset(req, total, limits, device_writes);
     match req.kind {
         VIRTIO_BLK_T_IN => {
@@ -443,7 +454,7 @@ fn segments(
     if req.data.iter().any(|d| d.2) {
         return ioerr(format!("{what}: segment buffer is device-writable"));
     }
-    let total: u64 = req.data.iter().map(|d| u64::from(d.1)).sum();
+    let total = req.data_len();
     let (max_seg, max_sectors) = if discard {
         (limits.max_discard_seg, limits.max_discard_sectors)
     } else {

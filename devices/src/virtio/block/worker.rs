@@ -217,7 +217,7 @@ impl Worker {
             let Some(w) = request::batch_write(req, mem, &self.limits) else {
                 break;
             };
-            bytes += w.parts.iter().map(|p| p.len() as u64).sum::<u64>();
+            bytes += w.bytes();
             if bytes > BATCH_BYTES && !out.is_empty() {
                 break;
             }
