@@ -151,7 +151,7 @@ impl RawImage {
     }
 }
 
-fn is_unsupported(e: &std::io::Error) -> bool {
+pub(crate) fn is_unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)

@@ -124,3 +124,57 @@ fn batched_allocating_writes_copy_on_write_like_qemu() {
         }
     }
 }
+
+/// Batches of whole-cluster sequential writes into a fresh overlay (their new clusters are
+/// allocated with `fallocate` before the data goes in): the data reads back, QEMU finds the
+/// image clean, and the file holds no space beyond its last cluster in use.
+#[test]
+fn sequential_batches_allocate_only_the_clusters_they_fill() {
+    for direct in [false, true] {
+        let dir = TempDir::new("batch-seq");
+        let raw = dir.join("base.raw");
+        let mut model = patterned_raw(&raw, 8 << 20);
+        let overlay = dir.join("overlay.qcow2");
+        create_qcow2(
+            &overlay,
+            None,
+            Qcow2Version::V3,
+            CS,
+            16,
+            Some((s(&raw), ImageFormat::Raw)),
+        );
+        {
+            let mut img = open(&overlay, direct);
+            // Three batches of 16 requests of one cluster each, then one past a gap.
+            for b in 0..3u64 {
+                let reqs: Vec<_> = (0..16u64)
+                    .map(|i| ((b * 16 + i) * CS, CS, (b * 16 + i) as u8 | 0x80))
+                    .collect();
+                run_batch(img.as_mut(), &mut model, &reqs);
+            }
+            let gap: Vec<_> = [2u64, 1, 0]
+                .iter()
+                .map(|&i| ((48 + 2 * i) * CS, CS, 0x40 + i as u8))
+                .collect();
+            run_batch(img.as_mut(), &mut model, &gap);
+            img.flush().unwrap();
+        }
+        let what = format!("direct {direct}");
+        check(&overlay, &model, &dir, &what);
+        let (code, out, _) = run(
+            "qemu-img",
+            &["check", "-f", "qcow2", "--output=json", s(&overlay)],
+        );
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let end = v["image-end-offset"].as_u64().unwrap();
+        let (allocated, apparent) = usage(&overlay);
+        assert_eq!(apparent, end, "{what}: the file ends at its last cluster");
+        // ext4 counts its extent-tree blocks in a file's allocation: allow two of them.
+        assert!(
+            allocated <= end + 8192,
+            "{what}: {allocated} bytes allocated for {end} bytes of clusters"
+        );
+        assert_eq!(v["allocated-clusters"].as_u64(), Some(51), "{what}");
+    }
+}

@@ -205,7 +205,8 @@ impl Qcow2Image {
                 gc += got;
             }
         }
-        // 3. All data, in parallel.
+        // 3. All data, in parallel, into space allocated beforehand.
+        self.preallocate(&new_entries);
         self.run_write_jobs(jobs, threads)?;
         // 4. Map the new clusters; the old ones are released.
         for (gc, host) in new_entries {
@@ -214,6 +215,42 @@ impl Qcow2Image {
             self.release_mapping(old, false, FreeReason::Internal);
         }
         Ok(())
+    }
+
+    /// Allocates the host space of the new clusters (`(guest, host)` pairs) with one
+    /// `fallocate` per contiguous host run, before their data is written. Writes that extend
+    /// the file, or fill holes in it, are serialised by file systems such as ext4 and XFS
+    /// (they take the inode lock exclusively and, past the end of the file, wait for each
+    /// other); writes into allocated space run side by side. The data then covers every byte
+    /// of the new clusters, so this allocates nothing the writes would not. Best effort: a
+    /// file system without `fallocate` just gets the writes.
+    fn preallocate(&mut self, new_entries: &[(u64, u64)]) {
+        if !self.prealloc_supported || new_entries.len() < 2 {
+            return;
+        }
+        let cs = self.cluster_size;
+        let mut hosts: Vec<u64> = new_entries.iter().map(|&(_, h)| h).collect();
+        hosts.sort_unstable();
+        let mut i = 0;
+        while i < hosts.len() {
+            let start = hosts[i];
+            let mut end = start + cs;
+            i += 1;
+            while i < hosts.len() && hosts[i] == end {
+                end += cs;
+                i += 1;
+            }
+            match crate::raw::fallocate(&self.file, 0, start, end - start) {
+                Ok(()) => self.file_len = self.file_len.max(end),
+                Err(e) => {
+                    if crate::raw::is_unsupported(&e) {
+                        self.prealloc_supported = false;
+                    }
+                    // Otherwise (e.g. ENOSPC): the writes report what is wrong.
+                    return;
+                }
+            }
+        }
     }
 
     fn run_write_jobs(&mut self, jobs: Vec<WriteJob<'_>>, threads: usize) -> Result<()> {

@@ -113,6 +113,8 @@ pub struct Qcow2Image {
     pub(crate) compressed_cache: Option<(u64, Vec<u8>)>,
     /// Whether the file system accepted hole punching so far.
     pub(crate) punch_supported: bool,
+    /// Whether the file system accepted `fallocate` of new clusters so far.
+    pub(crate) prealloc_supported: bool,
     /// Set after a write failed half-way: the in-memory state can no longer be trusted.
     pub(crate) broken: bool,
 }
@@ -260,6 +262,7 @@ impl Qcow2Image {
             zero_clusters: Vec::new(),
             compressed_cache: None,
             punch_supported: true,
+            prealloc_supported: true,
             broken: false,
             header,
         };
