@@ -166,6 +166,27 @@ pub trait DiskImage: Send {
         gather(bufs, scratch);
         self.write_at(offset, scratch)
     }
+    /// Reads the bytes at `offset` into `bufs` in turn, exactly like [`DiskImage::read_at`]
+    /// into one buffer that is then scattered over them. Images that can read straight into
+    /// the buffers override it; the default reads into `scratch` (a reusable buffer) first.
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if scratch.len() < total {
+            scratch.resize(total, 0);
+        }
+        self.read_at(offset, &mut scratch[..total])?;
+        let mut at = 0;
+        for b in bufs.iter_mut() {
+            b.copy_from_slice(&scratch[at..at + b.len()]);
+            at += b.len();
+        }
+        Ok(())
+    }
     /// Reads every `(offset, buf)` of a batch, as [`DiskImage::read_at`] would. Images may
     /// run the batch's data reads in parallel, on up to `threads` threads (a queue depth
     /// above one). Stops at the first error.
@@ -224,6 +245,25 @@ pub trait DiskImage: Send {
 /// Total length of `bufs`.
 pub(crate) fn total_len(bufs: &[&[u8]]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+/// Groups `(offset, buffer)` parts, in order, into runs whose buffers follow each other
+/// at consecutive offsets: one vectored read per run instead of one read per part.
+pub(crate) fn contiguous_runs<'a>(
+    parts: impl IntoIterator<Item = (u64, &'a mut [u8])>,
+) -> Vec<(u64, Vec<&'a mut [u8]>)> {
+    let mut runs: Vec<(u64, u64, Vec<&'a mut [u8]>)> = Vec::new();
+    for (offset, buf) in parts {
+        let len = buf.len() as u64;
+        match runs.last_mut() {
+            Some((_, end, bufs)) if *end == offset => {
+                *end += len;
+                bufs.push(buf);
+            }
+            _ => runs.push((offset, offset + len, vec![buf])),
+        }
+    }
+    runs.into_iter().map(|(o, _, b)| (o, b)).collect()
 }
 
 /// Copies the concatenation of `bufs` into `scratch` (replacing its contents).

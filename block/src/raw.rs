@@ -227,6 +227,19 @@ impl DiskImage for RawImage {
             .map_err(|e| Error::io("write raw image", e))
     }
 
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+        _scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        check_range(offset, total, self.size)?;
+        self.file
+            .read_vectored_or_zeros(bufs, offset)
+            .map_err(|e| Error::io("read raw image", e))
+    }
+
     fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
         for (offset, buf) in reqs.iter() {
             check_range(*offset, buf.len() as u64, self.size)?;

@@ -523,6 +523,39 @@ impl DiskImage for Qcow2Image {
         self.after_request(r)
     }
 
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+        scratch: &mut Vec<u8>,
+    ) -> Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        crate::check_range(offset, total, self.header.size)?;
+        // Plan every piece (zeros and compressed data are filled in here), then read the
+        // backing file's parts and this file's data clusters, one vectored read per run of
+        // pieces that follow each other there.
+        let mut jobs = Vec::new();
+        let mut backing_jobs = Vec::new();
+        let mut pos = offset;
+        for b in bufs.iter_mut() {
+            let len = b.len() as u64;
+            self.plan_read(pos, b, &mut jobs, Some(&mut backing_jobs))?;
+            pos += len;
+        }
+        if let Some(b) = self.backing.as_mut() {
+            for (goff, mut run) in crate::contiguous_runs(backing_jobs) {
+                b.read_vectored_at(goff, &mut run, scratch)?;
+            }
+        }
+        let runs = crate::contiguous_runs(jobs.into_iter().map(|j| (j.offset, j.buf)));
+        for (host, mut run) in runs {
+            self.file
+                .read_vectored_or_zeros(&mut run, host)
+                .map_err(|e| Error::io("read qcow2 image", e))?;
+        }
+        Ok(())
+    }
+
     fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
         for (offset, buf) in reqs.iter() {
             crate::check_range(*offset, buf.len() as u64, self.header.size)?;
