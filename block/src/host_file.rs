@@ -76,6 +76,13 @@ fn end_of(offset: u64, len: usize) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))
 }
 
+/// How far [`HostFile::transfer_vectored`] got.
+enum Transferred {
+    All,
+    /// It stopped at this buffer, this many bytes into it.
+    Until(usize, usize),
+}
+
 impl HostFile {
     /// Opens `path` for reading (and writing unless `read_only`), with `O_DIRECT` if
     /// `direct`. A file system without direct I/O support fails here with `EINVAL`.
@@ -205,66 +212,22 @@ impl HostFile {
             }
             return self.write_all_at(&all, offset);
         }
-        // At most IOV_MAX (1024) buffers per call; short writes resume mid-buffer.
-        const IOV_MAX: usize = 1024;
-        let mut idx = 0;
-        let mut skip = 0usize;
-        let mut pos = offset;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
-        while idx < bufs.len() {
-            if bufs[idx].len() == skip {
-                idx += 1;
-                skip = 0;
-                continue;
-            }
-            iov.clear();
-            for (k, b) in bufs[idx..].iter().take(IOV_MAX).enumerate() {
-                let from = if k == 0 { skip } else { 0 };
-                iov.push(libc::iovec {
-                    iov_base: b[from..].as_ptr() as *mut libc::c_void,
-                    iov_len: b.len() - from,
-                });
-            }
-            let at = libc::off_t::try_from(pos)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: every iovec points into a live slice of `bufs` with its exact remaining
-            // length; pwritev only reads them.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    at,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "pwritev wrote nothing",
-                ));
-            }
-            let mut n = n as usize;
-            pos += n as u64;
-            while n > 0 {
-                let left = bufs[idx].len() - skip;
-                if n >= left {
-                    n -= left;
-                    idx += 1;
-                    skip = 0;
-                } else {
-                    skip += n;
-                    n = 0;
-                }
-            }
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec covers exactly one live slice of `bufs`, borrowed for the whole
+        // call; pwritev only reads them.
+        match unsafe { self.transfer_vectored(&iov, offset, libc::pwritev) }? {
+            Transferred::All => Ok(()),
+            Transferred::Until(..) => Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev stopped short",
+            )),
         }
-        Ok(())
     }
 
     /// Reads `bufs.len()` buffers' worth of bytes at `offset` straight into `bufs` (one
@@ -290,34 +253,74 @@ impl HostFile {
             }
             return Ok(());
         }
+        let iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec covers exactly one live slice of `bufs`, exclusively borrowed
+        // for the whole call; preadv writes at most that many bytes to each.
+        let got = unsafe { self.transfer_vectored(&iov, offset, libc::preadv) }?;
+        if let Transferred::Until(idx, skip) = got {
+            // The end of the file: the rest reads as zeros.
+            bufs[idx][skip..].fill(0);
+            for b in bufs[idx + 1..].iter_mut() {
+                b.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `op` (`preadv` or `pwritev`) over the buffers `iov` from file offset `offset`,
+    /// at most IOV_MAX (1024) of them per call, resuming mid-buffer after a short transfer.
+    /// Stops early where `op` transfers nothing (the end of the file, for reads) or, under
+    /// `O_DIRECT`, where a transfer ends off a block boundary (only the end of the file
+    /// does that): `Until(buffer, byte)`.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory that stays valid, and (for reads) unaliased, for
+    /// the whole call.
+    unsafe fn transfer_vectored(
+        &self,
+        iov: &[libc::iovec],
+        offset: u64,
+        op: unsafe extern "C" fn(
+            libc::c_int,
+            *const libc::iovec,
+            libc::c_int,
+            libc::off_t,
+        ) -> libc::ssize_t,
+    ) -> io::Result<Transferred> {
         const IOV_MAX: usize = 1024;
         let mut idx = 0;
         let mut skip = 0usize;
         let mut pos = offset;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
-        while idx < bufs.len() {
-            if bufs[idx].len() == skip {
+        let mut call: Vec<libc::iovec> = Vec::with_capacity(iov.len().min(IOV_MAX));
+        while idx < iov.len() {
+            if iov[idx].iov_len == skip {
                 idx += 1;
                 skip = 0;
                 continue;
             }
-            iov.clear();
-            for (k, b) in bufs[idx..].iter_mut().take(IOV_MAX).enumerate() {
+            call.clear();
+            for (k, v) in iov[idx..].iter().take(IOV_MAX).enumerate() {
                 let from = if k == 0 { skip } else { 0 };
-                iov.push(libc::iovec {
-                    iov_base: b[from..].as_mut_ptr() as *mut libc::c_void,
-                    iov_len: b.len() - from,
+                call.push(libc::iovec {
+                    // Stays inside the buffer: `from` < its length.
+                    iov_base: v.iov_base.wrapping_byte_add(from),
+                    iov_len: v.iov_len - from,
                 });
             }
             let at = libc::off_t::try_from(pos)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-            // SAFETY: every iovec points into a live, exclusively borrowed slice of `bufs`
-            // with its exact remaining length; preadv writes at most that many bytes to each.
+            // SAFETY: the caller guarantees the buffers; `call` holds their remaining parts.
             let n = unsafe {
-                libc::preadv(
+                op(
                     self.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
+                    call.as_ptr(),
+                    call.len() as libc::c_int,
                     at,
                 )
             };
@@ -329,17 +332,12 @@ impl HostFile {
                 return Err(e);
             }
             if n == 0 {
-                // The end of the file: the rest reads as zeros.
-                bufs[idx][skip..].fill(0);
-                for b in bufs[idx + 1..].iter_mut() {
-                    b.fill(0);
-                }
-                return Ok(());
+                return Ok(Transferred::Until(idx, skip));
             }
             let mut n = n as usize;
             pos += n as u64;
             while n > 0 {
-                let left = bufs[idx].len() - skip;
+                let left = iov[idx].iov_len - skip;
                 if n >= left {
                     n -= left;
                     idx += 1;
@@ -349,16 +347,11 @@ impl HostFile {
                     n = 0;
                 }
             }
-            if self.direct && pos % DIRECT_ALIGN != 0 && idx < bufs.len() {
-                // An O_DIRECT read stops short of a block only at the end of the file.
-                bufs[idx][skip..].fill(0);
-                for b in bufs[idx + 1..].iter_mut() {
-                    b.fill(0);
-                }
-                return Ok(());
+            if self.direct && pos % DIRECT_ALIGN != 0 && idx < iov.len() {
+                return Ok(Transferred::Until(idx, skip));
             }
         }
-        Ok(())
+        Ok(Transferred::All)
     }
 
     /// Reads aligned blocks into an aligned buffer until it is full or the file ends; the

@@ -170,6 +170,34 @@ fn ioerr(msg: String) -> Outcome {
     }
 }
 
+/// Calls `piece` with the host address and length of each part of `len` bytes of guest
+/// memory at `addr` (one per RAM region the range touches); false if any of it lies
+/// outside guest RAM. `get_slice` checks that each part lies inside its mapped region, and
+/// guest RAM is never unmapped, so the addresses stay valid while `mem` is borrowed.
+fn for_each_host_piece(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    mut piece: impl FnMut(*mut u8, usize),
+) -> bool {
+    let mut at = addr;
+    let mut left = len;
+    while left > 0 {
+        let Some(region) = mem.find_region(at) else {
+            return false;
+        };
+        let off = at.0 - region.start_addr().0;
+        let take = left.min((region.len() - off) as usize);
+        let Ok(vs) = region.get_slice(MemoryRegionAddress(off), take) else {
+            return false;
+        };
+        piece(vs.ptr_guard_mut().as_ptr(), take);
+        left -= take;
+        at = GuestAddress(at.0 + take as u64);
+    }
+    true
+}
+
 /// Appends `len` bytes of guest memory at `addr` to `parts` as writable byte slices (one per
 /// RAM region the range touches); false if any of it lies outside guest RAM.
 ///
@@ -182,30 +210,15 @@ unsafe fn guest_parts_mut<'m>(
     len: usize,
     parts: &mut Vec<&'m mut [u8]>,
 ) -> bool {
-    let mut at = addr;
-    let mut left = len;
-    while left > 0 {
-        let Some(region) = mem.find_region(at) else {
-            return false;
-        };
-        let off = at.0 - region.start_addr().0;
-        let take = left.min((region.len() - off) as usize);
-        let Ok(vs) = region.get_slice(MemoryRegionAddress(off), take) else {
-            return false;
-        };
-        let ptr = vs.ptr_guard_mut().as_ptr();
-        // SAFETY: `get_slice` checked that the `take` bytes lie inside this mapped, writable
-        // RAM region, which stays mapped for the VM's whole life (guest RAM is never
-        // unmapped), so the pointer is valid for `take` bytes while `mem` is borrowed. The
-        // caller guarantees no other slice of ours overlaps it. The guest itself may touch
-        // the bytes meanwhile (a driver reusing a buffer it handed to the device): they are
-        // only written by the image (pread, fill, copy), and the guest then sees some mix of
-        // its own and the disk's bytes, all it can expect from that.
+    for_each_host_piece(mem, addr, len, |ptr, take| {
+        // SAFETY: `ptr` is valid for `take` bytes of mapped, writable guest RAM while `mem`
+        // is borrowed (see `for_each_host_piece`), and the caller guarantees no other slice
+        // of ours overlaps it. The guest itself may touch the bytes meanwhile (a driver
+        // reusing a buffer it handed to the device): they are only written by the image
+        // (pread, fill, copy), and the guest then sees some mix of its own and the disk's
+        // bytes, all it can expect from that.
         parts.push(unsafe { std::slice::from_raw_parts_mut(ptr, take) });
-        left -= take;
-        at = GuestAddress(at.0 + take as u64);
-    }
-    true
+    })
 }
 
 /// Appends `len` bytes of guest memory at `addr` to `parts` as byte slices (one per RAM
@@ -216,29 +229,14 @@ fn guest_parts<'m>(
     len: usize,
     parts: &mut Vec<&'m [u8]>,
 ) -> bool {
-    let mut at = addr;
-    let mut left = len;
-    while left > 0 {
-        let Some(region) = mem.find_region(at) else {
-            return false;
-        };
-        let off = at.0 - region.start_addr().0;
-        let take = left.min((region.len() - off) as usize);
-        let Ok(vs) = region.get_slice(MemoryRegionAddress(off), take) else {
-            return false;
-        };
-        let ptr = vs.ptr_guard().as_ptr();
-        // SAFETY: `get_slice` checked that the `take` bytes lie inside this mapped RAM
-        // region, which stays mapped for the VM's whole life (guest RAM is never unmapped),
-        // so the pointer is valid for `take` bytes while `mem` is borrowed. The guest may
-        // change the bytes while they are being written (a driver modifying a buffer it
-        // handed to the device): the slice is only read (zero detection, pwritev), and the
-        // disk then holds some mix of old and new bytes, all the guest can expect from that.
-        parts.push(unsafe { std::slice::from_raw_parts(ptr, take) });
-        left -= take;
-        at = GuestAddress(at.0 + take as u64);
-    }
-    true
+    for_each_host_piece(mem, addr, len, |ptr, take| {
+        // SAFETY: `ptr` is valid for `take` bytes of mapped guest RAM while `mem` is
+        // borrowed (see `for_each_host_piece`). The guest may change the bytes while they
+        // are being written (a driver modifying a buffer it handed to the device): the
+        // slice is only read (zero detection, pwritev), and the disk then holds some mix of
+        // old and new bytes, all the guest can expect from that.
+        parts.push(unsafe { std::slice::from_raw_parts(ptr as *const u8, take) });
+    })
 }
 
 /// Whether the request's data segments are pairwise disjoint in guest memory (a well-behaved
