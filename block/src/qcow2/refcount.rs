@@ -853,12 +853,7 @@ impl Qcow2Image {
                 len,
             ) {
                 Ok(()) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-                    ) =>
-                {
+                Err(e) if crate::raw::is_unsupported(&e) => {
                     self.punch_supported = false;
                 }
                 Err(e) => return Err(Error::io("punch hole in qcow2 image", e)),
