@@ -230,8 +230,8 @@ impl HostFile {
         }
     }
 
-    /// Reads `bufs.len()` buffers' worth of bytes at `offset` straight into `bufs` (one
-    /// `preadv` per up to 1024 buffers); the part past the end of the file reads as zeros.
+    /// Reads the bytes at `offset` straight into `bufs`, one after another (one `preadv` per
+    /// up to 1024 buffers); the part past the end of the file reads as zeros.
     /// Under `O_DIRECT`, buffers or an offset that are not block-aligned are read one at a
     /// time through [`HostFile::read_at`]'s bounce buffer.
     pub fn read_vectored_or_zeros(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
@@ -239,16 +239,7 @@ impl HostFile {
         if self.direct && !zero_copy {
             let mut pos = offset;
             for b in bufs.iter_mut() {
-                let mut done = 0;
-                while done < b.len() {
-                    match self.read_at(&mut b[done..], pos + done as u64) {
-                        Ok(0) => break,
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-                b[done..].fill(0);
+                crate::parallel::read_or_zeros(self, b, pos)?;
                 pos += b.len() as u64;
             }
             return Ok(());
