@@ -836,18 +836,7 @@ mod tests {
         // may): the request still reads as if the segments were filled one after the other.
         header(&e, VIRTIO_BLK_T_IN, 8);
         let descs = [(DATA + 0x40000, 1024, true), (DATA + 0x40200, 1024, true)];
-        let req = parse(&chain(&descs), false, &e.mem).unwrap();
-        let mut bounce = Vec::new();
-        let out = execute(
-            &req,
-            &mut e.image,
-            &e.mem,
-            &e.limits,
-            &[0; 20],
-            &e.stats,
-            &mut bounce,
-        );
-        assert_eq!((out.status, out.written), (0, 2048));
+        assert_eq!(run(&mut e, &chain(&descs)), Ok((0, 2048)));
         let mut back = vec![0u8; 1536];
         e.mem
             .read_slice(&mut back, GuestAddress(DATA + 0x40000))
