@@ -90,16 +90,7 @@ fn batched_allocating_writes_copy_on_write_like_qemu() {
                 let dir = TempDir::new("batch");
                 let raw = dir.join("base.raw");
                 let mut model = patterned_raw(&raw, SIZE);
-                let (base, fmt) = if compressed_base {
-                    let q = dir.join("base.qcow2");
-                    ok(
-                        "qemu-img",
-                        &["convert", "-c", "-O", "qcow2", s(&raw), s(&q)],
-                    );
-                    (q, ImageFormat::Qcow2)
-                } else {
-                    (raw, ImageFormat::Raw)
-                };
+                let (base, fmt) = base_image(&dir, &raw, compressed_base);
                 let overlay = dir.join("overlay.qcow2");
                 create_qcow2(&overlay, None, version, CS, 16, Some((s(&base), fmt)));
                 {

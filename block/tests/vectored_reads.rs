@@ -9,7 +9,7 @@ mod common;
 
 use block::host_file::AlignedBuf;
 use block::qcow2::Qcow2Version;
-use block::{DiskImage, ImageFormat, OpenOptions};
+use block::{DiskImage, OpenOptions};
 use common::*;
 
 const CS: u64 = 65536;
@@ -97,16 +97,7 @@ fn vectored_reads_match_qemu_on_every_kind_of_cluster() {
             let dir = TempDir::new("vectored-reads");
             let raw = dir.join("base.raw");
             patterned_raw(&raw, BASE_SIZE);
-            let (base, fmt) = if compressed_base {
-                let q = dir.join("base.qcow2");
-                ok(
-                    "qemu-img",
-                    &["convert", "-c", "-O", "qcow2", s(&raw), s(&q)],
-                );
-                (q, ImageFormat::Qcow2)
-            } else {
-                (raw.clone(), ImageFormat::Raw)
-            };
+            let (base, fmt) = base_image(&dir, &raw, compressed_base);
             let overlay = dir.join("overlay.qcow2");
             create_qcow2(&overlay, Some(SIZE), version, CS, 16, Some((s(&base), fmt)));
             // Data clusters (two host-contiguous, one apart), zero clusters (v3), and a

@@ -154,6 +154,18 @@ pub fn patterned_raw(path: &Path, size: u64) -> Vec<u8> {
     data
 }
 
+/// The base image for an overlay: `raw` itself, or (with `compressed`) a deflate-compressed
+/// qcow2 copy of it made by `qemu-img convert -c` in `dir`.
+pub fn base_image(dir: &TempDir, raw: &Path, compressed: bool) -> (PathBuf, ImageFormat) {
+    if compressed {
+        let q = dir.join("base.qcow2");
+        ok("qemu-img", &["convert", "-c", "-O", "qcow2", s(raw), s(&q)]);
+        (q, ImageFormat::Qcow2)
+    } else {
+        (raw.to_path_buf(), ImageFormat::Raw)
+    }
+}
+
 pub fn create_qcow2(
     path: &Path,
     size: Option<u64>,
