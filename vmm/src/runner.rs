@@ -75,13 +75,9 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let mut cmdline = cfg.cmdline.clone();
     let mut disk_set = disks::attach(&vm, &mut mmio, &cfg, &mut cmdline)?;
 
-    // Kernel, boot information, MP table, page tables. A bzImage is Linux: warn before
-    // loading it on a host that cannot run Linux user space (PVH vmlinux: after loading,
-    // once the PVH note identified it).
-    let format = boot::probe_kernel(&cfg.kernel)?;
-    if let (Some(kind), KernelFormat::BzImage) = (nested, format) {
-        eprintln!("{}", host::nested_warning(kind));
-    }
+    // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
+    // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
+    // run Linux user space.
     let loaded = boot::load(
         &vm.memory,
         cfg.mem_size,

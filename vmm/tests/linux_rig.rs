@@ -232,8 +232,8 @@ fn software_nested_hosts_get_a_one_line_warning_before_linux_boots() {
     if !kvm_or_skip("software_nested_hosts_get_a_one_line_warning_before_linux_boots") {
         return;
     }
-    // Any bzImage will do: a fake one with the boot header is enough to reach the warning,
-    // but a real kernel is cheap when the guest cache exists; use the fake to stay fast.
+    // A fake bzImage that loads like a kernel and whose entry points reset the VM at once
+    // (through the i8042), so the whole run -- load, boot, end -- is covered in a moment.
     let dir = TempDir::new("nested");
     let fake = dir.join("bzImage");
     let mut img = vec![0u8; 0x4000];
@@ -243,6 +243,13 @@ fn software_nested_hosts_get_a_one_line_warning_before_linux_boots() {
     img[0x202..0x206].copy_from_slice(b"HdrS");
     img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
     img[0x211] = 1; // loadflags: LOADED_HIGH
+                    // code32_start
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    // mov al, 0xfe; out 0x64, al (i8042 reset); hlt; jmp $-1 -- at the 32-bit entry (the
+    // protected-mode kernel's start) and at the 64-bit one (start + 0x200).
+    let reset = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+    img[0x400..0x400 + reset.len()].copy_from_slice(&reset);
+    img[0x600..0x600 + reset.len()].copy_from_slice(&reset);
     std::fs::write(&fake, &img).unwrap();
     let out = run_thinvm(
         &[
@@ -255,6 +262,11 @@ fn software_nested_hosts_get_a_one_line_warning_before_linux_boots() {
         60,
     );
     let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the fake kernel resets the VM: {err}"
+    );
     let warning: Vec<&str> = err
         .lines()
         .filter(|l| l.contains("software-nested"))
