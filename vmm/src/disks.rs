@@ -146,12 +146,16 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         } else {
             None
         };
+        let name = format!("vd{}", (b'a' + i as u8) as char);
         let block = Block::new(
             image,
             BlockConfig {
                 read_only: d.read_only,
                 discard_unmap: d.discard == DiscardMode::Unmap,
                 serial: disk_serial(d),
+                werror: d.werror,
+                name: format!("{name} ({})", path.display()),
+                ..BlockConfig::default()
             },
             thread_init,
         )
@@ -171,7 +175,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             .map_err(|e| VmmError::Device(e.to_string()))?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         set.disks.push(Disk {
-            name: format!("vd{}", (b'a' + i as u8) as char),
+            name,
             shown_path: match &overlay {
                 Some(o) => format!("{} (ephemeral overlay {})", d.path.display(), o.0.display()),
                 None => d.path.display().to_string(),

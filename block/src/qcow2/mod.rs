@@ -172,6 +172,19 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::load(file, path, read_only, depth, flags, None)
+    }
+
+    /// Reads the image from `file`; `backing`, when given, is the already open backing chain
+    /// to keep (else the header's backing file is opened).
+    fn load(
+        file: HostFile,
+        path: &Path,
+        read_only: bool,
+        depth: u32,
+        flags: OpenFlags,
+        backing: Option<Option<Box<dyn DiskImage>>>,
+    ) -> Result<Self> {
         let file_len = file
             .metadata()
             .map_err(|e| Error::io("stat qcow2 image", e))?
@@ -226,15 +239,18 @@ impl Qcow2Image {
             (1u64 << (1u32 << header.refcount_order)) - 1
         };
 
-        let backing = match &header.backing_file {
-            Some(name) if !flags.no_backing => Some(open_backing(
-                path,
-                name,
-                header.backing_format,
-                depth,
-                flags.direct,
-            )?),
-            _ => None,
+        let backing = match backing {
+            Some(kept) => kept,
+            None => match &header.backing_file {
+                Some(name) if !flags.no_backing => Some(open_backing(
+                    path,
+                    name,
+                    header.backing_format,
+                    depth,
+                    flags.direct,
+                )?),
+                _ => None,
+            },
         };
 
         let mut img = Qcow2Image {
@@ -678,6 +694,30 @@ impl DiskImage for Qcow2Image {
 }
 
 impl Qcow2Image {
+    /// Replaces the in-memory state with what the file holds (same descriptor, same backing
+    /// chain), dropping cached tables and deferred frees (those become leaked clusters).
+    fn reload(&mut self) -> Result<()> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io("duplicate the image descriptor", e))?;
+        let flags = OpenFlags {
+            direct: self.file.is_direct(),
+            ..OpenFlags::default()
+        };
+        let path = self.path.clone();
+        let backing = self.backing.take();
+        let mut fresh = Self::load(file, &path, self.read_only, 0, flags, Some(backing))?;
+        fresh.detect_zeroes = self.detect_zeroes;
+        fresh.stats = self.stats;
+        fresh.punch_supported = self.punch_supported;
+        fresh.prealloc_supported = self.prealloc_supported;
+        std::mem::swap(self, &mut fresh);
+        // The old state must not reach the file when it is dropped.
+        fresh.broken = true;
+        Ok(())
+    }
+
     /// Post-processing of a write-type request: commit deferred frees in batches, and mark
     /// the image unusable if a request failed half-way through metadata updates.
     fn after_request(&mut self, r: Result<()>) -> Result<()> {
@@ -693,6 +733,22 @@ impl Qcow2Image {
                 Err(e)
             }
             Err(e @ Error::Corrupt(_)) => Err(e),
+            Err(e) if e.is_no_space() => {
+                // The host file system is full. The file is consistent at every step of an
+                // update (refcounts reach it before L2 entries on allocation, L2 entries
+                // before refcounts on free: what the SIGKILL tests check), so what it holds
+                // is a valid image, perhaps with leaked clusters; only the in-memory tables
+                // may be ahead of it. Re-read them, so the write can be retried once space
+                // is freed.
+                if let Err(r) = self.reload() {
+                    tracing::error!(
+                        "{}: cannot re-read the image after running out of space: {r}",
+                        self.path.display()
+                    );
+                    self.broken = true;
+                }
+                Err(e)
+            }
             Err(e) => {
                 // An I/O error in the middle of an update: in-memory metadata may be ahead of
                 // the file. Refuse further writes rather than risk corrupting it.
