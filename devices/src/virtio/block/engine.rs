@@ -12,6 +12,8 @@
 //! size.
 
 use std::collections::VecDeque;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
@@ -97,6 +99,15 @@ impl Engine {
         }
         self.held.clear();
         self.hold = None;
+        self.publish_held();
+    }
+
+    fn publish_held(&self) {
+        let n = self.held.len() as u64;
+        self.disk
+            .stats
+            .held
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// One pass over the queue: pops at most `queue size - held` chains, executes them,
@@ -109,6 +120,25 @@ impl Engine {
         stop: &dyn Fn() -> bool,
     ) -> PassReport {
         let mut report = PassReport::default();
+        // An available index more than a queue ahead of the device names chains the driver
+        // cannot have made available (virtio-queue refuses to pop any): a broken ring, left
+        // alone until the driver notifies again, instead of a pass run over and over.
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) if (idx - Wrapping(q.next_avail())).0 > q.size() => {
+                ratelimited_warn(&format!(
+                    "available index {} is more than {} ahead of the device's {}: ring ignored until the next notification",
+                    idx.0,
+                    q.size(),
+                    q.next_avail()
+                ));
+                return report;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ratelimited_warn(&format!("queue: {e}"));
+                return report;
+            }
+        }
         let budget = usize::from(q.size()).saturating_sub(self.held.len());
         if let Err(e) = q.disable_notification(mem) {
             ratelimited_warn(&format!("queue: {e}"));
@@ -159,6 +189,12 @@ impl Engine {
                 take_batch(&mut batch, &mut popped);
             }
             match self.run(&batch, mem, stop) {
+                // A reset that came while the image worked (a host call that blocked): the
+                // ring is not ours to write any more.
+                Executed::Done(_) if stop() => {
+                    report.stopped = true;
+                    break;
+                }
                 Executed::Done(out) => {
                     for (head, req) in &batch {
                         self.answer(q, mem, *head, req, out);
@@ -175,6 +211,7 @@ impl Engine {
         if report.answered > 0 {
             notify(q, mem, interrupt);
         }
+        self.publish_held();
         report
     }
 
@@ -201,6 +238,7 @@ impl Engine {
             let mut batch = vec![first];
             take_batch(&mut batch, &mut self.held);
             match self.run(&batch, mem, stop) {
+                Executed::Done(_) if stop() => break,
                 Executed::Done(out) => {
                     for (head, req) in &batch {
                         self.answer(q, mem, *head, req, out);
@@ -238,6 +276,7 @@ impl Engine {
         if answered > 0 {
             notify(q, mem, interrupt);
         }
+        self.publish_held();
         answered
     }
 
@@ -264,6 +303,7 @@ impl Engine {
         match &mut self.hold {
             Some(h) => h.count += n,
             None => {
+                BlockStats::add(&self.disk.stats.no_space_pauses, 1);
                 tracing::warn!(
                     "virtio-blk {}: the host file system is full ({e}): the guest's writes wait until space is freed (werror=report fails them instead)",
                     self.name
