@@ -106,14 +106,6 @@ impl HostFile {
         }
     }
 
-    /// A second descriptor for the same open file (same offset-free I/O, same locks).
-    pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(HostFile {
-            file: self.file.try_clone()?,
-            direct: self.direct,
-        })
-    }
-
     /// Whether the file was opened with `O_DIRECT`.
     pub fn is_direct(&self) -> bool {
         self.direct

@@ -117,6 +117,9 @@ pub struct Qcow2Image {
     pub(crate) prealloc_supported: bool,
     /// Set after a write failed half-way: the in-memory state can no longer be trusted.
     pub(crate) broken: bool,
+    /// Set after a write failed for lack of host space: the header, L1 and refcount tables
+    /// are written again from memory before the next change.
+    pub(crate) rewrite_tables: bool,
 }
 
 impl Qcow2Image {
@@ -172,19 +175,6 @@ impl Qcow2Image {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::load(file, path, read_only, depth, flags, None)
-    }
-
-    /// Reads the image from `file`; `backing`, when given, is the already open backing chain
-    /// to keep (else the header's backing file is opened).
-    fn load(
-        file: HostFile,
-        path: &Path,
-        read_only: bool,
-        depth: u32,
-        flags: OpenFlags,
-        backing: Option<Option<Box<dyn DiskImage>>>,
-    ) -> Result<Self> {
         let file_len = file
             .metadata()
             .map_err(|e| Error::io("stat qcow2 image", e))?
@@ -239,18 +229,15 @@ impl Qcow2Image {
             (1u64 << (1u32 << header.refcount_order)) - 1
         };
 
-        let backing = match backing {
-            Some(kept) => kept,
-            None => match &header.backing_file {
-                Some(name) if !flags.no_backing => Some(open_backing(
-                    path,
-                    name,
-                    header.backing_format,
-                    depth,
-                    flags.direct,
-                )?),
-                _ => None,
-            },
+        let backing = match &header.backing_file {
+            Some(name) if !flags.no_backing => Some(open_backing(
+                path,
+                name,
+                header.backing_format,
+                depth,
+                flags.direct,
+            )?),
+            _ => None,
         };
 
         let mut img = Qcow2Image {
@@ -280,6 +267,7 @@ impl Qcow2Image {
             punch_supported: true,
             prealloc_supported: true,
             broken: false,
+            rewrite_tables: false,
             header,
         };
         img.build_meta_set()?;
@@ -415,7 +403,7 @@ impl Qcow2Image {
         Error::Corrupt(msg)
     }
 
-    fn check_writable(&self) -> Result<()> {
+    fn check_writable(&mut self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -424,6 +412,25 @@ impl Qcow2Image {
                 "an earlier write failed half-way; reopen the image".into(),
             ));
         }
+        self.rewrite_tables_if_needed()
+    }
+
+    /// After a write that failed for lack of host space: writes the header, the L1 table and
+    /// the refcount table from memory (refcount blocks first, as for any L1 change), so the
+    /// file again holds what memory says.
+    fn rewrite_tables_if_needed(&mut self) -> Result<()> {
+        if !self.rewrite_tables {
+            return Ok(());
+        }
+        self.write_dirty_refblocks()?;
+        self.order_after_refcounts()?;
+        let l1: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&l1, self.header.l1_table_offset, "L1 table")?;
+        let rt: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&rt, self.header.refcount_table_offset, "refcount table")?;
+        self.write_header()?;
+        self.l2_unsynced = true;
+        self.rewrite_tables = false;
         Ok(())
     }
 
@@ -432,6 +439,7 @@ impl Qcow2Image {
         if self.read_only {
             return Ok(());
         }
+        self.rewrite_tables_if_needed()?;
         self.commit_frees()?;
         self.write_dirty_refblocks()?;
         self.write_dirty_l2()?;
@@ -694,30 +702,6 @@ impl DiskImage for Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Replaces the in-memory state with what the file holds (same descriptor, same backing
-    /// chain), dropping cached tables and deferred frees (those become leaked clusters).
-    fn reload(&mut self) -> Result<()> {
-        let file = self
-            .file
-            .try_clone()
-            .map_err(|e| Error::io("duplicate the image descriptor", e))?;
-        let flags = OpenFlags {
-            direct: self.file.is_direct(),
-            ..OpenFlags::default()
-        };
-        let path = self.path.clone();
-        let backing = self.backing.take();
-        let mut fresh = Self::load(file, &path, self.read_only, 0, flags, Some(backing))?;
-        fresh.detect_zeroes = self.detect_zeroes;
-        fresh.stats = self.stats;
-        fresh.punch_supported = self.punch_supported;
-        fresh.prealloc_supported = self.prealloc_supported;
-        std::mem::swap(self, &mut fresh);
-        // The old state must not reach the file when it is dropped.
-        fresh.broken = true;
-        Ok(())
-    }
-
     /// Post-processing of a write-type request: commit deferred frees in batches, and mark
     /// the image unusable if a request failed half-way through metadata updates.
     fn after_request(&mut self, r: Result<()>) -> Result<()> {
@@ -734,19 +718,14 @@ impl Qcow2Image {
             }
             Err(e @ Error::Corrupt(_)) => Err(e),
             Err(e) if e.is_no_space() => {
-                // The host file system is full. The file is consistent at every step of an
-                // update (refcounts reach it before L2 entries on allocation, L2 entries
-                // before refcounts on free: what the SIGKILL tests check), so what it holds
-                // is a valid image, perhaps with leaked clusters; only the in-memory tables
-                // may be ahead of it. Re-read them, so the write can be retried once space
-                // is freed.
-                if let Err(r) = self.reload() {
-                    tracing::error!(
-                        "{}: cannot re-read the image after running out of space: {r}",
-                        self.path.display()
-                    );
-                    self.broken = true;
-                }
+                // The host file system is full (ENOSPC, EDQUOT). A failed step allocated
+                // space or wrote into new space before anything in memory pointed at it, so
+                // the in-memory tables are consistent (at worst with leaked clusters) and the
+                // image stays writable: the request can be retried once space is freed.
+                // Cached tables stay dirty until written; the write-through ones (header, L1
+                // and refcount tables) may now be ahead of the file, so they are written
+                // again before the next change.
+                self.rewrite_tables = true;
                 Err(e)
             }
             Err(e) => {

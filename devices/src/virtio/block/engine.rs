@@ -62,6 +62,8 @@ pub struct Engine {
     name: String,
     held: VecDeque<(u16, Request)>,
     hold: Option<Hold>,
+    /// First retry delay of held writes (doubling up to [`MAX_RETRY_DELAY`]).
+    first_retry: Duration,
 }
 
 impl Engine {
@@ -72,7 +74,14 @@ impl Engine {
             name,
             held: VecDeque::new(),
             hold: None,
+            first_retry: FIRST_RETRY_DELAY,
         }
+    }
+
+    /// Sets the first retry delay of held writes (tests and fuzzing use a short one).
+    pub fn with_first_retry(mut self, d: Duration) -> Self {
+        self.first_retry = d;
+        self
     }
 
     /// Requests held for lack of host space.
@@ -311,8 +320,8 @@ impl Engine {
                 let now = Instant::now();
                 self.hold = Some(Hold {
                     since: now,
-                    next_retry: now + FIRST_RETRY_DELAY,
-                    delay: FIRST_RETRY_DELAY,
+                    next_retry: now + self.first_retry,
+                    delay: self.first_retry,
                     count: n,
                 });
             }

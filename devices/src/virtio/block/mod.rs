@@ -118,6 +118,8 @@ pub struct Block {
     reset_wait: Duration,
     shutdown_wait: Duration,
     thread: Option<JoinHandle<()>>,
+    /// Told when the worker thread is about to end.
+    exited: Receiver<()>,
 }
 
 impl Block {
@@ -185,16 +187,15 @@ impl Block {
         };
         let (tx, rx) = channel();
         let (ended_tx, ended_rx) = channel();
+        let (exited_tx, exited_rx) = channel();
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
-                if let Some(init) = thread_init {
-                    if let Err(e) = init() {
-                        tracing::error!("virtio-blk worker: {e}");
-                        return;
-                    }
+                match thread_init.map_or(Ok(()), |init| init()) {
+                    Ok(()) => worker.run(rx, ended_tx),
+                    Err(e) => tracing::error!("virtio-blk worker: {e}"),
                 }
-                worker.run(rx, ended_tx)
+                let _ = exited_tx.send(());
             })?;
         Ok(Block {
             limits,
@@ -210,6 +211,7 @@ impl Block {
             reset_wait: cfg.reset_wait,
             shutdown_wait: cfg.shutdown_wait,
             thread: Some(thread),
+            exited: exited_rx,
         })
     }
 
@@ -260,11 +262,7 @@ impl Block {
             let _ = tx.send(Command::Shutdown);
         }
         let Some(t) = self.thread.take() else { return };
-        let deadline = Instant::now() + self.shutdown_wait;
-        while !t.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if !t.is_finished() {
+        if let Err(RecvTimeoutError::Timeout) = self.exited.recv_timeout(self.shutdown_wait) {
             // The thread is stuck in a host I/O call; leave it (it ends with the process).
             // The image is then as after a crash: consistent, perhaps with leaked clusters.
             tracing::error!(
