@@ -2,6 +2,7 @@
 //! overlaying) the images, placing each device in the MMIO hole with its IRQ, ioeventfd and
 //! irqfd, announcing it on the kernel command line, and the per-disk statistics.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -193,7 +194,9 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
 fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)]) {
     for (name, path, stats, before) in disks {
         let s = stats.snapshot();
-        eprintln!(
+        // (Not eprintln!: it panics when stderr cannot be written, e.g. on a full disk.)
+        let _ = writeln!(
+            std::io::stderr(),
             "thinvm: disk {name} {path}: reads {} ({}), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
             s.reads,
             human_size(s.read_bytes),
