@@ -24,7 +24,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, Interrupt, VirtioDevice};
+use super::{ratelimited_warn, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
@@ -199,14 +199,14 @@ impl MmioTransport {
                 == 0;
         match self.queues.get_mut(self.queue_sel as usize) {
             Some(q) if open && !q.ready => f(q),
-            Some(_) => tracing::warn!(
+            Some(_) => ratelimited_warn(&format!(
                 "virtio-mmio: {what} write ignored (device status {:#x})",
                 self.status
-            ),
-            None => tracing::warn!(
+            )),
+            None => ratelimited_warn(&format!(
                 "virtio-mmio: {what} write for queue {} ignored: no such queue",
                 self.queue_sel
-            ),
+            )),
         }
     }
 
@@ -233,7 +233,7 @@ impl MmioTransport {
 
     /// The device cannot go on until reset: DEVICE_NEEDS_RESET and a config interrupt.
     fn needs_reset(&mut self, why: &str) {
-        tracing::warn!("virtio-mmio: {why}; device needs a reset");
+        ratelimited_warn(&format!("virtio-mmio: {why}; device needs a reset"));
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.interrupt.trigger(super::INT_CONFIG);
     }
@@ -246,14 +246,16 @@ impl MmioTransport {
         let current = self.status & DRIVER_BITS;
         let wanted = v & DRIVER_BITS;
         if wanted & current != current {
-            tracing::warn!(
+            ratelimited_warn(&format!(
                 "virtio-mmio: driver cleared status bits ({current:#x} -> {v:#x}); ignored"
-            );
+            ));
             return;
         }
         let added = wanted & !current;
         if added & VIRTIO_CONFIG_S_FAILED != 0 {
-            tracing::warn!("virtio-mmio: the driver gave up on the device (FAILED)");
+            ratelimited_warn(&format!(
+                "virtio-mmio: the driver gave up on the device (FAILED)"
+            ));
             self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
@@ -284,10 +286,10 @@ impl MmioTransport {
                 continue;
             }
             if !self.has(needs) {
-                tracing::warn!(
+                ratelimited_warn(&format!(
                     "virtio-mmio: status bit {bit:#x} set out of order (status {:#x}); ignored",
                     self.status
-                );
+                ));
                 return;
             }
             if bit == VIRTIO_CONFIG_S_FEATURES_OK && !self.features_acceptable() {
@@ -304,14 +306,14 @@ impl MmioTransport {
         let offered = self.device.features();
         let f = self.driver_features;
         if f & !offered != 0 || self.unoffered_features {
-            tracing::warn!(
+            ratelimited_warn(&format!(
                 "virtio-mmio: driver accepted features {:#x} the device did not offer",
                 f & !offered
-            );
+            ));
             return false;
         }
         if f & (1 << VIRTIO_F_VERSION_1) == 0 {
-            tracing::warn!("virtio-mmio: driver did not accept VERSION_1");
+            ratelimited_warn(&format!("virtio-mmio: driver did not accept VERSION_1"));
             return false;
         }
         self.device.ack_features(f);
@@ -390,10 +392,10 @@ impl MmioTransport {
                 if !self.has(VIRTIO_CONFIG_S_DRIVER)
                     || self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED) != 0
                 {
-                    tracing::warn!(
+                    ratelimited_warn(&format!(
                         "virtio-mmio: driver features written in status {:#x}; ignored",
                         self.status
-                    );
+                    ));
                     return;
                 }
                 match self.driver_features_sel {
@@ -422,11 +424,12 @@ impl MmioTransport {
                         == 0;
                 match self.queues.get_mut(self.queue_sel as usize) {
                     Some(q) if open => q.ready = v == 1,
-                    _ => tracing::warn!(
+                    // Linux clears it after a reset when it deletes its queues.
+                    _ if v == 0 => {}
+                    _ => ratelimited_warn(&format!(
                         "virtio-mmio: QUEUE_READY write ignored (queue {}, status {:#x})",
-                        self.queue_sel,
-                        self.status
-                    ),
+                        self.queue_sel, self.status
+                    )),
                 }
             }
             VIRTIO_MMIO_QUEUE_DESC_LOW => self.update_queue("QUEUE_DESC", |q| lo(&mut q.desc)),
@@ -462,10 +465,10 @@ impl BusDevice for MmioTransport {
                 data.copy_from_slice(&v.to_le_bytes());
             }
             _ => {
-                tracing::warn!(
+                ratelimited_warn(&format!(
                     "virtio-mmio: bad register read at {offset:#x} ({} bytes)",
                     data.len()
-                );
+                ));
                 data.fill(0);
             }
         }
@@ -479,10 +482,10 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(b) if offset % 4 == 0 => self.write_reg(offset as u32, u32::from_le_bytes(b)),
-            _ => tracing::warn!(
+            _ => ratelimited_warn(&format!(
                 "virtio-mmio: bad register write at {offset:#x} ({} bytes)",
                 data.len()
-            ),
+            )),
         }
     }
 }

@@ -20,9 +20,10 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::execute::{ratelimited_warn, Disk, Executed, Outcome, BATCH_BYTES};
+use super::execute::{Disk, Executed, Outcome, BATCH_BYTES};
 use super::request::{self, Invalid, Limits, Request};
 use super::stats::BlockStats;
+use crate::virtio::ratelimited_warn;
 use crate::virtio::{Interrupt, INT_VRING};
 
 /// First retry of a held write, then doubling up to [`MAX_RETRY_DELAY`].
@@ -135,7 +136,7 @@ impl Engine {
         match q.avail_idx(mem, Ordering::Acquire) {
             Ok(idx) if (idx - Wrapping(q.next_avail())).0 > q.size() => {
                 ratelimited_warn(&format!(
-                    "available index {} is more than {} ahead of the device's {}: ring ignored until the next notification",
+                    "virtio-blk: available index {} is more than {} ahead of the device's {}: ring ignored until the next notification",
                     idx.0,
                     q.size(),
                     q.next_avail()
@@ -144,13 +145,13 @@ impl Engine {
             }
             Ok(_) => {}
             Err(e) => {
-                ratelimited_warn(&format!("queue: {e}"));
+                ratelimited_warn(&format!("virtio-blk: queue: {e}"));
                 return report;
             }
         }
         let budget = usize::from(q.size()).saturating_sub(self.held.len());
         if let Err(e) = q.disable_notification(mem) {
-            ratelimited_warn(&format!("queue: {e}"));
+            ratelimited_warn(&format!("virtio-blk: queue: {e}"));
         }
         let mut popped: VecDeque<Popped> = VecDeque::with_capacity(budget);
         let mut drained = false;
@@ -346,7 +347,7 @@ impl Engine {
         let stats = &self.disk.stats;
         match invalid {
             Invalid::Status { status, code, msg } => {
-                ratelimited_warn(&msg);
+                ratelimited_warn(&format!("virtio-blk: {msg}"));
                 if u32::from(code) == VIRTIO_BLK_S_UNSUPP {
                     BlockStats::add(&stats.unsupported, 1);
                 } else {
@@ -356,7 +357,7 @@ impl Engine {
                 add_used(q, mem, head, used);
             }
             Invalid::Drop(msg) => {
-                ratelimited_warn(&format!("dropping request: {msg}"));
+                ratelimited_warn(&format!("virtio-blk: dropping request: {msg}"));
                 BlockStats::add(&stats.dropped, 1);
                 add_used(q, mem, head, 0);
             }
@@ -411,7 +412,7 @@ impl BatchItem for (u16, Request) {
 
 fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, used: u32) {
     if let Err(e) = q.add_used(mem, head, used) {
-        ratelimited_warn(&format!("cannot return a used buffer: {e}"));
+        ratelimited_warn(&format!("virtio-blk: cannot return a used buffer: {e}"));
     }
 }
 

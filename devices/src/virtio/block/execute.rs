@@ -4,7 +4,6 @@
 //! under `werror=enospc`, a write held until the host has space again).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use block::DiskImage;
 use virtio_bindings::virtio_blk::*;
@@ -13,6 +12,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use super::guest_ranges::GuestRanges;
 use super::request::{Request, RequestKind, Segment};
 use super::stats::BlockStats;
+use crate::virtio::ratelimited_warn;
 
 /// Bytes moved per image call (and between two looks at the stop flag).
 pub const CHUNK: u64 = 8 << 20;
@@ -60,29 +60,11 @@ fn ok(written: u32) -> Executed {
 }
 
 fn ioerr(msg: String) -> Executed {
-    ratelimited_warn(&msg);
+    ratelimited_warn(&format!("virtio-blk: {msg}"));
     Executed::Done(Outcome {
         status: VIRTIO_BLK_S_IOERR as u8,
         written: 0,
     })
-}
-
-/// Logs at most a few lines per second, so a hostile guest cannot flood the host's logs.
-pub fn ratelimited_warn(msg: &str) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static WINDOW: AtomicU64 = AtomicU64::new(0);
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_secs();
-    if WINDOW.swap(now, Ordering::Relaxed) != now {
-        let suppressed = COUNT.swap(0, Ordering::Relaxed).saturating_sub(5);
-        if suppressed > 0 {
-            tracing::warn!("virtio-blk: {suppressed} similar messages suppressed");
-        }
-    }
-    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
-        tracing::warn!("virtio-blk: {msg}");
-    }
 }
 
 /// The disk side of a virtio-blk device: the image and what requests need besides it.

@@ -21,8 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::engine::Engine;
-use super::execute::ratelimited_warn;
-use crate::virtio::Interrupt;
+use crate::virtio::{ratelimited_warn, Interrupt};
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
@@ -162,7 +161,7 @@ impl Worker {
     /// Deferred image work, and fresh figures for the statistics.
     fn idle(&mut self) {
         if let Err(e) = self.engine.disk.image.idle() {
-            ratelimited_warn(&format!("deferred image work failed: {e}"));
+            ratelimited_warn(&format!("virtio-blk: deferred image work failed: {e}"));
         }
         self.publish_image_stats();
     }
