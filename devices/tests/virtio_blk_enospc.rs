@@ -334,3 +334,30 @@ fn a_full_host_file_system_pauses_raw_writes_until_space_returns() {
         .unwrap();
     fill_up_and_free(&img, &fs);
 }
+
+#[test]
+fn a_queue_full_of_held_writes_drains_when_space_returns() {
+    let (mut vm, faults) = faulty_vm(block_config());
+    let ring = Ring::at(0x1000, 16);
+    driver_init(&mut vm, &ring, FEATURES);
+    faults.no_space.store(true, Ordering::SeqCst);
+    // The whole queue: the same write 16 times.
+    queue_write(&vm, &ring, 0, 0, 0x5a, 4096);
+    for _ in 1..16 {
+        ring.publish(&vm.mem, 0);
+    }
+    kick(&mut vm);
+    wait_for("the queue to be held", || vm.stats.snapshot().held == 16);
+    // 16 more, without a notification (the device has turned them off while it cannot take
+    // any more chains); then space returns.
+    for _ in 0..16 {
+        ring.publish(&vm.mem, 0);
+    }
+    faults.no_space.store(false, Ordering::SeqCst);
+    assert!(
+        ring.wait_used(&vm.mem, 32, WAIT),
+        "{} of 32 answered",
+        ring.used_idx(&vm.mem)
+    );
+    assert_eq!(vm.stats.snapshot().writes, 32);
+}

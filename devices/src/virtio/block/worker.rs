@@ -143,8 +143,12 @@ impl Worker {
                 .retry_in(Instant::now())
                 .is_some_and(|d| d.is_zero())
             {
-                self.engine
+                let answered = self
+                    .engine
                     .retry_held(&mut a.queue, &a.mem, &a.interrupt, &stop);
+                // Room in the queue again: chains the driver queued meanwhile (perhaps
+                // without notifying, while held writes filled the queue) get a pass.
+                more |= answered > 0;
                 idle_pending = true;
             }
             if more {
