@@ -12,17 +12,13 @@ fuzz_target!(|data: &[u8]| {
     let dir = std::env::temp_dir().join(format!("thinvm-fuzz-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("img.qcow2");
-    let Ok(mut f) = std::fs::File::create(&path) else {
-        return;
-    };
+    let Ok(mut f) = std::fs::File::create(&path) else { return };
     if f.write_all(data).is_err() {
         return;
     }
     drop(f);
     for writable in [false, true] {
-        let Ok(mut img) = Qcow2Image::open(&path, !writable) else {
-            continue;
-        };
+        let Ok(mut img) = Qcow2Image::open(&path, !writable) else { continue };
         let size = img.virtual_size();
         let mut buf = vec![0u8; 65536];
         for off in [0u64, 512, 65536, 1 << 20, size.saturating_sub(4096)] {
