@@ -253,9 +253,7 @@ impl MmioTransport {
         }
         let added = wanted & !current;
         if added & VIRTIO_CONFIG_S_FAILED != 0 {
-            ratelimited_warn(&format!(
-                "virtio-mmio: the driver gave up on the device (FAILED)"
-            ));
+            ratelimited_warn("virtio-mmio: the driver gave up on the device (FAILED)");
             self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
@@ -313,7 +311,7 @@ impl MmioTransport {
             return false;
         }
         if f & (1 << VIRTIO_F_VERSION_1) == 0 {
-            ratelimited_warn(&format!("virtio-mmio: driver did not accept VERSION_1"));
+            ratelimited_warn("virtio-mmio: driver did not accept VERSION_1");
             return false;
         }
         self.device.ack_features(f);
