@@ -45,6 +45,18 @@ impl Error {
     pub fn is_direct_io_unsupported(&self) -> bool {
         matches!(self, Error::Open { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
     }
+
+    /// Whether a host call failed because the file system is full (ENOSPC) or the user is
+    /// over quota (EDQUOT): the request may succeed later, once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::Open { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                    || source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -72,6 +72,7 @@ fn fixture_with(image: Box<dyn DiskImage>, dir: std::path::PathBuf) -> Fixture {
             read_only: false,
             discard_unmap: true,
             serial: serial_bytes("mock"),
+            ..Default::default()
         },
         None,
     )

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use block::{DetectZeroes, ImageFormat};
+use devices::virtio::block::WriteErrorPolicy;
 
 use crate::arch::layout::{IOAPIC_PINS, MAX_MEMORY, MIN_MEMORY, VIRTIO_IRQ_BASE};
 use crate::error::{Result, VmmError};
@@ -41,7 +42,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// A virtio-blk disk; repeat for more.
-    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,serial=ID]
+    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,werror=enospc|report][,serial=ID]
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<String>,
     /// Run every disk on a temporary overlay that is deleted when the VM ends.
@@ -80,6 +81,9 @@ pub struct DiskConfig {
     pub discard: DiscardMode,
     /// `cache=none`: O_DIRECT on the image and its backing chain.
     pub direct: bool,
+    /// `werror=`: a write that finds the host file system full waits for space (`enospc`,
+    /// QEMU's default) or fails with an I/O error (`report`).
+    pub werror: WriteErrorPolicy,
     pub serial: Option<String>,
 }
 
@@ -128,6 +132,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
         detect_zeroes: DetectZeroes::Unmap,
         discard: DiscardMode::Unmap,
         direct: false,
+        werror: WriteErrorPolicy::Enospc,
         serial: None,
     };
     let mut detect_given = false;
@@ -170,6 +175,13 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
                     _ => return Err(bad(format!("--disk cache={v}: expected writeback or none"))),
                 }
             }
+            "werror" => {
+                d.werror = match v {
+                    "enospc" => WriteErrorPolicy::Enospc,
+                    "report" => WriteErrorPolicy::Report,
+                    _ => return Err(bad(format!("--disk werror={v}: expected enospc or report"))),
+                }
+            }
             "serial" => {
                 if v.len() > 20 {
                     return Err(bad(format!(
@@ -180,7 +192,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
             }
             other => {
                 return Err(bad(format!(
-                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, serial)"
+                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, werror, serial)"
                 )))
             }
         }
@@ -321,6 +333,15 @@ mod tests {
         assert!(parse_disk("path=a,cache=sometimes").is_err());
         assert!(!parse_disk("path=a,cache=writeback").unwrap().direct);
         assert!(parse_disk("path=a,serial=123456789012345678901").is_err());
+        assert_eq!(
+            parse_disk("path=a").unwrap().werror,
+            WriteErrorPolicy::Enospc
+        );
+        assert_eq!(
+            parse_disk("path=a,werror=report").unwrap().werror,
+            WriteErrorPolicy::Report
+        );
+        assert!(parse_disk("path=a,werror=stop").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! overlaying) the images, placing each device in the MMIO hole with its IRQ, ioeventfd and
 //! irqfd, announcing it on the kernel command line, and the per-disk statistics.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -146,12 +147,16 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         } else {
             None
         };
+        let name = format!("vd{}", (b'a' + i as u8) as char);
         let block = Block::new(
             image,
             BlockConfig {
                 read_only: d.read_only,
                 discard_unmap: d.discard == DiscardMode::Unmap,
                 serial: disk_serial(d),
+                werror: d.werror,
+                name: format!("{name} ({})", path.display()),
+                ..BlockConfig::default()
             },
             thread_init,
         )
@@ -171,7 +176,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             .map_err(|e| VmmError::Device(e.to_string()))?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         set.disks.push(Disk {
-            name: format!("vd{}", (b'a' + i as u8) as char),
+            name,
             shown_path: match &overlay {
                 Some(o) => format!("{} (ephemeral overlay {})", d.path.display(), o.0.display()),
                 None => d.path.display().to_string(),
@@ -189,7 +194,9 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
 fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)]) {
     for (name, path, stats, before) in disks {
         let s = stats.snapshot();
-        eprintln!(
+        // (Not eprintln!: it panics when stderr cannot be written, e.g. on a full disk.)
+        let _ = writeln!(
+            std::io::stderr(),
             "thinvm: disk {name} {path}: reads {} ({}), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
             s.reads,
             human_size(s.read_bytes),

@@ -12,6 +12,7 @@ mod seccomp;
 mod terminal;
 mod vstate;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -53,10 +54,13 @@ fn init_logging(level: &str) -> Result<(), String> {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    // A log line that cannot be written (stderr on a full file system, a closed pipe) is
+    // lost, not reported with eprintln!, which would panic the thread that logged.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
@@ -75,7 +79,8 @@ fn run(args: config::RunArgs) -> ExitCode {
     };
     match runner::run(cfg) {
         Ok(reason) => {
-            eprintln!("thinvm: {}", reason.describe());
+            // (Not eprintln!: it panics when stderr cannot be written, e.g. a full disk.)
+            let _ = writeln!(std::io::stderr(), "thinvm: {}", reason.describe());
             ExitCode::from(reason.exit_code())
         }
         Err(e) => {

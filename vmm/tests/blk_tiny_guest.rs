@@ -93,12 +93,23 @@ fn guest_driver_exercises_every_request_and_the_overlay_matches() {
     assert_eq!(map[1]["data"], false);
     assert_eq!(map[1]["depth"], 0);
     assert_eq!(map[1]["length"], 3 * 65536);
-    // One data cluster allocated: header, refcount table and block, L1, L2 + 1 data.
+    // The any-layout write at MiB 8 (4 KiB of 0x3c over the backing file's 0x11).
+    let (code, io) = qemu(&[
+        "qemu-io",
+        "-c",
+        "read -P 0x3c 8M 4k",
+        "-c",
+        "read -P 0x11 8196k 60k",
+        &ov,
+    ]);
+    assert_eq!(code, 0, "{io}");
+    assert!(!io.contains("verification failed"), "{io}");
+    // Two data clusters allocated: header, refcount table and block, L1, L2 + 2 data.
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(&ov).unwrap();
-    assert!(m.size() <= 6 * 65536, "apparent size {}", m.size());
+    assert!(m.size() <= 7 * 65536, "apparent size {}", m.size());
     assert!(
-        m.blocks() * 512 <= 6 * 65536,
+        m.blocks() * 512 <= 7 * 65536,
         "allocated {}",
         m.blocks() * 512
     );
@@ -248,5 +259,139 @@ fn eight_disks_attach() {
     assert!(
         stdout.contains("virtio_mmio.device=4K@0xd0007000:12"),
         "{stdout}"
+    );
+}
+
+/// Runs `script` (sh) in a private mount namespace (`unshare -rm`), where it may mount a
+/// small tmpfs; `None` (after a SKIPPED line) where that is not allowed.
+fn in_mount_namespace(test: &str, script: &str) -> Option<std::process::Output> {
+    let probe = Command::new("unshare")
+        .args([
+            "-rm",
+            "sh",
+            "-c",
+            "d=$(mktemp -d) && mount -t tmpfs -o size=1M t $d && umount $d && rmdir $d",
+        ])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!("SKIPPED {test}: no private tmpfs mounts here ({other:?})");
+            return None;
+        }
+    }
+    Some(
+        Command::new("timeout")
+            .args(["-s", "KILL", "120", "unshare", "-rm", "sh", "-c", script])
+            .output()
+            .unwrap(),
+    )
+}
+
+/// The guest fills a disk whose overlay lives on a nearly full 8 MiB tmpfs (the guest writes 4 MiB). With
+/// `werror=enospc` (the default) its writes are held, not failed (thinvm's log and the
+/// console go elsewhere: they could not be written there either); `free` decides what the
+/// test does then: free the space (writing resumes, the guest finishes, thinvm exits 0) or
+/// stop thinvm with SIGTERM (it exits at once, 143). Either way the overlay checks clean
+/// (no leaks either) and the blocks written before the file system filled up read back.
+fn full_host_fs(test: &str, free: bool) {
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = TempDir::new("enospc");
+    let base = dir.join("base.raw").display().to_string();
+    assert_eq!(
+        qemu(&["qemu-img", "create", "-q", "-f", "raw", &base, "16M"]).0,
+        0
+    );
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let then = if free {
+        "rm -f $M/filler; wait $pid; echo \"EXIT code=$?\""
+    } else {
+        "t0=$(date +%s%N); kill -TERM $pid; wait $pid; echo \"EXIT code=$? ms=$(( ($(date +%s%N) - t0) / 1000000 ))\""
+    };
+    let script = format!(
+        r#"M={mnt}
+L={logs}
+mount -t tmpfs -o size=8M thinvm-test $M || exit 77
+qemu-img create -q -f qcow2 -b {base} -F raw $M/ov.qcow2
+avail=$(df --output=avail -B1 $M | tail -1)
+head -c $((avail - 640 * 1024)) /dev/zero > $M/filler
+{thinvm} run --kernel {kernel} --cmdline mode=fill --serial file=$L/console --disk path=$M/ov.qcow2 >$L/vmm.log 2>&1 &
+pid=$!
+i=0
+until grep -q 'host file system is full' $L/vmm.log; do
+  i=$((i + 1)); [ $i -gt 400 ] && break; sleep 0.05
+done
+sleep 0.5
+echo "HELD blocks=$(grep -c 'BLK-FILL .* ok' $L/console) fails=$(grep -c FAIL $L/console)"
+{then}
+echo "DONE n=$(grep -c 'BLK-FILL done' $L/console)"
+qemu-img check $M/ov.qcow2 >/dev/null 2>&1; echo "CHECK rc=$?"
+qemu-io -c 'read -P 1 1M 64k' -c 'read -P 2 1088k 64k' $M/ov.qcow2 | grep -c 'verification failed' | sed 's/^/MISMATCH n=/'
+cat $L/vmm.log
+"#,
+        mnt = mnt.display(),
+        logs = dir.0.display(),
+        base = base,
+        thinvm = thinvm(),
+        kernel = guest("blk").display(),
+    );
+    let Some(out) = in_mount_namespace(test, &script) else {
+        return;
+    };
+    let stdout = text(&out.stdout);
+    let all = format!("{stdout}\n{}", text(&out.stderr));
+    let field = |line: &str, key: &str| -> i64 {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {line} {key}= in:\n{all}"))
+    };
+    assert!(stdout.contains("host file system is full"), "{all}");
+    let held_at = field("HELD", "blocks");
+    assert!(
+        held_at < 64,
+        "every block was written on a full file system: {all}"
+    );
+    assert_eq!(
+        field("HELD", "fails"),
+        0,
+        "the guest saw an I/O error: {all}"
+    );
+    if free {
+        assert_eq!(field("EXIT", "code"), 0, "{all}");
+        assert_eq!(field("DONE", "n"), 1, "the guest did not finish: {all}");
+        assert!(stdout.contains("host space available again"), "{all}");
+    } else {
+        assert_eq!(field("EXIT", "code"), 143, "{all}");
+        assert!(
+            field("EXIT", "ms") < 5000,
+            "thinvm took long to stop: {all}"
+        );
+    }
+    assert_eq!(field("CHECK", "rc"), 0, "qemu-img check: {all}");
+    assert_eq!(field("MISMATCH", "n"), 0, "{all}");
+}
+
+#[test]
+fn a_full_host_file_system_pauses_guest_writes_until_space_returns() {
+    full_host_fs(
+        "a_full_host_file_system_pauses_guest_writes_until_space_returns",
+        true,
+    );
+}
+
+#[test]
+fn thinvm_stops_at_once_while_writes_wait_for_host_space() {
+    full_host_fs(
+        "thinvm_stops_at_once_while_writes_wait_for_host_space",
+        false,
     );
 }

@@ -274,3 +274,49 @@ fn software_nested_hosts_get_a_one_line_warning_before_linux_boots() {
     assert_eq!(warning.len(), 1, "{err}");
     assert!(warning[0].contains("rig"), "{err}");
 }
+
+/// The host file system fills up under a Linux guest: its overlay lives on a tmpfs with 24
+/// MiB left and the guest writes 48 MiB into its root file system. With `werror=enospc`
+/// (the default) the writes wait instead of failing; once the space is freed the guest
+/// finishes, thinvm exits 0, the overlay checks clean and the guest's ext4 is clean.
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn a_full_host_file_system_pauses_the_guest_until_space_returns() {
+    let g = guest();
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/full.XXXXXX"); cd "$d"
+mkdir small; mount -t tmpfs -o size=96M thinvm-full small
+qemu-img create -q -f qcow2 -b {base} -F qcow2 small/ov.qcow2
+avail=$(df --output=avail -B1 small | tail -1)
+head -c $((avail - (24 << 20))) /dev/zero > small/filler
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=small/ov.qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fill:48" </dev/null >console.log 2>vmm.log &
+pid=$!
+n=0; until grep -q 'host file system is full' vmm.log; do n=$((n + 1)); [ $n -gt 1800 ] && break; sleep 0.1; done
+sleep 3
+echo "HELD errors=$(grep -c 'I/O error' console.log || true)"
+rm -f small/filler
+rc=0; wait $pid || rc=$?
+echo "EXIT code=$rc"
+grep '^THINVM' console.log || true
+grep -E 'host space available again|host file system is full' vmm.log || true
+qemu-img check small/ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
+qemu-img convert -O raw small/ov.qcow2 fs.raw
+e2fsck -fn fs.raw >/dev/null 2>&1 && echo "FSCK rc=0" || echo "FSCK rc=$?"
+umount small; rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        base = g.base_qcow2.display(),
+        k = g.bzimage.display(),
+        i = g.initrd.display()
+    );
+    let out = linux(&script, 900);
+    assert!(out.contains("host file system is full"), "{out}");
+    assert!(out.contains("host space available again"), "{out}");
+    assert_eq!(num(&fields(&out, "HELD ")[0], "errors"), 0, "{out}");
+    assert_eq!(num(&fields(&out, "EXIT ")[0], "code"), 0, "{out}");
+    assert!(out.contains("THINVM-DONE"), "{out}");
+    assert!(!out.contains("THINVM-ERROR"), "{out}");
+    assert_eq!(num(&fields(&out, "QEMUCHECK ")[0], "rc"), 0, "{out}");
+    assert_eq!(num(&fields(&out, "FSCK ")[0], "rc"), 0, "{out}");
+}

@@ -207,7 +207,14 @@ impl Qcow2Image {
         }
         // 3. All data, in parallel, into space allocated beforehand.
         self.preallocate(&new_entries);
-        self.run_write_jobs(jobs, threads)?;
+        if let Err(e) = self.run_write_jobs(jobs, threads) {
+            // (e.g. the host file system is full) Nothing maps the new clusters yet: give
+            // them back rather than leak them.
+            for (_, host) in new_entries {
+                self.queue_free(host / cs, false, FreeReason::Internal);
+            }
+            return Err(e);
+        }
         // 4. Map the new clusters; the old ones are released.
         for (gc, host) in new_entries {
             let old = self.mapping(gc)?;

@@ -601,8 +601,8 @@ impl Qcow2Image {
             let old: Vec<Mapping> = (0..got)
                 .map(|i| self.mapping(first_gc + i))
                 .collect::<Result<_>>()?;
-            if full {
-                self.pwrite(piece, host, "guest data")?;
+            let written = if full {
+                self.pwrite(piece, host, "guest data")
             } else {
                 let mut cluster_buf = vec![0u8; (got * cs) as usize];
                 let tail_end = head_off + span as u64;
@@ -623,7 +623,15 @@ impl Qcow2Image {
                     }
                 }
                 cluster_buf[head_off as usize..tail_end as usize].copy_from_slice(piece);
-                self.pwrite(&cluster_buf, host, "guest data")?;
+                self.pwrite(&cluster_buf, host, "guest data")
+            };
+            if let Err(e) = written {
+                // (e.g. the host file system is full) Nothing maps the new clusters yet: give
+                // them back rather than leak them.
+                for i in 0..got {
+                    self.queue_free(start + i, false, FreeReason::Internal);
+                }
+                return Err(e);
             }
             for i in 0..got {
                 self.set_l2_entry(first_gc + i, (host + i * cs) | OFLAG_COPIED)?;

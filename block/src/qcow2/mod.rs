@@ -117,6 +117,9 @@ pub struct Qcow2Image {
     pub(crate) prealloc_supported: bool,
     /// Set after a write failed half-way: the in-memory state can no longer be trusted.
     pub(crate) broken: bool,
+    /// Set after a write failed for lack of host space: the header, L1 and refcount tables
+    /// are written again from memory before the next change.
+    pub(crate) rewrite_tables: bool,
 }
 
 impl Qcow2Image {
@@ -264,6 +267,7 @@ impl Qcow2Image {
             punch_supported: true,
             prealloc_supported: true,
             broken: false,
+            rewrite_tables: false,
             header,
         };
         img.build_meta_set()?;
@@ -399,7 +403,7 @@ impl Qcow2Image {
         Error::Corrupt(msg)
     }
 
-    fn check_writable(&self) -> Result<()> {
+    fn check_writable(&mut self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -408,6 +412,25 @@ impl Qcow2Image {
                 "an earlier write failed half-way; reopen the image".into(),
             ));
         }
+        self.rewrite_tables_if_needed()
+    }
+
+    /// After a write that failed for lack of host space: writes the header, the L1 table and
+    /// the refcount table from memory (refcount blocks first, as for any L1 change), so the
+    /// file again holds what memory says.
+    fn rewrite_tables_if_needed(&mut self) -> Result<()> {
+        if !self.rewrite_tables {
+            return Ok(());
+        }
+        self.write_dirty_refblocks()?;
+        self.order_after_refcounts()?;
+        let l1: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&l1, self.header.l1_table_offset, "L1 table")?;
+        let rt: Vec<u8> = self.reftable.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&rt, self.header.refcount_table_offset, "refcount table")?;
+        self.write_header()?;
+        self.l2_unsynced = true;
+        self.rewrite_tables = false;
         Ok(())
     }
 
@@ -416,6 +439,7 @@ impl Qcow2Image {
         if self.read_only {
             return Ok(());
         }
+        self.rewrite_tables_if_needed()?;
         self.commit_frees()?;
         self.write_dirty_refblocks()?;
         self.write_dirty_l2()?;
@@ -693,6 +717,17 @@ impl Qcow2Image {
                 Err(e)
             }
             Err(e @ Error::Corrupt(_)) => Err(e),
+            Err(e) if e.is_no_space() => {
+                // The host file system is full (ENOSPC, EDQUOT). A failed step allocated
+                // space or wrote into new space before anything in memory pointed at it, so
+                // the in-memory tables are consistent (at worst with leaked clusters) and the
+                // image stays writable: the request can be retried once space is freed.
+                // Cached tables stay dirty until written; the write-through ones (header, L1
+                // and refcount tables) may now be ahead of the file, so they are written
+                // again before the next change.
+                self.rewrite_tables = true;
+                Err(e)
+            }
             Err(e) => {
                 // An I/O error in the middle of an update: in-memory metadata may be ahead of
                 // the file. Refuse further writes rather than risk corrupting it.

@@ -1,6 +1,16 @@
-//! The virtio-mmio transport, version 2 ("modern"): feature negotiation, queue setup,
-//! notifications (through ioeventfds the VMM registers at `QUEUE_NOTIFY`), interrupt status,
-//! the device status state machine with reset and re-activation, and config space.
+//! The virtio-mmio transport, version 2 ("modern", virtio 1.2 §4.2.2): feature negotiation,
+//! queue setup, notifications (through ioeventfds the VMM registers at `QUEUE_NOTIFY`),
+//! interrupt status, the device status state machine with reset and re-activation, and
+//! config space.
+//!
+//! Everything the driver writes is kept as written and judged at `DRIVER_OK`: a queue size
+//! of 0, above the maximum, not a power of two or not even 16 bits, a misaligned ring, a
+//! ring not wholly in guest RAM, a queue not made ready, `DRIVER_OK` without an accepted
+//! `FEATURES_OK`: the device is not activated and sets `DEVICE_NEEDS_RESET` (with a
+//! configuration-change interrupt), and only a reset gets it out of there. Status bits are
+//! added in the spec's order (§3.1.1) and never cleared except by a reset; queue registers
+//! change only between `FEATURES_OK` and `DRIVER_OK` and while the queue is not ready;
+//! driver features only before `FEATURES_OK`, as in Firecracker's transport.
 
 use std::sync::Arc;
 
@@ -11,10 +21,10 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, Interrupt, VirtioDevice};
+use super::{ratelimited_warn, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
@@ -24,19 +34,91 @@ const VENDOR_ID: u32 = 0x4e56_4854; // "THVN"
 /// Offset of the queue-notify register, where the VMM places its ioeventfds.
 pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
+/// Status bits the driver sets (the device sets only NEEDS_RESET).
+const DRIVER_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+    | VIRTIO_CONFIG_S_FAILED;
+
+/// What the driver wrote for one queue, applied at `DRIVER_OK`.
+#[derive(Clone, Copy, Debug)]
+struct QueueConfig {
+    max_size: u16,
+    /// As written (32 bits); the maximum until the driver writes one.
+    size: u32,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        QueueConfig {
+            max_size,
+            size: u32::from(max_size),
+            ready: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// The queue the configuration describes, if it is usable with `mem`.
+    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+        if !self.ready {
+            return Err("not ready".into());
+        }
+        let size = u16::try_from(self.size).map_err(|_| format!("size {:#x}", self.size))?;
+        let mut q = Queue::new(self.max_size).map_err(|e| format!("{e:?}"))?;
+        q.try_set_size(size).map_err(|_| {
+            format!(
+                "size {size} (must be a power of two from 1 to {})",
+                self.max_size
+            )
+        })?;
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|_| format!("descriptor table {:#x} not 16-byte aligned", self.desc))?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(|_| format!("available ring {:#x} not 2-byte aligned", self.avail))?;
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(|_| format!("used ring {:#x} not 4-byte aligned", self.used))?;
+        let n = u64::from(size);
+        for (what, start, len) in [
+            ("descriptor table", self.desc, 16 * n),
+            ("available ring", self.avail, 6 + 2 * n),
+            ("used ring", self.used, 6 + 8 * n),
+        ] {
+            if start.checked_add(len).is_none()
+                || !vm_memory::GuestMemoryBackend::check_range(
+                    mem,
+                    GuestAddress(start),
+                    len as usize,
+                )
+            {
+                return Err(format!("{what} {start:#x}+{len:#x} not in guest RAM"));
+            }
+        }
+        q.set_ready(true);
+        Ok(q)
+    }
+}
+
 /// One virtio device behind a 4 KiB MMIO window.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
+    queues: Vec<QueueConfig>,
     notify: Vec<EventFd>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
+    /// The driver set feature bits beyond the 64 the device has.
+    unoffered_features: bool,
     queue_sel: u32,
-    config_generation: u32,
     active: bool,
 }
 
@@ -50,10 +132,10 @@ impl MmioTransport {
         let mut queues = Vec::new();
         let mut notify = Vec::new();
         for &max in device.queue_max_sizes() {
-            queues.push(
-                Queue::new(max)
-                    .map_err(|e| std::io::Error::other(format!("queue size {max}: {e:?}")))?,
-            );
+            // The device's own maximum must be a valid queue size.
+            Queue::new(max)
+                .map_err(|e| std::io::Error::other(format!("queue size {max}: {e:?}")))?;
+            queues.push(QueueConfig::new(max));
             notify.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
         Ok(MmioTransport {
@@ -66,8 +148,8 @@ impl MmioTransport {
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
+            unoffered_features: false,
             queue_sel: 0,
-            config_generation: 0,
             active: false,
         })
     }
@@ -97,18 +179,34 @@ impl MmioTransport {
         self.status
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+    /// Whether the device is serving its queues.
+    pub fn is_active(&self) -> bool {
+        self.active
     }
 
-    fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        // Queue configuration may only change before the driver is done.
-        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            tracing::warn!("virtio-mmio: queue change after DRIVER_OK ignored");
-            return;
-        }
-        if let Some(q) = self.selected_queue() {
-            f(q);
+    fn has(&self, bits: u32) -> bool {
+        self.status & bits == bits
+    }
+
+    /// Queue registers may change after FEATURES_OK, before DRIVER_OK, while the queue is
+    /// not ready (§4.2.2.2: the driver must not touch them while QueueReady is set).
+    fn update_queue(&mut self, what: &str, f: impl FnOnce(&mut QueueConfig)) {
+        let open = self.has(VIRTIO_CONFIG_S_FEATURES_OK)
+            && self.status
+                & (VIRTIO_CONFIG_S_DRIVER_OK
+                    | VIRTIO_CONFIG_S_FAILED
+                    | VIRTIO_CONFIG_S_NEEDS_RESET)
+                == 0;
+        match self.queues.get_mut(self.queue_sel as usize) {
+            Some(q) if open && !q.ready => f(q),
+            Some(_) => ratelimited_warn(&format!(
+                "virtio-mmio: {what} write ignored (device status {:#x})",
+                self.status
+            )),
+            None => ratelimited_warn(&format!(
+                "virtio-mmio: {what} write for queue {} ignored: no such queue",
+                self.queue_sel
+            )),
         }
     }
 
@@ -122,14 +220,22 @@ impl MmioTransport {
             self.active = false;
         }
         for q in &mut self.queues {
-            q.reset();
+            *q = QueueConfig::new(q.max_size);
         }
         self.status = 0;
         self.driver_features = 0;
+        self.unoffered_features = false;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.interrupt.ack(u32::MAX);
+    }
+
+    /// The device cannot go on until reset: DEVICE_NEEDS_RESET and a config interrupt.
+    fn needs_reset(&mut self, why: &str) {
+        ratelimited_warn(&format!("virtio-mmio: {why}; device needs a reset"));
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.trigger(super::INT_CONFIG);
     }
 
     fn set_status(&mut self, v: u32) {
@@ -137,47 +243,90 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        // Bits may only be added, in order (virtio 1.x 3.1.1).
-        let added = v & !self.status;
-        if v & self.status != self.status {
-            tracing::warn!(
-                "virtio-mmio: driver cleared status bits {:#x} -> {v:#x}",
-                self.status
-            );
+        let current = self.status & DRIVER_BITS;
+        let wanted = v & DRIVER_BITS;
+        if wanted & current != current {
+            ratelimited_warn(&format!(
+                "virtio-mmio: driver cleared status bits ({current:#x} -> {v:#x}); ignored"
+            ));
             return;
         }
-        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
-            let offered = self.device.features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
-            {
-                // Refuse: the device does not set FEATURES_OK.
-                self.status = v & !VIRTIO_CONFIG_S_FEATURES_OK;
+        let added = wanted & !current;
+        if added & VIRTIO_CONFIG_S_FAILED != 0 {
+            ratelimited_warn("virtio-mmio: the driver gave up on the device (FAILED)");
+            self.status |= VIRTIO_CONFIG_S_FAILED;
+            return;
+        }
+        // Bits in the order of §3.1.1, each needing the ones before it.
+        let steps = [
+            (VIRTIO_CONFIG_S_ACKNOWLEDGE, 0),
+            (VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE),
+            (
+                VIRTIO_CONFIG_S_FEATURES_OK,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+            ),
+            (
+                VIRTIO_CONFIG_S_DRIVER_OK,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+            ),
+        ];
+        for (bit, needs) in steps {
+            if added & bit == 0 {
+                continue;
+            }
+            if bit == VIRTIO_CONFIG_S_DRIVER_OK {
+                self.status |= bit;
+                if !self.has(needs) {
+                    self.needs_reset("DRIVER_OK before FEATURES_OK was accepted");
+                } else if self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0 {
+                    self.activate();
+                }
+                continue;
+            }
+            if !self.has(needs) {
+                ratelimited_warn(&format!(
+                    "virtio-mmio: status bit {bit:#x} set out of order (status {:#x}); ignored",
+                    self.status
+                ));
                 return;
             }
-            self.device.ack_features(self.driver_features);
-        }
-        self.status = v;
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.active {
-            self.activate();
+            if bit == VIRTIO_CONFIG_S_FEATURES_OK && !self.features_acceptable() {
+                // Refused: the device does not set FEATURES_OK (§3.1.1 step 6).
+                return;
+            }
+            self.status |= bit;
         }
     }
 
-    fn activate(&mut self) {
-        let needed = VIRTIO_CONFIG_S_ACKNOWLEDGE
-            | VIRTIO_CONFIG_S_DRIVER
-            | VIRTIO_CONFIG_S_FEATURES_OK
-            | VIRTIO_CONFIG_S_DRIVER_OK;
-        if self.status & needed != needed || self.status & VIRTIO_CONFIG_S_FAILED != 0 {
-            return;
+    /// Accepts the driver's features (FEATURES_OK): a subset of the offered ones, with
+    /// VERSION_1 (this is a modern-only transport).
+    fn features_acceptable(&mut self) -> bool {
+        let offered = self.device.features();
+        let f = self.driver_features;
+        if f & !offered != 0 || self.unoffered_features {
+            ratelimited_warn(&format!(
+                "virtio-mmio: driver accepted features {:#x} the device did not offer",
+                f & !offered
+            ));
+            return false;
         }
-        let mut active = Vec::new();
-        for (i, q) in self.queues.iter().enumerate() {
-            if !q.ready() || !q.is_valid(&self.mem) {
-                tracing::warn!("virtio-mmio: queue {i} not ready or invalid at DRIVER_OK");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.interrupt.trigger(super::INT_CONFIG);
-                return;
+        if f & (1 << VIRTIO_F_VERSION_1) == 0 {
+            ratelimited_warn("virtio-mmio: driver did not accept VERSION_1");
+            return false;
+        }
+        self.device.ack_features(f);
+        true
+    }
+
+    fn activate(&mut self) {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, c) in self.queues.iter().enumerate() {
+            match c.build(&self.mem) {
+                Ok(q) => queues.push(q),
+                Err(e) => {
+                    self.needs_reset(&format!("queue {i} unusable at DRIVER_OK: {e}"));
+                    return;
+                }
             }
         }
         let fds: std::io::Result<Vec<EventFd>> =
@@ -185,36 +334,27 @@ impl MmioTransport {
         let fds = match fds {
             Ok(f) => f,
             Err(e) => {
-                tracing::error!("virtio-mmio: cannot clone eventfds: {e}");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.needs_reset(&format!("cannot clone eventfds: {e}"));
                 return;
             }
         };
-        for (q, notify) in self.queues.iter().zip(fds) {
-            match Queue::try_from(q.state()) {
-                Ok(queue) => active.push(ActiveQueue { queue, notify }),
-                Err(e) => {
-                    tracing::warn!("virtio-mmio: bad queue state: {e:?}");
-                    self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                    return;
-                }
-            }
-        }
+        let active = queues
+            .into_iter()
+            .zip(fds)
+            .map(|(queue, notify)| ActiveQueue { queue, notify })
+            .collect();
         match self
             .device
             .activate(self.mem.clone(), self.interrupt.clone(), active)
         {
             Ok(()) => self.active = true,
-            Err(e) => {
-                tracing::error!("virtio-mmio: activation failed: {e}");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.interrupt.trigger(super::INT_CONFIG);
-            }
+            Err(e) => self.needs_reset(&format!("activation failed: {e}")),
         }
     }
 
-    fn read_reg(&mut self, offset: u64) -> u32 {
-        match offset as u32 {
+    fn read_reg(&mut self, offset: u32) -> u32 {
+        let q = self.queues.get(self.queue_sel as usize);
+        match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
             VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
@@ -224,30 +364,36 @@ impl MmioTransport {
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
-            VIRTIO_MMIO_QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
-            VIRTIO_MMIO_QUEUE_READY => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.ready())),
+            // 0 for a queue that does not exist (§4.2.2).
+            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
+            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
-            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No shared memory regions: a length of -1 says so (§4.2.2).
+            VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
+            // The config space never changes under the driver.
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => {
-                tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                tracing::debug!("virtio-mmio: read of register {offset:#x}");
                 0
             }
         }
     }
 
-    fn write_reg(&mut self, offset: u64, v: u32) {
-        match offset as u32 {
+    fn write_reg(&mut self, offset: u32, v: u32) {
+        let lo = |a: &mut u64| *a = (*a & !0xffff_ffff) | u64::from(v);
+        let hi = |a: &mut u64| *a = (*a & 0xffff_ffff) | (u64::from(v) << 32);
+        match offset {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             VIRTIO_MMIO_DRIVER_FEATURES => {
-                if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+                if !self.has(VIRTIO_CONFIG_S_DRIVER)
+                    || self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED) != 0
+                {
+                    ratelimited_warn(&format!(
+                        "virtio-mmio: driver features written in status {:#x}; ignored",
+                        self.status
+                    ));
                     return;
                 }
                 match self.driver_features_sel {
@@ -258,30 +404,38 @@ impl MmioTransport {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                     }
-                    _ => {}
+                    // No feature bits there: accepting one is accepting an unoffered feature,
+                    // and FEATURES_OK will be refused.
+                    _ => self.unoffered_features |= v != 0,
                 }
             }
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM => self.update_queue(|q| q.set_size(v as u16)),
-            VIRTIO_MMIO_QUEUE_READY => self.update_queue(|q| q.set_ready(v == 1)),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => {
-                self.update_queue(|q| q.set_desc_table_address(Some(v), None))
+            VIRTIO_MMIO_QUEUE_NUM => self.update_queue("QUEUE_NUM", |q| q.size = v),
+            VIRTIO_MMIO_QUEUE_READY => {
+                // Setting ready is a queue change like any other; clearing it is allowed
+                // in the same window (a driver backing out of a setup).
+                let open = self.has(VIRTIO_CONFIG_S_FEATURES_OK)
+                    && self.status
+                        & (VIRTIO_CONFIG_S_DRIVER_OK
+                            | VIRTIO_CONFIG_S_FAILED
+                            | VIRTIO_CONFIG_S_NEEDS_RESET)
+                        == 0;
+                match self.queues.get_mut(self.queue_sel as usize) {
+                    Some(q) if open => q.ready = v == 1,
+                    // Linux clears it after a reset when it deletes its queues.
+                    _ if v == 0 => {}
+                    _ => ratelimited_warn(&format!(
+                        "virtio-mmio: QUEUE_READY write ignored (queue {}, status {:#x})",
+                        self.queue_sel, self.status
+                    )),
+                }
             }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
-                self.update_queue(|q| q.set_desc_table_address(None, Some(v)))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
-                self.update_queue(|q| q.set_avail_ring_address(Some(v), None))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
-                self.update_queue(|q| q.set_avail_ring_address(None, Some(v)))
-            }
-            VIRTIO_MMIO_QUEUE_USED_LOW => {
-                self.update_queue(|q| q.set_used_ring_address(Some(v), None))
-            }
-            VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                self.update_queue(|q| q.set_used_ring_address(None, Some(v)))
-            }
+            VIRTIO_MMIO_QUEUE_DESC_LOW => self.update_queue("QUEUE_DESC", |q| lo(&mut q.desc)),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => self.update_queue("QUEUE_DESC", |q| hi(&mut q.desc)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => self.update_queue("QUEUE_AVAIL", |q| lo(&mut q.avail)),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => self.update_queue("QUEUE_AVAIL", |q| hi(&mut q.avail)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => self.update_queue("QUEUE_USED", |q| lo(&mut q.used)),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => self.update_queue("QUEUE_USED", |q| hi(&mut q.used)),
             VIRTIO_MMIO_QUEUE_NOTIFY => {
                 // Normally caught by the ioeventfd; this path serves other access widths.
                 if let Some(e) = self.notify.get(v as usize) {
@@ -290,7 +444,7 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.set_status(v),
-            _ => tracing::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => tracing::debug!("virtio-mmio: write of register {offset:#x} ignored"),
         }
     }
 }
@@ -302,33 +456,34 @@ impl BusDevice for MmioTransport {
                 .read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
-                "virtio-mmio: bad register read at {offset:#x} ({} bytes)",
-                data.len()
-            );
-            data.fill(0);
-            return;
+        // Registers: 32-bit aligned accesses only (§4.2.2.2); anything else reads zeros.
+        match <[u8; 4]>::try_from(&mut *data) {
+            Ok(_) if offset % 4 == 0 => {
+                let v = self.read_reg(offset as u32);
+                data.copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                ratelimited_warn(&format!(
+                    "virtio-mmio: bad register read at {offset:#x} ({} bytes)",
+                    data.len()
+                ));
+                data.fill(0);
+            }
         }
-        let v = self.read_reg(offset);
-        data.copy_from_slice(&v.to_le_bytes());
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device
                 .write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
-            self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
-            tracing::warn!(
+        match <[u8; 4]>::try_from(data) {
+            Ok(b) if offset % 4 == 0 => self.write_reg(offset as u32, u32::from_le_bytes(b)),
+            _ => ratelimited_warn(&format!(
                 "virtio-mmio: bad register write at {offset:#x} ({} bytes)",
                 data.len()
-            );
-            return;
+            )),
         }
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        self.write_reg(offset, v);
     }
 }

@@ -12,6 +12,28 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 
+/// Logs at most a few lines per second (all devices together), so a hostile guest cannot
+/// flood the host's logs.
+pub fn ratelimited_warn(msg: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs();
+    if WINDOW.swap(now, Ordering::Relaxed) != now {
+        let suppressed = COUNT.swap(0, Ordering::Relaxed).saturating_sub(5);
+        if suppressed > 0 {
+            tracing::warn!("virtio: {suppressed} similar messages suppressed");
+        }
+    }
+    if COUNT.fetch_add(1, Ordering::Relaxed) < 5 {
+        tracing::warn!("{msg}");
+    }
+}
+
 /// The interrupt line of a virtio-mmio device: the interrupt status register and the
 /// irqfd that raises the guest interrupt.
 pub struct Interrupt {
@@ -69,6 +91,10 @@ pub enum ActivateError {
     QueueCount(usize),
     #[error("cannot start worker thread: {0}")]
     Thread(std::io::Error),
+    /// The device's I/O thread has not yet left the previous activation (a reset that could
+    /// not wait for it): the driver must reset the device and try again later.
+    #[error("the previous activation has not ended yet")]
+    StillStopping,
 }
 
 /// What the MMIO transport needs from a device.

@@ -1,7 +1,11 @@
 /* thinvm's tiny virtio-blk test guest: a minimal polling virtio-mmio driver (split queue,
    no event index) that exercises every request type against the first disk, checks the
    answers, resets and re-activates the device, and prints one "BLK-CHECK name ok|FAIL" line
-   per check before requesting a reset. */
+   per check before requesting a reset. Requests come in the layouts virtio 1.x allows (a
+   header and data in one buffer, data and the status in one, a split header) and through
+   indirect tables up to seg_max + 2 descriptors and one beyond.
+   `mode=fill` instead writes 64 KiB blocks from MiB 1 on, one line per block, for tests of
+   a host file system that fills up. */
 #include "guest.h"
 
 #define MMIO 0xd0000000UL
@@ -14,6 +18,8 @@ struct used_elem { u32 id, len; } __attribute__((packed));
 struct used { u16 flags, idx; struct used_elem ring[QSZ]; u16 avail_event; } __attribute__((packed));
 
 static struct desc descs[QSZ] __attribute__((aligned(16)));
+/* An indirect table: header, up to 255 data buffers, status. */
+static struct desc itable[257] __attribute__((aligned(16)));
 static struct avail avail __attribute__((aligned(2)));
 static struct used used __attribute__((aligned(4)));
 static u16 last_used;
@@ -49,8 +55,9 @@ static int setup(void) {
     features0 = f0;
     mmio_write32(R(0x014), 1);
     u32 f1 = mmio_read32(R(0x010));
-    /* FLUSH(9), BLK_SIZE(6), SEG_MAX(2), DISCARD(13), WRITE_ZEROES(14); VERSION_1 (32). */
-    u32 want0 = f0 & ((1u << 9) | (1u << 6) | (1u << 2) | (1u << 13) | (1u << 14));
+    /* FLUSH(9), BLK_SIZE(6), SEG_MAX(2), DISCARD(13), WRITE_ZEROES(14), INDIRECT_DESC(28);
+       VERSION_1 (32). */
+    u32 want0 = f0 & ((1u << 9) | (1u << 6) | (1u << 2) | (1u << 13) | (1u << 14) | (1u << 28));
     mmio_write32(R(0x024), 0);
     mmio_write32(R(0x020), want0);
     mmio_write32(R(0x024), 1);
@@ -104,10 +111,33 @@ static u8 rw(u32 type, u64 sector, void *data, u32 len) {
 
 static int all(const u8 *p, u32 n, u8 v) { for (u32 i = 0; i < n; i++) if (p[i] != v) return 0; return 1; }
 
+/* A read through an indirect table: header, `segs` buffers of 512 bytes (into buf), status.
+   Returns the used length. */
+static u32 indirect_read(u32 segs) {
+    hdr.type = 0; hdr.reserved = 0; hdr.sector = 0;
+    status = 0xff;
+    itable[0] = (struct desc){ (u64)&hdr, 16, F_NEXT, 1 };
+    for (u32 i = 0; i < segs; i++)
+        itable[1 + i] = (struct desc){ (u64)buf + 512 * (i % 256), 512, F_NEXT | F_WRITE, (u16)(2 + i) };
+    itable[1 + segs] = (struct desc){ (u64)&status, 1, F_WRITE, 0 };
+    descs[0] = (struct desc){ (u64)itable, 16 * (segs + 2), 4 /* INDIRECT */, 0 };
+    return submit(1);
+}
+
+static void fill_mode(void) {
+    for (u32 i = 0; i < 64; i++) {
+        for (u32 j = 0; j < 65536; j++) buf[j] = (u8)(i + 1);
+        u8 st = rw(1, 2048 + 128 * i, buf, 65536);
+        puts_serial("BLK-FILL "); put_dec(i); puts_serial(st == 0 ? " ok\n" : " FAIL\n");
+    }
+    puts_serial("BLK-FILL done\n");
+    request_reset();
+}
+
 void guest_main(const u8 *boot_params) {
-    (void)boot_params;
     puts_serial("thinvm-blk-guest: start\n");
     check("setup", setup());
+    if (has_word(boot_cmdline(boot_params), "mode=fill")) fill_mode();
     u64 cap = mmio_read32(R(0x100)) | ((u64)mmio_read32(R(0x104)) << 32);
     puts_serial("capacity sectors: "); put_dec(cap); puts_serial("\n");
     check("capacity", cap == 16 * 1024 * 1024 / 512);
@@ -147,6 +177,39 @@ void guest_main(const u8 *boot_params) {
     check("flush", rw(4, 0, 0, 0) == 0);
     for (u32 i = 0; i < 65536; i++) buf[i] = 0x55;
     check("read-zeroed", rw(0, 128, buf, 65536 * 2) == 0 && all(buf, 65536 * 2, 0));
+
+    /* Any layout: header and data in one buffer (a write of 4 KiB of 0x3c at MiB 8). */
+    for (u32 i = 0; i < 16 + 4096; i++) buf[i] = 0x3c;
+    *(struct req_hdr *)buf = (struct req_hdr){ 1, 0, 16384 };
+    status = 0xff;
+    descs[0] = (struct desc){ (u64)buf, 16 + 4096, 0, 0 };
+    descs[1] = (struct desc){ (u64)&status, 1, F_WRITE, 0 };
+    submit(2);
+    check("layout-header-and-data", status == 0);
+    /* Data and status in one buffer: read it back. */
+    hdr = (struct req_hdr){ 0, 0, 16384 };
+    memset_(buf, 0, 8192);
+    buf[4096] = 0xff;
+    descs[0] = (struct desc){ (u64)&hdr, 16, 0, 0 };
+    descs[1] = (struct desc){ (u64)buf, 4096 + 1, F_WRITE, 0 };
+    u32 used_len = submit(2);
+    check("layout-data-and-status", buf[4096] == 0 && used_len == 4097 && all(buf, 4096, 0x3c));
+    /* A header split in two buffers. */
+    memset_(buf, 0, 4096);
+    status = 0xff;
+    descs[0] = (struct desc){ (u64)&hdr, 6, 0, 0 };
+    descs[1] = (struct desc){ (u64)&hdr + 6, 10, 0, 0 };
+    descs[2] = (struct desc){ (u64)buf, 4096, F_WRITE, 0 };
+    descs[3] = (struct desc){ (u64)&status, 1, F_WRITE, 0 };
+    submit(4);
+    check("layout-split-header", status == 0 && all(buf, 4096, 0x3c));
+    /* Indirect: seg_max (254) data buffers are served, one more is dropped unanswered. */
+    u32 seg_max = mmio_read32(R(0x100 + 12));
+    check("seg-max", seg_max == 254);
+    used_len = indirect_read(seg_max);
+    check("indirect-seg-max", status == 0 && used_len == 254 * 512 + 1);
+    used_len = indirect_read(seg_max + 1);
+    check("indirect-too-long-dropped", status == 0xff && used_len == 0);
 
     /* Hostile or invalid requests get the right status. */
     check("beyond-capacity", rw(0, cap - 1, buf, 1024) == 1);

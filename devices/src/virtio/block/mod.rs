@@ -1,14 +1,20 @@
-//! virtio-blk: the device (features, config space, activation) backed by a
-//! [`block::DiskImage`]; requests in [`request`], the I/O thread in [`worker`].
+//! virtio-blk: the device (features, config space, activation, reset, shutdown) backed by
+//! a [`block::DiskImage`]; requests parsed in [`request`] (over [`guest_ranges`]), executed
+//! in [`execute`], a queue served in bounded passes by [`engine`] on the thread in
+//! [`worker`].
 
+pub mod engine;
+pub mod execute;
+pub mod guest_ranges;
 pub mod request;
 pub mod stats;
 pub mod worker;
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use block::DiskImage;
 use virtio_bindings::virtio_blk::*;
@@ -16,20 +22,31 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+pub use execute::WriteErrorPolicy;
 pub use request::Limits;
 pub use stats::{BlockStats, StatsSnapshot};
-use worker::{Activation, Command};
+use worker::{Activation, Command, Control, Ended};
 
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request (`seg_max`): a chain may have this many + 2 descriptors, which
+/// is the queue size (virtio 1.2 §2.7.5.3.1: no chain longer than the queue size).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Largest discard / write-zeroes segment (1 GiB).
 const MAX_SEGMENT_SECTORS: u32 = 1 << 21;
 /// Segments per discard / write-zeroes request.
 const MAX_SEGMENTS: u32 = 32;
+/// How long a driver reset waits for the worker to leave the old activation (it looks at
+/// the epoch between chunks of 8 MiB, so only a host I/O call that blocks for this long makes
+/// it wait that long). After that the reset completes, and a new activation is refused until
+/// the worker has left the old one.
+pub const RESET_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the worker to stop and flush before the VMM exits anyway.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
 /// How the VMM configures a disk.
 #[derive(Clone, Debug)]
@@ -39,7 +56,39 @@ pub struct BlockConfig {
     pub discard_unmap: bool,
     /// The 20-byte serial returned by GET_ID.
     pub serial: [u8; 20],
+    /// `werror=`: what a write that finds the host file system full does.
+    pub werror: WriteErrorPolicy,
+    /// The disk's name in log lines (e.g. `vda`).
+    pub name: String,
+    /// [`RESET_WAIT`] (tests shorten it).
+    pub reset_wait: Duration,
+    /// [`SHUTDOWN_WAIT`] (tests shorten it).
+    pub shutdown_wait: Duration,
 }
+
+impl Default for BlockConfig {
+    fn default() -> Self {
+        BlockConfig {
+            read_only: false,
+            discard_unmap: true,
+            serial: [0; 20],
+            werror: WriteErrorPolicy::default(),
+            name: "disk".into(),
+            reset_wait: RESET_WAIT,
+            shutdown_wait: SHUTDOWN_WAIT,
+        }
+    }
+}
+
+/// `struct virtio_blk_config`, as the driver reads it.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_blk_config);
+
+// SAFETY: `virtio_blk_config` is `repr(C, packed)` with only integer fields (its nested
+// geometry and zoned structs have none and no padding either): no padding bytes, and every bit
+// pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
 
 /// Builds a 20-byte virtio-blk serial from a string (truncated, NUL padded).
 pub fn serial_bytes(s: &str) -> [u8; 20] {
@@ -58,13 +107,19 @@ pub struct Block {
     limits: Limits,
     features: u64,
     acked: u64,
-    config: Vec<u8>,
+    config: ConfigSpace,
     stats: Arc<BlockStats>,
+    name: String,
+    control: Arc<Control>,
     commands: Option<Sender<Command>>,
-    returned: Receiver<EventFd>,
-    stop: EventFd,
+    ended: Receiver<Ended>,
+    /// The activation handed to the worker that it has not reported ended yet.
+    serving: Option<u64>,
+    reset_wait: Duration,
+    shutdown_wait: Duration,
     thread: Option<JoinHandle<()>>,
-    active: bool,
+    /// Told when the worker thread is about to end.
+    exited: Receiver<()>,
 }
 
 impl Block {
@@ -90,6 +145,7 @@ impl Block {
         }
         let limits = Limits {
             capacity_sectors: capacity,
+            seg_max: SEG_MAX,
             max_discard_sectors: MAX_SEGMENT_SECTORS,
             max_discard_seg: MAX_SEGMENTS,
             max_write_zeroes_sectors: MAX_SEGMENT_SECTORS,
@@ -97,43 +153,49 @@ impl Block {
             read_only,
             discard_unmap: cfg.discard_unmap,
         };
-        // struct virtio_blk_config (little endian).
-        let mut c = vec![0u8; 0x3c];
-        c[0x00..0x08].copy_from_slice(&capacity.to_le_bytes());
-        c[0x0c..0x10].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
-        c[0x14..0x18].copy_from_slice(&512u32.to_le_bytes()); // blk_size
-        c[0x22..0x24].copy_from_slice(&1u16.to_le_bytes()); // num_queues
-        c[0x24..0x28].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes());
-        c[0x28..0x2c].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
-        c[0x2c..0x30].copy_from_slice(&granularity.to_le_bytes());
-        c[0x30..0x34].copy_from_slice(&MAX_SEGMENT_SECTORS.to_le_bytes());
-        c[0x34..0x38].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
-        c[0x38] = u8::from(cfg.discard_unmap);
+        let mut c = ConfigSpace::default();
+        let cs = &mut c.0;
+        cs.capacity = capacity.to_le();
+        cs.seg_max = SEG_MAX.to_le();
+        cs.blk_size = 512u32.to_le();
+        cs.num_queues = 1u16.to_le();
+        cs.max_discard_sectors = MAX_SEGMENT_SECTORS.to_le();
+        cs.max_discard_seg = MAX_SEGMENTS.to_le();
+        cs.discard_sector_alignment = granularity.to_le();
+        cs.max_write_zeroes_sectors = MAX_SEGMENT_SECTORS.to_le();
+        cs.max_write_zeroes_seg = MAX_SEGMENTS.to_le();
+        cs.write_zeroes_may_unmap = u8::from(cfg.discard_unmap);
         let stats = Arc::new(BlockStats::default());
         stats.set_image(
             image.reclaim_stats(),
             image.host_usage().unwrap_or_default(),
         );
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let worker = worker::Worker {
+        let control = Arc::new(Control {
+            epoch: AtomicU64::new(0),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        });
+        let disk = execute::Disk::new(
             image,
-            limits,
-            serial: cfg.serial,
-            stats: stats.clone(),
-            stop: stop.try_clone()?,
+            cfg.serial,
+            stats.clone(),
+            cfg.werror,
+            cfg.discard_unmap,
+        );
+        let worker = worker::Worker {
+            engine: engine::Engine::new(disk, limits, cfg.name.clone()),
+            control: control.clone(),
         };
         let (tx, rx) = channel();
-        let (ret_tx, ret_rx) = channel();
+        let (ended_tx, ended_rx) = channel();
+        let (exited_tx, exited_rx) = channel();
         let thread = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
-                if let Some(init) = thread_init {
-                    if let Err(e) = init() {
-                        tracing::error!("virtio-blk worker: {e}");
-                        return;
-                    }
+                match thread_init.map_or(Ok(()), |init| init()) {
+                    Ok(()) => worker.run(rx, ended_tx),
+                    Err(e) => tracing::error!("virtio-blk worker: {e}"),
                 }
-                worker.run(rx, ret_tx)
+                let _ = exited_tx.send(());
             })?;
         Ok(Block {
             limits,
@@ -141,11 +203,15 @@ impl Block {
             acked: 0,
             config: c,
             stats,
+            name: cfg.name,
+            control,
             commands: Some(tx),
-            returned: ret_rx,
-            stop,
+            ended: ended_rx,
+            serving: None,
+            reset_wait: cfg.reset_wait,
+            shutdown_wait: cfg.shutdown_wait,
             thread: Some(thread),
-            active: false,
+            exited: exited_rx,
         })
     }
 
@@ -159,26 +225,55 @@ impl Block {
         self.limits.read_only
     }
 
-    /// Stops serving the queue; returns its notification eventfd.
-    fn stop_serving(&mut self) -> Option<EventFd> {
-        if !self.active {
-            return None;
-        }
-        self.active = false;
-        let _ = self.stop.write(1);
-        self.returned.recv_timeout(Duration::from_secs(30)).ok()
+    /// Ends the activation being served: moves the epoch on, wakes the worker.
+    fn end_activation(&self) {
+        self.control.epoch.fetch_add(1, Ordering::AcqRel);
+        let _ = self.control.wake.write(1);
     }
 
-    /// Stops the worker thread after a final flush.
+    /// Waits up to `wait` for the worker to report the end of the pending activation;
+    /// returns its notification eventfd when it did.
+    fn collect_ended(&mut self, wait: Duration) -> Option<EventFd> {
+        let pending = self.serving?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.ended.recv_timeout(left) {
+                Ok(e) if e.epoch == pending => {
+                    self.serving = None;
+                    return Some(e.notify);
+                }
+                // An older activation's late report: keep waiting for ours.
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => return None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The worker is gone: nothing serves anything any more.
+                    self.serving = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Stops the worker thread after a final flush, waiting at most `shutdown_wait`.
     fn stop_thread(&mut self) {
-        self.stop_serving();
+        self.end_activation();
         if let Some(tx) = self.commands.take() {
             let _ = tx.send(Command::Shutdown);
         }
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("virtio-blk worker panicked");
-            }
+        let Some(t) = self.thread.take() else { return };
+        if let Err(RecvTimeoutError::Timeout) = self.exited.recv_timeout(self.shutdown_wait) {
+            // The thread is stuck in a host I/O call; leave it (it ends with the process).
+            // The image is then as after a crash: consistent, perhaps with leaked clusters.
+            tracing::error!(
+                "virtio-blk {}: the I/O thread did not stop within {:.1} s (host I/O blocked?); exiting without its final flush",
+                self.name,
+                self.shutdown_wait.as_secs_f64()
+            );
+            return;
+        }
+        if t.join().is_err() {
+            tracing::error!("virtio-blk worker panicked");
         }
     }
 }
@@ -202,10 +297,14 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let start = offset as usize;
-        match start.checked_add(data.len()) {
-            Some(end) if end <= self.config.len() => data.copy_from_slice(&self.config[start..end]),
-            _ => data.fill(0),
+        // Bytes past the end of the config space read as zeros.
+        data.fill(0);
+        let cfg = self.config.as_slice();
+        if let Ok(start) = usize::try_from(offset) {
+            if start < cfg.len() {
+                let n = data.len().min(cfg.len() - start);
+                data[..n].copy_from_slice(&cfg[start..start + n]);
+            }
         }
     }
 
@@ -225,25 +324,48 @@ impl VirtioDevice for Block {
         let Some(mut q) = queues.pop() else {
             return Err(ActivateError::QueueCount(0));
         };
+        // No new activation while the worker may still touch the old one's queue.
+        if self.serving.is_some() {
+            let _ = self.collect_ended(Duration::from_millis(100));
+            if self.serving.is_some() {
+                return Err(ActivateError::StillStopping);
+            }
+        }
         let Some(tx) = &self.commands else {
             return Err(ActivateError::NoBackend);
         };
         q.queue
             .set_event_idx(self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let epoch = self.control.epoch.load(Ordering::Acquire);
         tx.send(Command::Activate(Activation {
+            epoch,
             queue: q.queue,
             notify: q.notify,
             mem,
             interrupt,
         }))
         .map_err(|_| ActivateError::NoBackend)?;
-        self.active = true;
+        self.serving = Some(epoch);
         Ok(())
     }
 
     fn reset(&mut self) -> Option<Vec<EventFd>> {
         self.acked = 0;
-        self.stop_serving().map(|e| vec![e])
+        self.serving?;
+        self.end_activation();
+        match self.collect_ended(self.reset_wait) {
+            Some(fd) => Some(vec![fd]),
+            None => {
+                if self.serving.is_some() {
+                    tracing::error!(
+                        "virtio-blk {}: the I/O thread did not leave the old activation within {:.1} s (host I/O blocked?); the device refuses a new one until it has",
+                        self.name,
+                        self.reset_wait.as_secs_f64()
+                    );
+                }
+                None
+            }
+        }
     }
 
     fn shutdown(&mut self) {

@@ -26,6 +26,10 @@ pub struct BlockStats {
     pub unsupported: AtomicU64,
     /// Chains dropped without a status (malformed beyond reply).
     pub dropped: AtomicU64,
+    /// Requests held right now because the host file system is full (`werror=enospc`).
+    pub held: AtomicU64,
+    /// Times the device started holding writes for lack of host space.
+    pub no_space_pauses: AtomicU64,
     image: Mutex<(ReclaimStats, HostUsage)>,
 }
 
@@ -46,6 +50,8 @@ pub struct StatsSnapshot {
     pub errors: u64,
     pub unsupported: u64,
     pub dropped: u64,
+    pub held: u64,
+    pub no_space_pauses: u64,
     pub reclaim: ReclaimStats,
     pub usage: HostUsage,
 }
@@ -84,6 +90,8 @@ impl BlockStats {
             errors: l(&self.errors),
             unsupported: l(&self.unsupported),
             dropped: l(&self.dropped),
+            held: l(&self.held),
+            no_space_pauses: l(&self.no_space_pauses),
             reclaim,
             usage,
         }

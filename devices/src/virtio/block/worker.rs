@@ -1,36 +1,42 @@
 //! The per-disk worker thread: block I/O runs here, off the vCPU threads. The thread lives
 //! as long as the device (so it can be confined by its own seccomp filter from the start)
-//! and owns the image. While the driver is active it sleeps on the queue's notification
-//! eventfd (an ioeventfd KVM signals directly), drains the queue, raises the interrupt, and
-//! lets the image finish deferred work (committing freed clusters, shrinking the file) once
-//! the guest goes quiet.
+//! and owns the image. While an activation lasts it sleeps on the queue's notification
+//! eventfd (an ioeventfd KVM signals directly), serves the queue in bounded passes
+//! ([`Engine::pass`]), retries writes held for lack of host space, and lets the image finish
+//! deferred work (committing freed clusters, shrinking the file) once the guest goes quiet.
+//!
+//! An activation ends as soon as the device moves the shared epoch past it (reset,
+//! shutdown): the worker looks at the epoch between passes, between requests and between
+//! the chunks of a large request, stops touching the queue and guest memory, and reports
+//! the end (with the notification eventfd) so a new activation can begin.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::time::Instant;
 
-use block::DiskImage;
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, Invalid, Limits, Request};
-use super::stats::BlockStats;
-use crate::virtio::{Interrupt, INT_VRING};
-
-/// Most data bytes of one write batch.
-const BATCH_BYTES: u64 = 64 << 20;
-
-/// A popped descriptor chain: head index, descriptors, the parsed request.
-type Chain = (u16, Vec<Descriptor>, Result<Request, Invalid>);
+use super::engine::Engine;
+use crate::virtio::{ratelimited_warn, Interrupt};
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
 
+/// Shared between the device and its worker: which activation may run.
+pub struct Control {
+    /// The current activation's number; moving it on ends the activation being served.
+    pub epoch: AtomicU64,
+    /// Written whenever `epoch` moves, to wake the worker.
+    pub wake: EventFd,
+}
+
 /// Commands from the device to its worker thread.
 pub enum Command {
-    /// The driver is ready: process this queue until reset.
+    /// The driver is ready: process this queue until the epoch moves past `epoch`.
     Activate(Activation),
     /// The VM is ending: flush and exit.
     Shutdown,
@@ -38,77 +44,83 @@ pub enum Command {
 
 /// What the worker needs to serve a queue.
 pub struct Activation {
+    pub epoch: u64,
     pub queue: Queue,
     pub notify: EventFd,
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
 }
 
-/// The worker: owns the image for the device's whole life.
-pub struct Worker {
-    pub image: Box<dyn DiskImage>,
-    pub limits: Limits,
-    pub serial: [u8; 20],
-    pub stats: Arc<BlockStats>,
-    /// Written by the device to stop serving the queue (driver reset or shutdown).
-    pub stop: EventFd,
+/// An activation is over: the worker no longer touches its queue or guest memory.
+pub struct Ended {
+    pub epoch: u64,
+    pub notify: EventFd,
 }
 
-/// Serving state of one activation.
-struct Serving {
-    queue: Queue,
-    notify: EventFd,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
+/// The worker: owns the image (in its engine) for the device's whole life.
+pub struct Worker {
+    pub engine: Engine,
+    pub control: Arc<Control>,
 }
 
 impl Worker {
-    /// The thread body: waits for activations; after each one ends (reset), hands the
-    /// notification eventfd back through `returned`.
-    pub fn run(
-        mut self,
-        commands: std::sync::mpsc::Receiver<Command>,
-        returned: std::sync::mpsc::Sender<EventFd>,
-    ) {
+    /// The thread body: serves activations until told to shut down, then flushes.
+    pub fn run(mut self, commands: Receiver<Command>, ended: Sender<Ended>) {
         while let Ok(cmd) = commands.recv() {
             match cmd {
-                Command::Activate(a) => {
-                    let mut serving = Serving {
-                        queue: a.queue,
+                Command::Activate(mut a) => {
+                    self.serve(&mut a);
+                    self.engine.abandon();
+                    let _ = ended.send(Ended {
+                        epoch: a.epoch,
                         notify: a.notify,
-                        mem: a.mem,
-                        interrupt: a.interrupt,
-                    };
-                    self.serve(&mut serving);
-                    let _ = returned.send(serving.notify);
+                    });
+                    // Deferred work after the queue is gone (no guest memory needed).
+                    self.idle();
                 }
                 Command::Shutdown => break,
             }
         }
-        if let Err(e) = self.image.flush() {
+        if let Err(e) = self.engine.disk.image.flush() {
             tracing::error!("virtio-blk: final flush failed: {e}");
         }
         self.publish_image_stats();
     }
 
-    /// Serves the queue until `stop` is signalled.
-    fn serve(&mut self, s: &mut Serving) {
-        let mut bounce = Vec::new();
+    /// Serves the queue until the epoch moves on.
+    fn serve(&mut self, a: &mut Activation) {
+        let control = self.control.clone();
+        let epoch = a.epoch;
+        let stop = move || control.epoch.load(Ordering::Acquire) != epoch;
+        // Chains the driver queued before DRIVER_OK are served at once.
+        let mut more = true;
         let mut idle_pending = false;
         loop {
+            if stop() {
+                return;
+            }
+            let now = Instant::now();
+            let timeout = if more {
+                0
+            } else if let Some(d) = self.engine.retry_in(now) {
+                i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1)
+            } else if idle_pending {
+                IDLE_MS
+            } else {
+                -1
+            };
             let mut fds = [
                 libc::pollfd {
-                    fd: s.notify.as_raw_fd(),
+                    fd: a.notify.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
                 libc::pollfd {
-                    fd: self.stop.as_raw_fd(),
+                    fd: self.control.wake.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 },
             ];
-            let timeout = if idle_pending { IDLE_MS } else { -1 };
             // SAFETY: `fds` is a valid array of two pollfd structs.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if n < 0 {
@@ -116,173 +128,54 @@ impl Worker {
                     continue;
                 }
                 tracing::error!("virtio-blk worker: poll failed; stopping");
-                break;
+                return;
             }
             if fds[1].revents != 0 {
-                let _ = self.stop.read();
-                break;
-            }
-            if n == 0 {
-                if let Err(e) = self.image.idle() {
-                    request::ratelimited_warn(&format!("deferred image work failed: {e}"));
-                }
-                self.publish_image_stats();
-                idle_pending = false;
+                let _ = self.control.wake.read();
                 continue;
             }
             if fds[0].revents != 0 {
-                let _ = s.notify.read();
-                self.process_queue(s, &mut bounce);
+                let _ = a.notify.read();
+                more = true;
+            }
+            if self
+                .engine
+                .retry_in(Instant::now())
+                .is_some_and(|d| d.is_zero())
+            {
+                let answered = self
+                    .engine
+                    .retry_held(&mut a.queue, &a.mem, &a.interrupt, &stop);
+                // Room in the queue again: chains the driver queued meanwhile (perhaps
+                // without notifying, while held writes filled the queue) get a pass.
+                more |= answered > 0;
                 idle_pending = true;
             }
+            if more {
+                let r = self.engine.pass(&mut a.queue, &a.mem, &a.interrupt, &stop);
+                more = r.more && !r.stopped;
+                idle_pending = true;
+            } else if n == 0 && idle_pending {
+                self.idle();
+                idle_pending = false;
+            }
         }
-        // Finish deferred work before the queue goes away.
-        let _ = self.image.idle();
+    }
+
+    /// Deferred image work, and fresh figures for the statistics.
+    fn idle(&mut self) {
+        if let Err(e) = self.engine.disk.image.idle() {
+            ratelimited_warn(&format!("virtio-blk: deferred image work failed: {e}"));
+        }
         self.publish_image_stats();
     }
 
     fn publish_image_stats(&self) {
-        let usage = self.image.host_usage().unwrap_or_default();
-        self.stats.set_image(self.image.reclaim_stats(), usage);
-    }
-
-    /// Processes every available request. Runs of consecutive writes go to the image as one
-    /// batch (their data written in parallel); everything else runs one request at a time.
-    /// (Reads stay one at a time: batching them measured slower in the rig, where the
-    /// image's data is in the host's page cache and waking I/O threads costs more than the
-    /// reads; see the README's limits.)
-    fn process_queue(&mut self, s: &mut Serving, bounce: &mut Vec<u8>) {
-        let mem = s.mem.clone();
-        let mut chains = Vec::new();
-        loop {
-            if let Err(e) = s.queue.disable_notification(&mem) {
-                request::ratelimited_warn(&format!("queue: {e}"));
-            }
-            while let Some(chain) = s.queue.pop_descriptor_chain(&mem) {
-                let head = chain.head_index();
-                let descs: Vec<_> = chain.collect();
-                let truncated = descs.last().is_some_and(|d| d.has_next());
-                let parsed = request::parse(&descs, truncated, &mem);
-                chains.push((head, descs, parsed));
-            }
-            let mut i = 0;
-            while i < chains.len() {
-                let batch = self.batchable_writes(&chains[i..], &mem);
-                let n = batch.len();
-                if n >= 2 {
-                    let out = request::execute_write_batch(
-                        &batch,
-                        self.image.as_mut(),
-                        &self.stats,
-                        bounce,
-                    );
-                    for (head, _, parsed) in &chains[i..i + n] {
-                        let used = match parsed {
-                            Ok(req) => self.answer(req, out, &mem),
-                            Err(_) => 0,
-                        };
-                        Self::add_used(s, &mem, *head, used);
-                    }
-                    i += n;
-                } else {
-                    let (head, descs, parsed) = &chains[i];
-                    let used = self.handle(descs, parsed, &mem, bounce);
-                    Self::add_used(s, &mem, *head, used);
-                    i += 1;
-                }
-            }
-            chains.clear();
-            match s.queue.enable_notification(&mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        match s.queue.needs_notification(&mem) {
-            Ok(false) => {}
-            _ => s.interrupt.trigger(INT_VRING),
-        }
-    }
-
-    /// The writes at the start of `chains` that can run as one batch (at most
-    /// [`BATCH_BYTES`] of data together).
-    fn batchable_writes<'m>(
-        &self,
-        chains: &[Chain],
-        mem: &'m GuestMemoryMmap,
-    ) -> Vec<request::BatchWrite<'m>> {
-        let mut out = Vec::new();
-        let mut bytes = 0u64;
-        for (_, _, parsed) in chains {
-            let Ok(req) = parsed else { break };
-            let Some(w) = request::batch_write(req, mem, &self.limits) else {
-                break;
-            };
-            bytes += w.bytes();
-            if bytes > BATCH_BYTES && !out.is_empty() {
-                break;
-            }
-            out.push(w);
-        }
-        out
-    }
-
-    fn add_used(s: &mut Serving, mem: &GuestMemoryMmap, head: u16, used: u32) {
-        if let Err(e) = s.queue.add_used(mem, head, used) {
-            request::ratelimited_warn(&format!("cannot return a used buffer: {e}"));
-        }
-    }
-
-    /// Reports `out` for `req`: counts an error, writes the status byte; returns the used
-    /// length.
-    fn answer(&self, req: &Request, out: request::Outcome, mem: &GuestMemoryMmap) -> u32 {
-        if out.status == VIRTIO_BLK_S_IOERR as u8 {
-            BlockStats::add(&self.stats.errors, 1);
-        }
-        if request::write_status(mem, req.status, out.status) {
-            out.written.saturating_add(1)
-        } else {
-            0
-        }
-    }
-
-    /// Handles one chain; returns the used length to report.
-    fn handle(
-        &mut self,
-        descs: &[Descriptor],
-        parsed: &Result<Request, Invalid>,
-        mem: &GuestMemoryMmap,
-        bounce: &mut Vec<u8>,
-    ) -> u32 {
-        match parsed {
-            Ok(req) => {
-                let out = request::execute(
-                    req,
-                    self.image.as_mut(),
-                    mem,
-                    &self.limits,
-                    &self.serial,
-                    &self.stats,
-                    bounce,
-                );
-                self.answer(req, out, mem)
-            }
-            Err(Invalid::Status(status, msg)) => {
-                request::ratelimited_warn(msg);
-                BlockStats::add(&self.stats.errors, 1);
-                // parse() validated the status descriptor before any Status error.
-                match descs
-                    .last()
-                    .and_then(|d| d.addr().checked_add(u64::from(d.len()) - 1))
-                {
-                    Some(a) if request::write_status(mem, a, *status) => 1,
-                    _ => 0,
-                }
-            }
-            Err(Invalid::Drop(msg)) => {
-                request::ratelimited_warn(&format!("dropping request: {msg}"));
-                BlockStats::add(&self.stats.dropped, 1);
-                0
-            }
-        }
+        let image = &self.engine.disk.image;
+        let usage = image.host_usage().unwrap_or_default();
+        self.engine
+            .disk
+            .stats
+            .set_image(image.reclaim_stats(), usage);
     }
 }

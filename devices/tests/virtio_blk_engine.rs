@@ -1,0 +1,178 @@
+//! The queue engine's bounds, one pass at a time over a real virtio-queue `Queue`: a pass
+//! takes at most queue-size chains and asks `stop` between requests; a broken available
+//! index makes no pass at all; requests held for lack of host space count against the
+//! queue size, so a guest reusing the same heads cannot make the device hold more.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::cell::Cell;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use block::raw::RawImage;
+use common::*;
+use devices::virtio::block::engine::Engine;
+use devices::virtio::block::execute::{Disk, WriteErrorPolicy};
+use devices::virtio::block::{BlockStats, Limits, SEG_MAX};
+use devices::virtio::Interrupt;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+struct Setup {
+    mem: GuestMemoryMmap,
+    ring: Ring,
+    q: Queue,
+    engine: Engine,
+    irq: Arc<Interrupt>,
+    faults: Arc<Faults>,
+    stats: Arc<BlockStats>,
+    _dir: TempDir,
+}
+
+fn setup(size: u16) -> Setup {
+    let dir = TempDir::new("engine");
+    let p = dir.join("disk.raw");
+    std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+    let faults = Arc::new(Faults::default());
+    let image = FaultyImage {
+        inner: Box::new(RawImage::open(&p, false).unwrap()),
+        faults: faults.clone(),
+    };
+    let stats = Arc::new(BlockStats::default());
+    let disk = Disk::new(
+        Box::new(image),
+        [0; 20],
+        stats.clone(),
+        WriteErrorPolicy::Enospc,
+        true,
+    );
+    let limits = Limits {
+        capacity_sectors: 2048,
+        seg_max: SEG_MAX,
+        max_discard_sectors: 1024,
+        max_discard_seg: 4,
+        max_write_zeroes_sectors: 1024,
+        max_write_zeroes_seg: 4,
+        read_only: false,
+        discard_unmap: true,
+    };
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let ring = Ring::at(0x1000, size);
+    let mut q = Queue::new(256).unwrap();
+    q.try_set_size(size).unwrap();
+    q.try_set_desc_table_address(GuestAddress(ring.desc))
+        .unwrap();
+    q.try_set_avail_ring_address(GuestAddress(ring.avail))
+        .unwrap();
+    q.try_set_used_ring_address(GuestAddress(ring.used))
+        .unwrap();
+    q.set_ready(true);
+    Setup {
+        mem,
+        ring,
+        q,
+        engine: Engine::new(disk, limits, "test".into()),
+        irq: Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+        faults,
+        stats,
+        _dir: dir,
+    }
+}
+
+fn get_id_chain(s: &Setup) {
+    header(&s.mem, HDR, T_GET_ID, 0);
+    write_chain(
+        &s.mem,
+        &s.ring,
+        0,
+        &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)],
+    );
+}
+
+#[test]
+fn a_pass_takes_at_most_a_queue_of_chains_and_asks_stop_between_requests() {
+    let mut s = setup(256);
+    get_id_chain(&s);
+    for _ in 0..256 {
+        s.ring.publish(&s.mem, 0);
+    }
+    let asked = Cell::new(0u32);
+    let stop = || {
+        asked.set(asked.get() + 1);
+        false
+    };
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &stop);
+    assert_eq!(
+        (r.popped, r.answered, r.more, r.stopped),
+        (256, 256, true, false)
+    );
+    assert!(asked.get() >= 512, "stop asked {} times", asked.get());
+    // The guest makes 256 more available meanwhile: the next pass takes those, no more.
+    for _ in 0..256 {
+        s.ring.publish(&s.mem, 0);
+    }
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (256, 256));
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.more), (0, false));
+    assert_eq!(s.stats.snapshot().get_ids, 512);
+    // A stop that comes mid-pass leaves the rest unanswered.
+    for _ in 0..16 {
+        s.ring.publish(&s.mem, 0);
+    }
+    let n = Cell::new(0u32);
+    let stop = || {
+        n.set(n.get() + 1);
+        n.get() > 16 + 4
+    };
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &stop);
+    assert!(r.stopped && r.popped == 16 && r.answered < 16, "{r:?}");
+}
+
+#[test]
+fn a_broken_available_index_makes_no_pass() {
+    let mut s = setup(16);
+    get_id_chain(&s);
+    s.mem
+        .write_obj(17u16, GuestAddress(s.ring.avail + 2))
+        .unwrap();
+    for _ in 0..3 {
+        let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+        assert_eq!((r.popped, r.answered, r.more), (0, 0, false));
+    }
+}
+
+#[test]
+fn held_writes_count_against_the_queue_size() {
+    let mut s = setup(16);
+    s.faults.no_space.store(true, Ordering::SeqCst);
+    header(&s.mem, HDR, T_OUT, 0);
+    write_chain(
+        &s.mem,
+        &s.ring,
+        0,
+        &[(HDR, 16, false), (DATA, 4096, false), (STATUS, 1, true)],
+    );
+    for _ in 0..16 {
+        s.ring.publish(&s.mem, 0);
+    }
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (16, 0));
+    assert_eq!(s.engine.held(), 16);
+    // The same head, made available again and again: nothing more is taken.
+    for _ in 0..16 {
+        s.ring.publish(&s.mem, 0);
+    }
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.more), (0, false));
+    assert_eq!(s.engine.held(), 16);
+    // Space returns: the retry answers them all; the next pass takes the 16 waiting.
+    s.faults.no_space.store(false, Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    assert_eq!(s.engine.retry_held(&mut s.q, &s.mem, &s.irq, &|| false), 16);
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (16, 16));
+    assert_eq!(s.stats.snapshot().writes, 32);
+}
