@@ -60,6 +60,8 @@ pub struct RunArgs {
     /// Print disk statistics every N seconds (they are always printed on exit and SIGUSR1).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
+    #[command(flatten)]
+    pub testvm: crate::testvm_config::TestVmArgs,
 }
 
 /// `discard=` with QEMU's meanings.
@@ -108,6 +110,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub seccomp: bool,
     pub stats_interval: Option<Duration>,
+    /// Options of disposable test VMs (debug exit, ...).
+    pub testvm: crate::testvm_config::TestVmConfig,
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -303,6 +307,7 @@ impl RunArgs {
             serial,
             seccomp: self.seccomp == OnOff::On,
             stats_interval: self.stats_interval.map(Duration::from_secs),
+            testvm: self.testvm.validate()?,
         })
     }
 }

@@ -5,7 +5,9 @@
 //! * 1: thinvm could not start or run the VM (bad arguments, missing kernel, KVM errors);
 //! * 2: the guest crashed: triple fault (KVM shutdown exit) or a KVM crash event;
 //! * 3: KVM could not run the guest's code (emulation failure / internal error);
-//! * 128 + N: stopped by signal N (130 for SIGINT, 143 for SIGTERM); 130 for Ctrl-A x.
+//! * 128 + N: stopped by signal N (130 for SIGINT, 143 for SIGTERM); 130 for Ctrl-A x;
+//! * `(v << 1) | 1` (low 8 bits): the guest wrote v to the debug-exit port (`--debug-exit`,
+//!   QEMU's isa-debug-exit semantics).
 
 use std::sync::Mutex;
 
@@ -34,6 +36,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The user pressed Ctrl-A x on the console.
     UserQuit,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u64),
 }
 
 impl ExitReason {
@@ -47,6 +51,7 @@ impl ExitReason {
             | ExitReason::Fatal { .. } => 3,
             ExitReason::Signal(s) => (128 + *s).clamp(0, 255) as u8,
             ExitReason::UserQuit => 130,
+            ExitReason::DebugExit(v) => devices::legacy::DebugExit::exit_status(*v),
         }
     }
 
@@ -75,6 +80,10 @@ impl ExitReason {
             }
             ExitReason::Fatal { vcpu, msg } => format!("vCPU {vcpu}: {msg}"),
             ExitReason::UserQuit => "stopped from the console (Ctrl-A x)".into(),
+            ExitReason::DebugExit(v) => format!(
+                "guest wrote {v:#x} to the debug-exit port (exit status {})",
+                self.exit_code()
+            ),
             ExitReason::Signal(s) => format!(
                 "stopped by signal {s} ({})",
                 match *s {
@@ -134,6 +143,7 @@ mod tests {
         assert_eq!(s.get(), Some(ExitReason::Reset));
         assert_eq!(ExitReason::Signal(libc::SIGINT).exit_code(), 130);
         assert_eq!(ExitReason::TripleFault { vcpu: 0 }.exit_code(), 2);
+        assert_eq!(ExitReason::DebugExit(0x2a).exit_code(), 85);
         let d = ExitReason::EmulationFailure {
             vcpu: 0,
             rip: 0x1000,

@@ -10,6 +10,7 @@ mod lifecycle;
 mod runner;
 mod seccomp;
 mod terminal;
+mod testvm_config;
 mod vstate;
 
 use std::io::Write;
@@ -32,7 +33,8 @@ enum Command {
     ///
     /// Exit codes: 0 guest powered off or reset itself, 1 thinvm error, 2 guest crashed
     /// (triple fault), 3 KVM could not run the guest (emulation failure), 128+N stopped by
-    /// signal N (130 also for Ctrl-A x).
+    /// signal N (130 also for Ctrl-A x), (v << 1) | 1 the guest wrote v to the debug-exit
+    /// port.
     Run(config::RunArgs),
     /// Boot the default Linux guest on a fresh overlay, fill / delete / zero-wipe / trim, and
     /// show the overlay shrinking (table + chart). Builds the guest on first use.

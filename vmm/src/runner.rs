@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
-use devices::legacy::{SerialDevice, SerialOutput, I8042};
+use devices::legacy::{DebugExit, SerialDevice, SerialOutput, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,6 +70,21 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         .map_err(|e| VmmError::io("eventfd", e))?;
     pio.insert(Arc::new(Mutex::new(I8042::new(reset_clone))), I8042_PORT, 5)
         .map_err(|e| VmmError::Device(e.to_string()))?;
+    if let Some(d) = cfg.testvm.debug_exit {
+        let exit = exit.clone();
+        let dev = DebugExit::new(Box::new(move |v| exit.set(ExitReason::DebugExit(v))));
+        pio.insert(
+            Arc::new(Mutex::new(dev)),
+            u64::from(d.port),
+            u64::from(d.size),
+        )
+        .map_err(|_| {
+            VmmError::Config(format!(
+                "--debug-exit port={:#x},size={}: overlaps another device's ports",
+                d.port, d.size
+            ))
+        })?;
+    }
 
     // Disks (virtio-mmio), announced on the command line.
     let mut cmdline = cfg.cmdline.clone();
