@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use devices::virtio::vsock::connection::CONN_BUF;
 use devices::virtio::vsock::header::{Header, Op, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND};
+use vm_memory::Bytes;
 use vsock_support::*;
 
 const REQUEST: u16 = Op::Request as u16;
@@ -275,4 +276,37 @@ fn a_restored_device_announces_a_transport_reset() {
     vm.init();
     std::thread::sleep(Duration::from_millis(100));
     assert!(vm.events().is_empty());
+}
+
+#[test]
+fn a_paused_device_takes_nothing_until_resumed_and_keeps_its_connections() {
+    let mut vm = vm();
+    let l = UnixListener::bind(vm.host_path(81)).unwrap();
+    let mut host = guest_connect(&mut vm, &l, 6000, 81);
+    let st = vm.t.pause().unwrap();
+    assert_eq!(st.progress.len(), 3);
+    assert_eq!(st.progress[1].next_avail, st.progress[1].next_used);
+    // Host data and a guest packet wait while paused.
+    host.write_all(b"later").unwrap();
+    let used_before = vm.tx.used_idx(&vm.mem);
+    let h = gh(6000, 81, RW, 3);
+    let base = 0x3f_0000;
+    vm.mem
+        .write_slice(
+            vm_memory::ByteValued::as_slice(&h),
+            vm_memory::GuestAddress(base),
+        )
+        .unwrap();
+    vm.mem
+        .write_slice(b"abc", vm_memory::GuestAddress(base + 44))
+        .unwrap();
+    vm.raw_desc(200, base, 47, 0, 0);
+    vm.tx.publish(&vm.mem, 200);
+    vm.kick(1);
+    assert!(vm.nothing_within(Duration::from_millis(300)));
+    assert_eq!(vm.tx.used_idx(&vm.mem), used_before);
+    vm.t.resume();
+    assert_eq!(read_n(&mut host, 3), b"abc");
+    let (h, d) = vm.recv();
+    assert_eq!((h.op(), d.as_slice()), (Some(Op::Rw), &b"later"[..]));
 }

@@ -27,6 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ratelimited_warn, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 
+#[path = "mmio_state.rs"]
+mod state;
+pub use state::{QueueRegisters, TransportState};
+
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4e56_4854; // "THVN"

@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod execute;
 pub mod guest_ranges;
+pub mod pause;
 pub mod request;
 pub mod stats;
 pub mod worker;
@@ -25,7 +26,7 @@ use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{ActivateError, ActiveQueue, Interrupt, PauseError, QueueProgress, VirtioDevice};
 pub use execute::WriteErrorPolicy;
 pub use request::Limits;
 pub use stats::{BlockStats, StatsSnapshot};
@@ -173,6 +174,7 @@ impl Block {
         let control = Arc::new(Control {
             epoch: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause: pause::PauseGate::default(),
         });
         let disk = execute::Disk::new(
             image,
@@ -223,6 +225,12 @@ impl Block {
     /// Whether the device is read-only.
     pub fn read_only(&self) -> bool {
         self.limits.read_only
+    }
+
+    /// A handle that runs jobs on the worker's image while the device is paused
+    /// ([`VirtioDevice::pause`]): flushing it, or switching to another image.
+    pub fn image_jobs(&self) -> ImageJobs {
+        ImageJobs(self.control.clone())
     }
 
     /// Ends the activation being served: moves the epoch on, wakes the worker.
@@ -370,6 +378,36 @@ impl VirtioDevice for Block {
 
     fn shutdown(&mut self) {
         self.stop_thread();
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
+        let control = self.control.clone();
+        let commands = self.commands.clone();
+        let at = self.control.pause.request(
+            move || {
+                let _ = control.wake.write(1);
+                if let Some(c) = &commands {
+                    let _ = c.send(Command::Pause);
+                }
+            },
+            self.reset_wait,
+        )?;
+        Ok(at.into_iter().collect())
+    }
+
+    fn resume(&mut self) {
+        self.control.pause.release();
+    }
+}
+
+/// Runs jobs on a paused disk's image (see [`Block::image_jobs`]).
+#[derive(Clone)]
+pub struct ImageJobs(Arc<Control>);
+
+impl ImageJobs {
+    /// Runs `job` on the image of the paused worker and waits for it.
+    pub fn run(&self, job: pause::ImageJob) -> Result<(), PauseError> {
+        self.0.pause.run_job(job, SHUTDOWN_WAIT)
     }
 }
 

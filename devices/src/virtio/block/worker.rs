@@ -21,7 +21,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::engine::Engine;
-use crate::virtio::{ratelimited_warn, Interrupt};
+use super::pause::PauseGate;
+use crate::virtio::{ratelimited_warn, Interrupt, QueueProgress};
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
@@ -32,6 +33,8 @@ pub struct Control {
     pub epoch: AtomicU64,
     /// Written whenever `epoch` moves, to wake the worker.
     pub wake: EventFd,
+    /// Pausing for a snapshot.
+    pub pause: PauseGate,
 }
 
 /// Commands from the device to its worker thread.
@@ -40,6 +43,8 @@ pub enum Command {
     Activate(Activation),
     /// The VM is ending: flush and exit.
     Shutdown,
+    /// A pause was asked for while no activation was served (see [`PauseGate`]).
+    Pause,
 }
 
 /// What the worker needs to serve a queue.
@@ -79,6 +84,7 @@ impl Worker {
                     self.idle();
                 }
                 Command::Shutdown => break,
+                Command::Pause => self.control.pause.park(None, &mut self.engine.disk.image),
             }
         }
         if let Err(e) = self.engine.disk.image.flush() {
@@ -98,6 +104,23 @@ impl Worker {
         loop {
             if stop() {
                 return;
+            }
+            if self.control.pause.requested() {
+                if self.engine.held() > 0 {
+                    self.control
+                        .pause
+                        .refuse(format!("{} writes wait for host space", self.engine.held()));
+                } else {
+                    let at = QueueProgress {
+                        next_avail: virtio_queue::QueueT::next_avail(&a.queue),
+                        next_used: virtio_queue::QueueT::next_used(&a.queue),
+                    };
+                    self.control
+                        .pause
+                        .park(Some(at), &mut self.engine.disk.image);
+                    // Chains the driver queued meanwhile.
+                    more = true;
+                }
             }
             let now = Instant::now();
             let timeout = if more {

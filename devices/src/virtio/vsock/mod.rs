@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{ActivateError, ActiveQueue, Interrupt, PauseError, QueueProgress, VirtioDevice};
 use worker::{Activation, Command, Worker};
 
 /// Size of each of the three queues.
@@ -129,18 +129,6 @@ impl Vsock {
         sent
     }
 
-    /// Stops the device's thread touching guest memory and the queues (for a snapshot);
-    /// returns once it has. Connections stay open; host data waits in their sockets.
-    pub fn pause_thread(&mut self) -> bool {
-        let (tx, rx) = channel();
-        self.send(Command::Pause(tx)) && rx.recv_timeout(COMMAND_WAIT).is_ok()
-    }
-
-    /// Lets the thread go on after [`Vsock::pause_thread`].
-    pub fn resume_thread(&mut self) {
-        self.send(Command::Resume);
-    }
-
     fn stop_thread(&mut self) {
         self.send(Command::Shutdown);
         self.commands = None;
@@ -230,6 +218,20 @@ impl VirtioDevice for Vsock {
 
     fn shutdown(&mut self) {
         self.stop_thread();
+    }
+
+    /// Connections stay open meanwhile; host data waits in their sockets.
+    fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
+        let (tx, rx) = channel();
+        if !self.send(Command::Pause(tx)) {
+            return Err(PauseError::Busy("the device's thread is gone".into()));
+        }
+        rx.recv_timeout(COMMAND_WAIT)
+            .map_err(|_| PauseError::Timeout(COMMAND_WAIT))
+    }
+
+    fn resume(&mut self) {
+        self.send(Command::Resume);
     }
 }
 

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::header::EVENT_TRANSPORT_RESET;
 use super::muxer::Muxer;
 use super::packet::{RxBuffer, TxPacket};
-use crate::virtio::{ratelimited_warn, ActiveQueue, Interrupt, INT_VRING};
+use crate::virtio::{ratelimited_warn, ActiveQueue, Interrupt, QueueProgress, INT_VRING};
 
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_RX: u64 = 1;
@@ -37,8 +37,8 @@ pub enum Command {
     /// notification eventfds.
     Reset(Sender<Vec<EventFd>>),
     /// Stop touching guest memory and the queues until [`Command::Resume`] (answered once
-    /// stopped).
-    Pause(Sender<()>),
+    /// stopped, with where the queues stand when active).
+    Pause(Sender<Vec<QueueProgress>>),
     Resume,
     /// The VM is ending.
     Shutdown,
@@ -157,7 +157,7 @@ impl Worker {
                     let _ = reply.send(fds);
                 }
                 Command::Pause(reply) => {
-                    let _ = reply.send(());
+                    let _ = reply.send(progress(active));
                     if !self.paused(active) {
                         return false;
                     }
@@ -180,7 +180,7 @@ impl Worker {
                     let _ = reply.send(fds);
                 }
                 Ok(Command::Pause(reply)) => {
-                    let _ = reply.send(());
+                    let _ = reply.send(progress(active));
                 }
                 Ok(Command::Activate(a)) => {
                     // Not expected while paused; serve it once resumed.
@@ -334,6 +334,21 @@ impl Worker {
             used = true;
         }
         (used, false)
+    }
+}
+
+/// Where the queues stand (rx, tx, event), when active. Every chain the device took is
+/// answered by then: transmit chains at once, receive chains as soon as filled.
+fn progress(active: &Option<Active>) -> Vec<QueueProgress> {
+    match active {
+        None => Vec::new(),
+        Some(act) => [&act.a.rx.queue, &act.a.tx.queue, &act.a.event.queue]
+            .iter()
+            .map(|q| QueueProgress {
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+            })
+            .collect(),
     }
 }
 
