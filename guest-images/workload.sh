@@ -4,10 +4,16 @@
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
 #       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
+#       | agent (serve the test agent until the VM is stopped) | count[:SECS] (THINVM-COUNT n
+#       lines forever) | writes:N (N synced 1 MiB files, each announced, then all checked)
+#       | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server)
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
-# THINVM-DONE and reboots itself (reboot=k: thinvm sees the i8042 reset and exits 0).
+# THINVM-DONE status=N (N: steps that failed, at most 127) and writes N to the debug-exit port
+# (thinvm --debug-exit then exits with (N << 1) | 1); without that device it reboots itself
+# (reboot=k: thinvm sees the i8042 reset and exits 0). The test agent (thinvm-agent serve,
+# vsock port 1025) runs in the background throughout; the step `agent` just waits for it.
 export PATH=/usr/sbin:/sbin:/usr/bin:/bin
 [ -e /proc/self ] || mount -t proc proc /proc
 [ -d /sys/block ] || mount -t sysfs sys /sys
@@ -18,7 +24,17 @@ param() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 now_ms() { read up _ < /proc/uptime; echo "$up" | awk '{ printf "%d", $1 * 1000 }'; }
 result() { echo "THINVM-RESULT step=$1 ms=$2 $3"; }
 error() { echo "THINVM-ERROR step=$1 msg=$2"; }
-finish() { sync; echo "THINVM-DONE"; sleep 0.2; reboot -f; }
+failed=0
+AGENT=$(command -v thinvm-agent || true)
+finish() {
+  sync
+  status=$((failed > 127 ? 127 : failed))
+  echo "THINVM-DONE status=$status"
+  sleep 0.2
+  [ -n "$AGENT" ] && "$AGENT" debug-exit "$status" 2>/dev/null
+  reboot -f
+}
+[ -n "$AGENT" ] && "$AGENT" serve &
 
 # util-linux's blkdiscard (it has -z). By absolute path: busybox's shell prefers its own
 # applets over $PATH.
@@ -138,6 +154,27 @@ ARGS
     printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
 }
 
+# N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, then all checked
+# against the chunk they were copied from (snapshots taken while it writes).
+step_writes() {
+  chunk
+  want=$(md5sum < /tmp/chunk | cut -c1-32)
+  k=1
+  while [ "$k" -le "$1" ]; do
+    cp /tmp/chunk "$DATA/w$k.bin" && sync || return 1
+    echo "THINVM-IO $k" > /dev/console
+    k=$((k + 1))
+  done
+  bad=0
+  k=1
+  while [ "$k" -le "$1" ]; do
+    [ "$(md5sum < "$DATA/w$k.bin" | cut -c1-32)" = "$want" ] || bad=$((bad + 1))
+    k=$((k + 1))
+  done
+  [ "$bad" = 0 ] && echo "THINVM-CHECK writes ok" || echo "THINVM-CHECK writes FAIL bad=$bad"
+  echo "files=$1"
+}
+
 step_df() { df -k "$DATA" | awk 'NR == 2 { printf "used_kb=%s avail_kb=%s", $3, $4 }'; }
 
 run_step() {
@@ -158,7 +195,11 @@ run_step() {
     blkbench) out=$(step_blkbench "$arg") ;;
     fio) out=$(step_fio "$arg") ;;
     sleep) sleep "${arg:-1}"; out= ;;
-    *) error "$name" "unknown-step"; return ;;
+    agent) echo "THINVM-AGENT-READY"; while :; do sleep 3600; done ;;
+    count) i=0; while :; do i=$((i + 1)); echo "THINVM-COUNT $i"; sleep "${arg:-0.5}"; done ;;
+    writes) out=$(step_writes "${arg:-20}") ;;
+    bench-server) echo "THINVM-BENCH-SERVER"; "$AGENT" bench-server --port "${arg:-5201}" ;;
+    *) failed=$((failed + 1)); error "$name" "unknown-step"; return ;;
   esac
   rc=$?
   t1=$(now_ms)
@@ -171,6 +212,7 @@ run_step() {
   if [ $rc -eq 0 ]; then
     result "$name" $((t1 - t0)) "$extra"
   else
+    failed=$((failed + 1))
     error "$name" "exit-$rc:$(echo "$extra" | tr ' ' '_')"
   fi
 }

@@ -1,27 +1,33 @@
-//! Builds a VM from a [`VmConfig`], runs it until it ends, and tears it down.
+//! Builds a VM from a [`VmConfig`] (a boot) — or, with [`crate::restore`], from a snapshot —
+//! runs it until it ends, and tears it down. Both paths share the devices ([`attach_devices`])
+//! and everything from starting the vCPUs on ([`launch`]).
 
+use std::os::unix::io::OwnedFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
-use devices::legacy::{DebugExit, SerialDevice, SerialOutput, I8042};
+use devices::legacy::{DebugExit, SerialDevice, SerialOutput, SerialSnapshot, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, KernelFormat};
 use crate::arch::regs::EntryMode;
 use crate::arch::{mptable, regs};
 use crate::config::{SerialConfig, VmConfig};
-use crate::disks;
+use crate::disks::{self, DiskSet};
 use crate::error::{Result, VmmError};
 use crate::event_loop::{self, Controller};
 use crate::host;
 use crate::lifecycle::{ExitReason, ExitState};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal;
-use crate::vstate::vcpu::{self, Vcpu, VcpuShared, RUNNING};
+use crate::vm_control::{VmControl, VsockHandle};
+use crate::vsock::VsockDevice;
+use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
 
 const SERIAL_PORT: u64 = 0x3f8;
@@ -32,21 +38,41 @@ fn eventfd() -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))
 }
 
-/// Runs a VM to its end.
-pub fn run(cfg: VmConfig) -> Result<ExitReason> {
-    // Before any thread exists, so every thread inherits the blocked mask.
+/// The VM's devices, attached.
+pub struct Devices {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub reset_evt: EventFd,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub disk_set: DiskSet,
+    pub vsock_dev: Option<VsockDevice>,
+    /// The kernel command line with the virtio-mmio announcements.
+    pub cmdline: String,
+}
+
+/// Blocks the handled signals (before any thread exists, so every thread inherits the mask)
+/// and opens KVM, checking it allows `cpus` vCPUs.
+pub fn open_kvm(cpus: u32) -> Result<(OwnedFd, Kvm)> {
     let signals = event_loop::signal_fd()?;
     let kvm = host::open_kvm()?;
     let max = kvm.get_max_vcpus() as u32;
-    if cfg.cpus > max {
+    if cpus > max {
         return Err(VmmError::Config(format!(
-            "--cpus {}: this host's KVM allows at most {max}",
-            cfg.cpus
+            "--cpus {cpus}: this host's KVM allows at most {max}"
         )));
     }
-    let nested = host::software_nested_kvm();
-    let vm = Vm::new(&kvm, cfg.mem_size)?;
-    let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
+    Ok((signals, kvm))
+}
+
+/// Attaches the serial port (in `serial_state` for a restored VM), the i8042, the debug-exit
+/// port, the disks and the vsock device (which `announce_reset`s for a restored VM).
+pub fn attach_devices(
+    vm: &Vm,
+    cfg: &VmConfig,
+    exit: &Arc<ExitState>,
+    serial_state: Option<&SerialSnapshot>,
+    announce_reset: bool,
+) -> Result<Devices> {
     let reset_evt = eventfd()?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -62,7 +88,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
                 .map_err(|e| VmmError::io(format!("serial output {}", p.display()), e))?,
         ),
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    let serial = match serial_state {
+        None => SerialDevice::new(serial_irq, out),
+        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::Device)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, 8)
         .map_err(|e| VmmError::Device(e.to_string()))?;
     let reset_clone = reset_evt
@@ -86,9 +116,39 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         })?;
     }
 
-    // Disks (virtio-mmio), announced on the command line.
+    // Disks and the vsock device (virtio-mmio), announced on the command line.
     let mut cmdline = cfg.cmdline.clone();
-    let mut disk_set = disks::attach(&vm, &mut mmio, &cfg, &mut cmdline)?;
+    let disk_set = disks::attach(vm, &mut mmio, cfg, &mut cmdline)?;
+    let vsock_dev = match &cfg.testvm.vsock {
+        Some(opts) => Some(crate::vsock::attach(
+            vm,
+            &mut mmio,
+            opts,
+            cfg.disks.len(),
+            cfg.seccomp,
+            announce_reset,
+            &mut cmdline,
+        )?),
+        None => None,
+    };
+    Ok(Devices {
+        pio,
+        mmio,
+        reset_evt,
+        serial,
+        disk_set,
+        vsock_dev,
+        cmdline,
+    })
+}
+
+/// Boots a VM and runs it to its end.
+pub fn run(cfg: VmConfig) -> Result<ExitReason> {
+    let (signals, kvm) = open_kvm(cfg.cpus)?;
+    let nested = host::software_nested_kvm();
+    let vm = Arc::new(Vm::new(&kvm, cfg.mem_size)?);
+    let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
+    let devs = attach_devices(&vm, &cfg, &exit, None, false)?;
 
     // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
     // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
@@ -98,7 +158,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         cfg.mem_size,
         &cfg.kernel,
         cfg.initrd.as_deref(),
-        &cmdline,
+        &devs.cmdline,
     )?;
     let is_linux =
         loaded.format == KernelFormat::BzImage || matches!(loaded.entry, EntryMode::Pvh32 { .. });
@@ -108,10 +168,6 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     mptable::setup(&vm.memory, cfg.cpus)?;
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
 
-    vcpu::install_kick_handler()?;
-    if cfg.seccomp {
-        seccomp::install_violation_reporter()?;
-    }
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         vcpus.push(Vcpu::new(&kvm, &vm.fd, id, cfg.cpus, nested.is_some())?);
@@ -119,7 +175,63 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     if let Some(boot_cpu) = vcpus.first() {
         boot_cpu.setup_boot_state(&gdt, loaded.entry)?;
     }
+    launch(Launch {
+        kvm,
+        vm,
+        exit,
+        devs,
+        vcpus,
+        signals,
+        cfg,
+    })
+}
 
+/// A VM ready to run: memory, devices and vCPUs in their first state.
+pub struct Launch {
+    pub kvm: Kvm,
+    pub vm: Arc<Vm>,
+    pub exit: Arc<ExitState>,
+    pub devs: Devices,
+    pub vcpus: Vec<Vcpu>,
+    pub signals: OwnedFd,
+    pub cfg: VmConfig,
+}
+
+/// Runs the vCPUs, the event loop (with the API socket and the `--exec` client) until the VM
+/// ends, then stops everything.
+pub fn launch(l: Launch) -> Result<ExitReason> {
+    let Launch {
+        kvm,
+        vm,
+        exit,
+        devs,
+        mut vcpus,
+        signals,
+        cfg,
+    } = l;
+    let Devices {
+        pio,
+        mmio,
+        reset_evt,
+        serial,
+        mut disk_set,
+        vsock_dev,
+        cmdline: _,
+    } = devs;
+    // What a snapshot saves of each vCPU; parking for pause and snapshot.
+    let msr_list = match vcpus.first() {
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::Kvm)?,
+        None => Vec::new(),
+    };
+    let (pause, requests) = PauseControl::new(vcpus.len());
+    for (v, r) in vcpus.iter_mut().zip(requests) {
+        v.set_pause(r, msr_list.clone());
+    }
+
+    vcpu::install_kick_handler()?;
+    if cfg.seccomp {
+        seccomp::install_violation_reporter()?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let state: Arc<Vec<AtomicU8>> =
         Arc::new((0..cfg.cpus).map(|_| AtomicU8::new(RUNNING)).collect());
@@ -129,6 +241,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         exit: exit.clone(),
         stop: stop.clone(),
         state: state.clone(),
+        pause: pause.clone(),
     };
     let vcpu_filter = if cfg.seccomp {
         Some(seccomp::filter(ThreadKind::Vcpu)?)
@@ -146,13 +259,23 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     } else {
         None
     };
+    // THINVM_TIMING=1: when the vCPUs are about to enter the guest, from the process start
+    // (benchmarks: restore to the first guest instruction).
+    if std::env::var_os("THINVM_TIMING").is_some() {
+        if let Some(t0) = crate::PROCESS_START.get() {
+            eprintln!(
+                "thinvm-timing: vcpus-start-ms={:.1}",
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start(shared.clone(), vcpu_filter.clone())?);
     }
     let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
     let kick_threads = threads.clone();
-    let kick = Box::new(move || {
+    let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         for t in &kick_threads {
             // SAFETY: the vCPU threads are joined only after the event loop (and this
             // closure) is done; signalling an exited but unjoined thread is allowed.
@@ -163,30 +286,89 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let controller = Controller::new(
         exit.clone(),
         reset_evt,
-        Some(serial),
+        Some(serial.clone()),
         cfg.serial == SerialConfig::Stdio,
         signals,
-        kick,
+        kick.clone(),
         state,
         stats,
         cfg.stats_interval,
+        pause.clone(),
     )?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmmError::Device(format!("event manager: {e:?}")))?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
+    // `--api-socket`: pause, resume, snapshot.
+    if let Some(path) = &cfg.testvm.api_socket {
+        let control = VmControl::new(
+            vm.clone(),
+            pause.clone(),
+            kick.clone(),
+            serial.clone(),
+            disk_set.handles(),
+            match (&vsock_dev, &cfg.testvm.vsock) {
+                (Some(d), Some(o)) => Some(VsockHandle {
+                    transport: d.transport.clone(),
+                    slot: cfg.disks.len(),
+                    cid: o.cid,
+                }),
+                _ => None,
+            },
+            cfg.testvm.debug_exit.map(|d| (d.port, d.size)),
+            cfg.mem_size,
+            cfg.cpus,
+        );
+        let api = crate::api::ApiServer::bind(path, control)?;
+        em.add_subscriber(Arc::new(Mutex::new(api)));
+    }
+
+    // `--exec`: the agent's client, started before the main thread confines itself (threads
+    // inherit the filter of the thread that starts them) under the vsock threads' filter.
+    if let (Some(command), Some(v)) = (&cfg.testvm.exec, &cfg.testvm.vsock) {
+        let client = crate::exec::ExecClient {
+            uds: v.uds.clone(),
+            command: command.clone(),
+            exit: exit.clone(),
+            forward_stdin: cfg.serial != SerialConfig::Stdio,
+        };
+        let filter = if cfg.seccomp {
+            Some(seccomp::filter(ThreadKind::Vsock)?)
+        } else {
+            None
+        };
+        // Detached: it ends with the VM (its socket closes) or with the process.
+        drop(client.start(filter)?);
+    }
     if let Some(f) = &vmm_filter {
         seccomp::apply(f)?;
     }
+    let deadline = cfg
+        .testvm
+        .timeout
+        .map(|t| (Instant::now() + t, t.as_secs()));
     while exit.get().is_none() {
-        if let Err(e) = em.run_with_timeout(500) {
+        let wait = match deadline {
+            Some((at, secs)) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    exit.set(ExitReason::Timeout(secs));
+                    break;
+                }
+                left.as_millis().min(500) as i32
+            }
+            None => 500,
+        };
+        if let Err(e) = em.run_with_timeout(wait.max(1)) {
             tracing::warn!("event loop: {e:?}");
         }
     }
     let reason = exit.get().unwrap_or(ExitReason::Poweroff);
 
-    // Stop the vCPUs: set the flag, then kick until every thread has left KVM_RUN.
+    // Stop the vCPUs: set the flag, let parked ones go, then kick until every thread has left
+    // KVM_RUN.
     stop.store(true, Ordering::Release);
+    pause.resume_all();
     let deadline = Instant::now() + Duration::from_secs(10);
     for (h, t) in handles.into_iter().zip(threads) {
         while !h.is_finished() && Instant::now() < deadline {
@@ -200,7 +382,12 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             tracing::error!("a vCPU thread did not stop");
         }
     }
+    // The API socket goes first (no more requests), then the devices stop.
+    drop(em);
     disk_set.shutdown();
+    if let Some(v) = &vsock_dev {
+        v.shutdown();
+    }
     drop(raw_guard);
     Ok(reason)
 }

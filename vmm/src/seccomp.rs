@@ -16,6 +16,8 @@ pub enum ThreadKind {
     Vcpu,
     /// A block device worker: image I/O.
     Block,
+    /// The virtio-vsock device's thread: its epoll loop over Unix sockets.
+    Vsock,
 }
 
 /// System calls every thread needs (memory, synchronisation, signals, time, exit).
@@ -92,9 +94,54 @@ fn allowed(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_poll,
             libc::SYS_ppoll,
         ]),
+        ThreadKind::Vsock => v.extend_from_slice(VSOCK),
+    }
+    if kind == ThreadKind::Vmm {
+        v.extend_from_slice(VMM_SNAPSHOT);
     }
     v
 }
+
+/// The main thread's API socket and snapshots (issue 15): accepting requests, writing the
+/// snapshot directory (memory file, state, renaming a disk's overlay into it and creating
+/// the new one, or copying it across file systems).
+const VMM_SNAPSHOT: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_setsockopt,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_copy_file_range,
+    libc::SYS_sendfile,
+    libc::SYS_fchmod,
+];
+
+/// The vsock threads (issue 15): the device's (epoll, accepting host connections on the VM's
+/// socket, connecting to PATH_P for the guest, stream I/O with recv MSG_PEEK for the CONNECT
+/// line, half-close, removing its socket file at the end) and `--exec`'s agent client
+/// (connecting to the VM's socket with a read timeout, stdin / stdout / stderr).
+const VSOCK: &[i64] = &[
+    libc::SYS_setsockopt,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
 
 /// The compiled filter for a thread kind. Violations raise SIGSYS, reported by
 /// [`install_violation_reporter`].
@@ -164,7 +211,12 @@ mod tests {
 
     #[test]
     fn filters_compile() {
-        for k in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Block] {
+        for k in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Block,
+            ThreadKind::Vsock,
+        ] {
             assert!(!filter(k).unwrap().is_empty());
         }
     }

@@ -1,5 +1,6 @@
 //! `thinvm run` options of disposable test VMs (flattened into [`crate::config::RunArgs`])
-//! and their validation: the debug-exit port.
+//! and their validation: the debug-exit port, the vsock device, a command to run through the
+//! guest's agent, a time limit.
 
 use crate::error::{Result, VmmError};
 use devices::legacy::debug_exit::{DEFAULT_PORT, DEFAULT_SIZE};
@@ -11,6 +12,29 @@ pub struct TestVmArgs {
     /// with (v << 1) | 1. [port=PORT][,size=1|2|4] (QEMU's defaults: port=0x501,size=2).
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     pub debug_exit: Option<String>,
+    /// A virtio-vsock device: cid=N,uds=PATH. The host connects to PATH and sends
+    /// "CONNECT <port>\n" to reach a guest listener; a guest connection to host port P
+    /// reaches the Unix socket PATH_P (Firecracker's scheme).
+    #[arg(long, value_name = "OPTIONS")]
+    pub vsock: Option<String>,
+    /// Run COMMAND in the guest (/bin/sh -c, through its test agent on vsock port 1025): its
+    /// output streams to thinvm's, thinvm's standard input to it, and thinvm exits with its
+    /// status (125 if the guest ends first). Adds a vsock device if --vsock is not given.
+    #[arg(long, value_name = "COMMAND")]
+    pub exec: Option<String>,
+    /// Stop the VM after SECS seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// A Unix socket taking pause, resume and snapshot requests (thinvm ctl PATH ...).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<std::path::PathBuf>,
+}
+
+/// The vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockOptions {
+    pub cid: u64,
+    pub uds: std::path::PathBuf,
 }
 
 /// Where the debug-exit device sits.
@@ -24,6 +48,22 @@ pub struct DebugExitConfig {
 #[derive(Clone, Debug, Default)]
 pub struct TestVmConfig {
     pub debug_exit: Option<DebugExitConfig>,
+    pub vsock: Option<VsockOptions>,
+    pub exec: Option<String>,
+    pub timeout: Option<std::time::Duration>,
+    pub api_socket: Option<std::path::PathBuf>,
+}
+
+/// The guest CID `--exec` uses when no `--vsock` is given.
+pub const EXEC_CID: u64 = 3;
+
+/// A Unix socket path of its own for a VM that needs one (`--exec` without `--vsock`).
+fn temp_socket_path() -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("thinvm-{}-{nanos:x}.vsock", std::process::id()))
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -93,6 +133,50 @@ pub fn parse_debug_exit(s: &str) -> Result<DebugExitConfig> {
     Ok(c)
 }
 
+/// Parses `--vsock cid=N,uds=PATH`.
+pub fn parse_vsock(s: &str) -> Result<VsockOptions> {
+    let (mut cid, mut uds) = (None, None);
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--vsock: '{item}' is not key=value")))?;
+        match k {
+            "cid" | "guest_cid" | "guest-cid" => {
+                cid = Some(
+                    parse_int(v)
+                        .filter(|c| (3..u64::from(u32::MAX)).contains(c))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "--vsock cid={v}: expected 3 to 4294967294 (0-2 are reserved)"
+                            ))
+                        })?,
+                )
+            }
+            "uds" | "path" | "uds_path" => {
+                if v.is_empty() {
+                    return Err(bad("--vsock uds=: a path is needed"));
+                }
+                // Room for "_<port>" in a Unix socket address (108 bytes).
+                if v.len() > 90 {
+                    return Err(bad(format!(
+                        "--vsock uds={v}: too long for a Unix socket path (at most 90 bytes, leaving room for _PORT)"
+                    )));
+                }
+                uds = Some(std::path::PathBuf::from(v))
+            }
+            other => {
+                return Err(bad(format!(
+                    "--vsock: unknown option '{other}' (known: cid, uds)"
+                )))
+            }
+        }
+    }
+    Ok(VsockOptions {
+        cid: cid.ok_or_else(|| bad("--vsock: cid= is required"))?,
+        uds: uds.ok_or_else(|| bad("--vsock: uds= is required"))?,
+    })
+}
+
 impl TestVmArgs {
     /// Validates the options.
     pub fn validate(&self) -> Result<TestVmConfig> {
@@ -102,6 +186,20 @@ impl TestVmArgs {
                 .as_deref()
                 .map(parse_debug_exit)
                 .transpose()?,
+            vsock: match (self.vsock.as_deref(), &self.exec) {
+                (Some(v), _) => Some(parse_vsock(v)?),
+                (None, Some(_)) => Some(VsockOptions {
+                    cid: EXEC_CID,
+                    uds: temp_socket_path(),
+                }),
+                (None, None) => None,
+            },
+            exec: self.exec.clone(),
+            timeout: match self.timeout {
+                Some(0) => return Err(bad("--timeout 0: at least 1 second")),
+                t => t.map(std::time::Duration::from_secs),
+            },
+            api_socket: self.api_socket.clone(),
         })
     }
 }
@@ -134,5 +232,22 @@ mod tests {
         assert!(parse_debug_exit("port=0x1f,size=2").is_err());
         assert!(parse_debug_exit("port").is_err());
         assert!(parse_debug_exit("color=red").is_err());
+    }
+
+    #[test]
+    fn vsock_options() {
+        assert_eq!(
+            parse_vsock("cid=3,uds=/tmp/v.sock").unwrap(),
+            VsockOptions {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            }
+        );
+        assert!(parse_vsock("cid=2,uds=/x").is_err());
+        assert!(parse_vsock("cid=4294967295,uds=/x").is_err());
+        assert!(parse_vsock("uds=/x").is_err());
+        assert!(parse_vsock("cid=3").is_err());
+        assert!(parse_vsock(&format!("cid=3,uds=/{}", "a".repeat(100))).is_err());
+        assert!(parse_vsock("cid=3,uds=/x,port=1").is_err());
     }
 }

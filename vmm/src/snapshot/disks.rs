@@ -1,0 +1,168 @@
+//! A disk's frozen point in a snapshot. With the disk's device paused and its image flushed,
+//! the image the VM ran on (the ephemeral overlay, or the user's qcow2 file) moves into the
+//! snapshot directory as `diskN.qcow2` and becomes the snapshot's read-only layer; a fresh
+//! overlay over it takes its place (same path) and the running VM goes on there. Nothing is
+//! copied. Across file systems (no rename) the image is copied instead and the VM stays on
+//! it. A step that fails undoes the ones before.
+
+use std::path::{Path, PathBuf};
+
+use std::sync::mpsc::channel;
+
+use block::{DetectZeroes, DiskImage, ImageFormat, OpenOptions};
+
+use crate::config::{DiscardMode, DiskConfig};
+use crate::disks::DiskHandle;
+
+/// `--disk` options of a disk, without its path (what a restored VM opens it with).
+pub fn options(d: &DiskConfig) -> String {
+    let mut o = vec![
+        format!("readonly={}", if d.read_only { "on" } else { "off" }),
+        format!(
+            "detect-zeroes={}",
+            match d.detect_zeroes {
+                DetectZeroes::Off => "off",
+                DetectZeroes::On => "on",
+                DetectZeroes::Unmap => "unmap",
+            }
+        ),
+        format!(
+            "discard={}",
+            match d.discard {
+                DiscardMode::Ignore => "ignore",
+                DiscardMode::Unmap => "unmap",
+            }
+        ),
+        format!("cache={}", if d.direct { "none" } else { "writeback" }),
+        format!(
+            "werror={}",
+            match d.werror {
+                devices::virtio::block::WriteErrorPolicy::Enospc => "enospc",
+                devices::virtio::block::WriteErrorPolicy::Report => "report",
+            }
+        ),
+    ];
+    if let Some(s) = &d.serial {
+        o.push(format!("serial={s}"));
+    }
+    o.join(",")
+}
+
+/// Why disk `h` cannot be frozen into a snapshot (checked before anything is paused).
+pub fn check(h: &DiskHandle) -> Result<(), String> {
+    if h.config.read_only {
+        return Ok(());
+    }
+    if h.format != ImageFormat::Qcow2 {
+        return Err(format!(
+            "disk {} is a {} image: a snapshot freezes writable disks as qcow2 layers (use a qcow2 overlay, or --ephemeral)",
+            h.path.display(),
+            h.format.name()
+        ));
+    }
+    let info = block::inspect::info(&h.path).map_err(|e| format!("{}: {e}", h.path.display()))?;
+    if let Some(b) = &info.backing_filename {
+        if !Path::new(b).is_absolute() {
+            return Err(format!(
+                "disk {} names its backing file relatively ({b}): moved into a snapshot it would not find it (use an absolute backing path, or --ephemeral)",
+                h.path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn run_job(
+    h: &DiskHandle,
+    f: impl FnOnce(&mut Box<dyn DiskImage>) -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    let (tx, rx) = channel();
+    h.jobs
+        .run(Box::new(move |img| {
+            let _ = tx.send(f(img));
+        }))
+        .map_err(|e| e.to_string())?;
+    rx.recv()
+        .map_err(|_| "the disk's worker dropped the job".to_string())?
+}
+
+/// What was done to a disk, to undo it.
+pub enum Frozen {
+    /// Read-only: nothing (the snapshot names the image).
+    Shared,
+    /// Moved into the snapshot; the VM runs on a new overlay at the old path.
+    Moved,
+    /// Copied into the snapshot; the VM stays on its image.
+    Copied { layer: PathBuf },
+}
+
+/// Freezes disk `h` (its device paused) as `layer`.
+pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
+    if h.config.read_only {
+        return Ok(Frozen::Shared);
+    }
+    run_job(h, |img| img.flush().map_err(|e| format!("flush: {e}")))?;
+    match std::fs::rename(&h.path, layer) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(&h.path, layer)
+                .map_err(|e| format!("copying {} into the snapshot: {e}", h.path.display()))?;
+            return Ok(Frozen::Copied {
+                layer: layer.to_path_buf(),
+            });
+        }
+        Err(e) => {
+            return Err(format!(
+                "moving {} into the snapshot: {e}",
+                h.path.display()
+            ))
+        }
+    }
+    let undo = |msg: String| {
+        let _ = std::fs::remove_file(&h.path);
+        let _ = std::fs::rename(layer, &h.path);
+        msg
+    };
+    let abs = std::fs::canonicalize(layer).map_err(|e| undo(format!("{e}")))?;
+    block::qcow2::create(
+        &h.path,
+        &block::qcow2::CreateOptions {
+            backing_file: Some(abs.display().to_string()),
+            backing_format: Some(ImageFormat::Qcow2),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| undo(format!("the new overlay {}: {e}", h.path.display())))?;
+    let mut image = block::open(
+        &h.path,
+        &OpenOptions {
+            read_only: false,
+            format: Some(ImageFormat::Qcow2),
+            direct: h.config.direct,
+        },
+    )
+    .map_err(|e| undo(format!("the new overlay {}: {e}", h.path.display())))?;
+    image.set_detect_zeroes(match (h.config.detect_zeroes, h.config.discard) {
+        (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
+        (m, _) => m,
+    });
+    // The worker lets go of the frozen layer and goes on with the overlay.
+    let mut new = Some(image);
+    run_job(h, move |img| {
+        if let Some(n) = new.take() {
+            *img = n;
+        }
+        Ok(())
+    })
+    .map_err(undo)?;
+    Ok(Frozen::Moved)
+}
+
+/// Undoes [`freeze`] where the snapshot failed later (the VM is still paused). A moved layer
+/// keeps its place under the new overlay (the guest's data is all there); only copies are
+/// removed.
+pub fn abandon(f: &Frozen) {
+    if let Frozen::Copied { layer } = f {
+        let _ = std::fs::remove_file(layer);
+    }
+}
