@@ -37,6 +37,15 @@ pub enum Error {
     /// Invalid argument from the caller (CLI, device layer).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Refused because the image's format was probed, not given (see `probe`): a probed
+    /// image that names another file, or a write that would change what a probed-raw image
+    /// probes as.
+    #[error("{0}")]
+    Probe(String),
+    /// The backing chain is not one the crate opens (see `chain`): a loop, too deep, or more
+    /// metadata than a chain may hold in memory.
+    #[error("{0}")]
+    Chain(String),
 }
 
 /// Result alias for the image crate.

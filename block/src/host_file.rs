@@ -86,16 +86,19 @@ enum Transferred {
 impl HostFile {
     /// Opens `path` for reading (and writing unless `read_only`), with `O_DIRECT` if
     /// `direct`. A file system without direct I/O support fails here with `EINVAL`.
+    /// Only regular files and block devices are images: anything else (a FIFO, a terminal,
+    /// a socket, a directory) is refused, without waiting on it (see [`crate::chain`]).
     pub fn open(path: &Path, read_only: bool, direct: bool) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!read_only);
+        let mut flags = crate::chain::OPEN_FLAGS;
         if direct {
-            opts.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
-        Ok(HostFile {
-            file: opts.open(path)?,
-            direct,
-        })
+        opts.custom_flags(flags);
+        let file = opts.open(path)?;
+        crate::chain::check_opened_file(&file)?;
+        Ok(HostFile { file, direct })
     }
 
     /// Wraps a file opened through the page cache.

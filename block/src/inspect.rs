@@ -95,16 +95,20 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
 }
 
 /// Reads the information of an image and of every layer below it (first element: `path`).
+/// Every layer must be a different file (see [`crate::chain`]).
 pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
+    let mut chain = crate::chain::Chain::new(true);
+    let stat = |p: &Path| {
+        std::fs::metadata(p).map_err(|source| Error::Open {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     let mut out = vec![info(path)?];
+    chain.enter(path, &stat(path)?)?;
     while let Some(next) = out.last().and_then(|i| i.full_backing_filename.clone()) {
-        if out.len() as u32 > crate::qcow2::MAX_CHAIN_DEPTH {
-            return Err(Error::InvalidImage(format!(
-                "backing chain deeper than {} images (loop?)",
-                crate::qcow2::MAX_CHAIN_DEPTH
-            )));
-        }
         let p = std::path::PathBuf::from(&next);
+        chain.enter(&p, &stat(&p)?)?;
         let mut i = info(&p)?;
         if let Some(f) = out.last().and_then(|l| l.backing_filename_format) {
             if f != i.format {

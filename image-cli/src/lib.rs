@@ -90,7 +90,8 @@ pub enum ImageCommand {
         /// Backing file (the new image is an overlay on it).
         #[arg(short = 'b', value_name = "BACKING")]
         backing: Option<String>,
-        /// Backing file format (probed when omitted).
+        /// Backing file format (probed when omitted; the probed format is recorded, so a
+        /// probed qcow2 image that names another file is refused).
         #[arg(short = 'F', value_enum, value_name = "FMT")]
         backing_format: Option<FormatArg>,
         /// Options: cluster_size=N,compat=0.10|1.1,refcount_bits=N
@@ -141,7 +142,9 @@ pub enum ImageCommand {
         /// Open read-only.
         #[arg(short = 'r', long = "read-only")]
         read_only: bool,
-        /// Image format (probed when omitted).
+        /// Image format. When omitted it is probed, and a writable open of a probed image is
+        /// refused if it is a qcow2 image that names a backing file, and refuses writes that
+        /// would make a probed raw image look like qcow2.
         #[arg(short = 'f', value_enum)]
         format: Option<FormatArg>,
         /// Cache mode: `none` bypasses the host page cache (O_DIRECT).
@@ -239,12 +242,13 @@ pub(crate) fn open_image(
     file: &std::path::Path,
     access: ImageAccess,
 ) -> Result<Box<dyn block::DiskImage>> {
-    block::open(
+    let img = block::open(
         file,
         &block::OpenOptions {
             read_only: access.read_only,
             format: access.format.map(Into::into),
             direct: access.direct,
+            probe: block::ProbePolicy::HostTool,
         },
     )
     .map_err(|e| {
@@ -256,5 +260,12 @@ pub(crate) fn open_image(
         } else {
             CliError::image(file, e)
         }
-    })
+    })?;
+    if access.format.is_none() && !access.read_only && img.format() == block::ImageFormat::Raw {
+        eprintln!(
+            "thinvm: warning: {}: no format given and probing found raw: writes that would make its first bytes look like another format are refused; give -f raw to allow them",
+            file.display()
+        );
+    }
+    Ok(img)
 }

@@ -57,7 +57,7 @@ fn guest_driver_exercises_every_request_and_the_overlay_matches() {
             "--kernel",
             kernel.to_str().unwrap(),
             "--disk",
-            &format!("path={ov},serial=blk-test"),
+            &format!("path={ov},format=qcow2,serial=blk-test"),
         ],
         60,
     );
@@ -130,7 +130,7 @@ fn read_only_disks_refuse_writes() {
             "--kernel",
             kernel.to_str().unwrap(),
             "--disk",
-            &format!("path={ov},readonly=on,serial=blk-ro"),
+            &format!("path={ov},format=qcow2,readonly=on,serial=blk-ro"),
         ],
         60,
     );
@@ -187,7 +187,7 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
             kernel.to_str().unwrap(),
             "--ephemeral",
             "--disk",
-            &format!("path={ov},serial=blk-eph"),
+            &format!("path={ov},format=qcow2,serial=blk-eph"),
         ],
         60,
     );
@@ -209,7 +209,7 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
             "--ephemeral",
             "--disk",
         ])
-        .arg(format!("path={ov}"))
+        .arg(format!("path={ov},format=qcow2"))
         .arg("--serial")
         .arg(format!("file={}", log.display()))
         .stdin(Stdio::null())
@@ -318,7 +318,7 @@ mount -t tmpfs -o size=8M thinvm-test $M || exit 77
 qemu-img create -q -f qcow2 -b {base} -F raw $M/ov.qcow2
 avail=$(df --output=avail -B1 $M | tail -1)
 head -c $((avail - 640 * 1024)) /dev/zero > $M/filler
-{thinvm} run --kernel {kernel} --cmdline mode=fill --serial file=$L/console --disk path=$M/ov.qcow2 >$L/vmm.log 2>&1 &
+{thinvm} run --kernel {kernel} --cmdline mode=fill --serial file=$L/console --disk path=$M/ov.qcow2,format=qcow2 >$L/vmm.log 2>&1 &
 pid=$!
 i=0
 until grep -q 'host file system is full' $L/vmm.log; do

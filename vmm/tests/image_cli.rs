@@ -167,6 +167,8 @@ fn io_round_trips_with_qemu_io_and_map_matches_qemu_img() {
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             i,
             "-c",
             "write -P 0xaa 64k 64k",
@@ -258,11 +260,16 @@ fn io_reclaim_paths_read_zeros_and_stay_clean() {
         &tv(&["image", "create", "-q", "-b", b, "-F", "raw", i]),
         "create",
     );
-    ok_out(&tv(&["image", "io", i, "-c", "write -P 0x55 0 4M"]), "fill");
+    ok_out(
+        &tv(&["image", "io", "-f", "qcow2", i, "-c", "write -P 0x55 0 4M"]),
+        "fill",
+    );
     let out = ok_out(
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             "--detect-zeroes=unmap",
             i,
             "-c",
@@ -513,6 +520,8 @@ fn direct_io_cache_none_writes_what_qemu_reads() {
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             "-t",
             "none",
             "--detect-zeroes=unmap",

@@ -84,7 +84,7 @@ d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/blk.XXXXXX"); cd "$d"
 qemu-img create -q -f raw base.raw 64M
 qemu-io -f raw -c 'write -P 0x5a 0 64M' base.raw >/dev/null
 qemu-img create -q -f qcow2 -b base.raw -F raw ov.qcow2
-{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2,serial=thinvm-devtest --cmdline '{CMDLINE} thinvm.workload=devtest' </dev/null
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2,format=qcow2,serial=thinvm-devtest --cmdline '{CMDLINE} thinvm.workload=devtest' </dev/null
 echo "EXIT code=$?"
 qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
 qemu-io -c 'read -P 0xab 0 1M' -c 'read -P 0 1M 3M' -c 'read -P 0x5a 4M 60M' ov.qcow2 | grep -c 'verification failed' | sed 's/^/MISMATCHES n=/'
@@ -127,7 +127,7 @@ fn fio_verifies_its_writes_in_the_guest_on_an_overlay() {
         r#"set -e
 d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/fio.XXXXXX"); cd "$d"
 qemu-img create -q -f qcow2 -b {base} -F qcow2 ov.qcow2
-{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fio:verify,fio:randwrite:2,fio:read:2" </dev/null 2>vmm.log | grep '^THINVM' || true
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2,format=qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fio:verify,fio:randwrite:2,fio:read:2" </dev/null 2>vmm.log | grep '^THINVM' || true
 grep 'in batches' vmm.log | sed 's/.*writes \([0-9]*\) ([^,]*, \([0-9]*\) in batches.*/BATCHES writes=\1 batched=\2/'
 qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
 rm -rf "$d"
@@ -165,7 +165,7 @@ fn reclaim_scenario(reclaim: &str) {
 d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/e2e.XXXXXX"); cd "$d"
 {thinvm} image create -q -b {base} -F qcow2 ov.qcow2
 for step in df fill:96 rm {reclaim}; do
-  {thinvm} run --kernel {k} --initrd {i} --memory 256M --cpus 2 --disk path=ov.qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=$step" </dev/null 2>vmm.log | grep '^THINVM' || true
+  {thinvm} run --kernel {k} --initrd {i} --memory 256M --cpus 2 --disk path=ov.qcow2,format=qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=$step" </dev/null 2>vmm.log | grep '^THINVM' || true
   echo "SIZE step=${{step%%:*}} alloc=$(( $(stat -c %b ov.qcow2) * 512 )) apparent=$(stat -c %s ov.qcow2)"
 done
 qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
@@ -290,7 +290,7 @@ mkdir small; mount -t tmpfs -o size=96M thinvm-full small
 qemu-img create -q -f qcow2 -b {base} -F qcow2 small/ov.qcow2
 avail=$(df --output=avail -B1 small | tail -1)
 head -c $((avail - (24 << 20))) /dev/zero > small/filler
-{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=small/ov.qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fill:48" </dev/null >console.log 2>vmm.log &
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=small/ov.qcow2,format=qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fill:48" </dev/null >console.log 2>vmm.log &
 pid=$!
 n=0; until grep -q 'host file system is full' vmm.log; do n=$((n + 1)); [ $n -gt 1800 ] && break; sleep 0.1; done
 sleep 3

@@ -104,24 +104,24 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             )));
         }
         let bpath = super::resolve_backing_path(path, name);
-        let fmt = match backing_format {
-            Some(f) => f,
-            None => crate::probe_format(&bpath).map_err(|e| {
-                Error::InvalidArgument(format!("could not open backing file '{name}': {e}"))
-            })?,
-        };
-        backing_format = Some(fmt);
+        // A probed format is recorded, and so trusted from then on: the probe follows the
+        // guest's rules (a probed qcow2 naming another file is refused, see `probe`).
         let img = crate::open(
             &bpath,
             &crate::OpenOptions {
                 read_only: true,
-                format: Some(fmt),
-                direct: false,
+                format: backing_format,
+                probe: crate::ProbePolicy::Guest,
+                ..Default::default()
             },
         )
-        .map_err(|e| {
-            Error::InvalidArgument(format!("could not open backing file '{name}': {e}"))
+        .map_err(|e| match e {
+            Error::Probe(msg) => Error::Probe(format!(
+                "could not open backing file '{name}': {msg} (-F qcow2 when creating an overlay)"
+            )),
+            e => Error::InvalidArgument(format!("could not open backing file '{name}': {e}")),
         })?;
+        backing_format = Some(img.format());
         backing_size = Some(img.virtual_size());
     }
     let size = match (opts.size, backing_size) {

@@ -193,7 +193,8 @@ pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
         path,
         &OpenOptions {
             read_only: false,
-            format: None,
+            // The tests' own images: their format is given, as a trusting user gives it.
+            format: Some(block::probe_format(path).unwrap()),
             ..Default::default()
         },
     )
@@ -205,7 +206,8 @@ pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
         path,
         &OpenOptions {
             read_only: true,
-            format: None,
+            // The tests' own images: their format is given, as a trusting user gives it.
+            format: Some(block::probe_format(path).unwrap()),
             ..Default::default()
         },
     )
