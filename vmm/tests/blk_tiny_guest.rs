@@ -1,6 +1,7 @@
 //! virtio-blk end to end on the host's KVM with the tiny driver guest (tests/guest/blk.c):
 //! every request type, hostile requests, device reset and re-activation; afterwards the
-//! overlay is checked with QEMU's tools and its allocation matches what the guest did.
+//! overlay is checked with QEMU's tools and its allocation matches what the guest did. Also
+//! the format-probing attack: a guest writing a qcow2 header into its raw disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -394,4 +395,115 @@ fn thinvm_stops_at_once_while_writes_wait_for_host_space() {
         "thinvm_stops_at_once_while_writes_wait_for_host_space",
         false,
     );
+}
+
+/// Runs the tiny guest's `mode=copy-header` on `disk` (a `--disk` value); returns
+/// (exit code, stdout, stderr).
+fn copy_header(disk: &str) -> (Option<i32>, String, String) {
+    let kernel = guest("blk");
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "mode=copy-header",
+            "--disk",
+            disk,
+        ],
+        60,
+    );
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The format-probing attack (QEMU's CVE-2008-2004 class) on the host's KVM: the guest
+/// copies a qcow2 header that names a host file over the start of its raw disk. Given
+/// without format=, the disk stays raw (the write fails in the guest, ordinary and zero
+/// writes there work). Given with format=raw, the write lands; the next boot without
+/// format= is then refused, plain, read-only and --ephemeral, so the file never reaches a
+/// guest.
+#[test]
+fn a_guest_cannot_make_its_raw_disk_name_a_host_file() {
+    if !kvm_or_skip("a_guest_cannot_make_its_raw_disk_name_a_host_file") {
+        return;
+    }
+    let dir = TempDir::new("probe-attack");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, b"host secret: not for guests\n").unwrap();
+    let (secret, header) = (
+        secret.display().to_string(),
+        dir.join("header.qcow2").display().to_string(),
+    );
+    let disk = dir.join("disk.raw").display().to_string();
+    let (code, out) = qemu(&[
+        "qemu-img", "create", "-q", "-f", "qcow2", "-b", &secret, "-F", "raw", &header, "1M",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(std::fs::metadata(&header).unwrap().len() <= 256 << 10);
+    assert_eq!(
+        qemu(&["qemu-img", "create", "-q", "-f", "raw", &disk, "16M"]).0,
+        0
+    );
+    let (code, out) = qemu(&[
+        "dd",
+        &format!("if={header}"),
+        &format!("of={disk}"),
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let info = |p: &str| {
+        let (code, out) = qemu(&["qemu-img", "info", "--output=json", p]);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+
+    // Probed: the header write fails, sector 0 keeps working, the disk stays raw.
+    let (code, stdout, stderr) = copy_header(&format!("path={disk}"));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("BLK-HEADER st0=1 st1=0 magic=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("BLK-SECTOR0 write=0 zeroes=0 readback=1"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("probing found raw"), "{stderr}");
+    assert_eq!(info(&disk)["format"], "raw");
+
+    // format=raw: the user allows it, and the disk now looks like a qcow2 image with the
+    // secret as its backing file.
+    let (code, stdout, stderr) = copy_header(&format!("path={disk},format=raw"));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("BLK-HEADER st0=0 st1=0 magic=1"),
+        "{stdout}"
+    );
+    let i = info(&disk);
+    assert_eq!(i["format"], "qcow2");
+    assert_eq!(i["backing-filename"], secret.as_str());
+
+    // Without format= again: refused before the guest runs, saying why and what to do.
+    for disk_arg in [format!("path={disk}"), format!("path={disk},readonly=on")] {
+        for ephemeral in [false, true] {
+            let kernel = guest("blk");
+            let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+            if ephemeral {
+                args.push("--ephemeral");
+            }
+            args.extend(["--disk", &disk_arg]);
+            let out = run_thinvm(&args, 60);
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stdout}\n{stderr}");
+            assert!(
+                !stdout.contains("thinvm-blk-guest"),
+                "{args:?}: the guest ran"
+            );
+            assert!(stderr.contains("no format was given"), "{stderr}");
+            assert!(stderr.contains(&secret), "{stderr}");
+            assert!(stderr.contains("format=qcow2"), "{stderr}");
+        }
+    }
 }
