@@ -187,15 +187,39 @@ pub struct CompactReport {
 
 /// Offline reclamation of an image: all-zero clusters become zero/unallocated entries (never
 /// exposing backing data), freed ranges are punched, and tail clusters are moved down so the
-/// file can be truncated. `progress(done, total)` is called as work proceeds.
+/// file can be truncated. `progress(done, total)` is called as work proceeds. The format is
+/// probed, so an image that names a backing file is refused ([`compact_with_format`] takes
+/// the format).
 pub fn compact(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-    if probe_format(path)? != ImageFormat::Qcow2 {
+    compact_with_format(path, None, progress)
+}
+
+/// [`compact`] of an image whose format is given (`None`: probed, under
+/// [`crate::ProbePolicy::HostTool`]'s rules for a writable open).
+pub fn compact_with_format(
+    path: &Path,
+    format: Option<ImageFormat>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CompactReport> {
+    let found = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    if found != ImageFormat::Qcow2 {
         return Err(Error::Unsupported(
             "compact works on qcow2 images (a raw image can be made sparse with `fallocate -d`)"
                 .into(),
         ));
     }
-    let mut img = Qcow2Image::open(path, false)?;
+    let mut img = Qcow2Image::open_with_options(
+        path,
+        &crate::OpenOptions {
+            read_only: false,
+            format,
+            probe: crate::ProbePolicy::HostTool,
+            ..Default::default()
+        },
+    )?;
     let before = img.host_usage()?;
     let allocated_clusters_before = img.allocated_host_clusters()?;
     let stats = img.compact(progress)?;

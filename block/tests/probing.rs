@@ -82,6 +82,10 @@ fn a_probed_raw_disk_holding_a_qcow2_header_that_names_a_file_is_refused() {
     }
     // The default policy is the guest's.
     refused(open(&disk, OpenOptions::default()));
+    // `thinvm image compact` writes: it refuses too unless told.
+    let e = block::inspect::compact(&disk, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, Error::Probe(_)), "{e}");
+    assert!(e.to_string().contains(s(&secret)), "{e}");
 
     // Read-only host inspection keeps qemu-img's behaviour; an explicit format is obeyed.
     let mut img = open(&disk, opts(true, None, ProbePolicy::HostTool)).unwrap();

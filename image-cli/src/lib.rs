@@ -162,6 +162,10 @@ pub enum ImageCommand {
     Compact {
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Image format (qcow2). When omitted it is probed, and an image that names a backing
+        /// file is refused (give -f qcow2 if you trust it).
+        #[arg(short = 'f', value_enum)]
+        format: Option<FormatArg>,
         file: PathBuf,
     },
 }
@@ -217,7 +221,11 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
             &commands,
         ),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
-        ImageCommand::Compact { output, file } => compact::run(&file, output).map(|()| 0),
+        ImageCommand::Compact {
+            output,
+            format,
+            file,
+        } => compact::run(&file, format, output).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),

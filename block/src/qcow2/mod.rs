@@ -130,9 +130,16 @@ impl Qcow2Image {
         Self::open_with(path, read_only, OpenFlags::default())
     }
 
-    /// Opens a qcow2 image with the read-only, direct-I/O and probing settings of `opts`
-    /// (its `format` is not looked at: the image is taken to be qcow2).
+    /// Opens a qcow2 image with the read-only, direct-I/O and probing settings of `opts`.
+    /// `opts.format` `None` means the caller found the format by probing: the image is then
+    /// held to `opts.probe`'s rules (see [`crate::probe`]).
     pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+        if opts.format == Some(ImageFormat::Raw) {
+            return Err(Error::InvalidArgument(format!(
+                "{} was given as raw, not qcow2",
+                path.display()
+            )));
+        }
         let file = open_host_file(path, opts.read_only, opts.direct)?;
         let mut chain = Chain::new(opts.probe.follows_probed_names(opts.read_only));
         Self::open_file(
@@ -144,7 +151,7 @@ impl Qcow2Image {
                 direct: opts.direct,
                 ..OpenFlags::default()
             },
-            None,
+            opts.format.is_none().then_some(Probed::Image),
         )
     }
 
