@@ -60,6 +60,37 @@ pub fn format_of_head(head: &[u8]) -> ImageFormat {
     }
 }
 
+/// Signatures that QEMU's probes recognise at the start of an image (qcow/qcow2, QED, VMDK
+/// sparse, hosted sparse and descriptor files, VPC, VHDX, LUKS, Parallels, Bochs, cloop), and
+/// VDI's magic at offset 0x40. thinvm opens only qcow2 and raw, but the same file may later be
+/// handed to qemu-img or QEMU without a format, and several of these formats can name other
+/// host files (VMDK extents, QED backing files).
+const FOREIGN_SIGNATURES: &[(usize, &[u8], &str)] = &[
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\0", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"COWD", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+];
+
+/// The image format (thinvm's or one QEMU probes) that an image starting with `head` would
+/// be taken for, if any: what a probed-raw image must never be written into.
+pub fn foreign_format_of_head(head: &[u8]) -> Option<&'static str> {
+    FOREIGN_SIGNATURES.iter().find_map(|&(at, sig, name)| {
+        head.get(at..)
+            .is_some_and(|h| h.starts_with(sig))
+            .then_some(name)
+    })
+}
+
 /// Probes the format of an open image file from its first bytes.
 pub(crate) fn probe_file(file: &HostFile, path: &Path) -> Result<ImageFormat> {
     let mut head = [0u8; PROBE_BYTES];

@@ -87,11 +87,10 @@ impl RawImage {
             head[at..at + piece.len()].copy_from_slice(piece);
             at += piece.len();
         }
-        match crate::probe::format_of_head(&head) {
-            ImageFormat::Raw => Ok(()),
-            other => Err(Error::Probe(format!(
-                "write at offset {offset} refused: the image's format was probed as raw, and this write would make it probe as {} (a guest could then make the host open other files); give the format (format=raw) to allow such writes",
-                other.name()
+        match crate::probe::foreign_format_of_head(&head) {
+            None => Ok(()),
+            Some(other) => Err(Error::Probe(format!(
+                "write at offset {offset} refused: the image's format was probed as raw, and this write would make it probe as {other} (a guest could then make the host open other files); give the format (format=raw) to allow such writes"
             ))),
         }
     }

@@ -323,3 +323,40 @@ fn a_probed_raw_image_shorter_than_the_probe_is_guarded_too() {
     assert!(is_probe_refusal(img.write_at(3, b"\xfb")));
     img.write_at(3, b"\xfa\xfb\xfc").unwrap();
 }
+
+#[test]
+fn a_probed_raw_image_refuses_the_headers_of_formats_qemu_would_probe() {
+    // thinvm only opens qcow2 and raw, but the disk may later go to qemu-img or QEMU without
+    // a format: a VMDK descriptor or a QED header written by the guest could name host files
+    // there.
+    let dir = TempDir::new("probe-foreign");
+    let Some((p, mut img)) = probed_raw(&dir, "f.raw", false) else {
+        unreachable!("buffered opens always work");
+    };
+    let mut vdi = vec![0u8; 512];
+    vdi[0x40..0x44].copy_from_slice(b"\x7f\x10\xda\xbe");
+    let heads: [&[u8]; 7] = [
+        b"QED\0",
+        b"KDMV",
+        b"# Disk DescriptorFile\nversion=1\n",
+        b"conectix",
+        b"vhdxfile",
+        b"LUKS\xba\xbe",
+        &vdi,
+    ];
+    for h in heads {
+        let mut sector = vec![0u8; 512];
+        sector[..h.len()].copy_from_slice(h);
+        assert!(
+            is_probe_refusal(img.write_at(0, &sector)),
+            "{:?}",
+            String::from_utf8_lossy(&h[..h.len().min(8)])
+        );
+    }
+    // The same bytes anywhere but where a probe looks are ordinary data.
+    img.write_at(1, b"KDMV").unwrap();
+    img.write_at(0x41, b"\x7f\x10\xda\xbe").unwrap();
+    img.write_at(4096, b"# Disk DescriptorFile\n").unwrap();
+    drop(img);
+    assert_eq!(block::probe_format(&p).unwrap(), ImageFormat::Raw);
+}
