@@ -629,3 +629,47 @@ fn bad_arguments_are_one_clear_line() {
         );
     }
 }
+
+#[test]
+fn image_io_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let d = TempDir::new("img-pipe");
+    let img = d.join("a.qcow2");
+    ok_out(
+        &tv(&[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            img.to_str().unwrap(),
+            "64M",
+        ]),
+        "create",
+    );
+    let mut args: Vec<&str> = vec!["image", "io", img.to_str().unwrap()];
+    for _ in 0..20000 {
+        args.extend(["-c", "read 0 4k"]);
+    }
+    let mut child = Command::new(thinvm())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -1`: read one line, then go away.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("read 4096/4096"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}
