@@ -11,6 +11,7 @@
 pub mod error;
 pub mod host_file;
 pub mod inspect;
+pub mod lock;
 mod parallel;
 pub mod qcow2;
 pub mod raw;
@@ -313,6 +314,9 @@ pub struct OpenOptions {
     /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache=none`), for the image and its
     /// backing chain.
     pub direct: bool,
+    /// QEMU's `force-share` (`-U`): lock the chain without refusing other users, for reading
+    /// an image another process may be writing. Only with `read_only` ([`lock`]).
+    pub force_share: bool,
 }
 
 /// Probes the format of an image file: qcow2 by its magic, raw otherwise.
@@ -346,7 +350,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
         None => probe_format(path)?,
     };
     Ok(match format {
-        ImageFormat::Raw => Box::new(raw::RawImage::open_with(path, opts.read_only, opts.direct)?),
+        ImageFormat::Raw => Box::new(raw::RawImage::open_with_options(path, opts)?),
         ImageFormat::Qcow2 => Box::new(qcow2::Qcow2Image::open_with_options(path, opts)?),
     })
 }

@@ -66,6 +66,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                 read_only,
                 format: None,
                 direct: cfg.direct,
+                force_share: false,
             },
         )
         .unwrap()

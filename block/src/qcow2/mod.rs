@@ -67,6 +67,8 @@ struct OpenFlags {
     repair: bool,
     /// `O_DIRECT` for the image and its backing chain.
     direct: bool,
+    /// Lock the image and its backing chain with force-share (read-only only).
+    force_share: bool,
 }
 
 /// A qcow2 image.
@@ -137,6 +139,7 @@ impl Qcow2Image {
             0,
             OpenFlags {
                 direct: opts.direct,
+                force_share: opts.force_share,
                 ..OpenFlags::default()
             },
         )
@@ -145,12 +148,22 @@ impl Qcow2Image {
     /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
     /// reads of unallocated clusters then return zeros).
     pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_without_backing_shared(path, read_only, false)
+    }
+
+    /// [`Qcow2Image::open_without_backing`], read-only opens optionally with force-share.
+    pub fn open_without_backing_shared(
+        path: &Path,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<Self> {
         Self::open_with(
             path,
             read_only,
             0,
             OpenFlags {
                 no_backing: true,
+                force_share,
                 ..OpenFlags::default()
             },
         )
@@ -171,10 +184,13 @@ impl Qcow2Image {
     }
 
     fn open_with(path: &Path, read_only: bool, depth: u32, flags: OpenFlags) -> Result<Self> {
-        let file = HostFile::open(path, read_only, flags.direct).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let lock_mode = crate::lock::LockMode::for_open(read_only, flags.force_share)?;
+        let mut file =
+            HostFile::open(path, read_only, flags.direct).map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.lock(path, lock_mode)?;
         let file_len = file
             .metadata()
             .map_err(|e| Error::io("stat qcow2 image", e))?
@@ -236,6 +252,7 @@ impl Qcow2Image {
                 header.backing_format,
                 depth,
                 flags.direct,
+                flags.force_share,
             )?),
             _ => None,
         };
@@ -487,6 +504,7 @@ fn open_backing(
     format: Option<ImageFormat>,
     depth: u32,
     direct: bool,
+    force_share: bool,
 ) -> Result<Box<dyn DiskImage>> {
     if depth + 1 > MAX_CHAIN_DEPTH {
         return Err(Error::InvalidImage(format!(
@@ -501,12 +519,22 @@ fn open_backing(
     };
     let wrap = |e: Error| match e {
         Error::Open { path, source } => Error::Open { path, source },
+        e @ Error::Locked { .. } => e,
         other => Error::InvalidImage(format!("backing file '{name}': {other}")),
     };
     Ok(match format {
-        ImageFormat::Raw => {
-            Box::new(crate::raw::RawImage::open_with(&path, true, direct).map_err(wrap)?)
-        }
+        ImageFormat::Raw => Box::new(
+            crate::raw::RawImage::open_with_options(
+                &path,
+                &crate::OpenOptions {
+                    read_only: true,
+                    direct,
+                    force_share,
+                    ..Default::default()
+                },
+            )
+            .map_err(wrap)?,
+        ),
         ImageFormat::Qcow2 => Box::new(
             Qcow2Image::open_with(
                 &path,
@@ -514,6 +542,7 @@ fn open_backing(
                 depth + 1,
                 OpenFlags {
                     direct,
+                    force_share,
                     ..OpenFlags::default()
                 },
             )
