@@ -15,7 +15,8 @@ use common::*;
 
 /// One test at a time: a process spawned by one test holds copies of this process's
 /// descriptors until its exec, so an image another test has just closed could look in use
-/// to the QEMU process a test starts next (thinvm's own opens allow for that; QEMU does not).
+/// to the QEMU process a test starts next (thinvm's own opens allow for that; QEMU does
+/// not). So QEMU runs here once (`run_once`): a refusal is a refusal.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
@@ -192,7 +193,7 @@ impl Drop for QemuNbd {
 
 /// Whether `qemu-io [-r [-U]] -c length FILE` can open the image; with its output.
 fn qemu_io_opens(mode: Mode, file: &Path) -> (bool, String) {
-    let (code, out, err) = run(
+    let (code, out, err) = run_once(
         "qemu-io",
         &[mode.qemu_args(), &["-c", "length", s(file)]].concat(),
     );
@@ -468,16 +469,16 @@ fn a_thinvm_writer_keeps_qemu_writers_and_readers_out() {
     let mut img = thinvm_open(Mode::Write, &c.ov).unwrap();
     img.write_at(0, &[0xa5; 4096]).unwrap();
     img.flush().unwrap();
-    let (code, _, err) = run("qemu-io", &["-c", "write 0 4k", s(&c.ov)]);
+    let (code, _, err) = run_once("qemu-io", &["-c", "write 0 4k", s(&c.ov)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
-    let (code, _, err) = run("qemu-img", &["info", s(&c.ov)]);
+    let (code, _, err) = run_once("qemu-img", &["info", s(&c.ov)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
-    let (code, _, err) = run("qemu-img", &["check", s(&c.ov)]);
+    let (code, _, err) = run_once("qemu-img", &["check", s(&c.ov)]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("lock"), "{err}");
-    let (code, _, err) = run("qemu-img", &["create", "-f", "qcow2", s(&c.ov), "1M"]);
+    let (code, _, err) = run_once("qemu-img", &["create", "-f", "qcow2", s(&c.ov), "1M"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("lock"), "{err}");
     // -U reads it: what thinvm flushed is there.
@@ -489,7 +490,7 @@ fn a_thinvm_writer_keeps_qemu_writers_and_readers_out() {
     assert!(!out.contains("failed"), "{out}");
     // Its backing file: readers welcome, writers refused.
     ok("qemu-io", &["-r", "-c", "read -P 0x5a 0 1M", s(&c.base)]);
-    let (code, _, err) = run("qemu-io", &["-c", "write 0 4k", s(&c.base)]);
+    let (code, _, err) = run_once("qemu-io", &["-c", "write 0 4k", s(&c.base)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
     // Another overlay on the same base is no conflict.
@@ -552,7 +553,7 @@ fn raw_images_are_locked_like_a_qemu_vm_disk() {
     let raw = dir.join("disk.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "1M"]);
     let img = thinvm_open(Mode::Write, &raw).unwrap();
-    let (code, _, err) = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", s(&raw)]);
+    let (code, _, err) = run_once("qemu-io", &["-f", "raw", "-c", "write 0 4k", s(&raw)]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
     // `info` reads only the size of a raw file and, like qemu-img's, takes no lock.
@@ -625,7 +626,7 @@ fn locks_go_when_the_process_dies() {
         assert_ne!(out.read_line(&mut line).unwrap(), 0, "holder ended early");
     }
     // Another process holds it: refused, in QEMU and here.
-    let (code, _, err) = run("qemu-io", &["-c", "write 0 4k", s(&c.ov)]);
+    let (code, _, err) = run_once("qemu-io", &["-c", "write 0 4k", s(&c.ov)]);
     assert_eq!(code, 1, "{err}");
     assert_locked(thinvm_open(Mode::Write, &c.ov), &c.ov, "write", false);
     // SIGKILL: no destructor runs, the kernel drops the locks with the process.
