@@ -75,10 +75,12 @@
 //! holds copies of all the process's descriptors from fork until exec (O_CLOEXEC closes
 //! them only at exec), maybe one of an image this process has just closed, whose locks then
 //! live on for that long. Measured here, with one thread spawning `true` in a loop, 299 of
-//! 300 reopens of a just-closed image saw such a conflict. So a conflict on a file this
-//! process holds no lock on counts only once it has lasted for about a quarter of a second
-//! (tests every 1, 2, 4 ... 128 ms); QEMU, rarely multi-threaded while it spawns, does not
-//! wait.
+//! 300 reopens of a just-closed image saw such a conflict, and on a loaded machine (load 18
+//! on 2 cores) a child took longer than 0.25 s to reach its exec. So a conflict on a file
+//! this process has locked and closed since (the record keeps the last 256 of them; a
+//! force-share lock, which conflicts with nobody, does not count) counts only once it has
+//! lasted for about 2 s (tested after 1, 2, 4 ... 1024 ms). A conflict on any other file
+//! cannot be a ghost and counts at once, as in QEMU.
 //!
 //! # File systems without locks
 //!
@@ -86,7 +88,7 @@
 //! fails because the kernel or the file system has no (OFD) locks — `EINVAL`, `ENOLCK`,
 //! `EOPNOTSUPP`, `ENOSYS` — logs one warning per process and the open goes on unlocked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
@@ -189,29 +191,56 @@ fn bytes(mask: u8, base: i64) -> impl Iterator<Item = (i64, &'static str)> {
         .map(move |(i, name)| (base + i as i64, *name))
 }
 
-/// Files this process holds locks on: (device, inode) -> number of [`ImageLock`]s.
-static LOCKED_HERE: Mutex<BTreeMap<(u64, u64), usize>> = Mutex::new(BTreeMap::new());
+/// A file's identity: (device, inode).
+type FileKey = (u64, u64);
 
-fn locked_here() -> std::sync::MutexGuard<'static, BTreeMap<(u64, u64), usize>> {
-    LOCKED_HERE.lock().unwrap_or_else(|p| p.into_inner())
+/// What this process knows of its own locks.
+struct Record {
+    /// Files it holds locks on, with the number of [`ImageLock`]s of each.
+    held: BTreeMap<FileKey, usize>,
+    /// Files it held locks on and has closed since, most recent last (at most
+    /// [`RELEASED_KEPT`]): only these can show ghost conflicts.
+    released: VecDeque<FileKey>,
+}
+
+/// How many closed files [`Record::released`] remembers.
+const RELEASED_KEPT: usize = 256;
+
+static RECORD: Mutex<Record> = Mutex::new(Record {
+    held: BTreeMap::new(),
+    released: VecDeque::new(),
+});
+
+fn record() -> std::sync::MutexGuard<'static, Record> {
+    RECORD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// This process's record of the locks of one open image file. The kernel drops the lock
 /// bytes themselves when the file is closed; keep this next to the file and drop it with it.
 #[derive(Debug)]
 pub struct ImageLock {
-    /// (device, inode) in [`LOCKED_HERE`]; `None` where the file system has no locks.
-    key: Option<(u64, u64)>,
+    /// The file in [`Record::held`]; `None` where the file system has no locks.
+    key: Option<FileKey>,
+    /// Whether a leftover copy of this lock could conflict with anyone (force-share holds
+    /// only the consistent-read byte, which nobody refuses to share).
+    can_conflict: bool,
 }
 
 impl Drop for ImageLock {
     fn drop(&mut self) {
         if let Some(key) = self.key {
-            let mut map = locked_here();
-            if let Some(n) = map.get_mut(&key) {
+            let mut r = record();
+            if let Some(n) = r.held.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
-                    map.remove(&key);
+                    r.held.remove(&key);
+                    r.released.retain(|k| *k != key);
+                    if self.can_conflict {
+                        if r.released.len() == RELEASED_KEPT {
+                            r.released.pop_front();
+                        }
+                        r.released.push_back(key);
+                    }
                 }
             }
         }
@@ -234,7 +263,10 @@ pub fn acquire(file: &File, path: &Path, mode: LockMode) -> Result<ImageLock> {
             Ok(_) => {}
             Err(e) if unsupported(&e) => {
                 warn_unlocked(path, &e);
-                return Ok(ImageLock { key: None });
+                return Ok(ImageLock {
+                    key: None,
+                    can_conflict: false,
+                });
             }
             // Only a write lock on the byte refuses a read lock: not QEMU's, but someone
             // else's claim on the file all the same.
@@ -249,15 +281,21 @@ pub fn acquire(file: &File, path: &Path, mode: LockMode) -> Result<ImageLock> {
             }
         }
     }
-    // A conflict on a file this process holds no lock on may be a spawning child's copy of
-    // a descriptor closed here (see the module documentation): it counts once it lasts.
+    // A conflict on a file this process has closed may be a spawning child's copy of the
+    // closed descriptor (see the module documentation): it counts once it lasts.
     let mut pause = std::time::Duration::from_millis(1);
     loop {
         match find_conflict(fd, path, p)? {
             Test::Clear => break,
-            Test::Unsupported => return Ok(ImageLock { key: None }),
+            Test::Unsupported => {
+                return Ok(ImageLock {
+                    key: None,
+                    can_conflict: false,
+                })
+            }
             Test::Conflict(name, shared) => {
-                if pause > RECHECK_UNTIL || locked_here().contains_key(&key) {
+                let ghost_possible = record().released.contains(&key);
+                if !ghost_possible || pause > RECHECK_UNTIL {
                     return Err(locked_error(path, key, name, shared));
                 }
                 std::thread::sleep(pause);
@@ -265,13 +303,16 @@ pub fn acquire(file: &File, path: &Path, mode: LockMode) -> Result<ImageLock> {
             }
         }
     }
-    *locked_here().entry(key).or_insert(0) += 1;
-    Ok(ImageLock { key: Some(key) })
+    *record().held.entry(key).or_insert(0) += 1;
+    Ok(ImageLock {
+        key: Some(key),
+        can_conflict: mode != LockMode::ForceShare,
+    })
 }
 
-/// Longest pause between two tests of a conflict before it counts (the pauses double from
-/// 1 ms: about 0.25 s in all).
-const RECHECK_UNTIL: std::time::Duration = std::time::Duration::from_millis(128);
+/// Longest pause between two tests of a possible ghost conflict before it counts (the
+/// pauses double from 1 ms: about 2 s in all).
+const RECHECK_UNTIL: std::time::Duration = std::time::Duration::from_millis(1024);
 
 /// What the lock bytes of other users say.
 enum Test {
@@ -312,7 +353,7 @@ fn locked_error(path: &Path, key: (u64, u64), permission: &'static str, shared: 
         path: path.to_path_buf(),
         permission,
         shared,
-        in_this_process: locked_here().contains_key(&key),
+        in_this_process: record().held.contains_key(&key),
     }
 }
 

@@ -112,8 +112,8 @@ struct QemuVm {
 }
 
 impl QemuVm {
-    /// Starts the VM and waits for its QMP greeting (sent once the disk is open and the
-    /// device realized); on failure returns what QEMU printed.
+    /// Starts the VM and waits until QMP answers a command (the disk is open and the
+    /// device realized by then); on failure returns what QEMU printed.
     fn hold(mode: Mode, file: &Path) -> Result<QemuVm, String> {
         let mut child = Command::new("qemu-system-x86_64")
             .args([
@@ -133,17 +133,32 @@ impl QemuVm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-system-x86_64 (install qemu-system-x86)");
-        let stdin = child.stdin.take();
+        let mut stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let _ = stdout.read_line(&mut line);
-        if line.starts_with("{\"QMP\"") {
-            return Ok(QemuVm {
-                child,
-                _stdin: stdin,
-                _stdout: stdout,
-            });
+        // The greeting may come before the device is realized (and a raw backing file's
+        // locks depend on what the device shares); a command's answer comes only from the
+        // main loop, once the machine is built.
+        if let Some(input) = stdin.as_mut() {
+            let _ = input
+                .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n");
+            let _ = input.flush();
         }
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            seen.push_str(&line);
+            if line.contains("\"status\"") {
+                return Ok(QemuVm {
+                    child,
+                    _stdin: stdin,
+                    _stdout: stdout,
+                });
+            }
+        }
+        let line = seen;
         drop(stdin);
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
