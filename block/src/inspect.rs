@@ -1,4 +1,8 @@
 //! Whole-image inspection and maintenance: `info`, `check`/`repair` and `compact`.
+//!
+//! Images are locked as QEMU's tools lock them ([`crate::lock`]): `info` and `check` are
+//! read-only opens that fail while another process writes the image unless asked to
+//! force-share (`-U`), `check` with repair and `compact` are writers.
 
 use std::path::Path;
 
@@ -44,10 +48,23 @@ pub struct ImageInfo {
 
 /// Information about one image file (not following its backing file).
 pub fn info(path: &Path) -> Result<ImageInfo> {
+    info_shared(path, false)
+}
+
+/// [`info`], with force-share when `force_share` (`-U`). A raw image is always opened with
+/// force-share: only its size is read, and `qemu-img info` takes no lock on raw files either.
+pub fn info_shared(path: &Path, force_share: bool) -> Result<ImageInfo> {
     let filename = path.display().to_string();
     match probe_format(path)? {
         ImageFormat::Raw => {
-            let img = crate::raw::RawImage::open(path, true)?;
+            let img = crate::raw::RawImage::open_with_options(
+                path,
+                &crate::OpenOptions {
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                },
+            )?;
             Ok(ImageInfo {
                 filename,
                 format: ImageFormat::Raw,
@@ -61,7 +78,7 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
             })
         }
         ImageFormat::Qcow2 => {
-            let img = Qcow2Image::open_without_backing(path, true)?;
+            let img = Qcow2Image::open_without_backing_shared(path, true, force_share)?;
             let h = img.header();
             use crate::qcow2::header::{compat, incompat, CompressionType};
             Ok(ImageInfo {
@@ -97,6 +114,11 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
 /// Reads the information of an image and of every layer below it (first element: `path`).
 /// Every layer must be a different file (see [`crate::chain`]).
 pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
+    info_chain_shared(path, false)
+}
+
+/// [`info_chain`], with force-share when `force_share` (`-U`).
+pub fn info_chain_shared(path: &Path, force_share: bool) -> Result<Vec<ImageInfo>> {
     let mut chain = crate::chain::Chain::new(true);
     let stat = |p: &Path| {
         std::fs::metadata(p).map_err(|source| Error::Open {
@@ -104,12 +126,12 @@ pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
             source,
         })
     };
-    let mut out = vec![info(path)?];
+    let mut out = vec![info_shared(path, force_share)?];
     chain.enter(path, &stat(path)?)?;
     while let Some(next) = out.last().and_then(|i| i.full_backing_filename.clone()) {
         let p = std::path::PathBuf::from(&next);
         chain.enter(&p, &stat(&p)?)?;
-        let mut i = info(&p)?;
+        let mut i = info_shared(&p, force_share)?;
         if let Some(f) = out.last().and_then(|l| l.backing_filename_format) {
             if f != i.format {
                 return Err(Error::InvalidImage(format!(
@@ -156,6 +178,20 @@ pub struct CheckReport {
 
 /// Checks (and with `repair`, repairs) an image.
 pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
+    check_shared(path, repair, false)
+}
+
+/// [`check`], with force-share when `force_share` (`-U`; refused with `repair`).
+pub fn check_shared(
+    path: &Path,
+    repair: Option<RepairMode>,
+    force_share: bool,
+) -> Result<CheckReport> {
+    if force_share && repair.is_some() {
+        return Err(Error::InvalidArgument(
+            "force-share (-U) is only allowed for read-only opens, not with repair (-r)".into(),
+        ));
+    }
     match probe_format(path)? {
         ImageFormat::Raw => Err(Error::Unsupported(
             "raw images have no metadata to check".into(),
@@ -163,7 +199,7 @@ pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
         ImageFormat::Qcow2 => {
             let mut img = match repair {
                 Some(_) => Qcow2Image::open_for_repair(path)?,
-                None => Qcow2Image::open_without_backing(path, true)?,
+                None => Qcow2Image::open_without_backing_shared(path, true, force_share)?,
             };
             img.check(repair)
         }

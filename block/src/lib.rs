@@ -12,6 +12,7 @@ pub mod chain;
 pub mod error;
 pub mod host_file;
 pub mod inspect;
+pub mod lock;
 mod parallel;
 pub mod probe;
 pub mod qcow2;
@@ -319,6 +320,9 @@ pub struct OpenOptions {
     /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache=none`), for the image and its
     /// backing chain.
     pub direct: bool,
+    /// QEMU's `force-share` (`-U`): lock the chain without refusing other users, for reading
+    /// an image another process may be writing. Only with `read_only` ([`lock`]).
+    pub force_share: bool,
 }
 
 /// Opens an image, probing its format unless `opts.format` names it. A probed image is held
@@ -326,12 +330,15 @@ pub struct OpenOptions {
 /// be refused, and a writable image probed as raw refuses writes that would make it probe as
 /// another format.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
-    let file = host_file::HostFile::open(path, opts.read_only, opts.direct).map_err(|source| {
-        Error::Open {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
+    // Checked before anything is opened: force-share is for read-only opens only.
+    let lock_mode = lock::LockMode::for_open(opts.read_only, opts.force_share)?;
+    let mut file =
+        host_file::HostFile::open(path, opts.read_only, opts.direct).map_err(|source| {
+            Error::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     let probed = opts.format.is_none();
     let format = match opts.format {
         Some(f) => f,
@@ -339,6 +346,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
     };
     Ok(match format {
         ImageFormat::Raw => {
+            file.lock(path, lock_mode)?;
             let mut img = raw::RawImage::from_host_file(file, opts.read_only)?;
             if probed && !opts.read_only {
                 tracing::warn!(
@@ -358,6 +366,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
                 &mut chain,
                 qcow2::OpenFlags {
                     direct: opts.direct,
+                    force_share: opts.force_share,
                     ..Default::default()
                 },
                 probed.then_some(probe::Probed::Image),

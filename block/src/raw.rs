@@ -35,14 +35,30 @@ impl RawImage {
 
     /// Opens a raw image, with `O_DIRECT` if `direct`.
     pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
-        let file = HostFile::open(path, read_only, direct).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_host_file(file, read_only)
+        Self::open_with_options(
+            path,
+            &crate::OpenOptions {
+                read_only,
+                direct,
+                ..Default::default()
+            },
+        )
     }
 
-    /// Wraps an already open file.
+    /// Opens a raw image with the read-only, direct-I/O and force-share settings of `opts`,
+    /// locked as [`crate::lock`] says.
+    pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+        let mode = crate::lock::LockMode::for_open(opts.read_only, opts.force_share)?;
+        let mut file =
+            HostFile::open(path, opts.read_only, opts.direct).map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.lock(path, mode)?;
+        Self::from_host_file(file, opts.read_only)
+    }
+
+    /// Wraps an already open file (not locked).
     pub fn from_file(file: File, read_only: bool) -> Result<Self> {
         Self::from_host_file(HostFile::from_file(file), read_only)
     }
@@ -95,18 +111,22 @@ impl RawImage {
         }
     }
 
-    /// Creates (or truncates) a raw image of `size` bytes; the file is sparse.
+    /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
+    /// file another process uses is refused before it is truncated ([`crate::lock`]).
     pub fn create(path: &Path, size: u64) -> Result<()> {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(|source| Error::Open {
                 path: path.to_path_buf(),
                 source,
             })?;
-        file.set_len(size)
+        let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
+        file.set_len(0)
+            .and_then(|()| file.set_len(size))
             .map_err(|e| Error::io(format!("resize {}", path.display()), e))
     }
 

@@ -125,6 +125,9 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             Some(o) => (o.0.clone(), Some(ImageFormat::Qcow2)),
             None => (d.path.clone(), d.format),
         };
+        // Locked as QEMU locks a VM's disk (block::lock): a writable disk excludes every
+        // other user of its file, a read-only disk and every backing file (the base of
+        // `--ephemeral` overlays) only writers, so many VMs can share one base.
         let mut image: Box<dyn DiskImage> = block::open(
             &path,
             &OpenOptions {
@@ -132,6 +135,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
                 format,
                 direct: d.direct,
                 probe: ProbePolicy::Guest,
+                force_share: false,
             },
         )
         .map_err(|e| {

@@ -158,8 +158,10 @@ fn checksum(p: &str) -> (Vec<u8>, std::time::SystemTime) {
     )
 }
 
-fn leftover_overlays() -> usize {
-    std::fs::read_dir(std::env::temp_dir())
+/// The ephemeral overlays in `tmp` (the TMPDIR the test gives its thinvm: tests running
+/// beside it start ephemeral VMs of their own).
+fn leftover_overlays(tmp: &std::path::Path) -> usize {
+    std::fs::read_dir(tmp)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -178,24 +180,30 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
     let dir = TempDir::new("eph");
     let (_b, ov) = make_overlay(&dir);
     let before = checksum(&ov);
-    let n0 = leftover_overlays();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let n0 = leftover_overlays(&tmp);
     let kernel = guest("blk");
     // The guest writes, zeroes, discards: all into the temporary overlay.
-    let out = run_thinvm(
-        &[
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "60"])
+        .arg(thinvm())
+        .args([
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
             "--ephemeral",
             "--disk",
             &format!("path={ov},format=qcow2,serial=blk-eph"),
-        ],
-        60,
-    );
+        ])
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     checks_passed(&text(&out.stdout));
     assert_eq!(checksum(&ov), before, "base image changed");
-    assert_eq!(leftover_overlays(), n0, "overlay left behind");
+    assert_eq!(leftover_overlays(&tmp), n0, "overlay left behind");
 
     // Killed with SIGTERM while running: the overlay goes too.
     let hello = guest("hello");
@@ -213,6 +221,7 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
         .arg(format!("path={ov},format=qcow2"))
         .arg("--serial")
         .arg(format!("file={}", log.display()))
+        .env("TMPDIR", &tmp)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -225,11 +234,19 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
         assert!(t0.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(leftover_overlays(), n0 + 1, "overlay exists while running");
+    assert_eq!(
+        leftover_overlays(&tmp),
+        n0 + 1,
+        "overlay exists while running"
+    );
     // SAFETY: signalling our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(143));
-    assert_eq!(leftover_overlays(), n0, "overlay left behind after SIGTERM");
+    assert_eq!(
+        leftover_overlays(&tmp),
+        n0,
+        "overlay left behind after SIGTERM"
+    );
     assert_eq!(checksum(&ov), before, "base image changed");
 }
 
@@ -506,4 +523,171 @@ fn a_guest_cannot_make_its_raw_disk_name_a_host_file() {
             assert!(stderr.contains("format=qcow2"), "{stderr}");
         }
     }
+}
+
+/// A `thinvm run` of the idling guest, stopped with SIGTERM when dropped.
+struct SpinningVm(std::process::Child);
+
+impl SpinningVm {
+    /// Starts `thinvm run --ephemeral` of the idling guest on `disk`; returns once it idles.
+    fn start(dir: &TempDir, disk: &str, tag: &str) -> SpinningVm {
+        let hello = guest("hello");
+        let log = dir.join(&format!("console-{tag}.txt"));
+        let child = Command::new(thinvm())
+            .args([
+                "run",
+                "--kernel",
+                hello.to_str().unwrap(),
+                "--cmdline",
+                "mode=spin",
+                "--ephemeral",
+                "--disk",
+            ])
+            .arg(format!("path={disk},format=qcow2"))
+            .arg("--serial")
+            .arg(format!("file={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut vm = SpinningVm(child);
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("idling")
+        {
+            if let Some(status) = vm.0.try_wait().unwrap() {
+                panic!("thinvm ended before its guest idled: {status}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "guest did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    /// Stops the VM with SIGTERM; it ends as a VM stopped by that signal does.
+    fn stop(mut self) {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(self.0.wait().unwrap().code(), Some(143));
+    }
+}
+
+impl Drop for SpinningVm {
+    fn drop(&mut self) {
+        // After stop() this finds the child reaped already; on a failed test it ends it.
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Many `--ephemeral` VMs run on one base at once, QEMU may read the base meanwhile, but
+/// nobody may write it (a VM, qemu-io, another thinvm): the base is locked as QEMU locks a
+/// backing file. The locks go when the VMs end.
+#[test]
+fn ephemeral_vms_share_their_base_and_keep_its_writers_out() {
+    if !kvm_or_skip("ephemeral_vms_share_their_base_and_keep_its_writers_out") {
+        return;
+    }
+    let dir = TempDir::new("eph-lock");
+    let (base, ov) = make_overlay(&dir);
+    let before = checksum(&ov);
+    let first = SpinningVm::start(&dir, &ov, "a");
+    let second = SpinningVm::start(&dir, &ov, "b");
+    // A third VM, on the same base at the same time, runs the whole driver check.
+    let kernel = guest("blk");
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--ephemeral",
+            "--disk",
+            &format!("path={ov},format=qcow2,serial=blk-eph"),
+        ],
+        60,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    checks_passed(&text(&out.stdout));
+    // QEMU may read the base chain, not write it.
+    let (code, io) = qemu(&["qemu-io", "-r", "-c", "read -P 0x11 0 64k", &ov]);
+    assert_eq!(code, 0, "{io}");
+    let (code, io) = qemu(&["qemu-io", "-c", "write -P 0x22 0 64k", &ov]);
+    assert_eq!(code, 1, "{io}");
+    assert!(io.contains("Failed to get \"write\" lock"), "{io}");
+    let (code, io) = qemu(&["qemu-io", "-f", "raw", "-c", "write -P 0x22 0 64k", &base]);
+    assert_eq!(code, 1, "{io}");
+    // Neither may a thinvm VM with the image as its writable disk.
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--disk",
+            &format!("path={ov},format=qcow2"),
+        ],
+        60,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&ov), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    first.stop();
+    second.stop();
+    assert_eq!(checksum(&ov), before, "base image changed");
+    // Every VM has ended: the base is free to write again.
+    let (code, io) = qemu(&["qemu-io", "-c", "write -P 0x22 0 64k", &ov]);
+    assert_eq!(code, 0, "{io}");
+}
+
+/// A disk that qemu-nbd serves writable is refused by `thinvm run` (exit 1, one message
+/// naming the image), writable, read-only and as an `--ephemeral` base alike, and the
+/// ephemeral overlay made for it is removed again.
+#[test]
+fn run_refuses_a_disk_qemu_nbd_is_serving() {
+    if !kvm_or_skip("run_refuses_a_disk_qemu_nbd_is_serving") {
+        return;
+    }
+    let dir = TempDir::new("nbd-lock");
+    let (_base, ov) = make_overlay(&dir);
+    let before = checksum(&ov);
+    let _nbd = QemuNbd::hold(&dir, &["-f", "qcow2", &ov]);
+    let kernel = guest("blk");
+    for extra in [&[][..], &["--ephemeral"][..]] {
+        for disk in [
+            format!("path={ov},format=qcow2"),
+            format!("path={ov},format=qcow2,readonly=on"),
+        ] {
+            let child = Command::new(thinvm())
+                .args(["run", "--kernel", kernel.to_str().unwrap()])
+                .args(extra)
+                .args(["--disk", &disk])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let out = child.wait_with_output().unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{extra:?} {disk}: {err}");
+            assert!(err.contains(&ov), "{err}");
+            assert!(err.contains("in use by another process"), "{err}");
+            assert!(!text(&out.stdout).contains("BLK-CHECK"), "the guest ran");
+            let prefix = format!("thinvm-ephemeral-{pid}-");
+            let left = std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count();
+            assert_eq!(left, 0, "ephemeral overlay left behind");
+        }
+    }
+    assert_eq!(checksum(&ov), before, "the served image changed");
 }

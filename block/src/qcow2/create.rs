@@ -112,6 +112,8 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
                 read_only: true,
                 format: backing_format,
                 probe: crate::ProbePolicy::Guest,
+                // Only its size is read, as `qemu-img create` does (which force-shares).
+                force_share: true,
                 ..Default::default()
             },
         )
@@ -215,13 +217,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
         .map_err(|source| Error::Open {
             path: path.to_path_buf(),
             source,
         })?;
+    // An existing file in use by another process is refused before it is truncated.
+    let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
     let io = |e| Error::io(format!("write {}", path.display()), e);
+    file.set_len(0).map_err(io)?;
     let mut image = vec![0u8; (total_clusters * cs) as usize];
     image[..hdr.len()].copy_from_slice(&hdr);
     for i in 0..rb_count {

@@ -68,6 +68,8 @@ pub(crate) struct OpenFlags {
     pub(crate) repair: bool,
     /// `O_DIRECT` for the image and its backing chain.
     pub(crate) direct: bool,
+    /// Lock the image and its backing chain with force-share (read-only only).
+    pub(crate) force_share: bool,
 }
 
 /// A qcow2 image.
@@ -149,6 +151,7 @@ impl Qcow2Image {
             &mut chain,
             OpenFlags {
                 direct: opts.direct,
+                force_share: opts.force_share,
                 ..OpenFlags::default()
             },
             opts.format.is_none().then_some(Probed::Image),
@@ -158,11 +161,21 @@ impl Qcow2Image {
     /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
     /// reads of unallocated clusters then return zeros).
     pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_without_backing_shared(path, read_only, false)
+    }
+
+    /// [`Qcow2Image::open_without_backing`], read-only opens optionally with force-share.
+    pub fn open_without_backing_shared(
+        path: &Path,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<Self> {
         Self::open_with(
             path,
             read_only,
             OpenFlags {
                 no_backing: true,
+                force_share,
                 ..OpenFlags::default()
             },
         )
@@ -201,6 +214,13 @@ impl Qcow2Image {
             .metadata()
             .map_err(|e| Error::io("stat qcow2 image", e))?;
         chain.enter(path, &stat)?;
+        // Locked after the identity check, so an image that comes back in its own chain is
+        // reported as a loop rather than as in use by this process.
+        let mut file = file;
+        file.lock(
+            path,
+            crate::lock::LockMode::for_open(read_only, flags.force_share)?,
+        )?;
         let file_len = stat.len();
         let head_len = file_len.min(1 << header::MAX_CLUSTER_BITS) as usize;
         let mut head = vec![0u8; head_len];
@@ -273,6 +293,7 @@ impl Qcow2Image {
                 header.backing_format,
                 chain,
                 flags.direct,
+                flags.force_share,
             )?),
             _ => None,
         };
@@ -534,11 +555,12 @@ fn open_backing(
     format: Option<ImageFormat>,
     chain: &mut Chain,
     direct: bool,
+    force_share: bool,
 ) -> Result<Box<dyn DiskImage>> {
     let path = resolve_backing_path(overlay, name);
     // Errors that already name the file or the chain pass as they are.
     let wrap = |e: Error| match e {
-        e @ (Error::Open { .. } | Error::Probe(_) | Error::Chain(_)) => e,
+        e @ (Error::Open { .. } | Error::Probe(_) | Error::Chain(_) | Error::Locked { .. }) => e,
         other => Error::InvalidImage(format!("backing file '{name}': {other}")),
     };
     let file = open_host_file(&path, true, direct)?;
@@ -557,6 +579,8 @@ fn open_backing(
                 .metadata()
                 .map_err(|e| Error::io("stat backing file", e))?;
             chain.enter(&path, &stat)?;
+            let mut file = file;
+            file.lock(&path, crate::lock::LockMode::for_open(true, force_share)?)?;
             Box::new(crate::raw::RawImage::from_host_file(file, true).map_err(wrap)?)
         }
         ImageFormat::Qcow2 => Box::new(
@@ -567,6 +591,7 @@ fn open_backing(
                 chain,
                 OpenFlags {
                     direct,
+                    force_share,
                     ..OpenFlags::default()
                 },
                 probed,
