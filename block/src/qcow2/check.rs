@@ -28,6 +28,8 @@ struct Walk {
     compressed: u64,
     /// Active L1 index -> (l2 offset), and data entries to check COPIED against.
     active_l2: Vec<(usize, u64)>,
+    /// Tables read from the file.
+    table_reads: u64,
 }
 
 impl Walk {
@@ -90,6 +92,7 @@ fn walk_l1(img: &Qcow2Image, w: &mut Walk, l1: &[u64], active: bool) -> Result<(
             w.active_l2.push((i, off));
         }
         read_exact_or_eof(&img.file, &mut l2, off)?;
+        w.table_reads += 1;
         for j in 0..(cs / 8) as usize {
             let e = be64_at(&l2, j);
             if e == 0 {
@@ -193,6 +196,7 @@ fn walk(img: &mut Qcow2Image) -> Result<Walk> {
         fragmented: 0,
         compressed: 0,
         active_l2: Vec::new(),
+        table_reads: 0,
     };
     w.inc(0, "header");
     let l1_bytes = u64::from(img.header.l1_size) * 8;
@@ -209,9 +213,12 @@ fn walk(img: &mut Qcow2Image) -> Result<Walk> {
         w.inc_range(l1_off, u64::from(l1_size) * 8, cb, "snapshot L1 table");
         let mut raw = vec![0u8; l1_size as usize * 8];
         read_exact_or_eof(&img.file, &mut raw, l1_off)?;
+        w.table_reads += 1;
         let table: Vec<u64> = (0..l1_size as usize).map(|i| be64_at(&raw, i)).collect();
         walk_l1(img, &mut w, &table, false)?;
     }
+    img.walk_table_reads += w.table_reads;
+    w.table_reads = 0;
     w.inc_range(
         img.header.refcount_table_offset,
         u64::from(img.header.refcount_table_clusters) * cs,
@@ -252,6 +259,7 @@ fn stored_refcounts(img: &mut Qcow2Image, n: u64) -> Result<Vec<u64>> {
             continue;
         }
         read_exact_or_eof(&img.file, &mut block, off)?;
+        img.walk_table_reads += 1;
         for i in 0..img.rb_entries.min(n - base) {
             out[(base + i) as usize] = get_entry(&block, i, order);
         }
@@ -311,6 +319,7 @@ fn check_once(img: &mut Qcow2Image) -> Result<CheckReport> {
             ));
         }
         read_exact_or_eof(&img.file, &mut l2, off)?;
+        img.walk_table_reads += 1;
         for j in 0..(cs / 8) as usize {
             let e = be64_at(&l2, j);
             if e & OFLAG_COMPRESSED != 0 {
@@ -342,6 +351,7 @@ fn check_once(img: &mut Qcow2Image) -> Result<CheckReport> {
         fragmented_clusters: Some(w.fragmented),
         compressed_clusters: Some(w.compressed),
         messages: w.messages,
+        messages_dropped: 0,
     })
 }
 

@@ -120,6 +120,9 @@ pub struct Qcow2Image {
     /// Set after a write failed for lack of host space: the header, L1 and refcount tables
     /// are written again from memory before the next change.
     pub(crate) rewrite_tables: bool,
+    /// Metadata tables (L1 and L2 tables, refcount blocks) read from the file by whole-image
+    /// walks (check, repair, refcount rebuild) since open.
+    pub(crate) walk_table_reads: u64,
 }
 
 impl Qcow2Image {
@@ -268,6 +271,7 @@ impl Qcow2Image {
             prealloc_supported: true,
             broken: false,
             rewrite_tables: false,
+            walk_table_reads: 0,
             header,
         };
         img.build_meta_set()?;
@@ -331,6 +335,13 @@ impl Qcow2Image {
 
     pub fn cluster_size(&self) -> u64 {
         self.cluster_size
+    }
+
+    /// How many metadata tables (L1 and L2 tables, refcount blocks) whole-image walks (check,
+    /// repair, the refcount rebuild of a dirty image) have read from the file since open: their
+    /// work is bounded by the distinct tables the image holds, and tests assert it.
+    pub fn walk_table_reads(&self) -> u64 {
+        self.walk_table_reads
     }
 
     /// Whether the image has a backing file (even if it was not opened).
