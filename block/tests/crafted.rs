@@ -1,0 +1,190 @@
+//! Crafted qcow2 images aimed at the metadata parsers and the whole-image walks: offsets near
+//! u64::MAX, lengths that wrap, snapshot tables at and past QEMU's caps, L1 tables whose
+//! entries all name one L2 table, refcount tables far larger than the data, millions of
+//! errors, and L2 entries that relocation and compaction must refuse to follow. Each case
+//! gets a clear error or a bounded amount of work (asserted with the walk's table-read
+//! counter, never with wall time), never a panic, an overflow or an unbounded allocation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// (Helpers for the cases added by the next commits.)
+#![allow(dead_code, unused_imports)]
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use block::qcow2::{Qcow2Image, Qcow2Version};
+use block::{DiskImage, Error};
+use common::*;
+
+/// Where a fresh image keeps its tables.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    cs: u64,
+    l1: u64,
+    l1_size: u64,
+    rt: u64,
+    /// The first refcount block.
+    rb: u64,
+    len: u64,
+}
+
+fn fresh(dir: &TempDir, name: &str, size: u64, cs: u64, refcount_bits: u32) -> (PathBuf, Layout) {
+    let p = dir.join(name);
+    create_qcow2(&p, Some(size), Qcow2Version::V3, cs, refcount_bits, None);
+    let l = layout(&p);
+    (p, l)
+}
+
+fn layout(p: &Path) -> Layout {
+    let img = Qcow2Image::open(p, true).unwrap();
+    let h = img.header().clone();
+    drop(img);
+    let rb = peek64(p, h.refcount_table_offset);
+    Layout {
+        cs: 1 << h.cluster_bits,
+        l1: h.l1_table_offset,
+        l1_size: u64::from(h.l1_size),
+        rt: h.refcount_table_offset,
+        rb,
+        len: std::fs::metadata(p).unwrap().len(),
+    }
+}
+
+fn poke(p: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+fn peek64(p: &Path, off: u64) -> u64 {
+    let f = std::fs::File::open(p).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, off).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// Every way the crate can open or inspect an image fails with an error naming `needle`
+/// (read-only, writable, `info`, `check`).
+fn refused_everywhere(p: &Path, needle: &str) {
+    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+    for ro in [true, false] {
+        match Qcow2Image::open(p, ro) {
+            Ok(_) => panic!("{name}: opened (read_only {ro}) although it is broken"),
+            Err(e) => {
+                assert!(matches!(e, Error::InvalidImage(_)), "{name}: {e}");
+                assert!(
+                    e.to_string().contains(needle),
+                    "{name}: '{e}' lacks '{needle}'"
+                );
+            }
+        }
+    }
+    let e = block::inspect::info(p).unwrap_err().to_string();
+    assert!(e.contains(needle), "{name} (info): '{e}' lacks '{needle}'");
+    let e = block::inspect::check(p, None).unwrap_err().to_string();
+    assert!(e.contains(needle), "{name} (check): '{e}' lacks '{needle}'");
+}
+
+// ----- header fields ---------------------------------------------------------------------
+
+/// The panic: `backing_file_offset` near u64::MAX wrapped the name's end offset and
+/// a slice index panicked (`image info` printed a backtrace).
+#[test]
+fn header_offsets_near_u64_max_are_errors_not_panics() {
+    let dir = TempDir::new("crafted-wrap");
+    let (p, _) = fresh(&dir, "backing_off.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 8, &0xffff_ffff_ffff_fff0u64.to_be_bytes());
+    poke(&p, 16, &0x20u32.to_be_bytes());
+    refused_everywhere(&p, "backing file name");
+
+    // A name starting at the end of the first cluster.
+    let (p, _) = fresh(&dir, "backing_off2.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 8, &65536u64.to_be_bytes());
+    poke(&p, 16, &1u32.to_be_bytes());
+    refused_everywhere(&p, "backing file name");
+
+    // backing_file_size far beyond QEMU's 1023.
+    let (p, _) = fresh(&dir, "backing_size.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 8, &0x200u64.to_be_bytes());
+    poke(&p, 16, &u32::MAX.to_be_bytes());
+    refused_everywhere(&p, "backing file name too long");
+
+    // The L1 table's offset + size wraps (overflow in debug builds, a wrong end in release).
+    let (p, _) = fresh(&dir, "l1_wrap.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 36, &8192u32.to_be_bytes());
+    poke(&p, 40, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    refused_everywhere(&p, "L1 table");
+
+    // The refcount table's offset + clusters wraps.
+    let (p, _) = fresh(&dir, "rt_wrap.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 48, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    poke(&p, 56, &128u32.to_be_bytes());
+    refused_everywhere(&p, "refcount table");
+
+    // The snapshot table's offset + size wraps.
+    let (p, _) = fresh(&dir, "snap_wrap.qcow2", 16 << 20, 65536, 16);
+    poke(&p, 60, &1u32.to_be_bytes());
+    poke(&p, 64, &0xffff_ffff_ffff_0000u64.to_be_bytes());
+    refused_everywhere(&p, "snapshot table");
+}
+
+fn extension(kind: u32, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(data);
+    while v.len() % 8 != 0 {
+        v.push(0);
+    }
+    v
+}
+
+#[test]
+fn header_extension_lengths_that_wrap_are_errors() {
+    let dir = TempDir::new("crafted-ext");
+    // Fresh v3 images have their extensions at 112 (the header length).
+    for (name, len) in [
+        ("max", u32::MAX),
+        ("pad_wraps", u32::MAX - 6),
+        ("past_cluster", 65536),
+    ] {
+        let (p, _) = fresh(&dir, &format!("ext_{name}.qcow2"), 16 << 20, 65536, 16);
+        poke(&p, 112, &extension(0x1234_5678, len, &[]));
+        refused_everywhere(&p, "overruns the header cluster");
+    }
+}
+
+/// Feature-table entries are untrusted text: the names of unknown features reach error
+/// messages (and terminals) without control characters, whatever the table holds.
+#[test]
+fn feature_table_entries_are_bounded_and_sanitised() {
+    let dir = TempDir::new("crafted-feat");
+    let (p, _) = fresh(&dir, "feat.qcow2", 16 << 20, 65536, 16);
+    let mut table = Vec::new();
+    let mut entry = vec![0u8; 48];
+    entry[0] = 0; // incompatible
+    entry[1] = 9;
+    let evil = b"\x1b]0;owned\x07\x1b[2Jdanger\r\nzone";
+    entry[2..2 + evil.len()].copy_from_slice(evil);
+    table.extend_from_slice(&entry);
+    // A bit number beyond 63, and a name without a NUL.
+    let mut e2 = vec![b'A'; 48];
+    e2[0] = 0;
+    e2[1] = 200;
+    table.extend_from_slice(&e2);
+    // A trailing partial entry.
+    table.extend_from_slice(&[0u8; 20]);
+    poke(&p, 112, &extension(0x6803_f857, table.len() as u32, &table));
+    poke(&p, 112 + 8 + table.len().div_ceil(8) as u64 * 8, &[0u8; 8]);
+    poke(&p, 72, &(1u64 << 9).to_be_bytes());
+    let e = match Qcow2Image::open(&p, true) {
+        Ok(_) => panic!("opened with an unknown incompatible bit"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("bit 9"), "{e}");
+    assert!(e.contains("danger"), "{e}");
+    assert!(
+        !e.chars().any(|c| c.is_control()),
+        "control characters reach the message: {e:?}"
+    );
+}
