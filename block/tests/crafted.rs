@@ -63,6 +63,15 @@ fn peek64(p: &Path, off: u64) -> u64 {
     u64::from_be_bytes(b)
 }
 
+fn set_len(p: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// Every way the crate can open or inspect an image fails with an error naming `needle`
 /// (read-only, writable, `info`, `check`).
 fn refused_everywhere(p: &Path, needle: &str) {
@@ -187,4 +196,115 @@ fn feature_table_entries_are_bounded_and_sanitised() {
         !e.chars().any(|c| c.is_control()),
         "control characters reach the message: {e:?}"
     );
+}
+
+// ----- snapshot tables -------------------------------------------------------------------
+
+/// One snapshot table entry (QEMU's layout) with 16 bytes of extra data.
+fn snapshot_entry(l1_off: u64, l1_size: u32, id: &str, extra: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&l1_off.to_be_bytes());
+    v.extend_from_slice(&l1_size.to_be_bytes());
+    v.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    v.extend_from_slice(&1u16.to_be_bytes()); // name_size
+    v.extend_from_slice(&[0u8; 16]); // date, vm clock
+    v.extend_from_slice(&0u32.to_be_bytes()); // vm_state_size
+    v.extend_from_slice(&extra.to_be_bytes());
+    v.extend(std::iter::repeat_n(0u8, extra.min(1024) as usize));
+    v.extend_from_slice(id.as_bytes());
+    v.push(b's');
+    while v.len() % 8 != 0 {
+        v.push(0);
+    }
+    v
+}
+
+/// Appends `table` (cluster aligned, at the end of the file) and points the header at it.
+fn install_snapshots(p: &Path, l: &Layout, table: &[u8], n: u32) -> u64 {
+    let off = std::fs::metadata(p).unwrap().len().div_ceil(l.cs) * l.cs;
+    poke(p, off, table);
+    let end = (off + table.len() as u64).div_ceil(l.cs) * l.cs;
+    set_len(p, end.max(std::fs::metadata(p).unwrap().len()));
+    poke(p, 60, &n.to_be_bytes());
+    poke(p, 64, &off.to_be_bytes());
+    off
+}
+
+#[test]
+fn snapshot_tables_beyond_qemu_caps_are_refused_at_open() {
+    let dir = TempDir::new("crafted-snap");
+    let cases: Vec<(&str, u32, Vec<u8>, &str)> = vec![
+        // More snapshots than QEMU's 65536.
+        ("count", 65537, Vec::new(), "snapshots"),
+        ("count_max", u32::MAX, Vec::new(), "snapshots"),
+        // An L1 table larger than QEMU's 32 MiB cap.
+        (
+            "l1_size",
+            1,
+            snapshot_entry(0x30000, (32 << 20) / 8 + 1, "1", 16),
+            "L1",
+        ),
+        (
+            "l1_size_max",
+            1,
+            snapshot_entry(0x30000, u32::MAX, "1", 16),
+            "L1",
+        ),
+        // An L1 table offset that is not cluster aligned, or whose end wraps.
+        ("l1_unaligned", 1, snapshot_entry(0x30200, 1, "1", 16), "L1"),
+        (
+            "l1_wrap",
+            1,
+            snapshot_entry(0xffff_ffff_ffff_0000, 4, "1", 16),
+            "L1",
+        ),
+        // More extra data than QEMU's 1024 bytes.
+        ("extra", 1, snapshot_entry(0, 0, "1", 1025), "extra data"),
+    ];
+    for (name, n, table, needle) in cases {
+        let (p, l) = fresh(&dir, &format!("snap_{name}.qcow2"), 16 << 20, 65536, 16);
+        let mut table = table;
+        if table.is_empty() {
+            table = vec![0u8; 4096];
+        }
+        install_snapshots(&p, &l, &table, n);
+        refused_everywhere(&p, needle);
+    }
+
+    // A table whose entries add up to more than QEMU's 64 MiB (ids and names of 64 KiB
+    // each; only their fixed parts are written, the rest of the file is a hole).
+    let (p, l) = fresh(&dir, "snap_total.qcow2", 16 << 20, 65536, 16);
+    let mut fixed = vec![0u8; 40];
+    fixed[12..14].copy_from_slice(&0xffffu16.to_be_bytes());
+    fixed[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    let entry = (40 + 2 * 0xffff_u64).div_ceil(8) * 8;
+    let n = 600u32;
+    let off = install_snapshots(&p, &l, &fixed, n);
+    for k in 1..u64::from(n) {
+        poke(&p, off + k * entry, &fixed);
+    }
+    set_len(&p, off + u64::from(n) * entry);
+    refused_everywhere(&p, "snapshot table");
+}
+
+/// Tables that must not share a cluster: an L1 entry naming a refcount block (writes through
+/// that "L2 table" would rewrite refcounts), a refcount block inside the L1 table, one block
+/// named twice. Reads are harmless (read-only opens work); writable opens refuse.
+#[test]
+fn tables_sharing_clusters_are_refused_for_writing() {
+    let dir = TempDir::new("crafted-share");
+    for name in ["l2_is_refblock", "refblock_in_l1", "refblock_twice"] {
+        let (p, l) = fresh(&dir, &format!("{name}.qcow2"), 16 << 20, 65536, 16);
+        let (at, value) = match name {
+            "l2_is_refblock" => (l.l1, l.rb | (1 << 63)),
+            "refblock_in_l1" => (l.rt + 8, l.l1),
+            _ => (l.rt + 8, l.rb),
+        };
+        poke(&p, at, &value.to_be_bytes());
+        match Qcow2Image::open(&p, false) {
+            Ok(_) => panic!("{name}: opened writable"),
+            Err(e) => assert!(e.to_string().contains("overlaps"), "{name}: {e}"),
+        }
+        assert!(Qcow2Image::open(&p, true).is_ok(), "{name}");
+    }
 }

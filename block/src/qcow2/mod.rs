@@ -10,7 +10,8 @@
 //! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
-//! * [`compact`]: offline reclamation and relocation.
+//! * [`compact`]: offline reclamation and relocation;
+//! * [`snapshot`]: the internal snapshot table, read and validated at open.
 
 mod batch;
 pub mod cache;
@@ -21,6 +22,7 @@ pub mod compressed;
 pub mod create;
 pub mod header;
 pub mod refcount;
+pub mod snapshot;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,8 @@ pub struct Qcow2Image {
     /// Host clusters holding metadata (header, L1, refcount table, refcount blocks, L2
     /// tables, snapshot tables): data entries must never point at them.
     pub(crate) meta: HashSet<u64>,
+    /// The internal snapshots' L1 tables (validated at open).
+    pub(crate) snapshots: snapshot::SnapshotTable,
     pub(crate) backing: Option<Box<dyn DiskImage>>,
     pub(crate) read_only: bool,
     pub(crate) detect_zeroes: DetectZeroes,
@@ -187,6 +191,30 @@ impl Qcow2Image {
         read_exact_or_eof(&file, &mut head, 0)?;
         let header = Header::parse(&head, file_len)?;
         drop(head);
+        let snapshots = snapshot::read_snapshot_table(&file, &header)?;
+        if snapshots.bytes > 0 {
+            let snap = (
+                header.snapshots_offset,
+                header.snapshots_offset + snapshots.bytes,
+            );
+            let l1 = (
+                header.l1_table_offset,
+                header.l1_table_offset + u64::from(header.l1_size) * 8,
+            );
+            let rt = (
+                header.refcount_table_offset,
+                header.refcount_table_offset
+                    + (u64::from(header.refcount_table_clusters) << header.cluster_bits),
+            );
+            for (what, r) in [("L1 table", l1), ("refcount table", rt)] {
+                if r.0 < r.1 && snap.0 < r.1 && r.0 < snap.1 {
+                    return Err(Error::InvalidImage(format!(
+                        "snapshot table at {:#x} ({} bytes) overlaps the {what}",
+                        snap.0, snapshots.bytes
+                    )));
+                }
+            }
+        }
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
@@ -258,6 +286,7 @@ impl Qcow2Image {
             free_map: None,
             file_len,
             meta: HashSet::new(),
+            snapshots,
             backing,
             read_only,
             detect_zeroes: DetectZeroes::Off,
@@ -274,12 +303,18 @@ impl Qcow2Image {
             walk_table_reads: 0,
             header,
         };
-        img.build_meta_set()?;
+        let overlap = img.build_meta_set();
 
-        // Metadata past the end of the file (a truncated or forged image): writing could
-        // allocate data over it, so only read-only opens and repair accept it.
+        // Metadata past the end of the file (a truncated or forged image), or tables sharing
+        // clusters they must not share: writing could allocate data over them or move one
+        // table with another's contents, so only read-only opens and repair accept them.
         let end_cluster = img.file_len.div_ceil(cluster_size);
         if !img.read_only && !flags.repair {
+            if let Some(msg) = overlap {
+                return Err(Error::InvalidImage(format!(
+                    "{msg}: corrupt image (open it read-only, or run `thinvm image check -r all`)"
+                )));
+            }
             if let Some(&c) = img.meta.iter().filter(|&&c| c >= end_cluster).min() {
                 return Err(Error::InvalidImage(format!(
                     "metadata at offset {:#x} lies beyond the end of the file ({} bytes): truncated or corrupt image (open it read-only, or run `thinvm image check -r all`)",
@@ -357,35 +392,70 @@ impl Qcow2Image {
         check::check(self, repair)
     }
 
-    /// Collects the host clusters that hold metadata, validating table pointers.
-    fn build_meta_set(&mut self) -> Result<()> {
+    /// Clusters of the tables the header points at, which never overlap one another: header,
+    /// L1 table, refcount table and snapshot table.
+    pub(crate) fn fixed_metadata(&self) -> Vec<std::ops::Range<u64>> {
+        let cb = self.cluster_bits;
         let cs = self.cluster_size;
+        let h = &self.header;
+        let clusters = |off: u64, len: u64| (off >> cb)..(off + len).div_ceil(cs);
+        let header = 0..1;
+        let mut fixed: Vec<std::ops::Range<u64>> = vec![header];
+        if h.l1_size > 0 {
+            fixed.push(clusters(h.l1_table_offset, u64::from(h.l1_size) * 8));
+        }
+        fixed.push(clusters(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) << cb,
+        ));
+        if self.snapshots.bytes > 0 {
+            fixed.push(clusters(h.snapshots_offset, self.snapshots.bytes));
+        }
+        fixed
+    }
+
+    /// Collects the host clusters that hold metadata. Returns the first overlap found
+    /// between tables that must not share a cluster: a refcount block with any other
+    /// table, or an L2 table with anything but another L2 table (several L1 entries may
+    /// share an L2 table, with refcounts to match).
+    fn build_meta_set(&mut self) -> Option<String> {
+        let cb = self.cluster_bits;
+        let fixed = self.fixed_metadata();
         let mut meta = HashSet::new();
-        meta.insert(0u64);
-        let l1_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cs);
-        for i in 0..l1_clusters {
-            meta.insert((self.header.l1_table_offset >> self.cluster_bits) + i);
+        for r in &fixed {
+            meta.extend(r.clone());
         }
-        for i in 0..u64::from(self.header.refcount_table_clusters) {
-            meta.insert((self.header.refcount_table_offset >> self.cluster_bits) + i);
-        }
-        for &e in &self.reftable {
+        let in_fixed = |c: u64| fixed.iter().any(|r| r.contains(&c));
+        let mut overlap = None;
+        let mut refblocks = HashSet::new();
+        for (i, &e) in self.reftable.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
+            }
+            let c = off >> cb;
+            if (in_fixed(c) || !refblocks.insert(c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "refcount block {i} at {off:#x} overlaps another metadata table"
+                ));
             }
         }
-        for &e in &self.l1 {
+        for (i, &e) in self.l1.iter().enumerate() {
             let off = e & L1E_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
             }
+            let c = off >> cb;
+            if (in_fixed(c) || refblocks.contains(&c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "L2 table {i} at {off:#x} overlaps another metadata table"
+                ));
+            }
+            meta.insert(c);
         }
-        if self.header.nb_snapshots > 0 {
-            meta.insert(self.header.snapshots_offset >> self.cluster_bits);
-        }
+        meta.extend(refblocks);
         self.meta = meta;
-        Ok(())
+        overlap
     }
 
     /// Rewrites the header cluster's header part (fields, extensions, backing name).
