@@ -11,7 +11,8 @@
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
 //! * [`compact`]: offline reclamation and relocation;
-//! * [`snapshot`]: the internal snapshot table, read and validated at open.
+//! * [`snapshot`]: the internal snapshot table, read and validated at open;
+//! * [`free_map`]: the allocator's index of used and free host clusters.
 
 mod batch;
 pub mod cache;
@@ -20,11 +21,13 @@ pub mod cluster;
 pub mod compact;
 pub mod compressed;
 pub mod create;
+pub mod free_map;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;
 
 use std::collections::HashSet;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::host_file::HostFile;
@@ -32,8 +35,8 @@ use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
 };
 use cache::TableCache;
+use free_map::FreeMap;
 use header::{incompat, Header};
-use refcount::FreeMap;
 
 pub use create::{create, CreateOptions, Qcow2Version};
 
@@ -541,6 +544,60 @@ impl Drop for Qcow2Image {
                 tracing::error!("{}: flushing on close failed: {e}", self.path.display());
             }
         }
+    }
+}
+
+/// Reads metadata tables for whole-image walks (check, refcount rebuild, the allocator's
+/// index) so that they cost what the file holds rather than what its tables claim: a table
+/// that lies in a hole of a sparse file, or past its end, reads as zeros and is skipped
+/// without reading (one `lseek(SEEK_DATA)` per hole, remembered for the tables after it).
+#[derive(Default)]
+pub(crate) struct TableReader {
+    /// Known: no data in `[.0, .1)`.
+    hole: (u64, u64),
+    /// Tables actually read.
+    pub reads: u64,
+}
+
+impl TableReader {
+    /// Reads the table at `offset` into `buf`; `Ok(false)` (and `buf` untouched) when the
+    /// file holds only zeros there.
+    pub fn read(
+        &mut self,
+        file: &HostFile,
+        file_len: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool> {
+        let end = offset.saturating_add(buf.len() as u64);
+        if offset >= file_len || (self.hole.0 <= offset && end <= self.hole.1) {
+            return Ok(false);
+        }
+        if let Ok(pos) = i64::try_from(offset) {
+            // SAFETY: lseek on the image's open descriptor touches no memory; positioned I/O
+            // (pread/pwrite) does not use the file position it moves.
+            let next = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+            let next = if next >= 0 {
+                Some(next as u64)
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                // No data at or after `offset`.
+                Some(file_len)
+            } else {
+                // SEEK_DATA unsupported: read.
+                None
+            };
+            if let Some(next) = next {
+                if next > offset {
+                    self.hole = (offset, next);
+                }
+                if next >= end {
+                    return Ok(false);
+                }
+            }
+        }
+        read_exact_or_eof(file, buf, offset)?;
+        self.reads += 1;
+        Ok(true)
     }
 }
 
