@@ -72,6 +72,15 @@ fn set_len(p: &Path, len: u64) {
         .unwrap();
 }
 
+/// `n` copies of the big-endian `v`.
+fn repeat64(v: u64, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * 8);
+    for _ in 0..n {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
 /// Every way the crate can open or inspect an image fails with an error naming `needle`
 /// (read-only, writable, `info`, `check`).
 fn refused_everywhere(p: &Path, needle: &str) {
@@ -306,5 +315,200 @@ fn tables_sharing_clusters_are_refused_for_writing() {
             Err(e) => assert!(e.to_string().contains("overlaps"), "{name}: {e}"),
         }
         assert!(Qcow2Image::open(&p, true).is_ok(), "{name}");
+    }
+}
+
+/// QEMU would read every snapshot's L1 table, once per snapshot: 65536 snapshots naming one
+/// 32 MiB table would be 2 TiB of reading. Overlapping snapshot L1 tables are a corruption
+/// the check reports (once), and the shared table is read once.
+#[test]
+fn snapshots_sharing_one_l1_table_are_read_once() {
+    let dir = TempDir::new("crafted-snapshare");
+    let (p, l) = fresh(&dir, "share.qcow2", 16 << 20, 65536, 16);
+    let l1_entries = (32u32 << 20) / 8;
+    // The shared L1 table: 32 MiB of real (zero) bytes after the image.
+    let shared = l.len;
+    poke(&p, shared, &repeat64(0, l1_entries as usize));
+    let mut table = Vec::new();
+    let n = 65536u32;
+    for i in 0..n {
+        table.extend(snapshot_entry(shared, l1_entries, &format!("{i}"), 16));
+    }
+    install_snapshots(&p, &layout_len(&p, l), &table, n);
+    let mut img = Qcow2Image::open_without_backing(&p, true).unwrap();
+    let r = img.check(None).unwrap();
+    assert!(r.corruptions > 0, "{r:?}");
+    assert!(
+        r.messages.iter().any(|m| m.contains("overlap")),
+        "{:?}",
+        &r.messages[..r.messages.len().min(5)]
+    );
+    assert!(
+        img.walk_table_reads() < 64,
+        "{} tables read for one shared L1 table",
+        img.walk_table_reads()
+    );
+}
+
+fn layout_len(p: &Path, l: Layout) -> Layout {
+    Layout {
+        len: std::fs::metadata(p).unwrap().len(),
+        ..l
+    }
+}
+
+/// 65536 snapshots, each with its own (distinct, non-overlapping) 32 MiB L1 table: 2 TiB of
+/// L1 tables in a sparse file. The check skips what the file does not hold (holes read as
+/// zeros) instead of reading 2 TiB, and still counts every cluster the tables claim.
+#[test]
+fn maximal_snapshot_table_in_a_sparse_file_is_checked_by_what_it_holds() {
+    let dir = TempDir::new("crafted-snapmax");
+    let (p, l) = fresh(&dir, "max.qcow2", 16 << 20, 65536, 16);
+    let l1_bytes = 32u64 << 20;
+    let n = 65536u32;
+    let first = l.len.div_ceil(l1_bytes) * l1_bytes;
+    let mut table = Vec::new();
+    for i in 0..u64::from(n) {
+        table.extend(snapshot_entry(
+            first + i * l1_bytes,
+            (l1_bytes / 8) as u32,
+            &format!("{i}"),
+            16,
+        ));
+    }
+    set_len(&p, first + u64::from(n) * l1_bytes);
+    install_snapshots(&p, &layout_len(&p, l), &table, n);
+    let mut img = Qcow2Image::open_without_backing(&p, true).unwrap();
+    let r = img.check(None).unwrap();
+    // Every cluster of every snapshot L1 table has refcount 0: one corruption each.
+    let claimed = u64::from(n) * l1_bytes / l.cs;
+    assert!(r.corruptions >= claimed, "{} < {claimed}", r.corruptions);
+    assert!(
+        img.walk_table_reads() < 64,
+        "{} tables read from a file that holds almost nothing",
+        img.walk_table_reads()
+    );
+}
+
+// ----- L1 / L2 sharing -------------------------------------------------------------------
+
+/// A dirty image (refcounts untrusted) whose L1 entries all name one L2 table: the refcount
+/// rebuild at a writable open reads that table once, not once per L1 entry.
+#[test]
+fn dirty_image_with_every_l1_entry_naming_one_l2_table_reads_it_once() {
+    let dir = TempDir::new("crafted-dirty");
+    // 512 MiB per L2 table at 64 KiB clusters: 32768 L1 entries for 16 TiB.
+    let (p, l) = fresh(&dir, "dirty.qcow2", 16 << 40, 65536, 64);
+    {
+        let mut img = open_rw(&p);
+        img.write_at(0, &[7u8; 65536]).unwrap();
+    }
+    let l2 = peek64(&p, l.l1) & 0x00ff_ffff_ffff_fe00;
+    assert_eq!(l.l1_size, 32768);
+    poke(&p, l.l1, &repeat64(l2, l.l1_size as usize));
+    poke(&p, 72, &1u64.to_be_bytes()); // dirty
+    let img = Qcow2Image::open(&p, false).unwrap();
+    assert!(!img.is_read_only());
+    assert!(
+        img.walk_table_reads() <= 4,
+        "the rebuild read {} tables for one L2 table",
+        img.walk_table_reads()
+    );
+    drop(img);
+    // The check reads it once too, and the rebuilt refcounts match the references.
+    let mut img = Qcow2Image::open_without_backing(&p, true).unwrap();
+    let r = img.check(None).unwrap();
+    assert!(img.walk_table_reads() <= 4, "{}", img.walk_table_reads());
+    assert_eq!(r.leaks, 0, "{r:?}");
+}
+
+/// An image with millions of problems: the check counts all of them but keeps a bounded
+/// list of messages, and says how many it left out.
+#[test]
+fn check_messages_are_capped_and_counted() {
+    let dir = TempDir::new("crafted-msgs");
+    // 1-bit refcounts, 64 KiB clusters: one refcount block covers 2^19 clusters.
+    let (p, l) = fresh(&dir, "msgs.qcow2", 16 << 20, 65536, 1);
+    let per_block = 65536 * 8;
+    // Three more refcount blocks, every bit set, right after the image's clusters.
+    let first = l.len / l.cs;
+    for i in 0..3u64 {
+        poke(&p, (first + i) * l.cs, &vec![0xffu8; l.cs as usize]);
+        poke(&p, l.rt + (1 + i) * 8, &((first + i) * l.cs).to_be_bytes());
+    }
+    // Clusters up to 4 blocks' worth exist (a sparse file of 128 GiB).
+    set_len(&p, 4 * per_block * l.cs);
+    let mut img = Qcow2Image::open_without_backing(&p, true).unwrap();
+    let r = img.check(None).unwrap();
+    assert_eq!(r.leaks, 3 * per_block, "{}", r.leaks);
+    assert!(
+        r.messages.len() <= 1100,
+        "{} messages kept",
+        r.messages.len()
+    );
+    assert!(
+        r.messages_dropped >= 3 * per_block - 1100,
+        "{} dropped",
+        r.messages_dropped
+    );
+}
+
+// ----- refcount tables -------------------------------------------------------------------
+
+/// A refcount table (QEMU's 8 MiB cap) whose last entry names a block with every bit set,
+/// in a file sparse up to 2^55 bytes: refcounts for clusters up to 2^39. The allocator's
+/// free-space index must not be sized by them (it was: 64 GiB), and a table naming one
+/// block a million times must not be walked a million times.
+#[test]
+fn refcounts_far_beyond_the_data_do_not_size_the_allocator() {
+    // tmpfs takes sparse files this large; ext4 stops at 16 TiB.
+    let base = Path::new("/dev/shm");
+    assert!(
+        base.is_dir(),
+        "/dev/shm is needed for a 2^55-byte sparse file"
+    );
+    let dir = TempDir::new_in(base, "crafted-rt");
+    let (p, l) = fresh(&dir, "far.qcow2", 16 << 20, 65536, 1);
+    // A new 8 MiB refcount table after the image, its first entry copied, its last naming a
+    // block of ones placed after the table.
+    let rt = l.len;
+    let rt_clusters = (8u64 << 20) / l.cs;
+    let block = rt + rt_clusters * l.cs;
+    let mut table = vec![0u8; 8 << 20];
+    table[..8].copy_from_slice(&l.rb.to_be_bytes());
+    let last = table.len() - 8;
+    table[last..].copy_from_slice(&block.to_be_bytes());
+    poke(&p, rt, &table);
+    poke(&p, block, &vec![0xffu8; l.cs as usize]);
+    poke(&p, 48, &rt.to_be_bytes());
+    poke(&p, 56, &(rt_clusters as u32).to_be_bytes());
+    set_len(&p, 1 << 55);
+    {
+        let mut img = open_rw(&p);
+        img.write_at(0, &[5u8; 65536]).unwrap();
+        img.flush().unwrap();
+        let mut buf = vec![0u8; 65536];
+        img.read_at(0, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 5));
+    }
+    // The block of ones (and the old refcount table, no longer named) leak.
+    let r = block::inspect::check(&p, None).unwrap();
+    assert_eq!(r.leaks, 65536 * 8 + 1, "{} leaks", r.leaks);
+
+    // Every entry of that table naming the same block: a corruption, read once.
+    let dup = vec![0u8; 8 << 20]
+        .chunks(8)
+        .enumerate()
+        .flat_map(|(i, _)| if i == 0 { l.rb } else { block }.to_be_bytes())
+        .collect::<Vec<u8>>();
+    poke(&p, rt, &dup);
+    let mut img = Qcow2Image::open_without_backing(&p, true).unwrap();
+    let r = img.check(None).unwrap();
+    assert!(r.corruptions > 0, "{} corruptions", r.corruptions);
+    assert!(img.walk_table_reads() < 64, "{}", img.walk_table_reads());
+    drop(img);
+    match Qcow2Image::open(&p, false) {
+        Ok(img) => assert!(img.is_read_only()),
+        Err(e) => assert!(e.to_string().contains("refcount block"), "{e}"),
     }
 }
