@@ -5,8 +5,6 @@
 //! gets a clear error or a bounded amount of work (asserted with the walk's table-read
 //! counter, never with wall time), never a panic, an overflow or an unbounded allocation.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// (Helpers for the cases added by the next commits.)
-#![allow(dead_code, unused_imports)]
 
 mod common;
 
@@ -453,6 +451,101 @@ fn check_messages_are_capped_and_counted() {
     );
 }
 
+// ----- relocation and compaction ---------------------------------------------------------
+
+/// An image whose data sits above a free cluster (compaction moves it down), with one more
+/// L2 entry (beyond the virtual size, where the guest never looks) set to `bad`.
+fn image_with_bad_entry(dir: &TempDir, name: &str, bad: u64) -> (PathBuf, Vec<u8>) {
+    let (p, l) = fresh(dir, name, 16 << 20, 65536, 16);
+    let mut data = vec![0u8; 40 * 65536];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i / 4093) as u8 | 1;
+    }
+    {
+        let mut img = open_rw(&p);
+        img.write_at(0, &data).unwrap();
+    }
+    let l2 = peek64(&p, l.l1) & 0x00ff_ffff_ffff_fe00;
+    // Guest cluster 300 lies beyond the 256 clusters of the virtual size.
+    poke(&p, l2 + 300 * 8, &bad.to_be_bytes());
+    (p, data)
+}
+
+fn bad_entries(p_len: u64, top_data: u64, l1: u64) -> Vec<(&'static str, u64, &'static str)> {
+    let copied = 1u64 << 63;
+    vec![
+        ("header", copied | 0x200, "unaligned"),
+        ("unaligned", copied | (top_data + 0x200), "unaligned"),
+        ("metadata", copied | l1, "metadata"),
+        ("past_end", copied | (p_len + (1 << 30)), "beyond the end"),
+        ("reserved", copied | (1 << 56) | top_data, "2^56"),
+    ]
+}
+
+#[test]
+fn compaction_refuses_bad_l2_entries_and_moves_nothing_wrong() {
+    let dir = TempDir::new("crafted-compact");
+    let (pp, _) = image_with_bad_entry(&dir, "probe.qcow2", 0);
+    let (len, top, l1) = {
+        let l = layout(&pp);
+        (l.len, l.len - l.cs, l.l1)
+    };
+    for (name, bad, needle) in bad_entries(len, top, l1) {
+        let (p, data) = image_with_bad_entry(&dir, &format!("{name}.qcow2"), bad);
+        {
+            // Zero a low cluster so compaction has somewhere to move the top one.
+            let mut img = open_rw(&p);
+            img.write_at(65536, &[0u8; 65536]).unwrap();
+        }
+        let l2 = peek64(&p, l1) & 0x00ff_ffff_ffff_fe00;
+        let err = block::inspect::compact(&p, &mut |_, _| {})
+            .err()
+            .unwrap_or_else(|| panic!("{name}: compaction followed a bad L2 entry"));
+        assert!(matches!(err, Error::Corrupt(_)), "{name}: {err}");
+        assert!(err.to_string().contains(needle), "{name}: {err}");
+        // The bad entry is as it was, and the guest's data is intact.
+        assert_eq!(peek64(&p, l2 + 300 * 8), bad, "{name}: entry rewritten");
+        let mut img = Qcow2Image::open(&p, true).unwrap();
+        let mut got = vec![0u8; data.len()];
+        img.read_at(0, &mut got).unwrap();
+        let mut want = data.clone();
+        want[65536..2 * 65536].fill(0);
+        assert!(got == want, "{name}: guest data changed");
+    }
+}
+
+#[test]
+fn online_tail_relocation_refuses_bad_l2_entries() {
+    let dir = TempDir::new("crafted-online");
+    let (pp, _) = image_with_bad_entry(&dir, "probe.qcow2", 0);
+    let (len, top, l1) = {
+        let l = layout(&pp);
+        (l.len, l.len - l.cs, l.l1)
+    };
+    for (name, bad, needle) in bad_entries(len, top, l1) {
+        let (p, data) = image_with_bad_entry(&dir, &format!("{name}.qcow2"), bad);
+        let l2 = peek64(&p, l1) & 0x00ff_ffff_ffff_fe00;
+        let mut img = open_rw(&p);
+        // Free 30 clusters below the top: more than the 1 MiB of slack that starts the
+        // online relocation of the tail at the next flush.
+        img.discard(0, 30 * 65536).unwrap();
+        let err = img
+            .flush()
+            .err()
+            .unwrap_or_else(|| panic!("{name}: tail relocation followed a bad L2 entry"));
+        assert!(matches!(err, Error::Corrupt(_)), "{name}: {err}");
+        assert!(err.to_string().contains(needle), "{name}: {err}");
+        drop(img);
+        assert_eq!(peek64(&p, l2 + 300 * 8), bad, "{name}: entry rewritten");
+        let mut img = Qcow2Image::open(&p, true).unwrap();
+        let mut got = vec![0u8; data.len()];
+        img.read_at(0, &mut got).unwrap();
+        let mut want = data.clone();
+        want[..30 * 65536].fill(0);
+        assert!(got == want, "{name}: guest data changed");
+    }
+}
+
 // ----- refcount tables -------------------------------------------------------------------
 
 /// A refcount table (QEMU's 8 MiB cap) whose last entry names a block with every bit set,
@@ -511,4 +604,33 @@ fn refcounts_far_beyond_the_data_do_not_size_the_allocator() {
         Ok(img) => assert!(img.is_read_only()),
         Err(e) => assert!(e.to_string().contains("refcount block"), "{e}"),
     }
+}
+
+/// Two L1 entries naming one L2 table (with COPIED: a corruption) whose table sits at the
+/// file's tail: moving it repointed one entry and freed the cluster the other still named.
+/// A metadata cluster moves only when exactly one table entry names it.
+#[test]
+fn a_shared_l2_table_is_not_moved_from_under_its_other_l1_entry() {
+    let dir = TempDir::new("crafted-sharedl2");
+    let (p, l) = fresh(&dir, "shared.qcow2", 3 << 29, 65536, 16);
+    {
+        let mut img = open_rw(&p);
+        img.write_at(0, &[1u8; 4 * 65536]).unwrap();
+        img.write_at(1 << 29, &[2u8; 65536]).unwrap();
+    }
+    let t1 = peek64(&p, l.l1 + 8);
+    poke(&p, l.l1 + 16, &t1.to_be_bytes());
+    let mut img = open_rw(&p);
+    // Free the data after the table and a cluster below it: the table becomes the tail
+    // and has somewhere to go.
+    img.discard(1 << 29, 65536).unwrap();
+    img.discard(0, 65536).unwrap();
+    let err = img
+        .flush()
+        .expect_err("the shared L2 table was moved away from one of its L1 entries");
+    assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("cannot move"), "{err}");
+    drop(img);
+    assert_eq!(peek64(&p, l.l1 + 8), t1);
+    assert_eq!(peek64(&p, l.l1 + 16), t1);
 }

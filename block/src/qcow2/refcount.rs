@@ -696,10 +696,12 @@ impl Qcow2Image {
     /// The guest cluster (and its L2 entry) of an active, exclusively owned L2 table that
     /// maps host offset `host` as uncompressed data.
     fn find_active_reference(&mut self, host: u64) -> Result<Option<(u64, u64)>> {
+        let mut seen = std::collections::HashSet::new();
         for l1_idx in 0..self.l1.len() {
             let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            // Only tables exclusively owned by the active L1 may be modified in place.
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+            // Only tables exclusively owned by the active L1 may be modified in place (and
+            // each is read once, however many L1 entries name it).
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
@@ -832,9 +834,10 @@ impl Qcow2Image {
     /// (L2 table offset, index).
     fn find_references(&mut self, host: u64) -> Result<Vec<(u64, usize)>> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for l1_idx in 0..self.l1.len() {
             let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
@@ -883,10 +886,45 @@ impl Qcow2Image {
         Ok(true)
     }
 
+    /// Before a metadata cluster moves (its old place is freed and punched): it must be what
+    /// the move takes it for and nothing else, named by exactly `l1_refs` L1 entries and
+    /// `rt_refs` refcount table entries, outside the tables the header points at, with
+    /// refcount 1. Anything else is a corruption, not a move.
+    fn check_movable(
+        &mut self,
+        old: u64,
+        what: &str,
+        l1_refs: usize,
+        rt_refs: usize,
+    ) -> Result<()> {
+        let off = old * self.cluster_size;
+        let by_l1 = self
+            .l1
+            .iter()
+            .filter(|&&e| e & L1E_OFFSET_MASK == off)
+            .count();
+        let by_rt = self
+            .reftable
+            .iter()
+            .filter(|&&e| e & REFT_OFFSET_MASK == off)
+            .count();
+        let fixed = self.fixed_metadata().iter().any(|r| r.contains(&old));
+        let rc = self.refcount(old)?;
+        if by_l1 != l1_refs || by_rt != rt_refs || fixed || rc != 1 {
+            return Err(self.corruption(format!(
+                "{what} at {off:#x} cannot move: named by {by_l1} L1 and {by_rt} refcount table entries, refcount {rc}{}",
+                if fixed { ", inside the header's tables" } else { "" }
+            )));
+        }
+        Ok(())
+    }
+
     /// Moves the L2 table of L1 entry `l1_idx` (at cluster `old`) to the lowest free cluster.
     pub(crate) fn move_l2_table(&mut self, l1_idx: usize, old: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let old_off = old * cs;
+        self.check_l2_offset(l1_idx, self.l1[l1_idx])?;
+        self.check_movable(old, "L2 table", 1, 0)?;
         let slot = self.load_l2(old_off)?;
         let (new, _) = self.alloc_clusters(1)?;
         let new_off = new * cs;
@@ -909,6 +947,7 @@ impl Qcow2Image {
     pub(crate) fn move_refblock(&mut self, ti: usize, old: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let old_off = old * cs;
+        self.check_movable(old, "refcount block", 0, 1)?;
         self.load_refblock(ti, old_off)?;
         let (new, _) = self.alloc_clusters(1)?;
         let new_off = new * cs;
