@@ -529,12 +529,18 @@ fn online_tail_relocation_refuses_bad_l2_entries() {
         // Free 30 clusters below the top: more than the 1 MiB of slack that starts the
         // online relocation of the tail at the next flush.
         img.discard(0, 30 * 65536).unwrap();
-        let err = img
-            .flush()
-            .err()
-            .unwrap_or_else(|| panic!("{name}: tail relocation followed a bad L2 entry"));
-        assert!(matches!(err, Error::Corrupt(_)), "{name}: {err}");
-        assert!(err.to_string().contains(needle), "{name}: {err}");
+        let flushed = img.flush();
+        if name == "metadata" {
+            // Well-formed and naming no cluster it moves: online relocation does not look
+            // it up (compaction does); nothing may move wrongly either way.
+            flushed.unwrap();
+        } else {
+            let err = flushed
+                .err()
+                .unwrap_or_else(|| panic!("{name}: tail relocation followed a bad L2 entry"));
+            assert!(matches!(err, Error::Corrupt(_)), "{name}: {err}");
+            assert!(err.to_string().contains(needle), "{name}: {err}");
+        }
         drop(img);
         assert_eq!(peek64(&p, l2 + 300 * 8), bad, "{name}: entry rewritten");
         let mut img = Qcow2Image::open(&p, true).unwrap();

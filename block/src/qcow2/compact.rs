@@ -5,8 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use super::cluster::{read_l2, Mapping};
+use super::compressed::CompressedExtent;
 use super::refcount::FreeReason;
-use super::{Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::{
+    Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    RESERVED_HIGH,
+};
 use crate::zero::is_zero;
 use crate::{Error, Result};
 
@@ -175,8 +179,10 @@ impl Qcow2Image {
     }
 
     /// Who references the host clusters `wanted` accepts, from the active L1 table: every L1
-    /// entry and every L2 entry read is validated first (a bad one is a corruption: the image
-    /// is marked corrupt and nothing is moved); each L2 table is read once, and the clusters
+    /// entry, and every L2 entry that names a wanted cluster or is malformed, is validated
+    /// first (a bad one is a corruption: the image is marked corrupt and nothing is moved;
+    /// compaction wants every cluster, so it validates every entry); each L2 table is read
+    /// once, and the clusters
     /// of a table that several L1 entries name are pinned (moving them would need every
     /// naming entry rewritten).
     fn active_references(&mut self, wanted: &dyn Fn(u64) -> bool) -> Result<HashMap<u64, Owner>> {
@@ -202,6 +208,26 @@ impl Qcow2Image {
                     continue;
                 }
                 let gc = l1_idx as u64 * self.l2_entries + j as u64;
+                // Entries that may name a wanted cluster are validated in full; the others
+                // only for what needs no lookup (reserved bits, alignment, past the end).
+                let host = e & L2E_OFFSET_MASK;
+                let named = if e & OFLAG_COMPRESSED != 0 {
+                    CompressedExtent::decode(
+                        e & !(OFLAG_COMPRESSED | OFLAG_COPIED),
+                        self.cluster_bits,
+                    )
+                    .clusters(self.cluster_bits)
+                    .any(wanted)
+                } else {
+                    wanted(host / cs)
+                };
+                let odd = e & OFLAG_COMPRESSED == 0
+                    && (e & RESERVED_HIGH != 0
+                        || host % cs != 0
+                        || (host >= self.file_len && e & OFLAG_ZERO == 0));
+                if !named && !odd {
+                    continue;
+                }
                 let m = self.classify(gc, e)?;
                 let host = match m {
                     Mapping::Compressed(ext) => {

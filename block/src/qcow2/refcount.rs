@@ -394,10 +394,7 @@ impl Qcow2Image {
 
     /// Marks clusters used and sets their refcounts to 1.
     fn reserve(&mut self, start: u64, n: u64) -> Result<()> {
-        let fm = self.fm()?;
-        for i in start..start + n {
-            fm.set_used(i);
-        }
+        self.fm()?.set_used_range(start, start + n);
         for i in start..start + n {
             self.set_refcount(i, 1)?;
         }
