@@ -449,6 +449,11 @@ fn check_messages_are_capped_and_counted() {
         "{} dropped",
         r.messages_dropped
     );
+    drop(img);
+    // The repair fixes them all, a bounded batch of changes at a time.
+    let r = block::inspect::check(&p, Some(block::inspect::RepairMode::Leaks)).unwrap();
+    assert_eq!(r.leaks_fixed, 3 * per_block);
+    assert_eq!(r.leaks, 0, "{} leaks left", r.leaks);
 }
 
 // ----- relocation and compaction ---------------------------------------------------------

@@ -49,25 +49,40 @@ pub fn check(img: &mut Qcow2Image, repair: Option<RepairMode>) -> Result<CheckRe
     Ok(report)
 }
 
-/// Walks the image and compares the references with the stored refcounts, calling `f` for
-/// each cluster (or run of metadata clusters) that has either.
-fn walk_and_compare(
-    img: &mut Qcow2Image,
-    f: &mut dyn FnMut(&mut Walk, Item) -> Result<()>,
-) -> Result<Walk> {
+/// Walks the image, its references put in cluster order for the comparisons.
+fn walk_sorted(img: &Qcow2Image) -> Result<Walk> {
     let mut w = walk(img)?;
-    let refs = std::mem::replace(&mut w.refs, refs::Refs::Sparse(Default::default())).into_sorted();
+    let refs = std::mem::replace(&mut w.refs, refs::Refs::Sparse(Default::default()));
+    w.refs_sorted = Some(refs.into_sorted());
+    Ok(w)
+}
+
+/// Compares the references `w` counted with the stored refcounts from cluster `from` on,
+/// calling `f` for each cluster (or run of metadata clusters) that has either, while `f`
+/// says to go on; returns where it stopped (`None`: at the end).
+fn compare_from(
+    img: &mut Qcow2Image,
+    w: &mut Walk,
+    from: u64,
+    f: &mut dyn FnMut(&mut Walk, Item) -> Result<bool>,
+) -> Result<Option<u64>> {
+    let refs = w
+        .refs_sorted
+        .take()
+        .unwrap_or(refs::SortedRefs::Sparse(Vec::new()));
     let blocks = std::mem::take(&mut w.blocks);
     let ranges = std::mem::take(&mut w.ranges);
     let mut reader = std::mem::take(&mut w.reader);
+    let nb = w.nb_clusters;
     let r = compare(
         img,
         &blocks,
         &mut reader,
-        w.nb_clusters,
+        nb,
         &refs,
         &ranges,
-        &mut |item| f(&mut w, item),
+        from,
+        &mut |item| f(w, item),
     );
     img.walk_table_reads += reader.reads;
     reader.reads = 0;
@@ -75,14 +90,15 @@ fn walk_and_compare(
     w.ranges = ranges;
     w.reader = reader;
     w.refs_sorted = Some(refs);
-    r.map(|()| w)
+    r
 }
 
 fn check_once(img: &mut Qcow2Image) -> Result<CheckReport> {
     let cs = img.cluster_size;
     let mut leaks = 0u64;
     let mut highest = 0u64;
-    let mut w = walk_and_compare(img, &mut |w, item| {
+    let mut w = walk_sorted(img)?;
+    compare_from(img, &mut w, 0, &mut |w, item| {
         match item {
             Item::One {
                 cluster: c,
@@ -110,7 +126,7 @@ fn check_once(img: &mut Qcow2Image) -> Result<CheckReport> {
                 });
             }
         }
-        Ok(())
+        Ok(true)
     })?;
     check_copied(img, &mut w)?;
     Ok(CheckReport {
@@ -170,76 +186,107 @@ fn check_copied(img: &mut Qcow2Image, w: &mut Walk) -> Result<()> {
     Ok(())
 }
 
-/// Refcount changes a repair or rebuild makes: `(cluster, new refcount, was a leak)`, and
-/// runs of metadata clusters that need a refcount of 1.
-#[derive(Default)]
-struct Changes {
-    ones: Vec<(u64, u64, bool)>,
-    runs: Vec<(u64, u64)>,
-    run_clusters: u64,
+/// Refcount changes applied per batch by repair and rebuild (so their memory is bounded
+/// whatever the number of problems: 24 bytes each).
+const CHANGE_BATCH: usize = 1 << 20;
+
+/// A refcount change of a repair or rebuild.
+enum Change {
+    /// `(cluster, new refcount, whether it was a leak)`.
+    One(u64, u64, bool),
+    /// Clusters of metadata tables that need a refcount of 1.
+    Run(u64, u64),
+}
+
+/// Compares and applies the changes `decide` asks for, a batch at a time (the refcount
+/// blocks are written back between batches, so the next comparison reads them as changed).
+/// Returns (leaks fixed, corruptions fixed).
+fn apply_changes(
+    img: &mut Qcow2Image,
+    w: &mut Walk,
+    decide: &mut dyn FnMut(Item) -> Option<Change>,
+) -> Result<(u64, u64)> {
+    let before = img.meta.clone();
+    let mut from = 0;
+    let mut fixed = (0u64, 0u64);
+    loop {
+        let mut batch = Vec::new();
+        let next = compare_from(img, w, from, &mut |_, item| {
+            batch.extend(decide(item));
+            Ok(batch.len() < CHANGE_BATCH)
+        })?;
+        for change in batch {
+            match change {
+                Change::One(c, r, leak) => {
+                    if r == 0 && img.meta.contains(&c) && !before.contains(&c) {
+                        // A refcount block created by an earlier change.
+                        continue;
+                    }
+                    img.set_refcount(c, r)?;
+                    if leak {
+                        fixed.0 += 1;
+                    } else {
+                        fixed.1 += 1;
+                    }
+                }
+                Change::Run(a, b) => {
+                    for c in a..b {
+                        img.set_refcount(c, 1)?;
+                    }
+                    fixed.1 += b - a;
+                }
+            }
+        }
+        img.write_dirty_refblocks()?;
+        match next {
+            Some(n) => from = n,
+            None => return Ok(fixed),
+        }
+    }
 }
 
 /// Repairs leaks (and with `All`, too-low refcounts and COPIED flags). Returns
 /// (leaks fixed, corruptions fixed).
 fn repair_image(img: &mut Qcow2Image, mode: RepairMode) -> Result<(u64, u64)> {
-    let mut ch = Changes::default();
-    let w = walk_and_compare(img, &mut |_, item| {
-        match item {
-            Item::One {
-                cluster,
-                stored,
-                refs,
-            } => {
-                if stored > refs || (stored < refs && mode == RepairMode::All) {
-                    ch.ones.push((cluster, refs, stored > refs));
-                }
+    let mut w = walk_sorted(img)?;
+    if mode == RepairMode::All {
+        let mut run_clusters = 0u64;
+        compare_from(img, &mut w, 0, &mut |_, item| {
+            if let Item::Bulk { start, end } = item {
+                run_clusters += end - start;
             }
-            Item::Bulk { start, end } => {
-                if mode == RepairMode::All {
-                    ch.runs.push((start, end));
-                    ch.run_clusters += end - start;
-                }
-            }
+            Ok(run_clusters <= MAX_RANGE_REPAIR)
+        })?;
+        if run_clusters > MAX_RANGE_REPAIR {
+            return Err(Error::InvalidImage(format!(
+                "more than {MAX_RANGE_REPAIR} clusters of metadata tables have no refcount: too many to repair"
+            )));
         }
-        Ok(())
-    })?;
-    if ch.run_clusters > MAX_RANGE_REPAIR {
-        return Err(Error::InvalidImage(format!(
-            "{} clusters of metadata tables have no refcount: more than {MAX_RANGE_REPAIR} to repair",
-            ch.run_clusters
-        )));
     }
     // Clusters about to gain references must not be handed out to new refcount blocks
     // meanwhile.
     img.free_map = None;
     img.ensure_free_map()?;
-    if let Some(fm) = img.free_map.as_mut() {
-        for &(c, r, _) in &ch.ones {
-            if r > 0 {
-                fm.set_used(c);
-            }
+    if let (Some(fm), Some(refs)) = (img.free_map.as_mut(), w.refs_sorted.as_ref()) {
+        for (c, _) in refs.iter() {
+            fm.set_used(c);
         }
-        for &(a, b) in &ch.runs {
-            fm.set_used_range(a, b);
+        for r in &w.ranges {
+            fm.set_used_range(r.start, r.end);
         }
     }
+    let (leaks_fixed, mut corr_fixed) = apply_changes(img, &mut w, &mut |item| match item {
+        Item::One {
+            cluster,
+            stored,
+            refs,
+        } if stored > refs || (stored < refs && mode == RepairMode::All) => {
+            Some(Change::One(cluster, refs, stored > refs))
+        }
+        Item::Bulk { start, end } if mode == RepairMode::All => Some(Change::Run(start, end)),
+        _ => None,
+    })?;
     drop(w);
-    let mut leaks_fixed = 0;
-    let mut corr_fixed = 0;
-    for (c, r, leak) in ch.ones {
-        img.set_refcount(c, r)?;
-        if leak {
-            leaks_fixed += 1;
-        } else {
-            corr_fixed += 1;
-        }
-    }
-    for (a, b) in ch.runs {
-        for c in a..b {
-            img.set_refcount(c, 1)?;
-        }
-        corr_fixed += b - a;
-    }
     if mode == RepairMode::All {
         corr_fixed += fix_copied_flags(img)?;
     }
@@ -335,35 +382,25 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
 /// dirty bit says the stored refcounts cannot be trusted).
 pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     let rc_max = img.rc_max;
-    let mut ch = Changes::default();
-    let w = walk_and_compare(img, &mut |_, item| {
-        match item {
-        Item::One {
-            cluster,
-            stored,
-            refs,
-        } => {
-            if refs > rc_max {
-                return Err(Error::Corrupt(format!(
-                    "cannot rebuild refcounts: cluster {cluster} has {refs} references, more than the refcount width holds ({rc_max})"
-                )));
-            }
-            if stored != refs {
-                ch.ones.push((cluster, refs, stored > refs));
-            }
-            Ok(())
-        }
-        Item::Bulk { start, end } => Err(Error::Corrupt(format!(
-            "cannot rebuild refcounts: clusters {start}..{end} of metadata tables have none (run `thinvm image check -r all`)"
-        ))),
-    }
-    })?;
+    let mut w = walk_sorted(img)?;
     if w.corruptions > 0 {
         return Err(Error::Corrupt(format!(
             "cannot rebuild refcounts: {}",
             w.messages.list.first().cloned().unwrap_or_default()
         )));
     }
+    // Everything that would stop the rebuild, found before anything changes.
+    compare_from(img, &mut w, 0, &mut |_, item| {
+        match item {
+        Item::One { cluster, refs, .. } if refs > rc_max => Err(Error::Corrupt(format!(
+            "cannot rebuild refcounts: cluster {cluster} has {refs} references, more than the refcount width holds ({rc_max})"
+        ))),
+        Item::One { .. } => Ok(true),
+        Item::Bulk { start, end } => Err(Error::Corrupt(format!(
+            "cannot rebuild refcounts: clusters {start}..{end} of metadata tables have none (run `thinvm image check -r all`)"
+        ))),
+    }
+    })?;
     let mut fm = FreeMap::default();
     if let Some(refs) = &w.refs_sorted {
         for (c, _) in refs.iter() {
@@ -376,17 +413,15 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     for &m in &img.meta {
         fm.set_used(m);
     }
-    drop(w);
     img.free_map = Some(fm);
-    let before = img.meta.clone();
-    for (c, r, _) in ch.ones {
-        if r == 0 && img.meta.contains(&c) && !before.contains(&c) {
-            // A refcount block created during this rebuild.
-            continue;
-        }
-        img.set_refcount(c, r)?;
-    }
-    img.write_dirty_refblocks()?;
+    apply_changes(img, &mut w, &mut |item| match item {
+        Item::One {
+            cluster,
+            stored,
+            refs,
+        } if stored != refs => Some(Change::One(cluster, refs, stored > refs)),
+        _ => None,
+    })?;
     img.file
         .sync_data()
         .map_err(|e| Error::io("sync qcow2 image", e))?;

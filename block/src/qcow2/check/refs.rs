@@ -89,14 +89,26 @@ pub enum SortedRefs {
 impl SortedRefs {
     /// `(cluster, references)` for every referenced cluster, ascending.
     pub fn iter(&self) -> Box<dyn Iterator<Item = (u64, u32)> + '_> {
+        self.iter_from(0)
+    }
+
+    /// The same from cluster `from` on.
+    pub fn iter_from(&self, from: u64) -> Box<dyn Iterator<Item = (u64, u32)> + '_> {
         match self {
-            SortedRefs::Dense(v) => Box::new(
-                v.iter()
-                    .enumerate()
-                    .filter(|(_, &r)| r > 0)
-                    .map(|(c, &r)| (c as u64, r)),
-            ),
-            SortedRefs::Sparse(v) => Box::new(v.iter().copied()),
+            SortedRefs::Dense(v) => {
+                let from = usize::try_from(from).unwrap_or(usize::MAX).min(v.len());
+                Box::new(
+                    v[from..]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &r)| r > 0)
+                        .map(move |(c, &r)| ((from + c) as u64, r)),
+                )
+            }
+            SortedRefs::Sparse(v) => {
+                let i = v.partition_point(|&(c, _)| c < from);
+                Box::new(v[i..].iter().copied())
+            }
         }
     }
 }
@@ -143,9 +155,14 @@ mod tests {
         r.add(7, 1);
         let s = r.into_sorted();
         assert_eq!(s.iter().collect::<Vec<_>>(), vec![(3, u32::MAX), (7, 3)]);
+        assert_eq!(s.iter_from(4).collect::<Vec<_>>(), vec![(7, 3)]);
         let mut r = Refs::for_file(16, 16 * 512, 0);
         r.add(4, 1);
         r.add(99, 1); // past the end: ignored
-        assert_eq!(r.into_sorted().iter().collect::<Vec<_>>(), vec![(4, 1)]);
+        r.add(9, 2);
+        let s = r.into_sorted();
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![(4, 1), (9, 2)]);
+        assert_eq!(s.iter_from(5).collect::<Vec<_>>(), vec![(9, 2)]);
+        assert_eq!(s.iter_from(50).count(), 0);
     }
 }

@@ -123,10 +123,12 @@ impl<'a> StoredReader<'a> {
     }
 }
 
-/// Walks clusters `0..nb_clusters` in order and calls `f` for every cluster with a stored
-/// refcount or a reference, and for the runs of metadata `ranges` (sorted, disjoint) that
-/// have neither. Costs the nonzero stored refcounts, the referenced clusters and the ranges,
-/// not the file's length.
+/// Walks clusters `from..nb_clusters` in order and calls `f` for every cluster with a
+/// stored refcount or a reference, and for the runs of metadata `ranges` (sorted, disjoint)
+/// that have neither. Costs the nonzero stored refcounts, the referenced clusters and the
+/// ranges, not the file's length. `f` returns whether to go on; when it stops the walk,
+/// returns the cluster to start from next time.
+#[allow(clippy::too_many_arguments)]
 pub fn compare(
     img: &Qcow2Image,
     blocks: &[u64],
@@ -134,25 +136,30 @@ pub fn compare(
     nb_clusters: u64,
     refs: &SortedRefs,
     ranges: &[Range],
-    f: &mut dyn FnMut(Item) -> Result<()>,
-) -> Result<()> {
+    from: u64,
+    f: &mut dyn FnMut(Item) -> Result<bool>,
+) -> Result<Option<u64>> {
+    let rb = img.rb_entries;
     let mut stored = StoredStream {
         img,
         blocks,
         reader,
         nb_clusters,
-        next_ti: 0,
+        next_ti: usize::try_from(from / rb).unwrap_or(usize::MAX),
         block: vec![0u8; img.cluster_size as usize],
         loaded: false,
         base: 0,
         n: 0,
         pos: 0,
     };
-    let mut points = refs.iter().peekable();
     let mut s_next = stored.next()?;
-    let mut ri = 0;
+    while s_next.is_some_and(|(c, _)| c < from) {
+        s_next = stored.next()?;
+    }
+    let mut points = refs.iter_from(from).peekable();
+    let mut ri = ranges.partition_point(|r| r.end <= from);
     // The first cluster of range `ri` not yet accounted for.
-    let mut cursor = ranges.first().map_or(0, |r| r.start);
+    let mut cursor = ranges.get(ri).map_or(0, |r| r.start.max(from));
     loop {
         let c = match (s_next, points.peek()) {
             (None, None) => break,
@@ -162,13 +169,14 @@ pub fn compare(
         };
         // Runs of ranges before `c`.
         while let Some(r) = ranges.get(ri) {
-            let from = cursor.max(r.start);
+            let start = cursor.max(r.start);
             let to = r.end.min(c);
-            if to > from {
-                f(Item::Bulk {
-                    start: from,
-                    end: to,
-                })?;
+            if to > start {
+                let go_on = f(Item::Bulk { start, end: to })?;
+                cursor = to;
+                if !go_on {
+                    return Ok(Some(to));
+                }
             }
             if r.end <= c {
                 ri += 1;
@@ -190,25 +198,25 @@ pub fn compare(
         if points.peek().is_some_and(|&(b, _)| b == c) {
             p = points.next().map_or(0, |(_, r)| r);
         }
-        f(Item::One {
+        if in_range {
+            cursor = c + 1;
+        }
+        let go_on = f(Item::One {
             cluster: c,
             stored: s,
             refs: u64::from(p) + u64::from(in_range),
         })?;
-        if in_range {
-            cursor = c + 1;
+        if !go_on {
+            return Ok(Some(c + 1));
         }
     }
     while let Some(r) = ranges.get(ri) {
-        let from = cursor.max(r.start);
-        if r.end > from {
-            f(Item::Bulk {
-                start: from,
-                end: r.end,
-            })?;
+        let start = cursor.max(r.start);
+        if r.end > start && !f(Item::Bulk { start, end: r.end })? {
+            return Ok(Some(r.end));
         }
         ri += 1;
         cursor = ranges.get(ri).map_or(0, |r| r.start);
     }
-    Ok(())
+    Ok(None)
 }
