@@ -560,6 +560,11 @@ pub(crate) struct TableReader {
 }
 
 impl TableReader {
+    /// Forgets the holes seen so far (after the file was written).
+    pub fn forget_holes(&mut self) {
+        self.hole = (0, 0);
+    }
+
     /// Reads the table at `offset` into `buf`; `Ok(false)` (and `buf` untouched) when the
     /// file holds only zeros there.
     pub fn read(

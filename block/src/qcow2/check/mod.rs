@@ -238,6 +238,7 @@ fn apply_changes(
             }
         }
         img.write_dirty_refblocks()?;
+        w.reader.forget_holes();
         match next {
             Some(n) => from = n,
             None => return Ok(fixed),
