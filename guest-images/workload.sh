@@ -141,7 +141,8 @@ ARGS
 
 # crash:SEED (guest-images/crash-trials kills thinvm while this runs; it never ends by itself):
 # in a loop, writes files of pseudo-random sizes into $DATA/crash, each fsynced with its
-# directory and then announced as `THINVM-FLUSHED NAME MD5`; zero-wipes part of the free
+# directory and then announced as `THINVM-FLUSHED NAME MD5`, and after each an unflushed
+# O_DIRECT write into a scratch file; zero-wipes part of the free
 # space; deletes old files (`THINVM-DELETING NAME` first); fstrims; pauses so thinvm's idle
 # work (freeing clusters, shrinking the image) runs. Each phase starts with THINVM-PHASE.
 step_crash() {
@@ -167,6 +168,11 @@ step_crash() {
         head -c $((kib * 1024)) | dd of="$f" bs=64k conv=fsync 2>/dev/null || return 1
       sync "$dir" || return 1
       echo "THINVM-FLUSHED f$i $(md5sum < "$f" | cut -c1-32)"
+      # Unflushed writes in flight too: O_DIRECT into a 16 MiB scratch file, no fsync (thinvm
+      # allocates clusters for them that only the next flush references).
+      rnd 8; n=$((1 + v))
+      rnd 248
+      dd if=/tmp/chunk of="$dir/scratch" bs=64k count=$n seek=$v oflag=direct conv=notrunc 2>/dev/null
     done
     echo "THINVM-PHASE zero-wipe"
     rnd 12
