@@ -66,7 +66,7 @@ impl ExecClient {
                 .name("exec-stdin".into())
                 .spawn(move || {
                     if let Some(p) = prog {
-                        if seccompiler::apply_filter(&p).is_err() {
+                        if crate::seccomp::apply(crate::seccomp::ThreadKind::Exec, &p).is_err() {
                             return;
                         }
                     }
@@ -81,7 +81,7 @@ impl ExecClient {
             .name("exec".into())
             .spawn(move || {
                 if let Some(prog) = seccomp {
-                    if let Err(e) = seccompiler::apply_filter(&prog) {
+                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Exec, &prog) {
                         self.exit.set(ExitReason::Fatal {
                             vcpu: 0,
                             msg: format!("exec thread: cannot install its seccomp filter: {e}"),

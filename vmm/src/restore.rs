@@ -177,7 +177,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
         .map_err(|e| bad(format!("snapshot {}: {e}", args.dir.display())))?;
     let s = state::load(&dir).map_err(VmmError::Config)?;
     let cfg = configure(args, &dir, &s)?;
-    let (signals, kvm) = runner::open_kvm(cfg.cpus)?;
+    let (signals, kvm) = runner::open_kvm(cfg.cpus, cfg.seccomp)?;
     let mem_file = std::fs::File::open(dir.join(state::MEMORY_FILE))
         .map_err(|e| bad(format!("memory file: {e}")))?;
     let memory = memory::map(&mem_file, &Vm::ram_ranges(s.mem_size)).map_err(VmmError::Memory)?;

@@ -52,8 +52,12 @@ pub struct Devices {
 
 /// Blocks the handled signals (before any thread exists, so every thread inherits the mask)
 /// and opens KVM, checking it allows `cpus` vCPUs.
-pub fn open_kvm(cpus: u32) -> Result<(OwnedFd, Kvm)> {
+pub fn open_kvm(cpus: u32, seccomp_on: bool) -> Result<(OwnedFd, Kvm)> {
     let signals = event_loop::signal_fd()?;
+    // Before the first thread is confined (disk workers are, as they start).
+    if seccomp_on {
+        seccomp::prepare_process()?;
+    }
     let kvm = host::open_kvm()?;
     let max = kvm.get_max_vcpus() as u32;
     if cpus > max {
@@ -144,7 +148,7 @@ pub fn attach_devices(
 
 /// Boots a VM and runs it to its end.
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
-    let (signals, kvm) = open_kvm(cfg.cpus)?;
+    let (signals, kvm) = open_kvm(cfg.cpus, cfg.seccomp)?;
     let nested = host::software_nested_kvm();
     let vm = Arc::new(Vm::new(&kvm, cfg.mem_size)?);
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
@@ -229,9 +233,6 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
     }
 
     vcpu::install_kick_handler()?;
-    if cfg.seccomp {
-        seccomp::install_violation_reporter()?;
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let state: Arc<Vec<AtomicU8>> =
         Arc::new((0..cfg.cpus).map(|_| AtomicU8::new(RUNNING)).collect());
@@ -243,13 +244,17 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
         state: state.clone(),
         pause: pause.clone(),
     };
+    // With an API socket, the main thread serves snapshots and the vCPUs save their state.
+    let api = cfg.testvm.api_socket.is_some();
+    let vcpu_kind = ThreadKind::vcpu_thread(api);
+    let vmm_kind = ThreadKind::main_thread(api);
     let vcpu_filter = if cfg.seccomp {
-        Some(seccomp::filter(ThreadKind::Vcpu)?)
+        Some((vcpu_kind, seccomp::filter(vcpu_kind)?))
     } else {
         None
     };
     let vmm_filter = if cfg.seccomp {
-        Some(seccomp::filter(ThreadKind::Vmm)?)
+        Some(seccomp::filter(vmm_kind)?)
     } else {
         None
     };
@@ -324,7 +329,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
     }
 
     // `--exec`: the agent's client, started before the main thread confines itself (threads
-    // inherit the filter of the thread that starts them) under the vsock threads' filter.
+    // inherit the filter of the thread that starts them) under its own filter.
     if let (Some(command), Some(v)) = (&cfg.testvm.exec, &cfg.testvm.vsock) {
         let client = crate::exec::ExecClient {
             uds: v.uds.clone(),
@@ -333,7 +338,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
             forward_stdin: cfg.serial != SerialConfig::Stdio,
         };
         let filter = if cfg.seccomp {
-            Some(seccomp::filter(ThreadKind::Vsock)?)
+            Some(seccomp::filter(ThreadKind::Exec)?)
         } else {
             None
         };
@@ -341,7 +346,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
         drop(client.start(filter)?);
     }
     if let Some(f) = &vmm_filter {
-        seccomp::apply(f)?;
+        seccomp::apply(vmm_kind, f)?;
     }
     let deadline = cfg
         .testvm

@@ -49,7 +49,7 @@ pub fn attach(
     let thread_init: Option<ThreadInit> = if seccomp_on {
         let prog = seccomp::filter(ThreadKind::Vsock)?;
         Some(Box::new(move || {
-            seccomp::apply(&prog).map_err(|e| e.to_string())
+            seccomp::apply(ThreadKind::Vsock, &prog).map_err(|e| e.to_string())
         }))
     } else {
         None

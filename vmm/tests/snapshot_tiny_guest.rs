@@ -41,7 +41,11 @@ fn wait_count(log: &Path, n: u64, child: &mut Child) {
     let t0 = Instant::now();
     while counts(log).last().map_or(0, |c| c.0) < n {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("thinvm ended ({st}) before COUNT {n}");
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("thinvm ended ({st}) before COUNT {n}: {err}");
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "no COUNT {n}");
         std::thread::sleep(Duration::from_millis(20));
@@ -311,7 +315,7 @@ fn a_disk_is_frozen_into_the_snapshot_and_clones_get_overlays_of_their_own() {
         "--cmdline",
         "every=5",
         "--disk",
-        &format!("path={o}"),
+        &format!("path={o},format=qcow2"),
         "--api-socket",
         api.to_str().unwrap(),
         "--serial",
@@ -323,7 +327,8 @@ fn a_disk_is_frozen_into_the_snapshot_and_clones_get_overlays_of_their_own() {
     assert_eq!(code, 0, "{out}{err}");
     // The VM runs on a new overlay at the same path, over the snapshot's frozen layer.
     let layer = snap.join("disk0.qcow2");
-    let (_, info) = qemu(&["qemu-img", "info", "--output=json", o]);
+    // (-U: the running VM holds the image's lock.)
+    let (_, info) = qemu(&["qemu-img", "info", "-U", "--output=json", o]);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         info["backing-filename"].as_str().unwrap(),

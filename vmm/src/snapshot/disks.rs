@@ -14,9 +14,12 @@ use block::{DetectZeroes, DiskImage, ImageFormat, OpenOptions};
 use crate::config::{DiscardMode, DiskConfig};
 use crate::disks::DiskHandle;
 
-/// `--disk` options of a disk, without its path (what a restored VM opens it with).
-pub fn options(d: &DiskConfig) -> String {
+/// `--disk` options of a disk, without its path (what a restored VM opens it with). The
+/// format is always given (never probed): a writable disk's frozen layer and every clone
+/// overlay over it are qcow2 images that name their backing file.
+pub fn options(d: &DiskConfig, format: ImageFormat) -> String {
     let mut o = vec![
+        format!("format={}", format.name()),
         format!("readonly={}", if d.read_only { "on" } else { "off" }),
         format!(
             "detect-zeroes={}",
@@ -60,7 +63,9 @@ pub fn check(h: &DiskHandle) -> Result<(), String> {
             h.format.name()
         ));
     }
-    let info = block::inspect::info(&h.path).map_err(|e| format!("{}: {e}", h.path.display()))?;
+    // Force-share (`qemu-img info -U`): the running VM holds the image's write lock.
+    let info = block::inspect::info_shared(&h.path, true)
+        .map_err(|e| format!("{}: {e}", h.path.display()))?;
     if let Some(b) = &info.backing_filename {
         if !Path::new(b).is_absolute() {
             return Err(format!(
@@ -96,6 +101,46 @@ pub enum Frozen {
     Copied { layer: PathBuf },
 }
 
+/// Opens disk `h`'s qcow2 image at its path for writing, as the VM runs it.
+fn open_running(h: &DiskHandle) -> Result<Box<dyn DiskImage>, String> {
+    let mut image = block::open(
+        &h.path,
+        &OpenOptions {
+            read_only: false,
+            format: Some(ImageFormat::Qcow2),
+            direct: h.config.direct,
+            probe: block::ProbePolicy::Guest,
+            force_share: false,
+        },
+    )
+    .map_err(|e| format!("{}: {e}", h.path.display()))?;
+    image.set_detect_zeroes(match (h.config.detect_zeroes, h.config.discard) {
+        (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
+        (m, _) => m,
+    });
+    Ok(image)
+}
+
+/// Hands `image` to the worker in place of the one it has (which it drops: its file is
+/// closed and its lock released).
+fn install(h: &DiskHandle, image: Box<dyn DiskImage>) -> Result<(), String> {
+    let mut new = Some(image);
+    run_job(h, move |img| {
+        if let Some(n) = new.take() {
+            *img = n;
+        }
+        Ok(())
+    })
+}
+
+/// A stand-in the parked worker holds while its image is swapped: an unlocked, read-only,
+/// empty raw image on /dev/null (a parked worker does no I/O).
+fn stand_in() -> Result<Box<dyn DiskImage>, String> {
+    let f = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let img = block::raw::RawImage::from_file(f, true).map_err(|e| format!("/dev/null: {e}"))?;
+    Ok(Box::new(img))
+}
+
 /// Freezes disk `h` (its device paused) as `layer`.
 pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
     if h.config.read_only {
@@ -118,10 +163,23 @@ pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
             ))
         }
     }
-    let undo = |msg: String| {
+    // The worker lets go of the image (now the frozen layer): the new overlay opens it as
+    // its backing file, which its lock refuses while it is open for writing.
+    let undo_rename = || {
         let _ = std::fs::remove_file(&h.path);
         let _ = std::fs::rename(layer, &h.path);
-        msg
+    };
+    if let Err(e) = stand_in().and_then(|s| install(h, s)) {
+        undo_rename();
+        return Err(format!("releasing {}: {e}", h.path.display()));
+    }
+    // From here a failure puts the image back where it was and the worker on it again.
+    let undo = |msg: String| {
+        undo_rename();
+        match open_running(h).and_then(|img| install(h, img)) {
+            Ok(()) => msg,
+            Err(e) => format!("{msg}; and the disk could not be reopened, its I/O fails: {e}"),
+        }
     };
     let abs = std::fs::canonicalize(layer).map_err(|e| undo(format!("{e}")))?;
     block::qcow2::create(
@@ -133,28 +191,8 @@ pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
         },
     )
     .map_err(|e| undo(format!("the new overlay {}: {e}", h.path.display())))?;
-    let mut image = block::open(
-        &h.path,
-        &OpenOptions {
-            read_only: false,
-            format: Some(ImageFormat::Qcow2),
-            direct: h.config.direct,
-        },
-    )
-    .map_err(|e| undo(format!("the new overlay {}: {e}", h.path.display())))?;
-    image.set_detect_zeroes(match (h.config.detect_zeroes, h.config.discard) {
-        (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
-        (m, _) => m,
-    });
-    // The worker lets go of the frozen layer and goes on with the overlay.
-    let mut new = Some(image);
-    run_job(h, move |img| {
-        if let Some(n) = new.take() {
-            *img = n;
-        }
-        Ok(())
-    })
-    .map_err(undo)?;
+    let image = open_running(h).map_err(|e| undo(format!("the new overlay: {e}")))?;
+    install(h, image).map_err(undo)?;
     Ok(Frozen::Moved)
 }
 

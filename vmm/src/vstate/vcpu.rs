@@ -233,7 +233,7 @@ impl Vcpu {
     pub fn start(
         self,
         shared: VcpuShared,
-        seccomp: Option<seccompiler::BpfProgram>,
+        seccomp: Option<(crate::seccomp::ThreadKind, seccompiler::BpfProgram)>,
     ) -> Result<JoinHandle<()>> {
         let id = self.id;
         std::thread::Builder::new()
@@ -245,7 +245,11 @@ impl Vcpu {
             })
     }
 
-    fn run_loop(mut self, shared: VcpuShared, seccomp: Option<seccompiler::BpfProgram>) {
+    fn run_loop(
+        mut self,
+        shared: VcpuShared,
+        seccomp: Option<(crate::seccomp::ThreadKind, seccompiler::BpfProgram)>,
+    ) {
         let id = self.id;
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
             shared.exit.set(ExitReason::Fatal {
@@ -254,8 +258,8 @@ impl Vcpu {
             });
             return;
         }
-        if let Some(prog) = seccomp {
-            if let Err(e) = seccompiler::apply_filter(&prog) {
+        if let Some((kind, prog)) = seccomp {
+            if let Err(e) = crate::seccomp::apply(kind, &prog) {
                 shared.exit.set(ExitReason::Fatal {
                     vcpu: id,
                     msg: format!("cannot install the seccomp filter: {e}"),
