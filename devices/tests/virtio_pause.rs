@@ -177,12 +177,14 @@ fn a_saved_transport_restores_and_goes_on_from_its_queue_positions() {
     // A state for another device type, or queues of another count, is refused.
     let mut wrong = st.clone();
     wrong.device_type = 19;
+    // (The disk is locked while t2's device holds it.)
+    t2.shutdown();
+    drop(t2);
     let image = block::raw::RawImage::open(&p, false).unwrap();
     let block = devices::virtio::block::Block::new(Box::new(image), block_config(), None).unwrap();
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut t3 =
         devices::virtio::mmio::MmioTransport::new(Box::new(block), vm.mem.clone(), irq).unwrap();
     assert!(t3.restore(&wrong).is_err());
-    t2.shutdown();
     t3.shutdown();
 }

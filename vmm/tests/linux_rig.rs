@@ -366,7 +366,7 @@ cd /; rm -rf "$d"
 /// reset, did not answer in the rig when this was written: not asserted here.)
 #[test]
 #[ignore = "slow: Linux guest in the rig; run by scripts/test"]
-fn a_restored_linux_guest_goes_on_counting_and_its_agent_answers() {
+fn a_restored_linux_guest_goes_on_counting() {
     let g = guest();
     let script = format!(
         r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/snap.XXXXXX"); cd "$d"
