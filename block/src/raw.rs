@@ -3,9 +3,12 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
+use crate::engine::DataOp;
 use crate::host_file::HostFile;
-use crate::zero::is_zero;
+use crate::iobuf::IoBuf;
+use crate::plan::{Action, Plan};
 use crate::{
     check_range, DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats,
     Result,
@@ -16,7 +19,7 @@ const RAW_GRANULARITY: u64 = 4096;
 
 /// A raw image file.
 pub struct RawImage {
-    file: HostFile,
+    file: Arc<HostFile>,
     size: u64,
     read_only: bool,
     detect_zeroes: DetectZeroes,
@@ -51,7 +54,7 @@ impl RawImage {
             .map_err(|e| Error::io("stat raw image", e))?
             .len();
         Ok(RawImage {
-            file,
+            file: Arc::new(file),
             size,
             read_only,
             detect_zeroes: DetectZeroes::Off,
@@ -209,104 +212,57 @@ impl DiskImage for RawImage {
         self.read_only
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.size)?;
-        if self.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
-            return self.detected_zeroes(offset, buf.len() as u64);
-        }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io("write raw image", e))
-    }
-
-    fn read_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &mut [&mut [u8]],
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_range(offset, total, self.size)?;
-        self.file
-            .read_vectored_or_zeros(bufs, offset)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
-        for (offset, buf) in reqs.iter() {
-            check_range(*offset, buf.len() as u64, self.size)?;
-        }
-        let jobs = reqs
-            .iter_mut()
-            .map(|(offset, buf)| crate::parallel::ReadJob {
-                offset: *offset,
-                buf: &mut buf[..],
-            })
-            .collect();
-        crate::parallel::read_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn write_many(
-        &mut self,
-        reqs: &[(u64, &[&[u8]])],
-        threads: usize,
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        self.check_writable()?;
-        let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        for &(offset, bufs) in reqs {
-            let total: u64 = crate::total_len(bufs);
-            check_range(offset, total, self.size)?;
-            if crate::overlaps(&pending, offset, offset + total) {
-                crate::parallel::write_all(&self.file, std::mem::take(&mut jobs), threads)
-                    .map_err(|e| Error::io("write raw image", e))?;
-                pending.clear();
-            }
-            if self.detect_zeroes != DetectZeroes::Off
-                && total > 0
-                && crate::is_zero_vectored(bufs, 0..total)
-            {
-                self.detected_zeroes(offset, total)?;
-                continue;
-            }
-            jobs.push(crate::parallel::WriteJob {
+    fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
+        check_range(offset, crate::iobuf::total_len(bufs), self.size)?;
+        let mut plan = Plan::default();
+        plan.push(
+            0,
+            DataOp {
+                file: self.file.clone(),
+                write: false,
                 offset,
                 bufs: bufs.to_vec(),
-            });
-            pending.push((offset, offset + total));
-        }
-        crate::parallel::write_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("write raw image", e))
+            },
+        );
+        Ok(plan)
     }
 
-    fn write_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &[&[u8]],
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total: u64 = crate::total_len(bufs);
+    fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
         self.check_writable()?;
+        let total = crate::iobuf::total_len(bufs);
         check_range(offset, total, self.size)?;
+        let mut plan = Plan::write();
         if self.detect_zeroes != DetectZeroes::Off
             && total > 0
-            && crate::is_zero_vectored(bufs, 0..total)
+            && crate::iobuf::is_zero_range(bufs, 0..total)
         {
-            return self.detected_zeroes(offset, total);
+            plan.actions.push(Action::Zeroes { offset, len: total });
+            return Ok(plan);
         }
-        self.file
-            .write_vectored_all_at(bufs, offset)
-            .map_err(|e| Error::io("write raw image", e))
+        plan.push(
+            0,
+            DataOp {
+                file: self.file.clone(),
+                write: true,
+                offset,
+                bufs: bufs.to_vec(),
+            },
+        );
+        Ok(plan)
+    }
+
+    fn finish(&mut self, plan: Plan, data: Result<()>) -> Result<()> {
+        data?;
+        for a in plan.actions {
+            if let Action::Zeroes { offset, len } = a {
+                self.detected_zeroes(offset, len)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_unit(&self) -> u64 {
+        RAW_GRANULARITY
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -468,7 +424,7 @@ mod tests {
         let after = img.host_usage().unwrap();
         let mut buf = vec![1u8; 2 << 20];
         img.read_at(1 << 20, &mut buf).unwrap();
-        assert!(is_zero(&buf));
+        assert!(crate::zero::is_zero(&buf));
         if img.punch_supported {
             assert!(after.allocated_bytes <= full - (2 << 20));
             assert_eq!(img.reclaim_stats().zero_detect_bytes, 2 << 20);
