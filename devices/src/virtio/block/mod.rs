@@ -64,6 +64,9 @@ pub struct BlockConfig {
     pub reset_wait: Duration,
     /// [`SHUTDOWN_WAIT`] (tests shorten it).
     pub shutdown_wait: Duration,
+    /// The I/O engine (`aio=`); `None`: io_uring where the kernel allows it, else the I/O
+    /// threads.
+    pub aio: Option<block::engine::Aio>,
 }
 
 impl Default for BlockConfig {
@@ -76,6 +79,7 @@ impl Default for BlockConfig {
             name: "disk".into(),
             reset_wait: RESET_WAIT,
             shutdown_wait: SHUTDOWN_WAIT,
+            aio: None,
         }
     }
 }
@@ -181,8 +185,10 @@ impl Block {
             cfg.werror,
             cfg.discard_unmap,
         );
+        let aio = cfg.aio.unwrap_or_else(|| block::engine::default_aio().0);
+        let io = block::engine::new_engine(aio)?;
         let worker = worker::Worker {
-            engine: engine::Engine::new(disk, limits, cfg.name.clone()),
+            engine: engine::Engine::new(disk, limits, cfg.name.clone()).with_io_engine(io),
             control: control.clone(),
         };
         let (tx, rx) = channel();

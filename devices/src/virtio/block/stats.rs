@@ -28,6 +28,8 @@ pub struct BlockStats {
     pub dropped: AtomicU64,
     /// Requests held right now because the host file system is full (`werror=enospc`).
     pub held: AtomicU64,
+    /// Requests started and not yet answered right now.
+    pub in_flight: AtomicU64,
     /// Times the device started holding writes for lack of host space.
     pub no_space_pauses: AtomicU64,
     image: Mutex<(ReclaimStats, HostUsage)>,
@@ -51,6 +53,7 @@ pub struct StatsSnapshot {
     pub unsupported: u64,
     pub dropped: u64,
     pub held: u64,
+    pub in_flight: u64,
     pub no_space_pauses: u64,
     pub reclaim: ReclaimStats,
     pub usage: HostUsage,
@@ -91,6 +94,7 @@ impl BlockStats {
             unsupported: l(&self.unsupported),
             dropped: l(&self.dropped),
             held: l(&self.held),
+            in_flight: l(&self.in_flight),
             no_space_pauses: l(&self.no_space_pauses),
             reclaim,
             usage,

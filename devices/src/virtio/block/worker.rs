@@ -1,9 +1,11 @@
 //! The per-disk worker thread: block I/O runs here, off the vCPU threads. The thread lives
 //! as long as the device (so it can be confined by its own seccomp filter from the start)
 //! and owns the image. While an activation lasts it sleeps on the queue's notification
-//! eventfd (an ioeventfd KVM signals directly), serves the queue in bounded passes
-//! ([`Engine::pass`]), retries writes held for lack of host space, and lets the image finish
-//! deferred work (committing freed clusters, shrinking the file) once the guest goes quiet.
+//! eventfd (an ioeventfd KVM signals directly) and the I/O engine's completion eventfd,
+//! serves the queue in bounded passes ([`Engine::pass`]) that start requests, answers each
+//! request when its I/O completes ([`Engine::complete`]), retries writes held for lack of
+//! host space, and lets the image finish deferred work (committing freed clusters,
+//! shrinking the file) once the guest goes quiet and nothing is in flight.
 //!
 //! An activation ends as soon as the device moves the shared epoch past it (reset,
 //! shutdown): the worker looks at the epoch between passes, between requests and between
@@ -104,11 +106,12 @@ impl Worker {
                 0
             } else if let Some(d) = self.engine.retry_in(now) {
                 i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1)
-            } else if idle_pending {
+            } else if idle_pending && self.engine.in_flight() == 0 {
                 IDLE_MS
             } else {
                 -1
             };
+            let io = self.engine.notifier();
             let mut fds = [
                 libc::pollfd {
                     fd: a.notify.as_raw_fd(),
@@ -120,9 +123,15 @@ impl Worker {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: io.unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
-            // SAFETY: `fds` is a valid array of two pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            // SAFETY: `fds` is a valid array of three pollfd structs (a negative fd is
+            // ignored by poll).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
             if n < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -137,6 +146,14 @@ impl Worker {
             if fds[0].revents != 0 {
                 let _ = a.notify.read();
                 more = true;
+            }
+            if fds[2].revents != 0 {
+                // Data I/O finished: answer what completed (room in the queue again).
+                let answered = self
+                    .engine
+                    .complete(&mut a.queue, &a.mem, &a.interrupt, &stop);
+                more |= answered > 0;
+                idle_pending = true;
             }
             if self
                 .engine
@@ -155,7 +172,7 @@ impl Worker {
                 let r = self.engine.pass(&mut a.queue, &a.mem, &a.interrupt, &stop);
                 more = r.more && !r.stopped;
                 idle_pending = true;
-            } else if n == 0 && idle_pending {
+            } else if n == 0 && idle_pending && self.engine.in_flight() == 0 {
                 self.idle();
                 idle_pending = false;
             }
