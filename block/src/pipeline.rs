@@ -140,6 +140,13 @@ impl Pipeline {
         self.start(image);
     }
 
+    /// Hands the operations queued so far to the kernel (also done by [`Pipeline::poll`]).
+    pub fn kick(&mut self) {
+        if let Err(e) = self.engine.kick() {
+            tracing::error!("I/O engine: {e}");
+        }
+    }
+
     /// Hands queued operations to the kernel, collects finished ones, moves requests on
     /// (next stage, metadata actions, requests that waited), and appends the completed
     /// requests to `out`. With `wait`, blocks until at least one request completed (if any
@@ -162,6 +169,10 @@ impl Pipeline {
                 self.op_done(image, idx as usize, r);
             }
             self.start(image);
+            // Operations queued meanwhile (next stages, requests that waited) go out now.
+            if let Err(e) = self.engine.kick() {
+                tracing::error!("I/O engine: {e}");
+            }
             out.append(&mut self.done);
             // Waiting requests move only when running ones end.
             let progress_possible = self.engine.in_flight() > 0;
