@@ -42,7 +42,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// A virtio-blk disk; repeat for more.
-    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,werror=enospc|report][,serial=ID]
+    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,aio=io_uring|threads|sync][,werror=enospc|report][,serial=ID]
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<String>,
     /// Run every disk on a temporary overlay that is deleted when the VM ends.
@@ -81,6 +81,8 @@ pub struct DiskConfig {
     pub discard: DiscardMode,
     /// `cache=none`: O_DIRECT on the image and its backing chain.
     pub direct: bool,
+    /// `aio=`: the I/O engine (`None`: io_uring where the kernel allows it, else threads).
+    pub aio: Option<block::engine::Aio>,
     /// `werror=`: a write that finds the host file system full waits for space (`enospc`,
     /// QEMU's default) or fails with an I/O error (`report`).
     pub werror: WriteErrorPolicy,
@@ -132,6 +134,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
         detect_zeroes: DetectZeroes::Unmap,
         discard: DiscardMode::Unmap,
         direct: false,
+        aio: None,
         werror: WriteErrorPolicy::Enospc,
         serial: None,
     };
@@ -175,6 +178,11 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
                     _ => return Err(bad(format!("--disk cache={v}: expected writeback or none"))),
                 }
             }
+            "aio" => {
+                d.aio = Some(v.parse().map_err(|_| {
+                    bad(format!("--disk aio={v}: expected io_uring, threads or sync"))
+                })?)
+            }
             "werror" => {
                 d.werror = match v {
                     "enospc" => WriteErrorPolicy::Enospc,
@@ -192,7 +200,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
             }
             other => {
                 return Err(bad(format!(
-                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, werror, serial)"
+                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, aio, werror, serial)"
                 )))
             }
         }
@@ -342,6 +350,16 @@ mod tests {
             WriteErrorPolicy::Report
         );
         assert!(parse_disk("path=a,werror=stop").is_err());
+        assert_eq!(parse_disk("path=a").unwrap().aio, None);
+        assert_eq!(
+            parse_disk("path=a,aio=sync").unwrap().aio,
+            Some(block::engine::Aio::Sync)
+        );
+        assert_eq!(
+            parse_disk("path=a,aio=io_uring").unwrap().aio,
+            Some(block::engine::Aio::IoUring)
+        );
+        assert!(parse_disk("path=a,aio=native").is_err());
     }
 
     #[test]

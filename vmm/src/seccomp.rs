@@ -55,8 +55,19 @@ const COMMON: &[i64] = &[
     libc::SYS_rseq,
 ];
 
+/// The io_uring engine of the block worker (issue 13): setting up a ring, submitting and
+/// reaping (io_uring_enter), registering its completion eventfd.
+const BLOCK_IO_URING: &[i64] = &[
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+];
+
 fn allowed(kind: ThreadKind) -> Vec<i64> {
     let mut v = COMMON.to_vec();
+    if kind == ThreadKind::Block {
+        v.extend_from_slice(BLOCK_IO_URING);
+    }
     match kind {
         ThreadKind::Vmm => v.extend_from_slice(&[
             libc::SYS_epoll_wait,

@@ -28,7 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::execute::{Disk, Failed, Next, Outcome, Progress};
 use super::request::{self, Invalid, Limits, Request, RequestKind};
-use super::stats::BlockStats;
+use super::stats::{BlockStats, QueueSnapshot};
 use crate::virtio::ratelimited_warn;
 use crate::virtio::{Interrupt, INT_VRING};
 
@@ -181,12 +181,34 @@ impl Engine {
         self.hold = None;
         self.activity = Activity::default();
         self.publish();
+        self.disk.stats.set_queue(None);
     }
 
     fn publish(&self) {
         let s = &self.disk.stats;
         s.held.store(self.held.len() as u64, Ordering::Relaxed);
         s.in_flight.store(self.n_active as u64, Ordering::Relaxed);
+    }
+
+    /// Records the queue's state for the queue-state report.
+    pub fn publish_queue(&self, q: &Queue, interrupt: &Interrupt) {
+        self.disk.stats.set_queue(Some(QueueSnapshot {
+            size: q.size(),
+            avail_ring: q.avail_ring(),
+            used_ring: q.used_ring(),
+            event_idx: q.event_idx_enabled(),
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            in_flight: self.n_active,
+            waiting: self.pipeline.waiting(),
+            held: self.held.len(),
+            interrupt_status: interrupt.status(),
+            interrupts: self.activity.interrupts,
+            suppressed: self.activity.suppressed,
+            last_notify: self.activity.last_notify,
+            last_completion: self.activity.last_completion,
+            aio: self.pipeline.aio().name(),
+        }));
     }
 
     /// One pass over the queue: pops at most `queue size - held - in flight` chains, starts
@@ -291,6 +313,7 @@ impl Engine {
             self.notify(q, mem, interrupt);
         }
         self.publish();
+        self.publish_queue(q, interrupt);
         report
     }
 
@@ -308,6 +331,7 @@ impl Engine {
             self.notify(q, mem, interrupt);
         }
         self.publish();
+        self.publish_queue(q, interrupt);
         answered
     }
 

@@ -28,7 +28,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 pub use execute::WriteErrorPolicy;
 pub use request::Limits;
-pub use stats::{BlockStats, StatsSnapshot};
+pub use stats::{BlockStats, QueueSnapshot, StatsSnapshot};
 use worker::{Activation, Command, Control, Ended};
 
 /// Queue size offered to the driver.
