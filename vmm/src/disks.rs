@@ -168,6 +168,12 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
                 serial: disk_serial(d),
                 werror: d.werror,
                 aio: Some(d.aio.unwrap_or(default_aio)),
+                // One queue per vCPU by default, so each vCPU submits to its own.
+                num_queues: d.num_queues.unwrap_or_else(|| {
+                    u16::try_from(cfg.cpus)
+                        .unwrap_or(u16::MAX)
+                        .clamp(1, devices::virtio::block::MAX_QUEUES)
+                }),
                 name: format!("{name} ({})", path.display()),
                 ..BlockConfig::default()
             },

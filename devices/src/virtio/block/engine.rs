@@ -38,8 +38,8 @@ pub use super::execute::WriteErrorPolicy;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// A request's answer: its head, where its status byte goes, the outcome.
-type Answer = (u16, GuestAddress, Outcome);
+/// A request's answer: its queue, its head, where its status byte goes, the outcome.
+type Answer = (usize, u16, GuestAddress, Outcome);
 
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,11 +85,13 @@ pub struct Engine {
     /// A name for log lines (the disk's).
     name: String,
     pipeline: Pipeline,
-    /// Requests started and not yet answered, by pipeline tag.
-    active: Vec<Option<Progress>>,
+    /// Requests started and not yet answered, by pipeline tag, with their queue's index.
+    active: Vec<Option<(usize, Progress)>>,
+    /// Requests started and not yet answered, per queue.
+    per_queue: Vec<usize>,
     free: Vec<usize>,
     n_active: usize,
-    held: VecDeque<(u16, Request)>,
+    held: VecDeque<(usize, u16, Request)>,
     hold: Option<Hold>,
     /// First retry delay of held writes (doubling up to [`MAX_RETRY_DELAY`]).
     first_retry: Duration,
@@ -106,6 +108,7 @@ impl Engine {
             name,
             pipeline: Pipeline::new(Box::new(SyncEngine::default())),
             active: Vec::new(),
+            per_queue: Vec::new(),
             free: Vec::new(),
             n_active: 0,
             held: VecDeque::new(),
@@ -168,6 +171,7 @@ impl Engine {
         let mut out = Vec::new();
         self.pipeline.drain(self.disk.image.as_mut(), &mut out);
         self.active.clear();
+        self.per_queue.clear();
         self.free.clear();
         self.n_active = 0;
         if !self.held.is_empty() {
@@ -211,8 +215,7 @@ impl Engine {
         }));
     }
 
-    /// One pass over the queue: pops at most `queue size - held - in flight` chains, starts
-    /// them, answers those already done and raises the interrupt if the driver wants one.
+    /// One pass over a device's only queue (see [`Engine::pass_queue`]).
     pub fn pass(
         &mut self,
         q: &mut Queue,
@@ -220,7 +223,27 @@ impl Engine {
         interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
     ) -> PassReport {
+        self.pass_queue(std::slice::from_mut(q), 0, mem, interrupt, stop)
+    }
+
+    /// One pass over queue `qi` of `queues`: pops at most `queue size - held - in flight`
+    /// chains, starts them, answers those already done (on any queue) and raises the
+    /// interrupt if the driver wants one.
+    pub fn pass_queue(
+        &mut self,
+        queues: &mut [Queue],
+        qi: usize,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+        stop: &dyn Fn() -> bool,
+    ) -> PassReport {
         let mut report = PassReport::default();
+        if self.per_queue.len() < queues.len() {
+            self.per_queue.resize(queues.len(), 0);
+        }
+        let Some(q) = queues.get_mut(qi) else {
+            return report;
+        };
         // An available index more than a queue ahead of the device names chains the driver
         // cannot have made available (virtio-queue refuses to pop any): a broken ring, left
         // alone until the driver notifies again, instead of a pass run over and over.
@@ -241,7 +264,7 @@ impl Engine {
             }
         }
         self.activity.last_notify = Some(Instant::now());
-        let budget = usize::from(q.size()).saturating_sub(self.held.len() + self.n_active);
+        let budget = usize::from(q.size()).saturating_sub(self.held.len() + self.per_queue[qi]);
         if let Err(e) = q.disable_notification(mem) {
             ratelimited_warn(&format!("virtio-blk: queue: {e}"));
         }
@@ -291,29 +314,29 @@ impl Engine {
             let req = match parsed {
                 Ok(req) => req,
                 Err(invalid) => {
-                    self.answer_invalid(q, mem, head, invalid);
+                    self.answer_invalid(&mut queues[qi], mem, head, invalid);
                     report.answered += 1;
                     continue;
                 }
             };
             if (self.hold.is_some() || !self.held.is_empty()) && req.kind.writes() {
                 // Behind the held writes, in order.
-                self.held.push_back((head, req));
+                self.held.push_back((qi, head, req));
                 continue;
             }
-            if let Some(done) = self.start(Progress::new(head, req), mem) {
-                self.answer(q, mem, done);
+            if let Some(done) = self.start(qi, Progress::new(head, req), mem) {
+                self.answer(queues, mem, done);
                 report.answered += 1;
             }
         }
         if !report.stopped {
-            report.answered += self.process(q, mem, stop);
+            report.answered += self.process(queues, mem, stop);
         }
         if report.answered > 0 {
-            self.notify(q, mem, interrupt);
+            self.notify(queues, mem, interrupt);
         }
         self.publish();
-        self.publish_queue(q, interrupt);
+        self.publish_queue(&queues[qi], interrupt);
         report
     }
 
@@ -321,17 +344,19 @@ impl Engine {
     /// engine's notifier is readable). Returns the requests answered.
     pub fn complete(
         &mut self,
-        q: &mut Queue,
+        queues: &mut [Queue],
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
     ) -> usize {
-        let answered = self.process(q, mem, stop);
+        let answered = self.process(queues, mem, stop);
         if answered > 0 {
-            self.notify(q, mem, interrupt);
+            self.notify(queues, mem, interrupt);
         }
         self.publish();
-        self.publish_queue(q, interrupt);
+        if let Some(q) = queues.first() {
+            self.publish_queue(q, interrupt);
+        }
         answered
     }
 
@@ -340,6 +365,17 @@ impl Engine {
     pub fn retry_held(
         &mut self,
         q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+        stop: &dyn Fn() -> bool,
+    ) -> usize {
+        self.retry_held_queues(std::slice::from_mut(q), mem, interrupt, stop)
+    }
+
+    /// [`Engine::retry_held`] for a device with several queues.
+    pub fn retry_held_queues(
+        &mut self,
+        q: &mut [Queue],
         mem: &GuestMemoryMmap,
         interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
@@ -363,8 +399,8 @@ impl Engine {
 
     /// Starts the first held request (or ends the hold when none is left). Returns the
     /// requests answered at once.
-    fn retry_next(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> usize {
-        let Some((head, req)) = self.held.pop_front() else {
+    fn retry_next(&mut self, q: &mut [Queue], mem: &GuestMemoryMmap) -> usize {
+        let Some((qi, head, req)) = self.held.pop_front() else {
             if let Some(h) = self.hold.take() {
                 tracing::warn!(
                     "virtio-blk {}: host space available again; {} held writes completed after {:.1} s",
@@ -380,7 +416,7 @@ impl Engine {
         }
         let mut p = Progress::new(head, req);
         p.retry = true;
-        match self.start(p, mem) {
+        match self.start(qi, p, mem) {
             Some(done) => {
                 // (Answered at once: nothing to write, e.g. a bad guest buffer.)
                 self.answer(q, mem, done);
@@ -394,11 +430,15 @@ impl Engine {
     }
 
     /// Starts a request: its first step goes to the pipeline, or it is done at once.
-    fn start(&mut self, mut p: Progress, mem: &GuestMemoryMmap) -> Option<Answer> {
+    fn start(&mut self, qi: usize, mut p: Progress, mem: &GuestMemoryMmap) -> Option<Answer> {
         let io = match self.disk.next(&mut p, mem) {
-            Next::Done(out) => return Some((p.head, p.req.status, out)),
+            Next::Done(out) => return Some((qi, p.head, p.req.status, out)),
             Next::Submit(io) => io,
         };
+        if self.per_queue.len() <= qi {
+            self.per_queue.resize(qi + 1, 0);
+        }
+        self.per_queue[qi] += 1;
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -406,7 +446,7 @@ impl Engine {
                 self.active.len() - 1
             }
         };
-        self.active[idx] = Some(p);
+        self.active[idx] = Some((qi, p));
         self.n_active += 1;
         self.activity.started += 1;
         // SAFETY: the request's buffers are guest memory (kept mapped by the activation's
@@ -420,7 +460,12 @@ impl Engine {
     }
 
     /// Reaps completions and moves their requests on; returns the requests answered.
-    fn process(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, stop: &dyn Fn() -> bool) -> usize {
+    fn process(
+        &mut self,
+        q: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        stop: &dyn Fn() -> bool,
+    ) -> usize {
         let mut answered = 0;
         loop {
             let mut done = std::mem::take(&mut self.completions);
@@ -441,27 +486,27 @@ impl Engine {
     /// a held request's success starts the next held one).
     fn step_done(
         &mut self,
-        q: &mut Queue,
+        q: &mut [Queue],
         mem: &GuestMemoryMmap,
         idx: usize,
         r: block::Result<()>,
         stop: &dyn Fn() -> bool,
     ) -> usize {
-        let Some(mut p) = self.active.get_mut(idx).and_then(|s| s.take()) else {
+        let Some((qi, mut p)) = self.active.get_mut(idx).and_then(|s| s.take()) else {
             return 0;
         };
         let next = match self.disk.step_done(&mut p, mem, r) {
             Ok(()) if stop() => {
                 // The activation is ending: the request stays unanswered.
-                self.active[idx] = Some(p);
+                self.active[idx] = Some((qi, p));
                 return 0;
             }
             Ok(()) => self.disk.next(&mut p, mem),
             Err(Failed::Done(out)) => Next::Done(out),
             Err(Failed::NoSpace(e)) => {
-                self.release(idx);
+                self.release(idx, qi);
                 let retried = p.retry;
-                self.hold_request(p, &e);
+                self.hold_request(qi, p, &e);
                 if retried {
                     if let Some(h) = &mut self.hold {
                         h.retrying = false;
@@ -474,7 +519,7 @@ impl Engine {
         };
         match next {
             Next::Submit(io) => {
-                self.active[idx] = Some(p);
+                self.active[idx] = Some((qi, p));
                 // SAFETY: as in `start`.
                 unsafe {
                     self.pipeline
@@ -483,8 +528,8 @@ impl Engine {
                 0
             }
             Next::Done(out) => {
-                self.release(idx);
-                self.answer(q, mem, (p.head, p.req.status, out));
+                self.release(idx, qi);
+                self.answer(q, mem, (qi, p.head, p.req.status, out));
                 let mut answered = 1;
                 if p.retry {
                     if let Some(h) = &mut self.hold {
@@ -498,19 +543,22 @@ impl Engine {
         }
     }
 
-    fn release(&mut self, idx: usize) {
+    fn release(&mut self, idx: usize, qi: usize) {
         self.free.push(idx);
         self.n_active -= 1;
+        if let Some(n) = self.per_queue.get_mut(qi) {
+            *n = n.saturating_sub(1);
+        }
     }
 
     /// Holds a write that found the host full: a retried one goes back to the front, any
     /// other joins the end.
-    fn hold_request(&mut self, p: Progress, e: &block::Error) {
+    fn hold_request(&mut self, qi: usize, p: Progress, e: &block::Error) {
         if p.retry {
-            self.held.push_front((p.head, p.req));
+            self.held.push_front((qi, p.head, p.req));
             return;
         }
-        self.held.push_back((p.head, p.req));
+        self.held.push_back((qi, p.head, p.req));
         match &mut self.hold {
             Some(h) => h.count += 1,
             None => {
@@ -532,8 +580,11 @@ impl Engine {
     }
 
     /// Writes the status byte and returns the chain with the bytes written.
-    fn answer(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, done: Answer) {
-        let (head, status, out) = done;
+    fn answer(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, done: Answer) {
+        let (qi, head, status, out) = done;
+        let Some(q) = queues.get_mut(qi) else {
+            return;
+        };
         self.activity.answered += 1;
         self.activity.last_completion = Some(Instant::now());
         if out.status == VIRTIO_BLK_S_IOERR as u8 {
@@ -576,14 +627,19 @@ impl Engine {
         }
     }
 
-    /// Raises the used-buffer interrupt unless the driver suppressed it (EVENT_IDX).
-    fn notify(&mut self, q: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        match q.needs_notification(mem) {
-            Ok(false) => self.activity.suppressed += 1,
-            _ => {
-                self.activity.interrupts += 1;
-                interrupt.trigger(INT_VRING);
-            }
+    /// Raises the used-buffer interrupt unless the driver suppressed it on every queue
+    /// (EVENT_IDX; the queues share one interrupt line on virtio-mmio).
+    fn notify(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+        let mut wanted = false;
+        for q in queues.iter_mut() {
+            // (Every queue is asked: the question moves its own signalled index on.)
+            wanted |= !matches!(q.needs_notification(mem), Ok(false));
+        }
+        if wanted {
+            self.activity.interrupts += 1;
+            interrupt.trigger(INT_VRING);
+        } else {
+            self.activity.suppressed += 1;
         }
     }
 }

@@ -47,8 +47,9 @@ pub enum Command {
 /// What the worker needs to serve a queue.
 pub struct Activation {
     pub epoch: u64,
-    pub queue: Queue,
-    pub notify: EventFd,
+    /// The queues the driver made ready, with their notification eventfds.
+    pub queues: Vec<Queue>,
+    pub notify: Vec<EventFd>,
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
 }
@@ -56,7 +57,7 @@ pub struct Activation {
 /// An activation is over: the worker no longer touches its queue or guest memory.
 pub struct Ended {
     pub epoch: u64,
-    pub notify: EventFd,
+    pub notify: Vec<EventFd>,
 }
 
 /// The worker: owns the image (in its engine) for the device's whole life.
@@ -95,14 +96,16 @@ impl Worker {
         let epoch = a.epoch;
         let stop = move || control.epoch.load(Ordering::Acquire) != epoch;
         // Chains the driver queued before DRIVER_OK are served at once.
-        let mut more = true;
+        let nq = a.queues.len();
+        let mut more = vec![true; nq];
         let mut idle_pending = false;
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq + 2);
         loop {
             if stop() {
                 return;
             }
             let now = Instant::now();
-            let timeout = if more {
+            let timeout = if more.iter().any(|&m| m) {
                 0
             } else if let Some(d) = self.engine.retry_in(now) {
                 i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1)
@@ -111,27 +114,18 @@ impl Worker {
             } else {
                 -1
             };
-            let io = self.engine.notifier();
-            let mut fds = [
-                libc::pollfd {
-                    fd: a.notify.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.control.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: io.unwrap_or(-1),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of three pollfd structs (a negative fd is
-            // ignored by poll).
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
+            let pollfd = |fd: i32| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            fds.clear();
+            fds.extend(a.notify.iter().map(|e| pollfd(e.as_raw_fd())));
+            fds.push(pollfd(self.control.wake.as_raw_fd()));
+            // (A negative fd is ignored by poll.)
+            fds.push(pollfd(self.engine.notifier().unwrap_or(-1)));
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -139,20 +133,24 @@ impl Worker {
                 tracing::error!("virtio-blk worker: poll failed; stopping");
                 return;
             }
-            if fds[1].revents != 0 {
+            if fds[nq].revents != 0 {
                 let _ = self.control.wake.read();
                 continue;
             }
-            if fds[0].revents != 0 {
-                let _ = a.notify.read();
-                more = true;
+            for ((fd, notify), m) in fds.iter().zip(&a.notify).zip(more.iter_mut()) {
+                if fd.revents != 0 {
+                    let _ = notify.read();
+                    *m = true;
+                }
             }
-            if fds[2].revents != 0 {
-                // Data I/O finished: answer what completed (room in the queue again).
+            if fds[nq + 1].revents != 0 {
+                // Data I/O finished: answer what completed (room in the queues again).
                 let answered = self
                     .engine
-                    .complete(&mut a.queue, &a.mem, &a.interrupt, &stop);
-                more |= answered > 0;
+                    .complete(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                if answered > 0 {
+                    more.iter_mut().for_each(|m| *m = true);
+                }
                 idle_pending = true;
             }
             if self
@@ -160,19 +158,28 @@ impl Worker {
                 .retry_in(Instant::now())
                 .is_some_and(|d| d.is_zero())
             {
-                let answered = self
-                    .engine
-                    .retry_held(&mut a.queue, &a.mem, &a.interrupt, &stop);
-                // Room in the queue again: chains the driver queued meanwhile (perhaps
-                // without notifying, while held writes filled the queue) get a pass.
-                more |= answered > 0;
+                let answered =
+                    self.engine
+                        .retry_held_queues(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                // Room in the queues again: chains the driver queued meanwhile (perhaps
+                // without notifying, while held writes filled a queue) get a pass.
+                if answered > 0 {
+                    more.iter_mut().for_each(|m| *m = true);
+                }
                 idle_pending = true;
             }
-            if more {
-                let r = self.engine.pass(&mut a.queue, &a.mem, &a.interrupt, &stop);
-                more = r.more && !r.stopped;
-                idle_pending = true;
-            } else if n == 0 && idle_pending && self.engine.in_flight() == 0 {
+            let mut passed = false;
+            for (i, m) in more.iter_mut().enumerate() {
+                if *m {
+                    let r = self
+                        .engine
+                        .pass_queue(&mut a.queues, i, &a.mem, &a.interrupt, &stop);
+                    *m = r.more && !r.stopped;
+                    idle_pending = true;
+                    passed = true;
+                }
+            }
+            if !passed && n == 0 && idle_pending && self.engine.in_flight() == 0 {
                 self.idle();
                 idle_pending = false;
             }
