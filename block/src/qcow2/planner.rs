@@ -34,6 +34,8 @@ use crate::{DetectZeroes, Error, Result};
 const READ_STAGE: usize = 0;
 /// Stage of the writes into new clusters (after their copy-on-write reads).
 const WRITE_STAGE: usize = 1;
+/// Host space allocated at once ahead of new clusters that extend the file.
+const PREALLOC_CHUNK: u64 = 8 << 20;
 
 impl Qcow2Image {
     /// Adds the reads of `bufs` (their concatenation) at guest `offset` to `plan`'s stage
@@ -306,21 +308,28 @@ impl Qcow2Image {
         Ok(b)
     }
 
-    /// Allocates the host space of new clusters with one `fallocate` before their data is
-    /// written. Writes that extend the file, or fill holes in it, are serialised by file
-    /// systems such as ext4 and XFS (they take the inode lock exclusively and, past the end
-    /// of the file, wait for each other); writes into allocated space run side by side. The
-    /// data then covers every byte of the new clusters, so this allocates nothing the writes
-    /// would not. Best effort: a file system without `fallocate` just gets the writes.
+    /// Allocates host space ahead of new clusters that extend the file, with one
+    /// `fallocate` for [`PREALLOC_CHUNK`] bytes or more, before their data is written. Writes
+    /// that extend the file are serialised by file systems such as ext4 and XFS (they take
+    /// the inode lock exclusively and wait for each other), and `fallocate` itself waits for
+    /// every direct I/O in flight on the file: so it runs once per chunk, not per cluster.
+    /// Space allocated past the last cluster in use is cut off when the file's tail is
+    /// truncated (on flush, or when the guest goes quiet). Best effort: a file system without
+    /// `fallocate` just gets the writes.
     fn preallocate(&mut self, host: u64, len: u64) {
-        if !self.prealloc_supported {
+        let end = host + len;
+        if !self.prealloc_supported || end <= self.file_len {
             return;
         }
-        if let Err(e) = crate::raw::fallocate(&self.file, 0, host, len) {
-            if crate::raw::is_unsupported(&e) {
-                self.prealloc_supported = false;
+        let want = len.max(PREALLOC_CHUNK);
+        match crate::raw::fallocate(&self.file, 0, host, want) {
+            Ok(()) => self.file_len = self.file_len.max(host + want),
+            Err(e) => {
+                if crate::raw::is_unsupported(&e) {
+                    self.prealloc_supported = false;
+                }
+                // Otherwise (e.g. ENOSPC): the writes report what is wrong.
             }
-            // Otherwise (e.g. ENOSPC): the writes report what is wrong.
         }
     }
 
