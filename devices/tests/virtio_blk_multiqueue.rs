@@ -102,10 +102,17 @@ fn requests_are_answered_on_the_queue_they_came_from() {
         rings[0].wait_used(&vm.mem, 1, Duration::from_secs(10)),
         "queue 0 answered"
     );
-    assert_eq!(rings[1].used_idx(&vm.mem), 2, "queue 1: its two requests, no more");
+    assert_eq!(
+        rings[1].used_idx(&vm.mem),
+        2,
+        "queue 1: its two requests, no more"
+    );
     assert_eq!(rings[0].used_idx(&vm.mem), 1, "queue 0: its one request");
     let heads: Vec<u32> = (0..2).map(|i| rings[1].used_elem(&vm.mem, i).0).collect();
-    assert!(heads.contains(&0) && heads.contains(&3), "queue 1's own heads: {heads:?}");
+    assert!(
+        heads.contains(&0) && heads.contains(&3),
+        "queue 1's own heads: {heads:?}"
+    );
     assert_eq!(rings[0].used_elem(&vm.mem, 0).0, 6, "queue 0's own head");
     for s in [s0, s1, s2] {
         assert_eq!(status_at(&vm.mem, s), 0);
