@@ -158,9 +158,8 @@ impl Pipeline {
         out: &mut Vec<(u64, Result<()>)>,
     ) {
         loop {
-            if let Err(e) = self.engine.kick() {
-                tracing::error!("I/O engine: {e}");
-            }
+            // (Reaping hands queued operations to the kernel first, in the same call as a
+            // wait.)
             let block =
                 wait && self.done.is_empty() && out.is_empty() && self.engine.in_flight() > 0;
             self.engine.reap(block, &mut self.reaped);
