@@ -432,20 +432,21 @@ mod tests {
                     f.write_all_at(buf, off).unwrap();
                 } else {
                     let (x, y) = buf.split_at(4096);
-                    f.write_vectored_all_at(&[IoBuf::from_slice(x), IoBuf::from_slice(y)], off)
-                        .unwrap();
+                    // SAFETY: `x` and `y` outlive the call.
+                    let parts = unsafe { [IoBuf::from_slice(x), IoBuf::from_slice(y)] };
+                    f.write_vectored_all_at(&parts, off).unwrap();
                 }
             } else if i % 3 == 1 {
                 let (x, y) = data.split_at(len / 2);
-                f.write_vectored_all_at(
-                    &[
+                // SAFETY: `x` and `y` outlive the call.
+                let parts = unsafe {
+                    [
                         IoBuf::from_slice(x),
                         IoBuf::from_slice(&[]),
                         IoBuf::from_slice(y),
-                    ],
-                    off,
-                )
-                .unwrap();
+                    ]
+                };
+                f.write_vectored_all_at(&parts, off).unwrap();
             } else {
                 f.write_all_at(&data, off).unwrap();
             }
@@ -493,11 +494,14 @@ mod tests {
                 };
                 let cut = if i % 3 == 2 { 4096 } else { rlen / 3 };
                 let (x, y) = bytes.split_at_mut(cut);
-                let parts = [
-                    IoBuf::from_mut_slice(x),
-                    IoBuf::from_mut_slice(&mut []),
-                    IoBuf::from_mut_slice(y),
-                ];
+                // SAFETY: `x` and `y` outlive the call and are only touched through these.
+                let parts = unsafe {
+                    [
+                        IoBuf::from_mut_slice(x),
+                        IoBuf::from_mut_slice(&mut []),
+                        IoBuf::from_mut_slice(y),
+                    ]
+                };
                 file.read_vectored_or_zeros(&parts, roff).unwrap();
                 assert_eq!(&bytes[..], &want_full[..], "vectored read {i}");
             }

@@ -43,18 +43,23 @@ impl IoBuf {
 
     /// The bytes of `s`, to be written somewhere (the crate only reads them).
     ///
-    /// The buffer borrows nothing: a caller that hands it to something that outlives `s`
-    /// (a pipeline request) must keep `s` alive until then, which the safe synchronous
-    /// [`crate::DiskImage`] methods do by construction.
-    pub fn from_slice(s: &[u8]) -> Self {
+    /// # Safety
+    /// The buffer borrows nothing: `s` must stay alive, and unchanged by the caller's own
+    /// Rust references, for as long as the buffer (or a copy of it) is used, as for
+    /// [`IoBuf::new`].
+    pub unsafe fn from_slice(s: &[u8]) -> Self {
         IoBuf {
             ptr: s.as_ptr() as *mut u8,
             len: s.len(),
         }
     }
 
-    /// The bytes of `s`, to be read into (see [`IoBuf::from_slice`] for lifetimes).
-    pub fn from_mut_slice(s: &mut [u8]) -> Self {
+    /// The bytes of `s`, to be read into.
+    ///
+    /// # Safety
+    /// As for [`IoBuf::from_slice`]; and the caller holds no other reference to `s` while
+    /// the buffer is read into.
+    pub unsafe fn from_mut_slice(s: &mut [u8]) -> Self {
         IoBuf {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -210,7 +215,8 @@ mod tests {
     #[test]
     fn zero_check_and_copies_follow_the_bytes() {
         let mut mem = vec![0u8; 1000];
-        let b = IoBuf::from_mut_slice(&mut mem);
+        // SAFETY: `mem` outlives `b` and is only touched through it.
+        let b = unsafe { IoBuf::from_mut_slice(&mut mem) };
         assert!(b.is_zero());
         for i in [0usize, 3, 7, 8, 63, 64, 500, 999] {
             b.sub(i, 1).copy_from(&[1]);

@@ -184,11 +184,15 @@ pub trait DiskImage: Send {
 
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        read_sync(self, offset, &[IoBuf::from_mut_slice(buf)])
+        // SAFETY: `buf` is borrowed for this call, which the buffer does not outlive.
+        let bufs = [unsafe { IoBuf::from_mut_slice(buf) }];
+        read_sync(self, offset, &bufs)
     }
     /// Writes `buf` at `offset` (subject to zero detection, see [`DiskImage::set_detect_zeroes`]).
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        write_sync(self, offset, &[IoBuf::from_slice(buf)])
+        // SAFETY: `buf` is borrowed for this call, which the buffer does not outlive.
+        let bufs = [unsafe { IoBuf::from_slice(buf) }];
+        write_sync(self, offset, &bufs)
     }
     /// Writes the concatenation of `bufs` at `offset`, exactly like [`DiskImage::write_at`]
     /// of the gathered bytes (no gathering copy is made; `scratch` is not needed any more).
@@ -198,7 +202,11 @@ pub trait DiskImage: Send {
         bufs: &[&[u8]],
         _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let bufs: Vec<IoBuf> = bufs.iter().map(|b| IoBuf::from_slice(b)).collect();
+        // SAFETY: the slices are borrowed for this call, which the buffers do not outlive.
+        let bufs: Vec<IoBuf> = bufs
+            .iter()
+            .map(|b| unsafe { IoBuf::from_slice(b) })
+            .collect();
         write_sync(self, offset, &bufs)
     }
     /// Reads the bytes at `offset` into `bufs` in turn, exactly like [`DiskImage::read_at`]
@@ -209,19 +217,28 @@ pub trait DiskImage: Send {
         bufs: &mut [&mut [u8]],
         _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let bufs: Vec<IoBuf> = bufs.iter_mut().map(|b| IoBuf::from_mut_slice(b)).collect();
+        // SAFETY: the slices are borrowed (exclusively) for this call, which the buffers do
+        // not outlive.
+        let bufs: Vec<IoBuf> = bufs
+            .iter_mut()
+            .map(|b| unsafe { IoBuf::from_mut_slice(b) })
+            .collect();
         read_sync(self, offset, &bufs)
     }
     /// Reads every `(offset, buf)` of a batch, as [`DiskImage::read_at`] would, with up to
     /// `threads` data reads in flight at once. Returns the first error (in batch order).
     fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
-        let reqs: Vec<pipeline::IoRequest> = reqs
-            .iter_mut()
-            .map(|(offset, buf)| pipeline::IoRequest::Read {
+        let mut list = Vec::with_capacity(reqs.len());
+        for (offset, buf) in reqs.iter_mut() {
+            // SAFETY: the buffer is borrowed (exclusively) from `reqs` for this call, which
+            // waits for every request to complete.
+            let buf = unsafe { IoBuf::from_mut_slice(buf) };
+            list.push(pipeline::IoRequest::Read {
                 offset: *offset,
-                bufs: vec![IoBuf::from_mut_slice(buf)],
-            })
-            .collect();
+                bufs: vec![buf],
+            });
+        }
+        let reqs = list;
         // SAFETY: the buffers are borrowed from `reqs` for this whole call, which waits for
         // every request to complete.
         unsafe { run_batch(self, reqs, threads) }
@@ -236,13 +253,20 @@ pub trait DiskImage: Send {
         threads: usize,
         _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let reqs: Vec<pipeline::IoRequest> = reqs
-            .iter()
-            .map(|(offset, bufs)| pipeline::IoRequest::Write {
+        let mut list = Vec::with_capacity(reqs.len());
+        for (offset, bufs) in reqs {
+            let mut iobufs = Vec::with_capacity(bufs.len());
+            for b in bufs.iter() {
+                // SAFETY: the buffer is borrowed from `reqs` for this call, which waits for
+                // every request to complete.
+                iobufs.push(unsafe { IoBuf::from_slice(b) });
+            }
+            list.push(pipeline::IoRequest::Write {
                 offset: *offset,
-                bufs: bufs.iter().map(|b| IoBuf::from_slice(b)).collect(),
-            })
-            .collect();
+                bufs: iobufs,
+            });
+        }
+        let reqs = list;
         // SAFETY: the buffers are borrowed from `reqs` for this whole call, which waits for
         // every request to complete.
         unsafe { run_batch(self, reqs, threads) }

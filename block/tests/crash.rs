@@ -88,7 +88,8 @@ fn crash_child() {
                 let req = match zero {
                     None => block::pipeline::IoRequest::Write {
                         offset: off,
-                        bufs: vec![block::IoBuf::from_slice(data.next().unwrap())],
+                        // SAFETY: `bufs` outlives the requests: they are drained below.
+                        bufs: vec![unsafe { block::IoBuf::from_slice(data.next().unwrap()) }],
                     },
                     Some((len, true)) => block::pipeline::IoRequest::WriteZeroes {
                         offset: off,

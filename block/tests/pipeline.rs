@@ -104,14 +104,18 @@ fn run_round(img: &mut dyn DiskImage, p: &mut Pipeline, ops: &mut [Op], what: &s
             Op::Write { offset, data } => {
                 // Two uneven pieces, as guest pages would be.
                 let (a, b) = data.split_at(data.len() / 3);
+                // SAFETY: `ops` outlives the requests: all are drained below.
+                let bufs = unsafe { vec![IoBuf::from_slice(a), IoBuf::from_slice(b)] };
                 IoRequest::Write {
                     offset: *offset,
-                    bufs: vec![IoBuf::from_slice(a), IoBuf::from_slice(b)],
+                    bufs,
                 }
             }
             Op::Read { offset, buf, .. } => IoRequest::Read {
                 offset: *offset,
-                bufs: vec![IoBuf::from_mut_slice(buf)],
+                // SAFETY: `ops` outlives the requests (drained below); each read has its own
+                // buffer.
+                bufs: vec![unsafe { IoBuf::from_mut_slice(buf) }],
             },
             Op::Discard { offset, len } => IoRequest::Discard {
                 offset: *offset,

@@ -174,16 +174,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         while issued < a.count {
             let Some(slot) = free.pop() else { break };
             let offset = next_offset();
+            // SAFETY: `wbuf` and `rbufs` outlive the pipeline's requests (every one is waited
+            // for below); a read buffer is used by one request at a time (its slot).
+            let buf = unsafe {
+                if a.write {
+                    IoBuf::from_slice(wbuf.as_slice())
+                } else {
+                    IoBuf::from_mut_slice(rbufs[slot].as_mut_slice())
+                }
+            };
+            let bufs = vec![buf];
             let req = if a.write {
-                IoRequest::Write {
-                    offset,
-                    bufs: vec![IoBuf::from_slice(wbuf.as_slice())],
-                }
+                IoRequest::Write { offset, bufs }
             } else {
-                IoRequest::Read {
-                    offset,
-                    bufs: vec![IoBuf::from_mut_slice(rbufs[slot].as_mut_slice())],
-                }
+                IoRequest::Read { offset, bufs }
             };
             // SAFETY: the buffers (`wbuf`, `rbufs`) outlive the pipeline's requests: every
             // request is waited for below before they are dropped.

@@ -175,12 +175,14 @@ impl Io {
     }
 
     fn write(&mut self, img: &mut dyn DiskImage, offset: u64, buf: &[u8]) -> block::Result<()> {
-        let bufs = vec![IoBuf::from_slice(buf)];
+        // SAFETY: `buf` is borrowed for this call, which waits for the request.
+        let bufs = vec![unsafe { IoBuf::from_slice(buf) }];
         self.run(img, IoRequest::Write { offset, bufs })
     }
 
     fn read(&mut self, img: &mut dyn DiskImage, offset: u64, buf: &mut [u8]) -> block::Result<()> {
-        let bufs = vec![IoBuf::from_mut_slice(buf)];
+        // SAFETY: `buf` is borrowed (exclusively) for this call, which waits for the request.
+        let bufs = vec![unsafe { IoBuf::from_mut_slice(buf) }];
         self.run(img, IoRequest::Read { offset, bufs })
     }
 }

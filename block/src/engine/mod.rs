@@ -215,7 +215,8 @@ mod tests {
                 for (i, b) in bytes.iter_mut().enumerate() {
                     *b = (i / 512) as u8 ^ 0x5a;
                 }
-                let whole = IoBuf::from_mut_slice(bytes);
+                // SAFETY: `store` outlives every operation (all reaped below).
+                let whole = unsafe { IoBuf::from_mut_slice(bytes) };
                 // 32 whole blocks in reverse order, each in two pieces; 64 small writes.
                 for i in 0..32u64 {
                     let b = whole.sub(i as usize * 4096, 4096);
@@ -257,7 +258,8 @@ mod tests {
                 }
                 // Reads: one straddling the end of the file, one aligned.
                 let mut rbuf = crate::host_file::AlignedBuf::new(3 * 4096);
-                let r = IoBuf::from_mut_slice(rbuf.as_mut_slice());
+                // SAFETY: `rbuf` outlives the operations (all reaped below).
+                let r = unsafe { IoBuf::from_mut_slice(rbuf.as_mut_slice()) };
                 let ops = [(63 * 4096, r.sub(0, 8192)), (8 * 512, r.sub(8192, 4096))];
                 for (k, (off, b)) in ops.into_iter().enumerate() {
                     let op = DataOp {

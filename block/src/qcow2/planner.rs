@@ -276,7 +276,9 @@ impl Qcow2Image {
     fn plan_cow_part(&mut self, plan: &mut Plan, gc: u64, from: u64, to: u64) -> Result<IoBuf> {
         let cs = self.cluster_size;
         let mut buf = AlignedBuf::new((to - from) as usize);
-        let b = IoBuf::from_mut_slice(buf.as_mut_slice());
+        // SAFETY: the buffer's heap memory is kept in `plan.bounce` (below) until the plan
+        // is dropped, after all its operations; it does not move with the AlignedBuf.
+        let b = unsafe { IoBuf::from_mut_slice(buf.as_mut_slice()) };
         // The part of the last cluster past the virtual size stays zero.
         let readable = to.min(self.header.size).saturating_sub(from);
         let parts = [b.sub(0, readable as usize)];
@@ -366,7 +368,8 @@ impl Qcow2Image {
     /// Writes `data` at guest `offset` on the calling thread (no range check: the last
     /// cluster may reach past the virtual size).
     pub(crate) fn write_sync_inner(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let bufs = [IoBuf::from_slice(data)];
+        // SAFETY: `data` is borrowed for this call, which runs and finishes the plan.
+        let bufs = [unsafe { IoBuf::from_slice(data) }];
         let plan = self.plan_write_inner(offset, &bufs)?;
         let r = plan
             .run_sync()

@@ -313,12 +313,14 @@ impl DiskImage for EngineImage {
         self.inner.needs_drain()
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
-        let bufs = vec![block::IoBuf::from_mut_slice(buf)];
+        // SAFETY: `buf` is borrowed for the call, which waits for the request.
+        let bufs = vec![unsafe { block::IoBuf::from_mut_slice(buf) }];
         // SAFETY: `buf` is borrowed for the call.
         unsafe { self.run(block::pipeline::IoRequest::Read { offset, bufs }) }
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> block::Result<()> {
-        let bufs = vec![block::IoBuf::from_slice(buf)];
+        // SAFETY: `buf` is borrowed for the call, which waits for the request.
+        let bufs = vec![unsafe { block::IoBuf::from_slice(buf) }];
         // SAFETY: `buf` is borrowed for the call.
         unsafe { self.run(block::pipeline::IoRequest::Write { offset, bufs }) }
     }
@@ -328,7 +330,11 @@ impl DiskImage for EngineImage {
         bufs: &[&[u8]],
         _scratch: &mut Vec<u8>,
     ) -> block::Result<()> {
-        let bufs = bufs.iter().map(|b| block::IoBuf::from_slice(b)).collect();
+        // SAFETY: the slices are borrowed for the call, which waits for the request.
+        let bufs = bufs
+            .iter()
+            .map(|b| unsafe { block::IoBuf::from_slice(b) })
+            .collect();
         // SAFETY: `bufs` is borrowed for the call.
         unsafe { self.run(block::pipeline::IoRequest::Write { offset, bufs }) }
     }
@@ -340,7 +346,8 @@ impl DiskImage for EngineImage {
     ) -> block::Result<()> {
         let bufs = bufs
             .iter_mut()
-            .map(|b| block::IoBuf::from_mut_slice(b))
+            // SAFETY: the slices are borrowed for the call, which waits for the request.
+            .map(|b| unsafe { block::IoBuf::from_mut_slice(b) })
             .collect();
         // SAFETY: `bufs` is borrowed for the call.
         unsafe { self.run(block::pipeline::IoRequest::Read { offset, bufs }) }

@@ -157,7 +157,9 @@ impl Disk {
                     // Through a bounce buffer, copied out in order when the chunk is read, so
                     // the request reads as if its buffers were filled one after the other.
                     let mut b = AlignedBuf::new(n as usize);
-                    bufs.push(IoBuf::from_mut_slice(b.as_mut_slice()));
+                    // SAFETY: the bounce buffer's heap memory is kept in `p` (the request's
+                    // progress) until the step's completion has been handled.
+                    bufs.push(unsafe { IoBuf::from_mut_slice(b.as_mut_slice()) });
                     p.bounce = Some(b);
                 }
                 Next::Submit(IoRequest::Read {
