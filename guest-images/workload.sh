@@ -3,7 +3,8 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
+#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify) |
+#       raw-header | sector0 | peek
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
@@ -105,6 +106,39 @@ step_devtest() {
   echo "serial=$serial discard_granularity=$(cat /sys/block/vda/queue/discard_granularity)"
 }
 
+# raw-header: the format-probing attack (QEMU's CVE-2008-2004 class). /dev/vdb holds a
+# qcow2 header that names a host file (the host put it there: a guest could as well write
+# it byte by byte); the guest copies it over the start of /dev/vda, its raw disk. Prints
+# dd's exit code and whether /dev/vda now starts with the qcow2 magic.
+step_raw_header() {
+  [ -b /dev/vdb ] || { echo "no /dev/vdb"; return 1; }
+  rc=0
+  dd if=/dev/vdb of=/dev/vda bs=65536 oflag=direct 2>/dev/null || rc=$?
+  m=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 4 | od -An -tx1 | tr -d ' \n')
+  [ "$m" = 514649fb ] && magic=1 || magic=0
+  echo "header_rc=$rc magic=$magic"
+}
+
+# sector0: ordinary, zero and write-zeroes writes of /dev/vda's first 4 KiB, each read back.
+step_sector0() {
+  pat() { head -c "$1" /dev/zero | tr '\000' "$2"; }
+  sum() { dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | md5sum | cut -c1-32; }
+  w=0; z=0; wz=0
+  pat 4096 '\253' | dd of=/dev/vda bs=4096 count=1 iflag=fullblock oflag=direct 2>/dev/null || w=$?
+  [ "$(sum)" = "$(pat 4096 '\253' | md5sum | cut -c1-32)" ] && wback=1 || wback=0
+  dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null || z=$?
+  [ "$(sum)" = "$(pat 4096 '\000' | md5sum | cut -c1-32)" ] && zback=1 || zback=0
+  pat 4096 '\253' | dd of=/dev/vda bs=4096 count=1 iflag=fullblock oflag=direct 2>/dev/null
+  "$BLKDISCARD" -z -o 0 -l 4096 /dev/vda || wz=$?
+  [ "$(sum)" = "$(pat 4096 '\000' | md5sum | cut -c1-32)" ] && wzback=1 || wzback=0
+  echo "write_rc=$w write_back=$wback zero_rc=$z zero_back=$zback write_zeroes_rc=$wz write_zeroes_back=$wzback"
+}
+
+# peek: the first 64 bytes of /dev/vda as text (what the guest can read there).
+step_peek() {
+  echo "head=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 64 | tr -c 'a-zA-Z0-9-' '.')"
+}
+
 # blkbench:MODE:BS:SECS on /dev/vda (raw device, from the initramfs).
 step_blkbench() {
   IFS=: read -r mode bs secs <<ARGS
@@ -157,6 +191,9 @@ run_step() {
     df) out=$(step_df) ;;
     blkbench) out=$(step_blkbench "$arg") ;;
     fio) out=$(step_fio "$arg") ;;
+    raw-header) out=$(step_raw_header) ;;
+    sector0) out=$(step_sector0) ;;
+    peek) out=$(step_peek) ;;
     sleep) sleep "${arg:-1}"; out= ;;
     *) error "$name" "unknown-step"; return ;;
   esac

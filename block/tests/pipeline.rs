@@ -196,6 +196,13 @@ fn overlapping_requests_in_flight_match_a_sequential_model() {
                     &path,
                     &OpenOptions {
                         direct,
+                        // The test's own images: their format is given, as a trusting user
+                        // gives it.
+                        format: Some(if kind == "raw" {
+                            ImageFormat::Raw
+                        } else {
+                            ImageFormat::Qcow2
+                        }),
                         ..Default::default()
                     },
                 );

@@ -339,7 +339,7 @@ fn run_step(
         .arg("--initrd")
         .arg(&guest.initrd)
         .args(["--memory", "256M", "--cpus", "2", "--disk"])
-        .arg(format!("path={}", overlay.display()))
+        .arg(format!("path={},format=qcow2", overlay.display()))
         .arg("--cmdline")
         .arg(format!(
             "console=ttyS0 reboot=k panic=-1 pci=off quiet thinvm.root=vda thinvm.workload={workload}"

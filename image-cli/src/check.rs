@@ -93,12 +93,13 @@ pub fn run(
     repair: Option<RepairArg>,
     output: OutputFormat,
     quiet: bool,
+    force_share: bool,
 ) -> Result<u8> {
     let mode = repair.map(|r| match r {
         RepairArg::Leaks => RepairMode::Leaks,
         RepairArg::All => RepairMode::All,
     });
-    let report = match block::inspect::check(file, mode) {
+    let report = match block::inspect::check_shared(file, mode, force_share) {
         Ok(r) => r,
         Err(e) => {
             // qemu-img: "could not check" is exit code 1.

@@ -26,9 +26,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::chain::Chain;
 use crate::host_file::HostFile;
 use crate::iobuf::IoBuf;
 use crate::plan::Plan;
+use crate::probe::Probed;
 use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
 };
@@ -52,8 +54,7 @@ pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub(crate) const OFLAG_ZERO: u64 = 1;
 
-/// Longest backing chain opened (QEMU has no fixed limit; loops must end somewhere).
-pub const MAX_CHAIN_DEPTH: u32 = 64;
+pub use crate::chain::MAX_CHAIN_DEPTH;
 
 /// Default upper bound of the L2 cache (QEMU's default on Linux).
 const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
@@ -63,13 +64,15 @@ pub(crate) const PENDING_FREE_BYTES: u64 = 256 << 20;
 
 /// Internal open modes.
 #[derive(Clone, Copy, Debug, Default)]
-struct OpenFlags {
+pub(crate) struct OpenFlags {
     /// Do not open the backing chain.
-    no_backing: bool,
+    pub(crate) no_backing: bool,
     /// Open writable despite the corrupt bit, and skip automatic fixes (for `check -r`).
-    repair: bool,
+    pub(crate) repair: bool,
     /// `O_DIRECT` for the image and its backing chain.
-    direct: bool,
+    pub(crate) direct: bool,
+    /// Lock the image and its backing chain with force-share (read-only only).
+    pub(crate) force_share: bool,
 }
 
 /// A qcow2 image.
@@ -126,34 +129,56 @@ pub struct Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Opens a qcow2 image (and its backing chain, read-only).
+    /// Opens a qcow2 image (and its backing chain, read-only). Backing files whose format
+    /// is not recorded are held to [`crate::ProbePolicy::Guest`]'s rules.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        Self::open_with(path, read_only, 0, OpenFlags::default())
+        Self::open_with(path, read_only, OpenFlags::default())
     }
 
-    /// Opens a qcow2 image with the read-only and direct-I/O settings of `opts` (its
-    /// `format` is not looked at).
+    /// Opens a qcow2 image with the read-only, direct-I/O and probing settings of `opts`.
+    /// `opts.format` `None` means the caller found the format by probing: the image is then
+    /// held to `opts.probe`'s rules (see [`crate::probe`]).
     pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
-        Self::open_with(
+        if opts.format == Some(ImageFormat::Raw) {
+            return Err(Error::InvalidArgument(format!(
+                "{} was given as raw, not qcow2",
+                path.display()
+            )));
+        }
+        let file = open_host_file(path, opts.read_only, opts.direct)?;
+        let mut chain = Chain::new(opts.probe.follows_probed_names(opts.read_only));
+        Self::open_file(
+            file,
             path,
             opts.read_only,
-            0,
+            &mut chain,
             OpenFlags {
                 direct: opts.direct,
+                force_share: opts.force_share,
                 ..OpenFlags::default()
             },
+            opts.format.is_none().then_some(Probed::Image),
         )
     }
 
     /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
     /// reads of unallocated clusters then return zeros).
     pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_without_backing_shared(path, read_only, false)
+    }
+
+    /// [`Qcow2Image::open_without_backing`], read-only opens optionally with force-share.
+    pub fn open_without_backing_shared(
+        path: &Path,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<Self> {
         Self::open_with(
             path,
             read_only,
-            0,
             OpenFlags {
                 no_backing: true,
+                force_share,
                 ..OpenFlags::default()
             },
         )
@@ -164,7 +189,6 @@ impl Qcow2Image {
         Self::open_with(
             path,
             false,
-            0,
             OpenFlags {
                 no_backing: true,
                 repair: true,
@@ -173,20 +197,44 @@ impl Qcow2Image {
         )
     }
 
-    fn open_with(path: &Path, read_only: bool, depth: u32, flags: OpenFlags) -> Result<Self> {
-        let file = HostFile::open(path, read_only, flags.direct).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file_len = file
+    fn open_with(path: &Path, read_only: bool, flags: OpenFlags) -> Result<Self> {
+        let file = open_host_file(path, read_only, flags.direct)?;
+        Self::open_file(file, path, read_only, &mut Chain::new(false), flags, None)
+    }
+
+    /// Opens the qcow2 image in `file` (at `path`) as the next image of `chain`. `probed`
+    /// says whether and how its format was probed: a probed image that names a backing file
+    /// is refused unless the chain follows probed names.
+    pub(crate) fn open_file(
+        file: HostFile,
+        path: &Path,
+        read_only: bool,
+        chain: &mut Chain,
+        flags: OpenFlags,
+        probed: Option<Probed>,
+    ) -> Result<Self> {
+        let stat = file
             .metadata()
-            .map_err(|e| Error::io("stat qcow2 image", e))?
-            .len();
+            .map_err(|e| Error::io("stat qcow2 image", e))?;
+        chain.enter(path, &stat)?;
+        // Locked after the identity check, so an image that comes back in its own chain is
+        // reported as a loop rather than as in use by this process.
+        let mut file = file;
+        file.lock(
+            path,
+            crate::lock::LockMode::for_open(read_only, flags.force_share)?,
+        )?;
+        let file_len = stat.len();
         let head_len = file_len.min(1 << header::MAX_CLUSTER_BITS) as usize;
         let mut head = vec![0u8; head_len];
         read_exact_or_eof(&file, &mut head, 0)?;
         let header = Header::parse(&head, file_len)?;
         drop(head);
+        if let (Some(how), Some(named)) = (probed, &header.backing_file) {
+            if !chain.follows_probed_names {
+                return Err(crate::probe::names_a_file(path, named, how));
+            }
+        }
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
@@ -199,8 +247,16 @@ impl Qcow2Image {
             read_only = true;
         }
 
-        // L1 table.
+        // The tables read here and the decompression buffer, from the chain's budget.
         let l1_bytes = u64::from(header.l1_size) * 8;
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
+        chain.charge(
+            path,
+            "L1 table, refcount table and decompression buffer",
+            l1_bytes + rt_bytes + cluster_size,
+        )?;
+
+        // L1 table.
         let mut l1_raw = vec![0u8; l1_bytes as usize];
         read_exact_or_eof(&file, &mut l1_raw, header.l1_table_offset)?;
         let l1: Vec<u64> = l1_raw
@@ -210,7 +266,6 @@ impl Qcow2Image {
         drop(l1_raw);
 
         // Refcount table.
-        let rt_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
         let mut rt_raw = vec![0u8; rt_bytes as usize];
         read_exact_or_eof(&file, &mut rt_raw, header.refcount_table_offset)?;
         let reftable: Vec<u64> = rt_raw
@@ -221,10 +276,12 @@ impl Qcow2Image {
 
         let l2_entries = cluster_size / 8;
         let l2_tables_needed = Header::l1_entries_for(header.size, cluster_bits).max(1);
-        let l2_cap = l2_tables_needed
+        let l2_wanted = l2_tables_needed
             .min(MAX_L2_CACHE_BYTES / cluster_size)
-            .max(4) as usize;
-        let rc_cap = (l2_cap / 4).max(4);
+            .max(crate::chain::MIN_CACHE_TABLES);
+        let rc_wanted = (l2_wanted / 4).max(crate::chain::MIN_CACHE_TABLES);
+        let (l2_cap, rc_cap) = chain.grant_caches(path, l2_wanted, rc_wanted, cluster_size)?;
+        let (l2_cap, rc_cap) = (l2_cap as usize, rc_cap as usize);
         let rb_entries = (cluster_size * 8) >> header.refcount_order;
         let rc_max = if header.refcount_order == 6 {
             u64::MAX
@@ -237,8 +294,9 @@ impl Qcow2Image {
                 path,
                 name,
                 header.backing_format,
-                depth,
+                chain,
                 flags.direct,
+                flags.force_share,
             )?),
             _ => None,
         };
@@ -499,41 +557,62 @@ pub fn resolve_backing_path(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Opens an image file (see [`HostFile::open`]: regular files and block devices only).
+fn open_host_file(path: &Path, read_only: bool, direct: bool) -> Result<HostFile> {
+    HostFile::open(path, read_only, direct).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Opens the backing file `name` of `overlay` read-only as the next image of `chain`,
+/// probing its format when the overlay does not record it ([`crate::probe`]'s rules).
 fn open_backing(
     overlay: &Path,
     name: &str,
     format: Option<ImageFormat>,
-    depth: u32,
+    chain: &mut Chain,
     direct: bool,
+    force_share: bool,
 ) -> Result<Box<dyn DiskImage>> {
-    if depth + 1 > MAX_CHAIN_DEPTH {
-        return Err(Error::InvalidImage(format!(
-            "backing chain deeper than {MAX_CHAIN_DEPTH} images (loop?)"
-        )));
-    }
     let path = resolve_backing_path(overlay, name);
-    let format = match format {
-        Some(f) => f,
-        None => crate::probe_format(&path)
-            .map_err(|e| Error::InvalidImage(format!("cannot open backing file '{name}': {e}")))?,
-    };
+    // Errors that already name the file or the chain pass as they are.
     let wrap = |e: Error| match e {
-        Error::Open { path, source } => Error::Open { path, source },
+        e @ (Error::Open { .. } | Error::Probe(_) | Error::Chain(_) | Error::Locked { .. }) => e,
         other => Error::InvalidImage(format!("backing file '{name}': {other}")),
+    };
+    let file = open_host_file(&path, true, direct)?;
+    let (format, probed) = match format {
+        Some(f) => (f, None),
+        None => (
+            crate::probe::probe_file(&file, &path).map_err(|e| {
+                Error::InvalidImage(format!("cannot open backing file '{name}': {e}"))
+            })?,
+            Some(Probed::BackingOf { overlay, name }),
+        ),
     };
     Ok(match format {
         ImageFormat::Raw => {
-            Box::new(crate::raw::RawImage::open_with(&path, true, direct).map_err(wrap)?)
+            let stat = file
+                .metadata()
+                .map_err(|e| Error::io("stat backing file", e))?;
+            chain.enter(&path, &stat)?;
+            let mut file = file;
+            file.lock(&path, crate::lock::LockMode::for_open(true, force_share)?)?;
+            Box::new(crate::raw::RawImage::from_host_file(file, true).map_err(wrap)?)
         }
         ImageFormat::Qcow2 => Box::new(
-            Qcow2Image::open_with(
+            Qcow2Image::open_file(
+                file,
                 &path,
                 true,
-                depth + 1,
+                chain,
                 OpenFlags {
                     direct,
+                    force_share,
                     ..OpenFlags::default()
                 },
+                probed,
             )
             .map_err(wrap)?,
         ),

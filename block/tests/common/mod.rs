@@ -43,7 +43,28 @@ impl Drop for TempDir {
 }
 
 /// Runs a command, returning (exit code, stdout, stderr).
+///
+/// A QEMU tool refused because the image looks in use runs again for up to about 2 s: a
+/// child that another test thread is spawning holds copies of this process's descriptors
+/// until its exec, among them maybe an image a test has just closed, whose locks live on
+/// until then (block/src/lock.rs, which waits the same way). A real user stays.
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let r = run_once(cmd, args);
+        if r.0 == 0
+            || !r.2.contains("Is another process using the image")
+            || pause.as_millis() > 1024
+        {
+            return r;
+        }
+        std::thread::sleep(pause);
+        pause *= 2;
+    }
+}
+
+/// Runs a command once, returning (exit code, stdout, stderr).
+pub fn run_once(cmd: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -195,7 +216,8 @@ pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
             path,
             &OpenOptions {
                 read_only: false,
-                format: None,
+                // The tests' own images: their format is given, as a trusting user gives it.
+                format: Some(block::probe_format(path).unwrap()),
                 ..Default::default()
             },
         )
@@ -210,7 +232,8 @@ pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
             path,
             &OpenOptions {
                 read_only: true,
-                format: None,
+                // The tests' own images: their format is given, as a trusting user gives it.
+                format: Some(block::probe_format(path).unwrap()),
                 ..Default::default()
             },
         )
