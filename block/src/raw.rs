@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::engine::DataOp;
-use crate::host_file::HostFile;
+use crate::host_file::{AlignedBuf, HostFile};
 use crate::iobuf::IoBuf;
 use crate::plan::{Action, Plan};
 use crate::{
@@ -88,16 +88,41 @@ impl RawImage {
         self.keep_raw = true;
     }
 
-    /// The one check of [`RawImage::keep_probed_raw`], for a write of the concatenation of
-    /// `bufs` at `offset`: the bytes the probe reads, as they would be after the write (the
-    /// file's current bytes where the write does not cover them), must still probe as raw.
+    /// For a write of the concatenation of `bufs` at `offset` on an image kept raw
+    /// ([`RawImage::keep_probed_raw`]) that reaches into the bytes the probe reads: a private
+    /// copy of the request's bytes there, checked ([`RawImage::check_stays_raw`]). The plan
+    /// writes the copy, not the request's buffers, so the bytes written are the bytes
+    /// checked: a guest's vCPUs may change its buffers until the data write ends (with
+    /// io_uring or the I/O threads, long after planning). `None` when the write does not
+    /// reach the probed bytes or the image is not kept raw.
     ///
-    /// Every raw write is planned through here ([`DiskImage::plan_write`]). The file's bytes
-    /// are current: in a [`crate::pipeline::Pipeline`], a write is planned only when no
-    /// earlier write overlapping its lock units (4 KiB, which hold all the probed bytes) is
-    /// in flight or waiting. The request's bytes are read with volatile copies
-    /// ([`crate::iobuf::copy_out`]): guest RAM is never seen through a Rust slice.
-    fn check_stays_raw(&self, offset: u64, bufs: &[IoBuf]) -> Result<()> {
+    /// The file's bytes the check reads are current: in a [`crate::pipeline::Pipeline`], a
+    /// write is planned only when no earlier write overlapping its lock units (4 KiB, which
+    /// hold all the probed bytes) is in flight or waiting. The request's bytes are read with
+    /// volatile copies ([`crate::iobuf::copy_out`]): guest RAM is never seen through a Rust
+    /// slice.
+    fn checked_head(&self, offset: u64, bufs: &[IoBuf]) -> Result<Option<AlignedBuf>> {
+        let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
+        if !self.keep_raw || offset >= probe_len {
+            return Ok(None);
+        }
+        let covered = (probe_len - offset).min(crate::iobuf::total_len(bufs));
+        if covered == 0 {
+            return Ok(None);
+        }
+        let mut copy = AlignedBuf::new(covered as usize);
+        crate::iobuf::copy_out(bufs, 0, copy.as_mut_slice());
+        self.check_stays_raw(offset, copy.as_slice())?;
+        Ok(Some(copy))
+    }
+
+    /// The one check of [`RawImage::keep_probed_raw`], for `bytes` written at `offset` (at
+    /// most up to the end of the probed bytes): the bytes the probe reads, as they would be
+    /// after the write (the file's current bytes where the write does not cover them), must
+    /// still probe as raw. Every raw write plans through it ([`RawImage::checked_head`] from
+    /// [`DiskImage::plan_write`]), and so do write-zeroes and discard (zeros can complete a
+    /// signature too: `QED\0`).
+    fn check_stays_raw(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
         if !self.keep_raw || offset >= probe_len {
             return Ok(());
@@ -106,15 +131,26 @@ impl RawImage {
         self.file
             .read_exact_at(&mut head, 0)
             .map_err(|e| Error::io("read raw image", e))?;
-        let covered = (probe_len - offset).min(crate::iobuf::total_len(bufs));
         let at = offset as usize;
-        crate::iobuf::copy_out(bufs, 0, &mut head[at..at + covered as usize]);
+        let covered = (head.len() - at).min(bytes.len());
+        head[at..at + covered].copy_from_slice(&bytes[..covered]);
         match crate::probe::foreign_format_of_head(&head) {
             None => Ok(()),
             Some(other) => Err(Error::Probe(format!(
                 "write at offset {offset} refused: the image's format was probed as raw, and this write would make it probe as {other} (a guest could then make the host open other files); give the format (format=raw) to allow such writes"
             ))),
         }
+    }
+
+    /// [`RawImage::check_stays_raw`] for `len` bytes at `offset` that are to read as zeros
+    /// (write-zeroes, discard).
+    fn check_zeros_stay_raw(&self, offset: u64, len: u64) -> Result<()> {
+        let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
+        if !self.keep_raw || offset >= probe_len || len == 0 {
+            return Ok(());
+        }
+        let covered = (probe_len - offset).min(len);
+        self.check_stays_raw(offset, &vec![0u8; covered as usize])
     }
 
     /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
@@ -289,11 +325,23 @@ impl DiskImage for RawImage {
         self.check_writable()?;
         let total = crate::iobuf::total_len(bufs);
         check_range(offset, total, self.size)?;
-        self.check_stays_raw(offset, bufs)?;
         let mut plan = Plan::write();
+        // The probed bytes come from the checked copy, the rest from the request.
+        let mut data = Vec::with_capacity(bufs.len() + 1);
+        match self.checked_head(offset, bufs)? {
+            Some(copy) => {
+                // SAFETY: the copy's heap memory is kept in `plan.bounce` (below) until the
+                // plan is dropped, after all its operations; it does not move with the
+                // AlignedBuf, and nothing else refers to it.
+                data.push(unsafe { IoBuf::from_slice(copy.as_slice()) });
+                crate::iobuf::push_pieces(&mut data, bufs, copy.as_slice().len() as u64..total);
+                plan.bounce.push(copy);
+            }
+            None => data.extend_from_slice(bufs),
+        }
         if self.detect_zeroes != DetectZeroes::Off
             && total > 0
-            && crate::iobuf::is_zero_range(bufs, 0..total)
+            && crate::iobuf::is_zero_range(&data, 0..total)
         {
             plan.actions.push(Action::Zeroes { offset, len: total });
             return Ok(plan);
@@ -304,7 +352,7 @@ impl DiskImage for RawImage {
                 file: self.file.clone(),
                 write: true,
                 offset,
-                bufs: bufs.to_vec(),
+                bufs: data,
             },
         );
         Ok(plan)
@@ -339,6 +387,7 @@ impl DiskImage for RawImage {
         if len == 0 {
             return Ok(());
         }
+        self.check_zeros_stay_raw(offset, len)?;
         let released = self.zero_or_unmap(offset, len, may_unmap)?;
         self.stats.write_zeroes_bytes += released;
         Ok(())
@@ -347,6 +396,7 @@ impl DiskImage for RawImage {
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
+        self.check_zeros_stay_raw(offset, len)?;
         // A punched range reads as zeros; where the file system cannot punch, discard is a
         // no-op (the contents may stay, as the discard contract allows for raw images).
         if let Some(released) = self.punch(offset, len)? {
