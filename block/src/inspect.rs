@@ -174,6 +174,9 @@ pub struct CheckReport {
     pub compressed_clusters: Option<u64>,
     /// One human-readable line per problem found (`ERROR ...`, `Leaked cluster ...`).
     pub messages: Vec<String>,
+    /// Lines left out of `messages` (an image can have millions of problems; they are all
+    /// counted, the first ones are listed).
+    pub messages_dropped: u64,
 }
 
 /// Checks (and with `repair`, repairs) an image.

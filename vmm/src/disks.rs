@@ -168,7 +168,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         let thread_init: Option<ThreadInit> = if cfg.seccomp {
             let prog = seccomp::filter(ThreadKind::Block)?;
             Some(Box::new(move || {
-                seccomp::apply(&prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
             }))
         } else {
             None
@@ -306,7 +306,7 @@ fn start_confined_io_pool() -> Result<()> {
         .get_or_init(|| {
             let prog = seccomp::filter(ThreadKind::Block).map_err(|e| e.to_string())?;
             block::start_pool(Box::new(move || {
-                seccomp::apply(&prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
             }))
         })
         .clone()

@@ -760,3 +760,36 @@ fn images_in_use_are_refused_unless_force_shared_for_reading() {
         "an image in use changed"
     );
 }
+
+/// A crafted header whose backing file name offset lies near u64::MAX (its end wrapped and
+/// a slice index panicked): `info` and `check` print one clear line and exit 1, no
+/// backtrace.
+#[test]
+fn crafted_header_is_one_clear_line_not_a_panic() {
+    let d = TempDir::new("img-crafted");
+    let img = d.join("wrap.qcow2");
+    let i = img.to_str().unwrap();
+    ok_out(&tv(&["image", "create", "-q", i, "16M"]), "create");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&0xffff_ffff_ffff_fff0u64.to_be_bytes(), 8)
+        .unwrap();
+    f.write_all_at(&0x20u32.to_be_bytes(), 16).unwrap();
+    drop(f);
+    for args in [
+        vec!["image", "info", i],
+        vec!["image", "info", "--output=json", i],
+        vec!["image", "check", i],
+        vec!["image", "map", i],
+    ] {
+        let o = Command::new(thinvm())
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("backing file name"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -10,7 +10,9 @@
 //! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
-//! * [`compact`]: offline reclamation and relocation.
+//! * [`compact`]: offline reclamation and relocation;
+//! * [`snapshot`]: the internal snapshot table, read and validated at open;
+//! * [`free_map`]: the allocator's index of used and free host clusters.
 
 pub mod cache;
 pub mod check;
@@ -18,11 +20,14 @@ pub mod cluster;
 pub mod compact;
 pub mod compressed;
 pub mod create;
+pub mod free_map;
 pub mod header;
 mod planner;
 pub mod refcount;
+pub mod snapshot;
 
 use std::collections::HashSet;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,8 +40,8 @@ use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
 };
 use cache::TableCache;
+use free_map::FreeMap;
 use header::{incompat, Header};
-use refcount::FreeMap;
 
 pub use create::{create, CreateOptions, Qcow2Version};
 
@@ -99,6 +104,8 @@ pub struct Qcow2Image {
     /// Host clusters holding metadata (header, L1, refcount table, refcount blocks, L2
     /// tables, snapshot tables): data entries must never point at them.
     pub(crate) meta: HashSet<u64>,
+    /// The internal snapshots' L1 tables (validated at open).
+    pub(crate) snapshots: snapshot::SnapshotTable,
     pub(crate) backing: Option<Box<dyn DiskImage>>,
     pub(crate) read_only: bool,
     pub(crate) detect_zeroes: DetectZeroes,
@@ -126,6 +133,9 @@ pub struct Qcow2Image {
     /// Set after a write failed for lack of host space: the header, L1 and refcount tables
     /// are written again from memory before the next change.
     pub(crate) rewrite_tables: bool,
+    /// Metadata tables (L1 and L2 tables, refcount blocks) read from the file by whole-image
+    /// walks (check, repair, refcount rebuild) since open.
+    pub(crate) walk_table_reads: u64,
 }
 
 impl Qcow2Image {
@@ -235,6 +245,30 @@ impl Qcow2Image {
                 return Err(crate::probe::names_a_file(path, named, how));
             }
         }
+        let snapshots = snapshot::read_snapshot_table(&file, &header)?;
+        if snapshots.bytes > 0 {
+            let snap = (
+                header.snapshots_offset,
+                header.snapshots_offset + snapshots.bytes,
+            );
+            let l1 = (
+                header.l1_table_offset,
+                header.l1_table_offset + u64::from(header.l1_size) * 8,
+            );
+            let rt = (
+                header.refcount_table_offset,
+                header.refcount_table_offset
+                    + (u64::from(header.refcount_table_clusters) << header.cluster_bits),
+            );
+            for (what, r) in [("L1 table", l1), ("refcount table", rt)] {
+                if r.0 < r.1 && snap.0 < r.1 && r.0 < snap.1 {
+                    return Err(Error::InvalidImage(format!(
+                        "snapshot table at {:#x} ({} bytes) overlaps the {what}",
+                        snap.0, snapshots.bytes
+                    )));
+                }
+            }
+        }
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
@@ -316,6 +350,7 @@ impl Qcow2Image {
             free_map: None,
             file_len,
             meta: HashSet::new(),
+            snapshots,
             backing,
             read_only,
             detect_zeroes: DetectZeroes::Off,
@@ -329,14 +364,21 @@ impl Qcow2Image {
             prealloc_supported: true,
             broken: false,
             rewrite_tables: false,
+            walk_table_reads: 0,
             header,
         };
-        img.build_meta_set()?;
+        let overlap = img.build_meta_set();
 
-        // Metadata past the end of the file (a truncated or forged image): writing could
-        // allocate data over it, so only read-only opens and repair accept it.
+        // Metadata past the end of the file (a truncated or forged image), or tables sharing
+        // clusters they must not share: writing could allocate data over them or move one
+        // table with another's contents, so only read-only opens and repair accept them.
         let end_cluster = img.file_len.div_ceil(cluster_size);
         if !img.read_only && !flags.repair {
+            if let Some(msg) = overlap {
+                return Err(Error::InvalidImage(format!(
+                    "{msg}: corrupt image (open it read-only, or run `thinvm image check -r all`)"
+                )));
+            }
             if let Some(&c) = img.meta.iter().filter(|&&c| c >= end_cluster).min() {
                 return Err(Error::InvalidImage(format!(
                     "metadata at offset {:#x} lies beyond the end of the file ({} bytes): truncated or corrupt image (open it read-only, or run `thinvm image check -r all`)",
@@ -394,6 +436,13 @@ impl Qcow2Image {
         self.cluster_size
     }
 
+    /// How many metadata tables (L1 and L2 tables, refcount blocks) whole-image walks (check,
+    /// repair, the refcount rebuild of a dirty image) have read from the file since open: their
+    /// work is bounded by the distinct tables the image holds, and tests assert it.
+    pub fn walk_table_reads(&self) -> u64 {
+        self.walk_table_reads
+    }
+
     /// Whether the image has a backing file (even if it was not opened).
     pub(crate) fn has_backing(&self) -> bool {
         self.header.backing_file.is_some()
@@ -407,35 +456,70 @@ impl Qcow2Image {
         check::check(self, repair)
     }
 
-    /// Collects the host clusters that hold metadata, validating table pointers.
-    fn build_meta_set(&mut self) -> Result<()> {
+    /// Clusters of the tables the header points at, which never overlap one another: header,
+    /// L1 table, refcount table and snapshot table.
+    pub(crate) fn fixed_metadata(&self) -> Vec<std::ops::Range<u64>> {
+        let cb = self.cluster_bits;
         let cs = self.cluster_size;
+        let h = &self.header;
+        let clusters = |off: u64, len: u64| (off >> cb)..(off + len).div_ceil(cs);
+        let header = 0..1;
+        let mut fixed: Vec<std::ops::Range<u64>> = vec![header];
+        if h.l1_size > 0 {
+            fixed.push(clusters(h.l1_table_offset, u64::from(h.l1_size) * 8));
+        }
+        fixed.push(clusters(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) << cb,
+        ));
+        if self.snapshots.bytes > 0 {
+            fixed.push(clusters(h.snapshots_offset, self.snapshots.bytes));
+        }
+        fixed
+    }
+
+    /// Collects the host clusters that hold metadata. Returns the first overlap found
+    /// between tables that must not share a cluster: a refcount block with any other
+    /// table, or an L2 table with anything but another L2 table (several L1 entries may
+    /// share an L2 table, with refcounts to match).
+    fn build_meta_set(&mut self) -> Option<String> {
+        let cb = self.cluster_bits;
+        let fixed = self.fixed_metadata();
         let mut meta = HashSet::new();
-        meta.insert(0u64);
-        let l1_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cs);
-        for i in 0..l1_clusters {
-            meta.insert((self.header.l1_table_offset >> self.cluster_bits) + i);
+        for r in &fixed {
+            meta.extend(r.clone());
         }
-        for i in 0..u64::from(self.header.refcount_table_clusters) {
-            meta.insert((self.header.refcount_table_offset >> self.cluster_bits) + i);
-        }
-        for &e in &self.reftable {
+        let in_fixed = |c: u64| fixed.iter().any(|r| r.contains(&c));
+        let mut overlap = None;
+        let mut refblocks = HashSet::new();
+        for (i, &e) in self.reftable.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
+            }
+            let c = off >> cb;
+            if (in_fixed(c) || !refblocks.insert(c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "refcount block {i} at {off:#x} overlaps another metadata table"
+                ));
             }
         }
-        for &e in &self.l1 {
+        for (i, &e) in self.l1.iter().enumerate() {
             let off = e & L1E_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
             }
+            let c = off >> cb;
+            if (in_fixed(c) || refblocks.contains(&c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "L2 table {i} at {off:#x} overlaps another metadata table"
+                ));
+            }
+            meta.insert(c);
         }
-        if self.header.nb_snapshots > 0 {
-            meta.insert(self.header.snapshots_offset >> self.cluster_bits);
-        }
+        meta.extend(refblocks);
         self.meta = meta;
-        Ok(())
+        overlap
     }
 
     /// Rewrites the header cluster's header part (fields, extensions, backing name).
@@ -536,6 +620,65 @@ impl Drop for Qcow2Image {
                 tracing::error!("{}: flushing on close failed: {e}", self.path.display());
             }
         }
+    }
+}
+
+/// Reads metadata tables for whole-image walks (check, refcount rebuild, the allocator's
+/// index) so that they cost what the file holds rather than what its tables claim: a table
+/// that lies in a hole of a sparse file, or past its end, reads as zeros and is skipped
+/// without reading (one `lseek(SEEK_DATA)` per hole, remembered for the tables after it).
+#[derive(Default)]
+pub(crate) struct TableReader {
+    /// Known: no data in `[.0, .1)`.
+    hole: (u64, u64),
+    /// Tables actually read.
+    pub reads: u64,
+}
+
+impl TableReader {
+    /// Forgets the holes seen so far (after the file was written).
+    pub fn forget_holes(&mut self) {
+        self.hole = (0, 0);
+    }
+
+    /// Reads the table at `offset` into `buf`; `Ok(false)` (and `buf` untouched) when the
+    /// file holds only zeros there.
+    pub fn read(
+        &mut self,
+        file: &HostFile,
+        file_len: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool> {
+        let end = offset.saturating_add(buf.len() as u64);
+        if offset >= file_len || (self.hole.0 <= offset && end <= self.hole.1) {
+            return Ok(false);
+        }
+        if let Ok(pos) = i64::try_from(offset) {
+            // SAFETY: lseek on the image's open descriptor touches no memory; positioned I/O
+            // (pread/pwrite) does not use the file position it moves.
+            let next = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+            let next = if next >= 0 {
+                Some(next as u64)
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                // No data at or after `offset`.
+                Some(file_len)
+            } else {
+                // SEEK_DATA unsupported: read.
+                None
+            };
+            if let Some(next) = next {
+                if next > offset {
+                    self.hole = (offset, next);
+                }
+                if next >= end {
+                    return Ok(false);
+                }
+            }
+        }
+        read_exact_or_eof(file, buf, offset)?;
+        self.reads += 1;
+        Ok(true)
     }
 }
 

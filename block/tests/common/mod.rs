@@ -13,11 +13,15 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
         let base = std::env::var_os("THINVM_TEST_TMP")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        Self::new_in(&base, tag)
+    }
+    /// A temporary directory under `base` (e.g. a tmpfs for very large sparse files).
+    pub fn new_in(base: &Path, tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
         let p = base.join(format!(
             "thinvm-{tag}-{}-{}",
             std::process::id(),
