@@ -320,17 +320,29 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         let mut queues = Vec::with_capacity(self.queues.len());
+        let mut used = Vec::with_capacity(self.queues.len());
         for (i, c) in self.queues.iter().enumerate() {
+            // A driver may use fewer queues than a multi-queue device offers (Linux uses
+            // one per vCPU at most): a queue after the first it never made ready is left out.
+            if i > 0 && !c.ready {
+                continue;
+            }
             match c.build(&self.mem) {
-                Ok(q) => queues.push(q),
+                Ok(q) => {
+                    queues.push(q);
+                    used.push(i);
+                }
                 Err(e) => {
                     self.needs_reset(&format!("queue {i} unusable at DRIVER_OK: {e}"));
                     return;
                 }
             }
         }
-        let fds: std::io::Result<Vec<EventFd>> =
-            self.notify.iter().map(|e| e.try_clone()).collect();
+        let fds: std::io::Result<Vec<EventFd>> = used
+            .iter()
+            .filter_map(|&i| self.notify.get(i))
+            .map(|e| e.try_clone())
+            .collect();
         let fds = match fds {
             Ok(f) => f,
             Err(e) => {
