@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::error::{Result, VmmError};
 
@@ -96,11 +99,30 @@ fn allowed(kind: ThreadKind) -> Vec<i64> {
     v
 }
 
+/// `openat` for reading only (no write access, no creation, no truncation). glibc's `free()`
+/// opens /proc/sys/vm/overcommit_memory (read-only, once) when it shrinks a thread's heap,
+/// from whichever thread frees: seen on block threads after a stock Debian guest's heavy I/O,
+/// and fixed the same way in Cloud Hypervisor (its PR 8646).
+fn read_only_openat() -> Result<SeccompRule> {
+    let forbidden = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    let cond = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(forbidden),
+        libc::O_RDONLY as u64,
+    )
+    .map_err(|e| VmmError::Seccomp(format!("openat rule: {e}")))?;
+    SeccompRule::new(vec![cond]).map_err(|e| VmmError::Seccomp(format!("openat rule: {e}")))
+}
+
 /// The compiled filter for a thread kind. Violations raise SIGSYS, reported by
 /// [`install_violation_reporter`].
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(kind).into_iter().map(|s| (s, vec![])).collect();
+    rules
+        .entry(libc::SYS_openat)
+        .or_insert(vec![read_only_openat()?]);
     let f = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -161,6 +183,65 @@ pub fn install_violation_reporter() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `f` in a forked child with `kind`'s filter applied; returns the child's exit
+    /// status (as waitpid reports it).
+    fn in_confined_child(kind: ThreadKind, f: fn() -> i32) -> i32 {
+        let prog = filter(kind).unwrap();
+        // SAFETY: the child only applies the filter and makes raw system calls before _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = if seccompiler::apply_filter(&prog).is_ok() {
+                f()
+            } else {
+                99
+            };
+            // SAFETY: ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    fn open_overcommit_read_only() -> i32 {
+        let path = b"/proc/sys/vm/overcommit_memory\0";
+        // SAFETY: a NUL-terminated path; the descriptor is closed right away.
+        let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return 1;
+        }
+        // SAFETY: fd was just opened.
+        unsafe { libc::close(fd) };
+        0
+    }
+
+    fn open_for_writing() -> i32 {
+        let path = b"/dev/null\0";
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_WRONLY) };
+        i32::from(fd >= 0)
+    }
+
+    #[test]
+    fn confined_threads_may_open_read_only_as_glibc_free_does_but_never_for_writing() {
+        for kind in [ThreadKind::Block, ThreadKind::Vcpu, ThreadKind::Vmm] {
+            let st = in_confined_child(kind, open_overcommit_read_only);
+            assert!(
+                libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+                "{kind:?}: {st:#x}"
+            );
+        }
+        for kind in [ThreadKind::Block, ThreadKind::Vcpu] {
+            let st = in_confined_child(kind, open_for_writing);
+            assert!(
+                libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGSYS,
+                "{kind:?}: {st:#x}"
+            );
+        }
+    }
 
     #[test]
     fn filters_compile() {
