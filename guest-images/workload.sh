@@ -3,7 +3,8 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
+#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify) |
+#       raw-header | sector0 | peek | crash:SEED | crash-verify   (guest-images/crash-trials)
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
@@ -105,6 +106,39 @@ step_devtest() {
   echo "serial=$serial discard_granularity=$(cat /sys/block/vda/queue/discard_granularity)"
 }
 
+# raw-header: the format-probing attack (QEMU's CVE-2008-2004 class). /dev/vdb holds a
+# qcow2 header that names a host file (the host put it there: a guest could as well write
+# it byte by byte); the guest copies it over the start of /dev/vda, its raw disk. Prints
+# dd's exit code and whether /dev/vda now starts with the qcow2 magic.
+step_raw_header() {
+  [ -b /dev/vdb ] || { echo "no /dev/vdb"; return 1; }
+  rc=0
+  dd if=/dev/vdb of=/dev/vda bs=65536 oflag=direct 2>/dev/null || rc=$?
+  m=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 4 | od -An -tx1 | tr -d ' \n')
+  [ "$m" = 514649fb ] && magic=1 || magic=0
+  echo "header_rc=$rc magic=$magic"
+}
+
+# sector0: ordinary, zero and write-zeroes writes of /dev/vda's first 4 KiB, each read back.
+step_sector0() {
+  pat() { head -c "$1" /dev/zero | tr '\000' "$2"; }
+  sum() { dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | md5sum | cut -c1-32; }
+  w=0; z=0; wz=0
+  pat 4096 '\253' | dd of=/dev/vda bs=4096 count=1 iflag=fullblock oflag=direct 2>/dev/null || w=$?
+  [ "$(sum)" = "$(pat 4096 '\253' | md5sum | cut -c1-32)" ] && wback=1 || wback=0
+  dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null || z=$?
+  [ "$(sum)" = "$(pat 4096 '\000' | md5sum | cut -c1-32)" ] && zback=1 || zback=0
+  pat 4096 '\253' | dd of=/dev/vda bs=4096 count=1 iflag=fullblock oflag=direct 2>/dev/null
+  "$BLKDISCARD" -z -o 0 -l 4096 /dev/vda || wz=$?
+  [ "$(sum)" = "$(pat 4096 '\000' | md5sum | cut -c1-32)" ] && wzback=1 || wzback=0
+  echo "write_rc=$w write_back=$wback zero_rc=$z zero_back=$zback write_zeroes_rc=$wz write_zeroes_back=$wzback"
+}
+
+# peek: the first 64 bytes of /dev/vda as text (what the guest can read there).
+step_peek() {
+  echo "head=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 64 | tr -c 'a-zA-Z0-9-' '.')"
+}
+
 # blkbench:MODE:BS:SECS on /dev/vda (raw device, from the initramfs).
 step_blkbench() {
   IFS=: read -r mode bs secs <<ARGS
@@ -138,6 +172,73 @@ ARGS
     printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
 }
 
+# crash:SEED (guest-images/crash-trials kills thinvm while this runs; it never ends by itself):
+# in a loop, writes files of pseudo-random sizes into $DATA/crash, each fsynced with its
+# directory and then announced as `THINVM-FLUSHED NAME MD5`, and after each an unflushed
+# O_DIRECT write into a scratch file; zero-wipes part of the free
+# space; deletes old files (`THINVM-DELETING NAME` first); fstrims; pauses so thinvm's idle
+# work (freeing clusters, shrinking the image) runs. Each phase starts with THINVM-PHASE.
+step_crash() {
+  seed=${1:-1}
+  dir=$DATA/crash
+  mkdir -p "$dir" && sync "$DATA" || return 1
+  chunk
+  # Numbering continues after what a previous run left (there is none on a fresh overlay).
+  i=$(ls "$dir" | sed -n 's/^f\([0-9]*\)$/\1/p' | sort -n | tail -1)
+  i=${i:-0}
+  r=$seed
+  # v = a pseudo-random number below $1 (no subshell, so r advances).
+  rnd() { r=$(( (r * 1103515245 + 12345) % 2147483648 )); v=$(( r % $1 )); }
+  echo "THINVM-CRASH-START"
+  while :; do
+    echo "THINVM-PHASE write"
+    for k in 1 2 3 4; do
+      i=$((i + 1))
+      rnd 508; kib=$((4 + v))
+      rnd 16; skip=$v
+      f=$dir/f$i
+      { echo "thinvm crash file $i seed $seed"; dd if=/tmp/chunk bs=64k skip=$skip 2>/dev/null; cat /tmp/chunk; } |
+        head -c $((kib * 1024)) | dd of="$f" bs=64k conv=fsync 2>/dev/null || return 1
+      sync "$dir" || return 1
+      echo "THINVM-FLUSHED f$i $(md5sum < "$f" | cut -c1-32)"
+      # Unflushed writes in flight too: O_DIRECT into a 16 MiB scratch file, no fsync (thinvm
+      # allocates clusters for them that only the next flush references).
+      rnd 8; n=$((1 + v))
+      rnd 248
+      dd if=/tmp/chunk of="$dir/scratch" bs=64k count=$n seek=$v oflag=direct conv=notrunc 2>/dev/null
+    done
+    echo "THINVM-PHASE zero-wipe"
+    rnd 12
+    dd if=/dev/zero of="$dir/zero" bs=1M count=$((4 + v)) conv=fsync 2>/dev/null
+    rm -f "$dir/zero"; sync
+    echo "THINVM-PHASE delete"
+    for old in $(ls "$dir" | sed -n 's/^f\([0-9]*\)$/\1/p' | sort -n | head -n -8); do
+      echo "THINVM-DELETING f$old"
+      rm -f "$dir/f$old"
+    done
+    sync
+    echo "THINVM-PHASE fstrim"
+    fstrim "$DATA" >/dev/null 2>&1
+    echo "THINVM-PHASE idle"
+    rnd 6
+    sleep 0.$((2 + v))
+  done
+}
+
+# crash-verify: after a crash, mounting the root file system replayed its journal; print
+# `THINVM-SUM NAME MD5` for every file of $DATA/crash, then remount the root file system
+# read-only so the host's e2fsck sees it clean (as after an orderly shutdown).
+step_crash_verify() {
+  dir=$DATA/crash
+  [ -d "$dir" ] || { echo "no-crash-dir"; return 1; }
+  for f in "$dir"/*; do
+    [ -f "$f" ] || continue
+    echo "THINVM-SUM ${f##*/} $(md5sum < "$f" | cut -c1-32)"
+  done
+  sync
+  mount -o remount,ro "$DATA" || return 1
+}
+
 step_df() { df -k "$DATA" | awk 'NR == 2 { printf "used_kb=%s avail_kb=%s", $3, $4 }'; }
 
 run_step() {
@@ -157,6 +258,11 @@ run_step() {
     df) out=$(step_df) ;;
     blkbench) out=$(step_blkbench "$arg") ;;
     fio) out=$(step_fio "$arg") ;;
+    raw-header) out=$(step_raw_header) ;;
+    sector0) out=$(step_sector0) ;;
+    peek) out=$(step_peek) ;;
+    crash) step_crash "$arg"; out= ;;
+    crash-verify) out=$(step_crash_verify) ;;
     sleep) sleep "${arg:-1}"; out= ;;
     *) error "$name" "unknown-step"; return ;;
   esac

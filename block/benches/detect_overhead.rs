@@ -26,6 +26,7 @@ fn bench(c: &mut Criterion) {
             read_only: false,
             format: None,
             direct: false,
+            ..Default::default()
         },
     )
     .unwrap();

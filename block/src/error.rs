@@ -1,6 +1,6 @@
 //! The one error type of the image crate.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong while opening, reading or writing a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +34,45 @@ pub enum Error {
     /// The image's metadata is inconsistent (it has been marked corrupt where possible).
     #[error("image corrupt: {0}")]
     Corrupt(String),
+    /// Another open of the image (QEMU, qemu-nbd, qemu-io, another thinvm) holds QEMU's lock
+    /// bytes in a way that conflicts with this open (see [`crate::lock`]). `shared`: the
+    /// other user holds `permission`, which this open refuses to share; otherwise the other
+    /// user refuses to share `permission`, which this open needs. `in_this_process`: this
+    /// process has the file open (locked) too.
+    #[error("{}", locked_message(path, permission, *shared, *in_this_process))]
+    Locked {
+        path: PathBuf,
+        permission: &'static str,
+        shared: bool,
+        in_this_process: bool,
+    },
     /// Invalid argument from the caller (CLI, device layer).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Refused because the image's format was probed, not given (see `probe`): a probed
+    /// image that names another file, or a write that would change what a probed-raw image
+    /// probes as.
+    #[error("{0}")]
+    Probe(String),
+    /// The backing chain is not one the crate opens (see `chain`): a loop, too deep, or more
+    /// metadata than a chain may hold in memory.
+    #[error("{0}")]
+    Chain(String),
 }
 
-/// Result alias for the image crate.
+fn locked_message(path: &Path, permission: &str, shared: bool, in_this_process: bool) -> String {
+    let lock = format!(
+        "{}: failed to get {}\"{permission}\" lock",
+        path.display(),
+        if shared { "shared " } else { "" }
+    );
+    if in_this_process {
+        format!("{lock}: the image is already open in this process (given twice, or a backing chain that leads back to it)")
+    } else {
+        format!("{lock}: the image is in use by another process (QEMU, qemu-nbd or another thinvm); to inspect it while it is in use, open it read-only with force-share (thinvm image info|map|check -U)")
+    }
+}
+
 impl Error {
     /// Whether opening with O_DIRECT failed because the file system does not support it.
     pub fn is_direct_io_unsupported(&self) -> bool {

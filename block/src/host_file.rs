@@ -22,6 +22,8 @@ pub const DIRECT_ALIGN: u64 = 4096;
 pub struct HostFile {
     file: File,
     direct: bool,
+    /// QEMU-style image lock held through this file, if taken ([`HostFile::lock`]).
+    lock: Option<crate::lock::ImageLock>,
 }
 
 /// A zero-filled buffer whose start is aligned to [`DIRECT_ALIGN`]: what O_DIRECT reads and
@@ -86,24 +88,39 @@ enum Transferred {
 impl HostFile {
     /// Opens `path` for reading (and writing unless `read_only`), with `O_DIRECT` if
     /// `direct`. A file system without direct I/O support fails here with `EINVAL`.
+    /// Only regular files and block devices are images: anything else (a FIFO, a terminal,
+    /// a socket, a directory) is refused, without waiting on it (see [`crate::chain`]).
     pub fn open(path: &Path, read_only: bool, direct: bool) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!read_only);
+        let mut flags = crate::chain::OPEN_FLAGS;
         if direct {
-            opts.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        opts.custom_flags(flags);
+        let file = opts.open(path)?;
+        crate::chain::check_opened_file(&file)?;
         Ok(HostFile {
-            file: opts.open(path)?,
+            file,
             direct,
+            lock: None,
         })
     }
 
-    /// Wraps a file opened through the page cache.
+    /// Wraps a file opened through the page cache (not locked).
     pub fn from_file(file: File) -> Self {
         HostFile {
             file,
             direct: false,
+            lock: None,
         }
+    }
+
+    /// Locks the file (the image at `path`) with QEMU's lock bytes for `mode`, failing if
+    /// another user's locks conflict ([`crate::lock`]). Held until the file is dropped.
+    pub fn lock(&mut self, path: &Path, mode: crate::lock::LockMode) -> crate::Result<()> {
+        self.lock = Some(crate::lock::acquire(&self.file, path, mode)?);
+        Ok(())
     }
 
     /// Whether the file was opened with `O_DIRECT`.

@@ -1,4 +1,8 @@
 //! Whole-image inspection and maintenance: `info`, `check`/`repair` and `compact`.
+//!
+//! Images are locked as QEMU's tools lock them ([`crate::lock`]): `info` and `check` are
+//! read-only opens that fail while another process writes the image unless asked to
+//! force-share (`-U`), `check` with repair and `compact` are writers.
 
 use std::path::Path;
 
@@ -44,10 +48,23 @@ pub struct ImageInfo {
 
 /// Information about one image file (not following its backing file).
 pub fn info(path: &Path) -> Result<ImageInfo> {
+    info_shared(path, false)
+}
+
+/// [`info`], with force-share when `force_share` (`-U`). A raw image is always opened with
+/// force-share: only its size is read, and `qemu-img info` takes no lock on raw files either.
+pub fn info_shared(path: &Path, force_share: bool) -> Result<ImageInfo> {
     let filename = path.display().to_string();
     match probe_format(path)? {
         ImageFormat::Raw => {
-            let img = crate::raw::RawImage::open(path, true)?;
+            let img = crate::raw::RawImage::open_with_options(
+                path,
+                &crate::OpenOptions {
+                    read_only: true,
+                    force_share: true,
+                    ..Default::default()
+                },
+            )?;
             Ok(ImageInfo {
                 filename,
                 format: ImageFormat::Raw,
@@ -61,7 +78,7 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
             })
         }
         ImageFormat::Qcow2 => {
-            let img = Qcow2Image::open_without_backing(path, true)?;
+            let img = Qcow2Image::open_without_backing_shared(path, true, force_share)?;
             let h = img.header();
             use crate::qcow2::header::{compat, incompat, CompressionType};
             Ok(ImageInfo {
@@ -95,17 +112,26 @@ pub fn info(path: &Path) -> Result<ImageInfo> {
 }
 
 /// Reads the information of an image and of every layer below it (first element: `path`).
+/// Every layer must be a different file (see [`crate::chain`]).
 pub fn info_chain(path: &Path) -> Result<Vec<ImageInfo>> {
-    let mut out = vec![info(path)?];
+    info_chain_shared(path, false)
+}
+
+/// [`info_chain`], with force-share when `force_share` (`-U`).
+pub fn info_chain_shared(path: &Path, force_share: bool) -> Result<Vec<ImageInfo>> {
+    let mut chain = crate::chain::Chain::new(true);
+    let stat = |p: &Path| {
+        std::fs::metadata(p).map_err(|source| Error::Open {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let mut out = vec![info_shared(path, force_share)?];
+    chain.enter(path, &stat(path)?)?;
     while let Some(next) = out.last().and_then(|i| i.full_backing_filename.clone()) {
-        if out.len() as u32 > crate::qcow2::MAX_CHAIN_DEPTH {
-            return Err(Error::InvalidImage(format!(
-                "backing chain deeper than {} images (loop?)",
-                crate::qcow2::MAX_CHAIN_DEPTH
-            )));
-        }
         let p = std::path::PathBuf::from(&next);
-        let mut i = info(&p)?;
+        chain.enter(&p, &stat(&p)?)?;
+        let mut i = info_shared(&p, force_share)?;
         if let Some(f) = out.last().and_then(|l| l.backing_filename_format) {
             if f != i.format {
                 return Err(Error::InvalidImage(format!(
@@ -148,10 +174,27 @@ pub struct CheckReport {
     pub compressed_clusters: Option<u64>,
     /// One human-readable line per problem found (`ERROR ...`, `Leaked cluster ...`).
     pub messages: Vec<String>,
+    /// Lines left out of `messages` (an image can have millions of problems; they are all
+    /// counted, the first ones are listed).
+    pub messages_dropped: u64,
 }
 
 /// Checks (and with `repair`, repairs) an image.
 pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
+    check_shared(path, repair, false)
+}
+
+/// [`check`], with force-share when `force_share` (`-U`; refused with `repair`).
+pub fn check_shared(
+    path: &Path,
+    repair: Option<RepairMode>,
+    force_share: bool,
+) -> Result<CheckReport> {
+    if force_share && repair.is_some() {
+        return Err(Error::InvalidArgument(
+            "force-share (-U) is only allowed for read-only opens, not with repair (-r)".into(),
+        ));
+    }
     match probe_format(path)? {
         ImageFormat::Raw => Err(Error::Unsupported(
             "raw images have no metadata to check".into(),
@@ -159,7 +202,7 @@ pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
         ImageFormat::Qcow2 => {
             let mut img = match repair {
                 Some(_) => Qcow2Image::open_for_repair(path)?,
-                None => Qcow2Image::open_without_backing(path, true)?,
+                None => Qcow2Image::open_without_backing_shared(path, true, force_share)?,
             };
             img.check(repair)
         }
@@ -183,15 +226,39 @@ pub struct CompactReport {
 
 /// Offline reclamation of an image: all-zero clusters become zero/unallocated entries (never
 /// exposing backing data), freed ranges are punched, and tail clusters are moved down so the
-/// file can be truncated. `progress(done, total)` is called as work proceeds.
+/// file can be truncated. `progress(done, total)` is called as work proceeds. The format is
+/// probed, so an image that names a backing file is refused ([`compact_with_format`] takes
+/// the format).
 pub fn compact(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-    if probe_format(path)? != ImageFormat::Qcow2 {
+    compact_with_format(path, None, progress)
+}
+
+/// [`compact`] of an image whose format is given (`None`: probed, under
+/// [`crate::ProbePolicy::HostTool`]'s rules for a writable open).
+pub fn compact_with_format(
+    path: &Path,
+    format: Option<ImageFormat>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CompactReport> {
+    let found = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    if found != ImageFormat::Qcow2 {
         return Err(Error::Unsupported(
             "compact works on qcow2 images (a raw image can be made sparse with `fallocate -d`)"
                 .into(),
         ));
     }
-    let mut img = Qcow2Image::open(path, false)?;
+    let mut img = Qcow2Image::open_with_options(
+        path,
+        &crate::OpenOptions {
+            read_only: false,
+            format,
+            probe: crate::ProbePolicy::HostTool,
+            ..Default::default()
+        },
+    )?;
     let before = img.host_usage()?;
     let allocated_clusters_before = img.allocated_host_clusters()?;
     let stats = img.compact(progress)?;

@@ -2,16 +2,19 @@
 //!
 //! One trait, [`DiskImage`], is what the device layer (virtio-blk) and the `thinvm image` tool
 //! use. Implementations: [`raw::RawImage`] and [`qcow2::Qcow2Image`]. [`open`] probes the
-//! format and opens either.
+//! format (under the rules of [`probe`]) and opens either.
 //!
 //! The I/O model is synchronous positioned I/O (`pread`/`pwrite`); every request names its
 //! guest offset explicitly, so a queue-based (io_uring) backend can implement the same
 //! operations later.
 
+pub mod chain;
 pub mod error;
 pub mod host_file;
 pub mod inspect;
+pub mod lock;
 mod parallel;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
 pub mod zero;
@@ -20,6 +23,7 @@ use std::path::Path;
 
 pub use error::{Error, Result};
 pub use parallel::{start_pool, ThreadStart, MAX_THREADS as MAX_IO_THREADS};
+pub use probe::{probe_format, ProbePolicy};
 
 /// Image file formats understood by the crate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -310,44 +314,64 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// The expected format; `None` probes the file's first bytes.
     pub format: Option<ImageFormat>,
+    /// What the image may do if its format is probed (and which backing files of unrecorded
+    /// format may be followed): see [`probe`].
+    pub probe: ProbePolicy,
     /// Bypass the host page cache (`O_DIRECT`, QEMU's `cache=none`), for the image and its
     /// backing chain.
     pub direct: bool,
+    /// QEMU's `force-share` (`-U`): lock the chain without refusing other users, for reading
+    /// an image another process may be writing. Only with `read_only` ([`lock`]).
+    pub force_share: bool,
 }
 
-/// Probes the format of an image file: qcow2 by its magic, raw otherwise.
-pub fn probe_format(path: &Path) -> Result<ImageFormat> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < magic.len() {
-        match file.read(&mut magic[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
-        }
-    }
-    if got == magic.len() && magic == qcow2::MAGIC {
-        Ok(ImageFormat::Qcow2)
-    } else {
-        Ok(ImageFormat::Raw)
-    }
-}
-
-/// Opens an image, probing its format unless `opts.format` names it.
+/// Opens an image, probing its format unless `opts.format` names it. A probed image is held
+/// to `opts.probe`'s rules ([`probe`]): a probed qcow2 image that names a backing file may
+/// be refused, and a writable image probed as raw refuses writes that would make it probe as
+/// another format.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn DiskImage>> {
+    // Checked before anything is opened: force-share is for read-only opens only.
+    let lock_mode = lock::LockMode::for_open(opts.read_only, opts.force_share)?;
+    let mut file =
+        host_file::HostFile::open(path, opts.read_only, opts.direct).map_err(|source| {
+            Error::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    let probed = opts.format.is_none();
     let format = match opts.format {
         Some(f) => f,
-        None => probe_format(path)?,
+        None => probe::probe_file(&file, path)?,
     };
     Ok(match format {
-        ImageFormat::Raw => Box::new(raw::RawImage::open_with(path, opts.read_only, opts.direct)?),
-        ImageFormat::Qcow2 => Box::new(qcow2::Qcow2Image::open_with_options(path, opts)?),
+        ImageFormat::Raw => {
+            file.lock(path, lock_mode)?;
+            let mut img = raw::RawImage::from_host_file(file, opts.read_only)?;
+            if probed && !opts.read_only {
+                tracing::warn!(
+                    "{}: no format given and probing found raw: writes that would make its first bytes look like another format are refused; give format=raw to allow them",
+                    path.display()
+                );
+                img.keep_probed_raw();
+            }
+            Box::new(img)
+        }
+        ImageFormat::Qcow2 => {
+            let mut chain = chain::Chain::new(opts.probe.follows_probed_names(opts.read_only));
+            Box::new(qcow2::Qcow2Image::open_file(
+                file,
+                path,
+                opts.read_only,
+                &mut chain,
+                qcow2::OpenFlags {
+                    direct: opts.direct,
+                    force_share: opts.force_share,
+                    ..Default::default()
+                },
+                probed.then_some(probe::Probed::Image),
+            )?)
+        }
     })
 }
 

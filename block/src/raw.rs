@@ -23,6 +23,8 @@ pub struct RawImage {
     stats: ReclaimStats,
     /// Whether the host file system accepted `FALLOC_FL_PUNCH_HOLE` so far.
     punch_supported: bool,
+    /// The format was probed: writes may not make the image probe as another format.
+    keep_raw: bool,
 }
 
 impl RawImage {
@@ -33,19 +35,35 @@ impl RawImage {
 
     /// Opens a raw image, with `O_DIRECT` if `direct`.
     pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
-        let file = HostFile::open(path, read_only, direct).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_host_file(file, read_only)
+        Self::open_with_options(
+            path,
+            &crate::OpenOptions {
+                read_only,
+                direct,
+                ..Default::default()
+            },
+        )
     }
 
-    /// Wraps an already open file.
+    /// Opens a raw image with the read-only, direct-I/O and force-share settings of `opts`,
+    /// locked as [`crate::lock`] says.
+    pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+        let mode = crate::lock::LockMode::for_open(opts.read_only, opts.force_share)?;
+        let mut file =
+            HostFile::open(path, opts.read_only, opts.direct).map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        file.lock(path, mode)?;
+        Self::from_host_file(file, opts.read_only)
+    }
+
+    /// Wraps an already open file (not locked).
     pub fn from_file(file: File, read_only: bool) -> Result<Self> {
         Self::from_host_file(HostFile::from_file(file), read_only)
     }
 
-    fn from_host_file(file: HostFile, read_only: bool) -> Result<Self> {
+    pub(crate) fn from_host_file(file: HostFile, read_only: bool) -> Result<Self> {
         let size = file
             .metadata()
             .map_err(|e| Error::io("stat raw image", e))?
@@ -57,21 +75,58 @@ impl RawImage {
             detect_zeroes: DetectZeroes::Off,
             stats: ReclaimStats::default(),
             punch_supported: true,
+            keep_raw: false,
         })
     }
 
-    /// Creates (or truncates) a raw image of `size` bytes; the file is sparse.
+    /// From now on, refuses writes that would make the image's first bytes probe as another
+    /// format (for images whose format was probed, see [`crate::probe`]).
+    pub fn keep_probed_raw(&mut self) {
+        self.keep_raw = true;
+    }
+
+    /// The one check of [`RawImage::keep_probed_raw`], for a write of the concatenation of
+    /// `bufs` at `offset`: the bytes the probe reads, as they would be after the write (the
+    /// file's current bytes where the write does not cover them), must still probe as raw.
+    fn check_stays_raw(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+        let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
+        if !self.keep_raw || offset >= probe_len {
+            return Ok(());
+        }
+        let mut head = vec![0u8; probe_len as usize];
+        self.file
+            .read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io("read raw image", e))?;
+        let covered = (probe_len - offset).min(crate::total_len(bufs));
+        let mut at = offset as usize;
+        for piece in crate::pieces(bufs, 0..covered) {
+            head[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        }
+        match crate::probe::foreign_format_of_head(&head) {
+            None => Ok(()),
+            Some(other) => Err(Error::Probe(format!(
+                "write at offset {offset} refused: the image's format was probed as raw, and this write would make it probe as {other} (a guest could then make the host open other files); give the format (format=raw) to allow such writes"
+            ))),
+        }
+    }
+
+    /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
+    /// file another process uses is refused before it is truncated ([`crate::lock`]).
     pub fn create(path: &Path, size: u64) -> Result<()> {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(|source| Error::Open {
                 path: path.to_path_buf(),
                 source,
             })?;
-        file.set_len(size)
+        let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
+        file.set_len(0)
+            .and_then(|()| file.set_len(size))
             .map_err(|e| Error::io(format!("resize {}", path.display()), e))
     }
 
@@ -219,6 +274,7 @@ impl DiskImage for RawImage {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable()?;
         check_range(offset, buf.len() as u64, self.size)?;
+        self.check_stays_raw(offset, &[buf])?;
         if self.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
             return self.detected_zeroes(offset, buf.len() as u64);
         }
@@ -267,11 +323,16 @@ impl DiskImage for RawImage {
         for &(offset, bufs) in reqs {
             let total: u64 = crate::total_len(bufs);
             check_range(offset, total, self.size)?;
-            if crate::overlaps(&pending, offset, offset + total) {
+            // (A write the probe would see is checked against the file with every earlier
+            // write of the batch in it.)
+            if crate::overlaps(&pending, offset, offset + total)
+                || (self.keep_raw && offset < crate::probe::PROBE_BYTES as u64)
+            {
                 crate::parallel::write_all(&self.file, std::mem::take(&mut jobs), threads)
                     .map_err(|e| Error::io("write raw image", e))?;
                 pending.clear();
             }
+            self.check_stays_raw(offset, bufs)?;
             if self.detect_zeroes != DetectZeroes::Off
                 && total > 0
                 && crate::is_zero_vectored(bufs, 0..total)
@@ -298,6 +359,7 @@ impl DiskImage for RawImage {
         let total: u64 = crate::total_len(bufs);
         self.check_writable()?;
         check_range(offset, total, self.size)?;
+        self.check_stays_raw(offset, bufs)?;
         if self.detect_zeroes != DetectZeroes::Off
             && total > 0
             && crate::is_zero_vectored(bufs, 0..total)

@@ -19,6 +19,7 @@ fn open(path: &std::path::Path, direct: bool) -> Box<dyn DiskImage> {
         path,
         &OpenOptions {
             direct,
+            format: Some(ImageFormat::Qcow2),
             ..Default::default()
         },
     )

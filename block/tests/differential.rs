@@ -64,8 +64,9 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
             &img,
             &block::OpenOptions {
                 read_only,
-                format: None,
+                format: Some(block::ImageFormat::Qcow2),
                 direct: cfg.direct,
+                ..Default::default()
             },
         )
         .unwrap()

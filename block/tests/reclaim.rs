@@ -189,7 +189,8 @@ fn per_cluster_detection_inside_large_writes_and_partial_writes() {
     img.flush().unwrap();
     let mut model = base_data.clone();
     model[..1 << 20].copy_from_slice(&buf);
-    let rep = block::inspect::check(&p, None).unwrap();
+    // Checked while still open for writing (flushed): with force-share, as `qemu-img check -U`.
+    let rep = block::inspect::check_shared(&p, None, true).unwrap();
     assert_eq!(rep.allocated_clusters, Some(13), "{rep:?}");
     for gc in 5..8u64 {
         let st = img.block_status(gc * 65536, 65536).unwrap();

@@ -225,7 +225,13 @@ fn qemu(args: &[&str]) -> (i32, String) {
 /// 16 writes of 64 KiB (cluster i gets byte 0x40 + i) into an image on a nearly full file
 /// system: held, then completed once the filler goes; a read is served meanwhile.
 fn fill_up_and_free(image_path: &Path, fs: &Path) {
-    let image = block::open(image_path, &Default::default()).unwrap();
+    // The test's own image: its format is given, as a trusting user gives it.
+    let format = Some(block::probe_format(image_path).unwrap());
+    let opts = block::OpenOptions {
+        format,
+        ..Default::default()
+    };
+    let image = block::open(image_path, &opts).unwrap();
     let mut vm = vm_with(image, block_config(), TempDir::new("enospc-vm"));
     let ring = Ring::at(0x1000, 64);
     driver_init(&mut vm, &ring, FEATURES);

@@ -106,6 +106,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             format: a.format,
             read_only: !a.write,
             direct: a.cache == CacheArg::None,
+            force_share: false,
         },
     )?;
     img.set_detect_zeroes(a.detect_zeroes.into());

@@ -43,6 +43,12 @@ fn to_human(r: &CheckReport) -> String {
         s.push_str(m);
         s.push('\n');
     }
+    if r.messages_dropped > 0 {
+        s.push_str(&format!(
+            "({} more messages not shown; every problem is counted below)\n",
+            r.messages_dropped
+        ));
+    }
     if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
         s.push_str(&format!(
             "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
@@ -93,12 +99,13 @@ pub fn run(
     repair: Option<RepairArg>,
     output: OutputFormat,
     quiet: bool,
+    force_share: bool,
 ) -> Result<u8> {
     let mode = repair.map(|r| match r {
         RepairArg::Leaks => RepairMode::Leaks,
         RepairArg::All => RepairMode::All,
     });
-    let report = match block::inspect::check(file, mode) {
+    let report = match block::inspect::check_shared(file, mode, force_share) {
         Ok(r) => r,
         Err(e) => {
             // qemu-img: "could not check" is exit code 1.

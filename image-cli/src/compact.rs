@@ -7,7 +7,7 @@ use crate::error::{CliError, Result};
 use crate::size::human_size;
 use crate::OutputFormat;
 
-pub fn run(file: &Path, output: OutputFormat) -> Result<()> {
+pub fn run(file: &Path, format: Option<crate::FormatArg>, output: OutputFormat) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -25,7 +25,8 @@ pub fn run(file: &Path, output: OutputFormat) -> Result<()> {
             b.set_position(done);
         }
     };
-    let r = block::inspect::compact(file, &mut progress).map_err(|e| CliError::image(file, e));
+    let r = block::inspect::compact_with_format(file, format.map(Into::into), &mut progress)
+        .map_err(|e| CliError::image(file, e));
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

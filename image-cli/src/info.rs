@@ -110,11 +110,16 @@ pub fn to_human(i: &ImageInfo) -> String {
     s
 }
 
-pub fn run(file: &Path, output: OutputFormat, backing_chain: bool) -> Result<()> {
+pub fn run(
+    file: &Path,
+    output: OutputFormat,
+    backing_chain: bool,
+    force_share: bool,
+) -> Result<()> {
     let chain = if backing_chain {
-        block::inspect::info_chain(file)
+        block::inspect::info_chain_shared(file, force_share)
     } else {
-        block::inspect::info(file).map(|i| vec![i])
+        block::inspect::info_shared(file, force_share).map(|i| vec![i])
     }
     .map_err(|e| CliError::image(file, e))?;
     match output {

@@ -3,6 +3,11 @@
 //!
 //! Subcommands: `create`, `info`, `check`, `map`, `io`, `bench`, `compact`. Output formats,
 //! JSON field names and exit codes follow qemu-img's.
+//!
+//! Images are locked as qemu-img and qemu-io lock them (`block::lock`): `info`, `map`,
+//! `check` and `io -r` are readers and fail while another process (a VM, qemu-nbd, thinvm)
+//! writes the image unless given `-U` / `--force-share`; `io`, `check -r`, `compact` and
+//! `bench -w` are writers and fail while anyone else uses the image.
 
 mod bench;
 mod check;
@@ -90,7 +95,8 @@ pub enum ImageCommand {
         /// Backing file (the new image is an overlay on it).
         #[arg(short = 'b', value_name = "BACKING")]
         backing: Option<String>,
-        /// Backing file format (probed when omitted).
+        /// Backing file format (probed when omitted; the probed format is recorded, so a
+        /// probed qcow2 image that names another file is refused).
         #[arg(short = 'F', value_enum, value_name = "FMT")]
         backing_format: Option<FormatArg>,
         /// Options: cluster_size=N,compat=0.10|1.1,refcount_bits=N
@@ -111,6 +117,10 @@ pub enum ImageCommand {
         /// Also show every image of the backing chain.
         #[arg(long)]
         backing_chain: bool,
+        /// Open even while another process writes the image (no lock conflicts; what is
+        /// read may be inconsistent), like qemu-img's -U.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Check an image's metadata for leaks and corruptions (like `qemu-img check`).
@@ -124,12 +134,19 @@ pub enum ImageCommand {
         output: OutputFormat,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Check even while another process writes the image (not with -r), like
+        /// qemu-img's -U.
+        #[arg(short = 'U', long, conflicts_with = "repair")]
+        force_share: bool,
         file: PathBuf,
     },
     /// Show how guest ranges map to the image chain (like `qemu-img map`).
     Map {
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Map even while another process writes the image, like qemu-img's -U.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Run qemu-io style commands on an image: `write [-P PAT] [-z [-u]] OFF LEN`,
@@ -141,7 +158,12 @@ pub enum ImageCommand {
         /// Open read-only.
         #[arg(short = 'r', long = "read-only")]
         read_only: bool,
-        /// Image format (probed when omitted).
+        /// With -r: open even while another process writes the image, like qemu-io's -U.
+        #[arg(short = 'U', long, requires = "read_only")]
+        force_share: bool,
+        /// Image format. When omitted it is probed, and a writable open of a probed image is
+        /// refused if it is a qcow2 image that names a backing file, and refuses writes that
+        /// would make a probed raw image look like qcow2.
         #[arg(short = 'f', value_enum)]
         format: Option<FormatArg>,
         /// Cache mode: `none` bypasses the host page cache (O_DIRECT).
@@ -159,6 +181,10 @@ pub enum ImageCommand {
     Compact {
         #[arg(long, value_enum, default_value = "human")]
         output: OutputFormat,
+        /// Image format (qcow2). When omitted it is probed, and an image that names a backing
+        /// file is refused (give -f qcow2 if you trust it).
+        #[arg(short = 'f', value_enum)]
+        format: Option<FormatArg>,
         file: PathBuf,
     },
 }
@@ -187,18 +213,25 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
         ImageCommand::Info {
             output,
             backing_chain,
+            force_share,
             file,
-        } => info::run(&file, output, backing_chain).map(|()| 0),
+        } => info::run(&file, output, backing_chain, force_share).map(|()| 0),
         ImageCommand::Check {
             repair,
             output,
             quiet,
+            force_share,
             file,
-        } => check::run(&file, repair, output, quiet),
-        ImageCommand::Map { output, file } => map::run(&file, output).map(|()| 0),
+        } => check::run(&file, repair, output, quiet, force_share),
+        ImageCommand::Map {
+            output,
+            force_share,
+            file,
+        } => map::run(&file, output, force_share).map(|()| 0),
         ImageCommand::Io {
             detect_zeroes,
             read_only,
+            force_share,
             format,
             cache,
             commands,
@@ -209,12 +242,17 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
                 format,
                 read_only,
                 direct: cache == CacheArg::None,
+                force_share,
             },
             detect_zeroes,
             &commands,
         ),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
-        ImageCommand::Compact { output, file } => compact::run(&file, output).map(|()| 0),
+        ImageCommand::Compact {
+            output,
+            format,
+            file,
+        } => compact::run(&file, format, output).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -232,6 +270,8 @@ pub(crate) struct ImageAccess {
     pub read_only: bool,
     /// O_DIRECT (`-t none`).
     pub direct: bool,
+    /// `-U`: lock without refusing other users (read-only only).
+    pub force_share: bool,
 }
 
 /// Opens an image for the tool.
@@ -239,12 +279,14 @@ pub(crate) fn open_image(
     file: &std::path::Path,
     access: ImageAccess,
 ) -> Result<Box<dyn block::DiskImage>> {
-    block::open(
+    let img = block::open(
         file,
         &block::OpenOptions {
             read_only: access.read_only,
             format: access.format.map(Into::into),
             direct: access.direct,
+            probe: block::ProbePolicy::HostTool,
+            force_share: access.force_share,
         },
     )
     .map_err(|e| {
@@ -256,5 +298,12 @@ pub(crate) fn open_image(
         } else {
             CliError::image(file, e)
         }
-    })
+    })?;
+    if access.format.is_none() && !access.read_only && img.format() == block::ImageFormat::Raw {
+        eprintln!(
+            "thinvm: warning: {}: no format given and probing found raw: writes that would make its first bytes look like another format are refused; give -f raw to allow them",
+            file.display()
+        );
+    }
+    Ok(img)
 }

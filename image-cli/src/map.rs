@@ -8,11 +8,12 @@ use crate::error::{CliError, Result};
 use crate::OutputFormat;
 
 /// Every extent of the image, merged the way qemu-img merges them.
-pub fn extents(file: &Path) -> Result<Vec<MapExtent>> {
+pub fn extents(file: &Path, force_share: bool) -> Result<Vec<MapExtent>> {
     let mut img = crate::open_image(
         file,
         crate::ImageAccess {
             read_only: true,
+            force_share,
             ..Default::default()
         },
     )?;
@@ -51,15 +52,15 @@ pub fn extents(file: &Path) -> Result<Vec<MapExtent>> {
 }
 
 /// The file of each chain layer, for the human output.
-fn chain_files(file: &Path) -> Vec<PathBuf> {
-    match block::inspect::info_chain(file) {
+fn chain_files(file: &Path, force_share: bool) -> Vec<PathBuf> {
+    match block::inspect::info_chain_shared(file, force_share) {
         Ok(c) => c.into_iter().map(|i| PathBuf::from(i.filename)).collect(),
         Err(_) => vec![file.to_path_buf()],
     }
 }
 
-pub fn run(file: &Path, output: OutputFormat) -> Result<()> {
-    let ext = extents(file)?;
+pub fn run(file: &Path, output: OutputFormat, force_share: bool) -> Result<()> {
+    let ext = extents(file, force_share)?;
     match output {
         OutputFormat::Json => {
             let lines: Vec<String> = ext
@@ -79,7 +80,7 @@ pub fn run(file: &Path, output: OutputFormat) -> Result<()> {
             println!("[{}]", lines.join(",\n"));
         }
         OutputFormat::Human => {
-            let files = chain_files(file);
+            let files = chain_files(file, force_share);
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             for e in ext.iter().filter(|e| e.data) {
                 let Some(o) = e.offset else { continue };

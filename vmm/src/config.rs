@@ -43,6 +43,11 @@ pub struct RunArgs {
     pub cpus: u32,
     /// A virtio-blk disk; repeat for more.
     /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,werror=enospc|report][,serial=ID]
+    ///
+    /// Without format= the format is probed, and a probed image may not be turned against
+    /// the host: a qcow2 image that names a backing file is refused (format=qcow2 if you trust
+    /// it), and a raw image refuses writes that would make its first bytes look like qcow2
+    /// (format=raw allows them).
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<String>,
     /// Run every disk on a temporary overlay that is deleted when the VM ends.

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use block::{DetectZeroes, DiskImage, HostUsage, ImageFormat, OpenOptions};
+use block::{DetectZeroes, DiskImage, HostUsage, ImageFormat, OpenOptions, ProbePolicy};
 use devices::bus::Bus;
 use devices::virtio::block::{serial_bytes, Block, BlockConfig, BlockStats, ThreadInit};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -63,17 +63,26 @@ fn disk_serial(d: &DiskConfig) -> [u8; 20] {
     serial_bytes(&format!("thinvm-{h:012x}"))
 }
 
-/// Creates a fresh qcow2 overlay over `base` in the temporary directory.
+/// Creates a fresh qcow2 overlay over `base` in the temporary directory. The base is opened
+/// first (read-only, under the guest's probing rules, see `block::probe`) to learn the format
+/// the overlay records.
 fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Result<TempOverlay> {
     let derr = |msg: String| VmmError::Disk {
         path: base.display().to_string(),
         msg,
     };
     let abs = std::fs::canonicalize(base).map_err(|e| derr(format!("{e}")))?;
-    let fmt = match format {
-        Some(f) => f,
-        None => block::probe_format(&abs).map_err(|e| derr(format!("{e}")))?,
-    };
+    let fmt = block::open(
+        &abs,
+        &OpenOptions {
+            read_only: true,
+            format,
+            probe: ProbePolicy::Guest,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(|e| derr(format!("{e}")))?
+    .format();
     let name = format!(
         "thinvm-ephemeral-{}-{index}-{}.qcow2",
         std::process::id(),
@@ -116,12 +125,17 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             Some(o) => (o.0.clone(), Some(ImageFormat::Qcow2)),
             None => (d.path.clone(), d.format),
         };
+        // Locked as QEMU locks a VM's disk (block::lock): a writable disk excludes every
+        // other user of its file, a read-only disk and every backing file (the base of
+        // `--ephemeral` overlays) only writers, so many VMs can share one base.
         let mut image: Box<dyn DiskImage> = block::open(
             &path,
             &OpenOptions {
                 read_only: d.read_only,
                 format,
                 direct: d.direct,
+                probe: ProbePolicy::Guest,
+                force_share: false,
             },
         )
         .map_err(|e| {
@@ -142,7 +156,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         let thread_init: Option<ThreadInit> = if cfg.seccomp {
             let prog = seccomp::filter(ThreadKind::Block)?;
             Some(Box::new(move || {
-                seccomp::apply(&prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
             }))
         } else {
             None
@@ -264,7 +278,7 @@ fn start_confined_io_pool() -> Result<()> {
         .get_or_init(|| {
             let prog = seccomp::filter(ThreadKind::Block).map_err(|e| e.to_string())?;
             block::start_pool(Box::new(move || {
-                seccomp::apply(&prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
             }))
         })
         .clone()

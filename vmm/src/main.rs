@@ -94,7 +94,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Image { cmd } => image_cli::run(cmd),
+        Command::Image { cmd } => {
+            // Like other command-line tools, `thinvm image ... | head` ends quietly when the
+            // reader goes away (Rust ignores SIGPIPE, and print! then panics on EPIPE). Only
+            // for the image tool: a VM must not die with its console's reader.
+            // SAFETY: setting a signal's disposition to the default action is always sound;
+            // no handler is installed.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            image_cli::run(cmd)
+        }
         Command::Demo(args) => demo::run(args),
     }
 }

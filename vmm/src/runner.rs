@@ -37,6 +37,10 @@ fn eventfd() -> Result<EventFd> {
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     // Before any thread exists, so every thread inherits the blocked mask.
     let signals = event_loop::signal_fd()?;
+    // Before the first thread is confined (disk workers are, as they start).
+    if cfg.seccomp {
+        seccomp::prepare_process()?;
+    }
     let kvm = host::open_kvm()?;
     let max = kvm.get_max_vcpus() as u32;
     if cfg.cpus > max {
@@ -118,9 +122,6 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
 
     vcpu::install_kick_handler()?;
-    if cfg.seccomp {
-        seccomp::install_violation_reporter()?;
-    }
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         vcpus.push(Vcpu::new(&kvm, &vm.fd, id, cfg.cpus, nested.is_some())?);
@@ -185,7 +186,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
     if let Some(f) = &vmm_filter {
-        seccomp::apply(f)?;
+        seccomp::apply(ThreadKind::Vmm, f)?;
     }
     while exit.get().is_none() {
         if let Err(e) = em.run_with_timeout(500) {

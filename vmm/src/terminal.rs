@@ -1,6 +1,7 @@
 //! Raw mode for an interactive serial console, restored on every exit path (the guard's
-//! Drop runs on normal return, errors, and signal-initiated shutdown; a panic hook restores
-//! it too).
+//! Drop runs on normal return, errors, and signal-initiated shutdown; a panic of the thread
+//! that entered raw mode restores it too: other threads may not touch the terminal under
+//! their seccomp filters, their panics leave it to the guard).
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Mutex;
@@ -52,10 +53,13 @@ pub fn enter_raw_mode() -> Option<RawModeGuard> {
     raw.c_oflag |= libc::OPOST | libc::ONLCR;
     // SAFETY: tcsetattr reads `raw`.
     unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) };
+    let owner = std::thread::current().id();
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        restore();
         prev(info);
+        if std::thread::current().id() == owner {
+            restore();
+        }
     }));
     Some(RawModeGuard)
 }

@@ -1,6 +1,7 @@
 //! virtio-blk end to end on the host's KVM with the tiny driver guest (tests/guest/blk.c):
 //! every request type, hostile requests, device reset and re-activation; afterwards the
-//! overlay is checked with QEMU's tools and its allocation matches what the guest did.
+//! overlay is checked with QEMU's tools and its allocation matches what the guest did. Also
+//! the format-probing attack: a guest writing a qcow2 header into its raw disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -57,7 +58,7 @@ fn guest_driver_exercises_every_request_and_the_overlay_matches() {
             "--kernel",
             kernel.to_str().unwrap(),
             "--disk",
-            &format!("path={ov},serial=blk-test"),
+            &format!("path={ov},format=qcow2,serial=blk-test"),
         ],
         60,
     );
@@ -130,7 +131,7 @@ fn read_only_disks_refuse_writes() {
             "--kernel",
             kernel.to_str().unwrap(),
             "--disk",
-            &format!("path={ov},readonly=on,serial=blk-ro"),
+            &format!("path={ov},format=qcow2,readonly=on,serial=blk-ro"),
         ],
         60,
     );
@@ -157,8 +158,10 @@ fn checksum(p: &str) -> (Vec<u8>, std::time::SystemTime) {
     )
 }
 
-fn leftover_overlays() -> usize {
-    std::fs::read_dir(std::env::temp_dir())
+/// The ephemeral overlays in `tmp` (the TMPDIR the test gives its thinvm: tests running
+/// beside it start ephemeral VMs of their own).
+fn leftover_overlays(tmp: &std::path::Path) -> usize {
+    std::fs::read_dir(tmp)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -177,24 +180,30 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
     let dir = TempDir::new("eph");
     let (_b, ov) = make_overlay(&dir);
     let before = checksum(&ov);
-    let n0 = leftover_overlays();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let n0 = leftover_overlays(&tmp);
     let kernel = guest("blk");
     // The guest writes, zeroes, discards: all into the temporary overlay.
-    let out = run_thinvm(
-        &[
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "60"])
+        .arg(thinvm())
+        .args([
             "run",
             "--kernel",
             kernel.to_str().unwrap(),
             "--ephemeral",
             "--disk",
-            &format!("path={ov},serial=blk-eph"),
-        ],
-        60,
-    );
+            &format!("path={ov},format=qcow2,serial=blk-eph"),
+        ])
+        .env("TMPDIR", &tmp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     checks_passed(&text(&out.stdout));
     assert_eq!(checksum(&ov), before, "base image changed");
-    assert_eq!(leftover_overlays(), n0, "overlay left behind");
+    assert_eq!(leftover_overlays(&tmp), n0, "overlay left behind");
 
     // Killed with SIGTERM while running: the overlay goes too.
     let hello = guest("hello");
@@ -209,9 +218,10 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
             "--ephemeral",
             "--disk",
         ])
-        .arg(format!("path={ov}"))
+        .arg(format!("path={ov},format=qcow2"))
         .arg("--serial")
         .arg(format!("file={}", log.display()))
+        .env("TMPDIR", &tmp)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -224,11 +234,19 @@ fn ephemeral_overlays_leave_the_base_untouched_and_vanish() {
         assert!(t0.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(leftover_overlays(), n0 + 1, "overlay exists while running");
+    assert_eq!(
+        leftover_overlays(&tmp),
+        n0 + 1,
+        "overlay exists while running"
+    );
     // SAFETY: signalling our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(child.wait().unwrap().code(), Some(143));
-    assert_eq!(leftover_overlays(), n0, "overlay left behind after SIGTERM");
+    assert_eq!(
+        leftover_overlays(&tmp),
+        n0,
+        "overlay left behind after SIGTERM"
+    );
     assert_eq!(checksum(&ov), before, "base image changed");
 }
 
@@ -318,7 +336,7 @@ mount -t tmpfs -o size=8M thinvm-test $M || exit 77
 qemu-img create -q -f qcow2 -b {base} -F raw $M/ov.qcow2
 avail=$(df --output=avail -B1 $M | tail -1)
 head -c $((avail - 640 * 1024)) /dev/zero > $M/filler
-{thinvm} run --kernel {kernel} --cmdline mode=fill --serial file=$L/console --disk path=$M/ov.qcow2 >$L/vmm.log 2>&1 &
+{thinvm} run --kernel {kernel} --cmdline mode=fill --serial file=$L/console --disk path=$M/ov.qcow2,format=qcow2 >$L/vmm.log 2>&1 &
 pid=$!
 i=0
 until grep -q 'host file system is full' $L/vmm.log; do
@@ -394,4 +412,282 @@ fn thinvm_stops_at_once_while_writes_wait_for_host_space() {
         "thinvm_stops_at_once_while_writes_wait_for_host_space",
         false,
     );
+}
+
+/// Runs the tiny guest's `mode=copy-header` on `disk` (a `--disk` value); returns
+/// (exit code, stdout, stderr).
+fn copy_header(disk: &str) -> (Option<i32>, String, String) {
+    let kernel = guest("blk");
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "mode=copy-header",
+            "--disk",
+            disk,
+        ],
+        60,
+    );
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The format-probing attack (QEMU's CVE-2008-2004 class) on the host's KVM: the guest
+/// copies a qcow2 header that names a host file over the start of its raw disk. Given
+/// without format=, the disk stays raw (the write fails in the guest, ordinary and zero
+/// writes there work). Given with format=raw, the write lands; the next boot without
+/// format= is then refused, plain, read-only and --ephemeral, so the file never reaches a
+/// guest.
+#[test]
+fn a_guest_cannot_make_its_raw_disk_name_a_host_file() {
+    if !kvm_or_skip("a_guest_cannot_make_its_raw_disk_name_a_host_file") {
+        return;
+    }
+    let dir = TempDir::new("probe-attack");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, b"host secret: not for guests\n").unwrap();
+    let (secret, header) = (
+        secret.display().to_string(),
+        dir.join("header.qcow2").display().to_string(),
+    );
+    let disk = dir.join("disk.raw").display().to_string();
+    let (code, out) = qemu(&[
+        "qemu-img", "create", "-q", "-f", "qcow2", "-b", &secret, "-F", "raw", &header, "1M",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(std::fs::metadata(&header).unwrap().len() <= 256 << 10);
+    assert_eq!(
+        qemu(&["qemu-img", "create", "-q", "-f", "raw", &disk, "16M"]).0,
+        0
+    );
+    let (code, out) = qemu(&[
+        "dd",
+        &format!("if={header}"),
+        &format!("of={disk}"),
+        "bs=1M",
+        "seek=1",
+        "conv=notrunc",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let info = |p: &str| {
+        let (code, out) = qemu(&["qemu-img", "info", "--output=json", p]);
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+
+    // Probed: the header write fails, sector 0 keeps working, the disk stays raw.
+    let (code, stdout, stderr) = copy_header(&format!("path={disk}"));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("BLK-HEADER st0=1 st1=0 magic=0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("BLK-SECTOR0 write=0 zeroes=0 readback=1"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("probing found raw"), "{stderr}");
+    assert_eq!(info(&disk)["format"], "raw");
+
+    // format=raw: the user allows it, and the disk now looks like a qcow2 image with the
+    // secret as its backing file.
+    let (code, stdout, stderr) = copy_header(&format!("path={disk},format=raw"));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("BLK-HEADER st0=0 st1=0 magic=1"),
+        "{stdout}"
+    );
+    let i = info(&disk);
+    assert_eq!(i["format"], "qcow2");
+    assert_eq!(i["backing-filename"], secret.as_str());
+
+    // Without format= again: refused before the guest runs, saying why and what to do.
+    for disk_arg in [format!("path={disk}"), format!("path={disk},readonly=on")] {
+        for ephemeral in [false, true] {
+            let kernel = guest("blk");
+            let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+            if ephemeral {
+                args.push("--ephemeral");
+            }
+            args.extend(["--disk", &disk_arg]);
+            let out = run_thinvm(&args, 60);
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stdout}\n{stderr}");
+            assert!(
+                !stdout.contains("thinvm-blk-guest"),
+                "{args:?}: the guest ran"
+            );
+            assert!(stderr.contains("no format was given"), "{stderr}");
+            assert!(stderr.contains(&secret), "{stderr}");
+            assert!(stderr.contains("format=qcow2"), "{stderr}");
+        }
+    }
+}
+
+/// A `thinvm run` of the idling guest, stopped with SIGTERM when dropped.
+struct SpinningVm(std::process::Child);
+
+impl SpinningVm {
+    /// Starts `thinvm run --ephemeral` of the idling guest on `disk`; returns once it idles.
+    fn start(dir: &TempDir, disk: &str, tag: &str) -> SpinningVm {
+        let hello = guest("hello");
+        let log = dir.join(&format!("console-{tag}.txt"));
+        let child = Command::new(thinvm())
+            .args([
+                "run",
+                "--kernel",
+                hello.to_str().unwrap(),
+                "--cmdline",
+                "mode=spin",
+                "--ephemeral",
+                "--disk",
+            ])
+            .arg(format!("path={disk},format=qcow2"))
+            .arg("--serial")
+            .arg(format!("file={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut vm = SpinningVm(child);
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("idling")
+        {
+            if let Some(status) = vm.0.try_wait().unwrap() {
+                panic!("thinvm ended before its guest idled: {status}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "guest did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm
+    }
+
+    /// Stops the VM with SIGTERM; it ends as a VM stopped by that signal does.
+    fn stop(mut self) {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(self.0.wait().unwrap().code(), Some(143));
+    }
+}
+
+impl Drop for SpinningVm {
+    fn drop(&mut self) {
+        // After stop() this finds the child reaped already; on a failed test it ends it.
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Many `--ephemeral` VMs run on one base at once, QEMU may read the base meanwhile, but
+/// nobody may write it (a VM, qemu-io, another thinvm): the base is locked as QEMU locks a
+/// backing file. The locks go when the VMs end.
+#[test]
+fn ephemeral_vms_share_their_base_and_keep_its_writers_out() {
+    if !kvm_or_skip("ephemeral_vms_share_their_base_and_keep_its_writers_out") {
+        return;
+    }
+    let dir = TempDir::new("eph-lock");
+    let (base, ov) = make_overlay(&dir);
+    let before = checksum(&ov);
+    let first = SpinningVm::start(&dir, &ov, "a");
+    let second = SpinningVm::start(&dir, &ov, "b");
+    // A third VM, on the same base at the same time, runs the whole driver check.
+    let kernel = guest("blk");
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--ephemeral",
+            "--disk",
+            &format!("path={ov},format=qcow2,serial=blk-eph"),
+        ],
+        60,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    checks_passed(&text(&out.stdout));
+    // QEMU may read the base chain, not write it.
+    let (code, io) = qemu(&["qemu-io", "-r", "-c", "read -P 0x11 0 64k", &ov]);
+    assert_eq!(code, 0, "{io}");
+    let (code, io) = qemu(&["qemu-io", "-c", "write -P 0x22 0 64k", &ov]);
+    assert_eq!(code, 1, "{io}");
+    assert!(io.contains("Failed to get \"write\" lock"), "{io}");
+    let (code, io) = qemu(&["qemu-io", "-f", "raw", "-c", "write -P 0x22 0 64k", &base]);
+    assert_eq!(code, 1, "{io}");
+    // Neither may a thinvm VM with the image as its writable disk.
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--disk",
+            &format!("path={ov},format=qcow2"),
+        ],
+        60,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&ov), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    first.stop();
+    second.stop();
+    assert_eq!(checksum(&ov), before, "base image changed");
+    // Every VM has ended: the base is free to write again.
+    let (code, io) = qemu(&["qemu-io", "-c", "write -P 0x22 0 64k", &ov]);
+    assert_eq!(code, 0, "{io}");
+}
+
+/// A disk that qemu-nbd serves writable is refused by `thinvm run` (exit 1, one message
+/// naming the image), writable, read-only and as an `--ephemeral` base alike, and the
+/// ephemeral overlay made for it is removed again.
+#[test]
+fn run_refuses_a_disk_qemu_nbd_is_serving() {
+    if !kvm_or_skip("run_refuses_a_disk_qemu_nbd_is_serving") {
+        return;
+    }
+    let dir = TempDir::new("nbd-lock");
+    let (_base, ov) = make_overlay(&dir);
+    let before = checksum(&ov);
+    let _nbd = QemuNbd::hold(&dir, &["-f", "qcow2", &ov]);
+    let kernel = guest("blk");
+    for extra in [&[][..], &["--ephemeral"][..]] {
+        for disk in [
+            format!("path={ov},format=qcow2"),
+            format!("path={ov},format=qcow2,readonly=on"),
+        ] {
+            let child = Command::new(thinvm())
+                .args(["run", "--kernel", kernel.to_str().unwrap()])
+                .args(extra)
+                .args(["--disk", &disk])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let out = child.wait_with_output().unwrap();
+            let err = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{extra:?} {disk}: {err}");
+            assert!(err.contains(&ov), "{err}");
+            assert!(err.contains("in use by another process"), "{err}");
+            assert!(!text(&out.stdout).contains("BLK-CHECK"), "the guest ran");
+            let prefix = format!("thinvm-ephemeral-{pid}-");
+            let left = std::fs::read_dir(std::env::temp_dir())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .count();
+            assert_eq!(left, 0, "ephemeral overlay left behind");
+        }
+    }
+    assert_eq!(checksum(&ov), before, "the served image changed");
 }

@@ -167,6 +167,8 @@ fn io_round_trips_with_qemu_io_and_map_matches_qemu_img() {
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             i,
             "-c",
             "write -P 0xaa 64k 64k",
@@ -258,11 +260,16 @@ fn io_reclaim_paths_read_zeros_and_stay_clean() {
         &tv(&["image", "create", "-q", "-b", b, "-F", "raw", i]),
         "create",
     );
-    ok_out(&tv(&["image", "io", i, "-c", "write -P 0x55 0 4M"]), "fill");
+    ok_out(
+        &tv(&["image", "io", "-f", "qcow2", i, "-c", "write -P 0x55 0 4M"]),
+        "fill",
+    );
     let out = ok_out(
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             "--detect-zeroes=unmap",
             i,
             "-c",
@@ -513,6 +520,8 @@ fn direct_io_cache_none_writes_what_qemu_reads() {
         &tv(&[
             "image",
             "io",
+            "-f",
+            "qcow2",
             "-t",
             "none",
             "--detect-zeroes=unmap",
@@ -618,5 +627,169 @@ fn bad_arguments_are_one_clear_line() {
             "{cmd}: {}",
             text(&o.stderr)
         );
+    }
+}
+
+#[test]
+fn image_io_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let d = TempDir::new("img-pipe");
+    let img = d.join("a.qcow2");
+    ok_out(
+        &tv(&[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            img.to_str().unwrap(),
+            "64M",
+        ]),
+        "create",
+    );
+    let mut args: Vec<&str> = vec!["image", "io", img.to_str().unwrap()];
+    for _ in 0..20000 {
+        args.extend(["-c", "read 0 4k"]);
+    }
+    let mut child = Command::new(thinvm())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head -1`: read one line, then go away.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("read 4096/4096"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}
+
+/// Images in use by another process (here qemu-nbd serving an overlay writable): the
+/// readers `info`, `map`, `check` fail with one clear line naming the image, as qemu-img's
+/// do, and work with `-U`; writers (`io`, `check -r`, `compact`, `bench -w`, `create` over
+/// it) fail and leave it untouched; `-U` is refused where it would write.
+#[test]
+fn images_in_use_are_refused_unless_force_shared_for_reading() {
+    let d = TempDir::new("img-lock");
+    let base = d.join("base.qcow2");
+    let ov = d.join("ov.qcow2");
+    let (b, o) = (base.to_str().unwrap(), ov.to_str().unwrap());
+    ok_out(
+        &sh(&["qemu-img", "create", "-q", "-f", "qcow2", b, "8M"]),
+        "base",
+    );
+    ok_out(&sh(&["qemu-io", "-c", "write -P 0x3c 0 1M", b]), "fill");
+    ok_out(
+        &sh(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", o,
+        ]),
+        "overlay",
+    );
+    let before = std::fs::read(&ov).unwrap();
+    let nbd = QemuNbd::hold(&d, &["-f", "qcow2", o]);
+
+    let refused = |args: &[&str], code: i32| {
+        let out = tv(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(o), "{args:?}: {err}");
+        assert!(err.contains("in use by another process"), "{args:?}: {err}");
+        assert!(err.contains("-U"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    };
+    refused(&["image", "info", o], 1);
+    refused(&["image", "info", "--backing-chain", o], 1);
+    refused(&["image", "map", o], 1);
+    refused(&["image", "check", o], 1);
+    refused(&["image", "check", "-r", "leaks", o], 1);
+    refused(&["image", "io", "-c", "write 0 4k", o], 1);
+    refused(&["image", "io", "-r", "-c", "read 0 4k", o], 1);
+    refused(&["image", "compact", o], 1);
+    refused(&["image", "bench", "-w", "-c", "8", o], 1);
+    refused(&["image", "create", "-q", "-f", "qcow2", o, "1M"], 1);
+
+    // -U: read-only inspection works, through the backing chain.
+    let info = json(&ok_out(
+        &tv(&["image", "info", "-U", "--output=json", o]),
+        "info -U",
+    ));
+    assert_eq!(info["virtual-size"], 8 << 20);
+    let chain = ok_out(
+        &tv(&["image", "info", "--force-share", "--backing-chain", o]),
+        "info --backing-chain -U",
+    );
+    assert!(chain.contains(b), "{chain}");
+    let map = json(&ok_out(
+        &tv(&["image", "map", "-U", "--output=json", o]),
+        "map -U",
+    ));
+    assert_eq!(map[0]["depth"], 1, "{map}");
+    let check = tv(&["image", "check", "-U", o]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stderr));
+    ok_out(
+        &tv(&["image", "io", "-r", "-U", "-c", "read -P 0x3c 0 1M", o]),
+        "io -r -U",
+    );
+    // ... and only read-only (usage errors, before anything is opened).
+    for args in [
+        vec!["image", "check", "-U", "-r", "leaks", o],
+        vec!["image", "io", "-U", "-c", "write 0 4k", o],
+    ] {
+        let out = tv(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    drop(nbd);
+    assert_eq!(
+        std::fs::read(&ov).unwrap(),
+        before,
+        "an image in use changed"
+    );
+}
+
+/// A crafted header whose backing file name offset lies near u64::MAX (its end wrapped and
+/// a slice index panicked): `info` and `check` print one clear line and exit 1, no
+/// backtrace.
+#[test]
+fn crafted_header_is_one_clear_line_not_a_panic() {
+    let d = TempDir::new("img-crafted");
+    let img = d.join("wrap.qcow2");
+    let i = img.to_str().unwrap();
+    ok_out(&tv(&["image", "create", "-q", i, "16M"]), "create");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&0xffff_ffff_ffff_fff0u64.to_be_bytes(), 8)
+        .unwrap();
+    f.write_all_at(&0x20u32.to_be_bytes(), 16).unwrap();
+    drop(f);
+    for args in [
+        vec!["image", "info", i],
+        vec!["image", "info", "--output=json", i],
+        vec!["image", "check", i],
+        vec!["image", "map", i],
+    ] {
+        let o = Command::new(thinvm())
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("backing file name"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }

@@ -162,6 +162,112 @@ fn sigterm_and_sigint_stop_the_vm_promptly() {
     stop_with_signal(libc::SIGINT, 130, "off");
 }
 
+/// (thread name, seccomp mode, number of filters) of every thread of process `pid`.
+fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let (Ok(status), Ok(comm)) = (
+            std::fs::read_to_string(dir.join("status")),
+            std::fs::read_to_string(dir.join("comm")),
+        ) else {
+            continue; // the thread just ended
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().parse::<u32>().unwrap())
+                .unwrap_or_else(|| panic!("no {k} in {status}"))
+        };
+        out.push((
+            comm.trim().to_string(),
+            field("Seccomp:"),
+            field("Seccomp_filters:"),
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Every thread of a running thinvm -- main, vCPUs, the disk's worker and the image crate's
+/// I/O threads -- runs under exactly one seccomp filter (mode 2); with --seccomp off, none.
+fn threads_confined(seccomp: &str) -> Vec<(String, u32, u32)> {
+    let dir = TempDir::new("confined");
+    let log = dir.join("console.txt");
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut child = Command::new(thinvm())
+        .args([
+            "run",
+            "--kernel",
+            &kernel(),
+            "--cmdline",
+            "mode=spin",
+            "--cpus",
+            "2",
+            "--seccomp",
+            seccomp,
+            "--disk",
+        ])
+        .arg(format!("path={},format=raw", disk.display()))
+        .arg("--serial")
+        .arg(format!("file={}", log.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let want = if seccomp == "on" { 2 } else { 0 };
+    let threads = loop {
+        // The main thread confines itself once set up, the vCPUs as they start.
+        let ready = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("idling");
+        let threads = thread_seccomp(child.id());
+        if ready && threads.iter().all(|t| t.1 == want) {
+            break threads;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not every thread is confined: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: signalling our child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(!err.contains("seccomp"), "{err}");
+    threads
+}
+
+#[test]
+fn every_thread_runs_under_its_seccomp_filter() {
+    if !kvm_or_skip("every_thread_runs_under_its_seccomp_filter") {
+        return;
+    }
+    let threads = threads_confined("on");
+    let count = |prefix: &str| threads.iter().filter(|t| t.0.starts_with(prefix)).count();
+    assert_eq!(count("vcpu"), 2, "{threads:?}");
+    assert_eq!(count("virtio-blk"), 1, "{threads:?}");
+    assert!(count("block-io-") >= 1, "{threads:?}");
+    assert!(threads.iter().any(|t| t.0 == "thinvm"), "{threads:?}");
+    assert!(threads.iter().all(|t| t.1 == 2 && t.2 == 1), "{threads:?}");
+    let threads = threads_confined("off");
+    assert!(threads.iter().all(|t| t.1 == 0 && t.2 == 0), "{threads:?}");
+}
+
 #[test]
 fn serial_to_file_and_none() {
     if !kvm_or_skip("serial_to_file_and_none") {

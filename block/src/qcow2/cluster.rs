@@ -105,7 +105,7 @@ impl Qcow2Image {
     }
 
     /// Validates an L2 table pointer from L1 entry `l1_idx`.
-    fn check_l2_offset(&mut self, l1_idx: usize, entry: u64) -> Result<u64> {
+    pub(crate) fn check_l2_offset(&mut self, l1_idx: usize, entry: u64) -> Result<u64> {
         let off = entry & L1E_OFFSET_MASK;
         let cs = self.cluster_size;
         if entry & RESERVED_HIGH != 0 || entry & 0x1ff != 0 {

@@ -5,8 +5,12 @@
 use std::collections::{HashMap, HashSet};
 
 use super::cluster::{read_l2, Mapping};
+use super::compressed::CompressedExtent;
 use super::refcount::FreeReason;
-use super::{Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::{
+    Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    RESERVED_HIGH,
+};
 use crate::zero::is_zero;
 use crate::{Error, Result};
 
@@ -116,6 +120,19 @@ impl Qcow2Image {
                 self.move_metadata_cluster(top)?
             } else {
                 match owners.remove(&top) {
+                    Some(Owner::Data(gcs)) if self.refcount(top)? != gcs.len() as u64 => {
+                        // More references than the refcount says is a corruption; fewer
+                        // (an internal snapshot's, or a leak) pins the cluster.
+                        let rc = self.refcount(top)?;
+                        if rc < gcs.len() as u64 {
+                            return Err(self.corruption(format!(
+                                "compact: cluster at {top_off:#x} has {} references but refcount {rc}",
+                                gcs.len()
+                            )));
+                        }
+                        owners.insert(top, Owner::Pinned);
+                        false
+                    }
                     Some(Owner::Data(gcs)) => {
                         let new = self.move_data_cluster(top, &gcs)?;
                         moved_away.insert(top);
@@ -158,51 +175,86 @@ impl Qcow2Image {
 
     /// Host cluster -> who references it, for every active data / compressed reference.
     fn reverse_map(&mut self) -> Result<HashMap<u64, Owner>> {
+        self.active_references(&|_| true)
+    }
+
+    /// Who references the host clusters `wanted` accepts, from the active L1 table: every L1
+    /// entry, and every L2 entry that names a wanted cluster or is malformed, is validated
+    /// first (a bad one is a corruption: the image is marked corrupt and nothing is moved;
+    /// compaction wants every cluster, so it validates every entry); each L2 table is read
+    /// once, and the clusters
+    /// of a table that several L1 entries name are pinned (moving them would need every
+    /// naming entry rewritten).
+    fn active_references(&mut self, wanted: &dyn Fn(u64) -> bool) -> Result<HashMap<u64, Owner>> {
         let cs = self.cluster_size;
-        let mut map: HashMap<u64, Owner> = HashMap::new();
+        let mut tables: HashMap<u64, (usize, u64)> = HashMap::new();
         for l1_idx in 0..self.l1.len() {
-            let off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if off == 0 {
+            let e = self.l1[l1_idx];
+            if e & L1E_OFFSET_MASK == 0 {
                 continue;
             }
+            let off = self.check_l2_offset(l1_idx, e)?;
+            tables.entry(off).or_insert((l1_idx, 0)).1 += 1;
+        }
+        let mut order: Vec<(u64, (usize, u64))> = tables.into_iter().collect();
+        order.sort_unstable_by_key(|t| t.1 .0);
+        let mut map: HashMap<u64, Owner> = HashMap::new();
+        for (off, (l1_idx, naming)) in order {
             let slot = self.load_l2(off)?;
             let table = self.l2_cache.data(slot).to_vec();
             for j in 0..self.l2_entries as usize {
                 let e = read_l2(&table, j);
+                if e == 0 {
+                    continue;
+                }
                 let gc = l1_idx as u64 * self.l2_entries + j as u64;
-                if e & OFLAG_COMPRESSED != 0 {
-                    let ext = super::compressed::CompressedExtent::decode(
+                // Entries that may name a wanted cluster are validated in full; the others
+                // only for what needs no lookup (reserved bits, alignment, past the end).
+                let host = e & L2E_OFFSET_MASK;
+                let named = if e & OFLAG_COMPRESSED != 0 {
+                    CompressedExtent::decode(
                         e & !(OFLAG_COMPRESSED | OFLAG_COPIED),
                         self.cluster_bits,
-                    );
-                    for c in ext.clusters(self.cluster_bits) {
-                        map.insert(c, Owner::Pinned);
+                    )
+                    .clusters(self.cluster_bits)
+                    .any(wanted)
+                } else {
+                    wanted(host / cs)
+                };
+                let odd = e & OFLAG_COMPRESSED == 0
+                    && (e & RESERVED_HIGH != 0
+                        || host % cs != 0
+                        || (host >= self.file_len && e & OFLAG_ZERO == 0));
+                if !named && !odd {
+                    continue;
+                }
+                let m = self.classify(gc, e)?;
+                let host = match m {
+                    Mapping::Compressed(ext) => {
+                        for c in ext.clusters(self.cluster_bits) {
+                            if wanted(c) {
+                                map.insert(c, Owner::Pinned);
+                            }
+                        }
+                        continue;
                     }
+                    Mapping::Data { host, .. }
+                    | Mapping::Zero {
+                        host: Some(host), ..
+                    } => host,
+                    Mapping::Zero { host: None, .. } | Mapping::Unallocated => continue,
+                };
+                let c = host / cs;
+                if !wanted(c) {
                     continue;
                 }
-                let host = e & L2E_OFFSET_MASK;
-                if host == 0 {
+                if naming > 1 {
+                    map.insert(c, Owner::Pinned);
                     continue;
                 }
-                match map
-                    .entry(host / cs)
-                    .or_insert_with(|| Owner::Data(Vec::new()))
-                {
+                match map.entry(c).or_insert_with(|| Owner::Data(Vec::new())) {
                     Owner::Data(v) => v.push(gc),
                     Owner::Pinned => {}
-                }
-            }
-        }
-        // Snapshot-shared clusters cannot be moved by rewriting active entries only.
-        if self.header.nb_snapshots > 0 {
-            let shared: HashSet<u64> = map.keys().copied().collect();
-            for c in shared {
-                let refs = match map.get(&c) {
-                    Some(Owner::Data(v)) => v.len() as u64,
-                    _ => continue,
-                };
-                if self.refcount(c)? != refs {
-                    map.insert(c, Owner::Pinned);
                 }
             }
         }
@@ -215,7 +267,6 @@ impl Qcow2Image {
     /// references from snapshots).
     pub(crate) fn relocate_tail_data(&mut self, budget: u64) -> Result<u64> {
         self.ensure_free_map()?;
-        let cs = self.cluster_size;
         let pending: HashSet<u64> = self.pending_frees.iter().map(|p| p.cluster).collect();
         let mut candidates: Vec<u64> = Vec::new();
         {
@@ -241,38 +292,7 @@ impl Qcow2Image {
             return Ok(0);
         }
         let wanted: HashSet<u64> = candidates.iter().copied().collect();
-        let mut refs: HashMap<u64, Owner> = HashMap::new();
-        for l1_idx in 0..self.l1.len() {
-            let off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            let slot = self.load_l2(off)?;
-            let table = self.l2_cache.data(slot).to_vec();
-            for j in 0..self.l2_entries as usize {
-                let e = read_l2(&table, j);
-                if e & OFLAG_COMPRESSED != 0 {
-                    let ext = super::compressed::CompressedExtent::decode(
-                        e & !(OFLAG_COMPRESSED | OFLAG_COPIED),
-                        self.cluster_bits,
-                    );
-                    for c in ext.clusters(self.cluster_bits) {
-                        if wanted.contains(&c) {
-                            refs.insert(c, Owner::Pinned);
-                        }
-                    }
-                    continue;
-                }
-                let host = (e & L2E_OFFSET_MASK) / cs;
-                if host != 0 && wanted.contains(&host) {
-                    let gc = l1_idx as u64 * self.l2_entries + j as u64;
-                    match refs.entry(host).or_insert_with(|| Owner::Data(Vec::new())) {
-                        Owner::Data(v) => v.push(gc),
-                        Owner::Pinned => {}
-                    }
-                }
-            }
-        }
+        let refs = self.active_references(&|c| wanted.contains(&c))?;
         let mut moved = 0;
         for c in candidates {
             let Some(Owner::Data(gcs)) = refs.get(&c) else {
@@ -308,6 +328,11 @@ impl Qcow2Image {
         for &gc in gcs {
             // Keep every other flag of the entry (a preallocated zero cluster stays zero).
             let e = self.l2_entry(gc)?;
+            if e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK != old * cs {
+                return Err(self.corruption(format!(
+                    "relocation: the L2 entry of guest cluster {gc} ({e:#x}) no longer names cluster {old}"
+                )));
+            }
             let ne = (e & !(L2E_OFFSET_MASK | OFLAG_COPIED)) | (new * cs) | flag;
             self.set_l2_entry(gc, ne)?;
         }

@@ -99,6 +99,21 @@ mod tests {
     }
 
     #[test]
+    fn descriptor_sizes_are_bounded_whatever_the_bits() {
+        // A descriptor names at most 2^(cluster_bits - 8) sectors: two clusters of input,
+        // touching at most three host clusters, below 2^62.
+        for bits in 9u32..=21 {
+            for e in [(1u64 << 62) - 1, 0x3fff_ffff_ffff_fe00, 511] {
+                let d = CompressedExtent::decode(e, bits);
+                assert!(d.len >= 1 && d.len <= 2 << bits, "{bits}: {d:?}");
+                assert!(d.offset < 1 << 62, "{bits}: {d:?}");
+                let r = d.clusters(bits);
+                assert!(r.end() - r.start() <= 2, "{bits}: {r:?}");
+            }
+        }
+    }
+
+    #[test]
     fn deflate_round_trip_and_garbage() {
         use std::io::Write;
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();

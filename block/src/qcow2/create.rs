@@ -104,24 +104,26 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             )));
         }
         let bpath = super::resolve_backing_path(path, name);
-        let fmt = match backing_format {
-            Some(f) => f,
-            None => crate::probe_format(&bpath).map_err(|e| {
-                Error::InvalidArgument(format!("could not open backing file '{name}': {e}"))
-            })?,
-        };
-        backing_format = Some(fmt);
+        // A probed format is recorded, and so trusted from then on: the probe follows the
+        // guest's rules (a probed qcow2 naming another file is refused, see `probe`).
         let img = crate::open(
             &bpath,
             &crate::OpenOptions {
                 read_only: true,
-                format: Some(fmt),
-                direct: false,
+                format: backing_format,
+                probe: crate::ProbePolicy::Guest,
+                // Only its size is read, as `qemu-img create` does (which force-shares).
+                force_share: true,
+                ..Default::default()
             },
         )
-        .map_err(|e| {
-            Error::InvalidArgument(format!("could not open backing file '{name}': {e}"))
+        .map_err(|e| match e {
+            Error::Probe(msg) => Error::Probe(format!(
+                "could not open backing file '{name}': {msg} (-F qcow2 when creating an overlay)"
+            )),
+            e => Error::InvalidArgument(format!("could not open backing file '{name}': {e}")),
         })?;
+        backing_format = Some(img.format());
         backing_size = Some(img.virtual_size());
     }
     let size = match (opts.size, backing_size) {
@@ -215,13 +217,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(path)
         .map_err(|source| Error::Open {
             path: path.to_path_buf(),
             source,
         })?;
+    // An existing file in use by another process is refused before it is truncated.
+    let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
     let io = |e| Error::io(format!("write {}", path.display()), e);
+    file.set_len(0).map_err(io)?;
     let mut image = vec![0u8; (total_clusters * cs) as usize];
     image[..hdr.len()].copy_from_slice(&hdr);
     for i in 0..rb_count {

@@ -22,6 +22,14 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// Largest host offset a qcow2 entry can hold.
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
+/// QEMU's cap on the number of internal snapshots.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// QEMU's cap on the snapshot table's size (1 KiB per snapshot on average).
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * MAX_SNAPSHOTS as u64;
+/// QEMU's cap on a snapshot table entry's extra data.
+pub const MAX_SNAPSHOT_EXTRA_DATA: u32 = 1024;
+/// Size of a snapshot table entry without its extra data, id and name.
+pub const SNAPSHOT_ENTRY_FIXED: u64 = 40;
 
 /// Incompatible feature bits.
 pub mod incompat {
@@ -115,6 +123,22 @@ fn be64(b: &[u8], off: usize) -> u64 {
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidImage(msg.into())
+}
+
+/// `s` with control characters replaced, for text from an image that reaches messages (and
+/// terminals).
+pub(crate) fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The end of a table of `len` bytes at `offset`, if it lies below [`MAX_HOST_OFFSET`]:
+/// `None` when the sum wraps or passes the largest offset an image may use.
+pub(crate) fn table_end(offset: u64, len: u64) -> Option<u64> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= MAX_HOST_OFFSET)
 }
 
 impl Header {
@@ -288,17 +312,18 @@ impl Header {
                 self.l1_size, needed_l1
             )));
         }
-        if self.l1_size > 0 {
-            if self.l1_table_offset == 0 || !aligned(self.l1_table_offset) {
-                return Err(invalid(format!(
-                    "L1 table offset {:#x} invalid (zero or not cluster aligned)",
-                    self.l1_table_offset
-                )));
-            }
-            let end = self.l1_table_offset + u64::from(self.l1_size) * 8;
-            if end > MAX_HOST_OFFSET {
-                return Err(invalid("L1 table beyond the maximum image size"));
-            }
+        let l1_bytes = u64::from(self.l1_size) * 8;
+        let Some(l1_end) = table_end(self.l1_table_offset, l1_bytes) else {
+            return Err(invalid(format!(
+                "L1 table at l1_table_offset {:#x} with {} entries ends beyond the maximum image size (2^56)",
+                self.l1_table_offset, self.l1_size
+            )));
+        };
+        if self.l1_size > 0 && (self.l1_table_offset == 0 || !aligned(self.l1_table_offset)) {
+            return Err(invalid(format!(
+                "L1 table offset {:#x} invalid (zero or not cluster aligned)",
+                self.l1_table_offset
+            )));
         }
         let reftable_bytes = u64::from(self.refcount_table_clusters) * cluster_size;
         if reftable_bytes > MAX_REFTABLE_BYTES {
@@ -317,15 +342,41 @@ impl Header {
                 self.refcount_table_offset
             )));
         }
-        if self.refcount_table_offset + reftable_bytes > MAX_HOST_OFFSET {
-            return Err(invalid("refcount table beyond the maximum image size"));
-        }
-        if self.nb_snapshots > 0 && (self.snapshots_offset == 0 || !aligned(self.snapshots_offset))
-        {
+        let Some(rt_end) = table_end(self.refcount_table_offset, reftable_bytes) else {
             return Err(invalid(format!(
-                "snapshot table offset {:#x} invalid",
-                self.snapshots_offset
+                "refcount table at refcount_table_offset {:#x} with {} clusters ends beyond the maximum image size (2^56)",
+                self.refcount_table_offset, self.refcount_table_clusters
             )));
+        };
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(invalid(format!(
+                "nb_snapshots {} too large: more than {MAX_SNAPSHOTS} snapshots",
+                self.nb_snapshots
+            )));
+        }
+        if self.nb_snapshots > 0 {
+            if self.snapshots_offset == 0 || !aligned(self.snapshots_offset) {
+                return Err(invalid(format!(
+                    "snapshot table offset {:#x} invalid (zero or not cluster aligned)",
+                    self.snapshots_offset
+                )));
+            }
+            let min_len = u64::from(self.nb_snapshots) * SNAPSHOT_ENTRY_FIXED;
+            if table_end(self.snapshots_offset, min_len).is_none() {
+                return Err(invalid(format!(
+                    "snapshot table at snapshots_offset {:#x} with {} entries ends beyond the maximum image size (2^56)",
+                    self.snapshots_offset, self.nb_snapshots
+                )));
+            }
+            if self.snapshots_offset >= file_len {
+                return Err(invalid(format!(
+                    "snapshot table at {:#x} lies beyond the end of the file ({file_len} bytes)",
+                    self.snapshots_offset
+                )));
+            }
+            if self.snapshots_offset < cluster_size {
+                return Err(invalid("snapshot table overlaps the header"));
+            }
         }
         // Tables must lie inside the file (a truncated image cannot be trusted).
         if self.refcount_table_offset >= file_len {
@@ -347,14 +398,8 @@ impl Header {
         if self.refcount_table_offset < cluster_size {
             return Err(invalid("refcount table overlaps the header"));
         }
-        let l1 = (
-            self.l1_table_offset,
-            self.l1_table_offset + u64::from(self.l1_size) * 8,
-        );
-        let rt = (
-            self.refcount_table_offset,
-            self.refcount_table_offset + reftable_bytes,
-        );
+        let l1 = (self.l1_table_offset, l1_end);
+        let rt = (self.refcount_table_offset, rt_end);
         if self.l1_size > 0 && l1.0 < rt.1 && rt.0 < l1.1 {
             return Err(invalid("L1 table overlaps the refcount table"));
         }
@@ -372,11 +417,17 @@ impl Header {
             )));
         }
         let start = self.backing_file_offset;
-        let end = start + u64::from(self.backing_file_size);
-        if end > cluster_size || end as usize > buf.len() {
-            return Err(invalid("backing file name lies outside the header cluster"));
-        }
-        let raw = &buf[start as usize..end as usize];
+        let limit = cluster_size.min(buf.len() as u64);
+        let raw = start
+            .checked_add(u64::from(self.backing_file_size))
+            .filter(|&end| end <= limit)
+            .and_then(|end| buf.get(usize::try_from(start).ok()?..usize::try_from(end).ok()?));
+        let Some(raw) = raw else {
+            return Err(invalid(format!(
+                "backing file name (backing_file_offset {start:#x}, backing_file_size {}) lies outside the header cluster",
+                self.backing_file_size
+            )));
+        };
         let name = std::str::from_utf8(raw)
             .map_err(|_| invalid("backing file name is not valid UTF-8"))?;
         if name.is_empty() {
@@ -397,7 +448,7 @@ impl Header {
             (cluster_size as usize).min(buf.len())
         };
         loop {
-            if off + 8 > limit {
+            if off.saturating_add(8) > limit {
                 // No room for an end marker: treat as end (QEMU accepts a header without one
                 // only if nothing follows); v2 images written by old tools end here.
                 return Ok(());
@@ -408,12 +459,15 @@ impl Header {
             if kind == ext::END {
                 return Ok(());
             }
-            if off + len > limit {
+            let data = off
+                .checked_add(len)
+                .filter(|&end| end <= limit)
+                .and_then(|end| buf.get(off..end));
+            let Some(data) = data else {
                 return Err(invalid(format!(
                     "header extension {kind:#x} (length {len}) overruns the header cluster"
                 )));
-            }
-            let data = &buf[off..off + len];
+            };
             match kind {
                 ext::BACKING_FORMAT => {
                     let name = std::str::from_utf8(data)
@@ -424,7 +478,8 @@ impl Header {
                         "qcow2" => ImageFormat::Qcow2,
                         other => {
                             return Err(Error::Unsupported(format!(
-                                "backing file format '{other}'"
+                                "backing file format '{}'",
+                                printable(other)
                             )))
                         }
                     });
@@ -433,7 +488,7 @@ impl Header {
                     for entry in data.chunks_exact(48) {
                         let name_bytes = &entry[2..48];
                         let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(46);
-                        let name = String::from_utf8_lossy(&name_bytes[..end]).to_string();
+                        let name = printable(&String::from_utf8_lossy(&name_bytes[..end]));
                         self.feature_names.push((entry[0], entry[1], name));
                     }
                 }
@@ -450,7 +505,8 @@ impl Header {
                     data: data.to_vec(),
                 }),
             }
-            off += len.div_ceil(8) * 8;
+            // Past the limit (or wrapped): the next round ends the loop.
+            off = off.saturating_add(len.div_ceil(8) * 8);
         }
     }
 

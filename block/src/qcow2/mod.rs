@@ -10,7 +10,9 @@
 //! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
-//! * [`compact`]: offline reclamation and relocation.
+//! * [`compact`]: offline reclamation and relocation;
+//! * [`snapshot`]: the internal snapshot table, read and validated at open;
+//! * [`free_map`]: the allocator's index of used and free host clusters.
 
 mod batch;
 pub mod cache;
@@ -19,19 +21,24 @@ pub mod cluster;
 pub mod compact;
 pub mod compressed;
 pub mod create;
+pub mod free_map;
 pub mod header;
 pub mod refcount;
+pub mod snapshot;
 
 use std::collections::HashSet;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::chain::Chain;
 use crate::host_file::HostFile;
+use crate::probe::Probed;
 use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
 };
 use cache::TableCache;
+use free_map::FreeMap;
 use header::{incompat, Header};
-use refcount::FreeMap;
 
 pub use create::{create, CreateOptions, Qcow2Version};
 
@@ -49,8 +56,7 @@ pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub(crate) const OFLAG_ZERO: u64 = 1;
 
-/// Longest backing chain opened (QEMU has no fixed limit; loops must end somewhere).
-pub const MAX_CHAIN_DEPTH: u32 = 64;
+pub use crate::chain::MAX_CHAIN_DEPTH;
 
 /// Default upper bound of the L2 cache (QEMU's default on Linux).
 const MAX_L2_CACHE_BYTES: u64 = 32 << 20;
@@ -60,13 +66,15 @@ pub(crate) const PENDING_FREE_BYTES: u64 = 256 << 20;
 
 /// Internal open modes.
 #[derive(Clone, Copy, Debug, Default)]
-struct OpenFlags {
+pub(crate) struct OpenFlags {
     /// Do not open the backing chain.
-    no_backing: bool,
+    pub(crate) no_backing: bool,
     /// Open writable despite the corrupt bit, and skip automatic fixes (for `check -r`).
-    repair: bool,
+    pub(crate) repair: bool,
     /// `O_DIRECT` for the image and its backing chain.
-    direct: bool,
+    pub(crate) direct: bool,
+    /// Lock the image and its backing chain with force-share (read-only only).
+    pub(crate) force_share: bool,
 }
 
 /// A qcow2 image.
@@ -93,6 +101,8 @@ pub struct Qcow2Image {
     /// Host clusters holding metadata (header, L1, refcount table, refcount blocks, L2
     /// tables, snapshot tables): data entries must never point at them.
     pub(crate) meta: HashSet<u64>,
+    /// The internal snapshots' L1 tables (validated at open).
+    pub(crate) snapshots: snapshot::SnapshotTable,
     pub(crate) backing: Option<Box<dyn DiskImage>>,
     pub(crate) read_only: bool,
     pub(crate) detect_zeroes: DetectZeroes,
@@ -120,37 +130,62 @@ pub struct Qcow2Image {
     /// Set after a write failed for lack of host space: the header, L1 and refcount tables
     /// are written again from memory before the next change.
     pub(crate) rewrite_tables: bool,
+    /// Metadata tables (L1 and L2 tables, refcount blocks) read from the file by whole-image
+    /// walks (check, repair, refcount rebuild) since open.
+    pub(crate) walk_table_reads: u64,
 }
 
 impl Qcow2Image {
-    /// Opens a qcow2 image (and its backing chain, read-only).
+    /// Opens a qcow2 image (and its backing chain, read-only). Backing files whose format
+    /// is not recorded are held to [`crate::ProbePolicy::Guest`]'s rules.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
-        Self::open_with(path, read_only, 0, OpenFlags::default())
+        Self::open_with(path, read_only, OpenFlags::default())
     }
 
-    /// Opens a qcow2 image with the read-only and direct-I/O settings of `opts` (its
-    /// `format` is not looked at).
+    /// Opens a qcow2 image with the read-only, direct-I/O and probing settings of `opts`.
+    /// `opts.format` `None` means the caller found the format by probing: the image is then
+    /// held to `opts.probe`'s rules (see [`crate::probe`]).
     pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
-        Self::open_with(
+        if opts.format == Some(ImageFormat::Raw) {
+            return Err(Error::InvalidArgument(format!(
+                "{} was given as raw, not qcow2",
+                path.display()
+            )));
+        }
+        let file = open_host_file(path, opts.read_only, opts.direct)?;
+        let mut chain = Chain::new(opts.probe.follows_probed_names(opts.read_only));
+        Self::open_file(
+            file,
             path,
             opts.read_only,
-            0,
+            &mut chain,
             OpenFlags {
                 direct: opts.direct,
+                force_share: opts.force_share,
                 ..OpenFlags::default()
             },
+            opts.format.is_none().then_some(Probed::Image),
         )
     }
 
     /// Opens the image alone, without its backing chain (for `info`, `check`, `compact`:
     /// reads of unallocated clusters then return zeros).
     pub fn open_without_backing(path: &Path, read_only: bool) -> Result<Self> {
+        Self::open_without_backing_shared(path, read_only, false)
+    }
+
+    /// [`Qcow2Image::open_without_backing`], read-only opens optionally with force-share.
+    pub fn open_without_backing_shared(
+        path: &Path,
+        read_only: bool,
+        force_share: bool,
+    ) -> Result<Self> {
         Self::open_with(
             path,
             read_only,
-            0,
             OpenFlags {
                 no_backing: true,
+                force_share,
                 ..OpenFlags::default()
             },
         )
@@ -161,7 +196,6 @@ impl Qcow2Image {
         Self::open_with(
             path,
             false,
-            0,
             OpenFlags {
                 no_backing: true,
                 repair: true,
@@ -170,20 +204,68 @@ impl Qcow2Image {
         )
     }
 
-    fn open_with(path: &Path, read_only: bool, depth: u32, flags: OpenFlags) -> Result<Self> {
-        let file = HostFile::open(path, read_only, flags.direct).map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file_len = file
+    fn open_with(path: &Path, read_only: bool, flags: OpenFlags) -> Result<Self> {
+        let file = open_host_file(path, read_only, flags.direct)?;
+        Self::open_file(file, path, read_only, &mut Chain::new(false), flags, None)
+    }
+
+    /// Opens the qcow2 image in `file` (at `path`) as the next image of `chain`. `probed`
+    /// says whether and how its format was probed: a probed image that names a backing file
+    /// is refused unless the chain follows probed names.
+    pub(crate) fn open_file(
+        file: HostFile,
+        path: &Path,
+        read_only: bool,
+        chain: &mut Chain,
+        flags: OpenFlags,
+        probed: Option<Probed>,
+    ) -> Result<Self> {
+        let stat = file
             .metadata()
-            .map_err(|e| Error::io("stat qcow2 image", e))?
-            .len();
+            .map_err(|e| Error::io("stat qcow2 image", e))?;
+        chain.enter(path, &stat)?;
+        // Locked after the identity check, so an image that comes back in its own chain is
+        // reported as a loop rather than as in use by this process.
+        let mut file = file;
+        file.lock(
+            path,
+            crate::lock::LockMode::for_open(read_only, flags.force_share)?,
+        )?;
+        let file_len = stat.len();
         let head_len = file_len.min(1 << header::MAX_CLUSTER_BITS) as usize;
         let mut head = vec![0u8; head_len];
         read_exact_or_eof(&file, &mut head, 0)?;
         let header = Header::parse(&head, file_len)?;
         drop(head);
+        if let (Some(how), Some(named)) = (probed, &header.backing_file) {
+            if !chain.follows_probed_names {
+                return Err(crate::probe::names_a_file(path, named, how));
+            }
+        }
+        let snapshots = snapshot::read_snapshot_table(&file, &header)?;
+        if snapshots.bytes > 0 {
+            let snap = (
+                header.snapshots_offset,
+                header.snapshots_offset + snapshots.bytes,
+            );
+            let l1 = (
+                header.l1_table_offset,
+                header.l1_table_offset + u64::from(header.l1_size) * 8,
+            );
+            let rt = (
+                header.refcount_table_offset,
+                header.refcount_table_offset
+                    + (u64::from(header.refcount_table_clusters) << header.cluster_bits),
+            );
+            for (what, r) in [("L1 table", l1), ("refcount table", rt)] {
+                if r.0 < r.1 && snap.0 < r.1 && r.0 < snap.1 {
+                    return Err(Error::InvalidImage(format!(
+                        "snapshot table at {:#x} ({} bytes) overlaps the {what}",
+                        snap.0, snapshots.bytes
+                    )));
+                }
+            }
+        }
 
         let cluster_bits = header.cluster_bits;
         let cluster_size = 1u64 << cluster_bits;
@@ -196,8 +278,16 @@ impl Qcow2Image {
             read_only = true;
         }
 
-        // L1 table.
+        // The tables read here and the decompression buffer, from the chain's budget.
         let l1_bytes = u64::from(header.l1_size) * 8;
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
+        chain.charge(
+            path,
+            "L1 table, refcount table and decompression buffer",
+            l1_bytes + rt_bytes + cluster_size,
+        )?;
+
+        // L1 table.
         let mut l1_raw = vec![0u8; l1_bytes as usize];
         read_exact_or_eof(&file, &mut l1_raw, header.l1_table_offset)?;
         let l1: Vec<u64> = l1_raw
@@ -207,7 +297,6 @@ impl Qcow2Image {
         drop(l1_raw);
 
         // Refcount table.
-        let rt_bytes = u64::from(header.refcount_table_clusters) * cluster_size;
         let mut rt_raw = vec![0u8; rt_bytes as usize];
         read_exact_or_eof(&file, &mut rt_raw, header.refcount_table_offset)?;
         let reftable: Vec<u64> = rt_raw
@@ -218,10 +307,12 @@ impl Qcow2Image {
 
         let l2_entries = cluster_size / 8;
         let l2_tables_needed = Header::l1_entries_for(header.size, cluster_bits).max(1);
-        let l2_cap = l2_tables_needed
+        let l2_wanted = l2_tables_needed
             .min(MAX_L2_CACHE_BYTES / cluster_size)
-            .max(4) as usize;
-        let rc_cap = (l2_cap / 4).max(4);
+            .max(crate::chain::MIN_CACHE_TABLES);
+        let rc_wanted = (l2_wanted / 4).max(crate::chain::MIN_CACHE_TABLES);
+        let (l2_cap, rc_cap) = chain.grant_caches(path, l2_wanted, rc_wanted, cluster_size)?;
+        let (l2_cap, rc_cap) = (l2_cap as usize, rc_cap as usize);
         let rb_entries = (cluster_size * 8) >> header.refcount_order;
         let rc_max = if header.refcount_order == 6 {
             u64::MAX
@@ -234,8 +325,9 @@ impl Qcow2Image {
                 path,
                 name,
                 header.backing_format,
-                depth,
+                chain,
                 flags.direct,
+                flags.force_share,
             )?),
             _ => None,
         };
@@ -255,6 +347,7 @@ impl Qcow2Image {
             free_map: None,
             file_len,
             meta: HashSet::new(),
+            snapshots,
             backing,
             read_only,
             detect_zeroes: DetectZeroes::Off,
@@ -268,14 +361,21 @@ impl Qcow2Image {
             prealloc_supported: true,
             broken: false,
             rewrite_tables: false,
+            walk_table_reads: 0,
             header,
         };
-        img.build_meta_set()?;
+        let overlap = img.build_meta_set();
 
-        // Metadata past the end of the file (a truncated or forged image): writing could
-        // allocate data over it, so only read-only opens and repair accept it.
+        // Metadata past the end of the file (a truncated or forged image), or tables sharing
+        // clusters they must not share: writing could allocate data over them or move one
+        // table with another's contents, so only read-only opens and repair accept them.
         let end_cluster = img.file_len.div_ceil(cluster_size);
         if !img.read_only && !flags.repair {
+            if let Some(msg) = overlap {
+                return Err(Error::InvalidImage(format!(
+                    "{msg}: corrupt image (open it read-only, or run `thinvm image check -r all`)"
+                )));
+            }
             if let Some(&c) = img.meta.iter().filter(|&&c| c >= end_cluster).min() {
                 return Err(Error::InvalidImage(format!(
                     "metadata at offset {:#x} lies beyond the end of the file ({} bytes): truncated or corrupt image (open it read-only, or run `thinvm image check -r all`)",
@@ -333,6 +433,13 @@ impl Qcow2Image {
         self.cluster_size
     }
 
+    /// How many metadata tables (L1 and L2 tables, refcount blocks) whole-image walks (check,
+    /// repair, the refcount rebuild of a dirty image) have read from the file since open: their
+    /// work is bounded by the distinct tables the image holds, and tests assert it.
+    pub fn walk_table_reads(&self) -> u64 {
+        self.walk_table_reads
+    }
+
     /// Whether the image has a backing file (even if it was not opened).
     pub(crate) fn has_backing(&self) -> bool {
         self.header.backing_file.is_some()
@@ -346,35 +453,70 @@ impl Qcow2Image {
         check::check(self, repair)
     }
 
-    /// Collects the host clusters that hold metadata, validating table pointers.
-    fn build_meta_set(&mut self) -> Result<()> {
+    /// Clusters of the tables the header points at, which never overlap one another: header,
+    /// L1 table, refcount table and snapshot table.
+    pub(crate) fn fixed_metadata(&self) -> Vec<std::ops::Range<u64>> {
+        let cb = self.cluster_bits;
         let cs = self.cluster_size;
+        let h = &self.header;
+        let clusters = |off: u64, len: u64| (off >> cb)..(off + len).div_ceil(cs);
+        let header = 0..1;
+        let mut fixed: Vec<std::ops::Range<u64>> = vec![header];
+        if h.l1_size > 0 {
+            fixed.push(clusters(h.l1_table_offset, u64::from(h.l1_size) * 8));
+        }
+        fixed.push(clusters(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) << cb,
+        ));
+        if self.snapshots.bytes > 0 {
+            fixed.push(clusters(h.snapshots_offset, self.snapshots.bytes));
+        }
+        fixed
+    }
+
+    /// Collects the host clusters that hold metadata. Returns the first overlap found
+    /// between tables that must not share a cluster: a refcount block with any other
+    /// table, or an L2 table with anything but another L2 table (several L1 entries may
+    /// share an L2 table, with refcounts to match).
+    fn build_meta_set(&mut self) -> Option<String> {
+        let cb = self.cluster_bits;
+        let fixed = self.fixed_metadata();
         let mut meta = HashSet::new();
-        meta.insert(0u64);
-        let l1_clusters = (u64::from(self.header.l1_size) * 8).div_ceil(cs);
-        for i in 0..l1_clusters {
-            meta.insert((self.header.l1_table_offset >> self.cluster_bits) + i);
+        for r in &fixed {
+            meta.extend(r.clone());
         }
-        for i in 0..u64::from(self.header.refcount_table_clusters) {
-            meta.insert((self.header.refcount_table_offset >> self.cluster_bits) + i);
-        }
-        for &e in &self.reftable {
+        let in_fixed = |c: u64| fixed.iter().any(|r| r.contains(&c));
+        let mut overlap = None;
+        let mut refblocks = HashSet::new();
+        for (i, &e) in self.reftable.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
+            }
+            let c = off >> cb;
+            if (in_fixed(c) || !refblocks.insert(c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "refcount block {i} at {off:#x} overlaps another metadata table"
+                ));
             }
         }
-        for &e in &self.l1 {
+        for (i, &e) in self.l1.iter().enumerate() {
             let off = e & L1E_OFFSET_MASK;
-            if off != 0 {
-                meta.insert(off >> self.cluster_bits);
+            if off == 0 {
+                continue;
             }
+            let c = off >> cb;
+            if (in_fixed(c) || refblocks.contains(&c)) && overlap.is_none() {
+                overlap = Some(format!(
+                    "L2 table {i} at {off:#x} overlaps another metadata table"
+                ));
+            }
+            meta.insert(c);
         }
-        if self.header.nb_snapshots > 0 {
-            meta.insert(self.header.snapshots_offset >> self.cluster_bits);
-        }
+        meta.extend(refblocks);
         self.meta = meta;
-        Ok(())
+        overlap
     }
 
     /// Rewrites the header cluster's header part (fields, extensions, backing name).
@@ -463,6 +605,65 @@ impl Drop for Qcow2Image {
     }
 }
 
+/// Reads metadata tables for whole-image walks (check, refcount rebuild, the allocator's
+/// index) so that they cost what the file holds rather than what its tables claim: a table
+/// that lies in a hole of a sparse file, or past its end, reads as zeros and is skipped
+/// without reading (one `lseek(SEEK_DATA)` per hole, remembered for the tables after it).
+#[derive(Default)]
+pub(crate) struct TableReader {
+    /// Known: no data in `[.0, .1)`.
+    hole: (u64, u64),
+    /// Tables actually read.
+    pub reads: u64,
+}
+
+impl TableReader {
+    /// Forgets the holes seen so far (after the file was written).
+    pub fn forget_holes(&mut self) {
+        self.hole = (0, 0);
+    }
+
+    /// Reads the table at `offset` into `buf`; `Ok(false)` (and `buf` untouched) when the
+    /// file holds only zeros there.
+    pub fn read(
+        &mut self,
+        file: &HostFile,
+        file_len: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<bool> {
+        let end = offset.saturating_add(buf.len() as u64);
+        if offset >= file_len || (self.hole.0 <= offset && end <= self.hole.1) {
+            return Ok(false);
+        }
+        if let Ok(pos) = i64::try_from(offset) {
+            // SAFETY: lseek on the image's open descriptor touches no memory; positioned I/O
+            // (pread/pwrite) does not use the file position it moves.
+            let next = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
+            let next = if next >= 0 {
+                Some(next as u64)
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                // No data at or after `offset`.
+                Some(file_len)
+            } else {
+                // SEEK_DATA unsupported: read.
+                None
+            };
+            if let Some(next) = next {
+                if next > offset {
+                    self.hole = (offset, next);
+                }
+                if next >= end {
+                    return Ok(false);
+                }
+            }
+        }
+        read_exact_or_eof(file, buf, offset)?;
+        self.reads += 1;
+        Ok(true)
+    }
+}
+
 /// Reads `buf.len()` bytes at `offset`; bytes beyond the end of the file read as zeros.
 pub(crate) fn read_exact_or_eof(file: &HostFile, buf: &mut [u8], offset: u64) -> Result<()> {
     crate::parallel::read_or_zeros(file, buf, offset).map_err(|e| Error::io("read qcow2 image", e))
@@ -481,41 +682,62 @@ pub fn resolve_backing_path(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Opens an image file (see [`HostFile::open`]: regular files and block devices only).
+fn open_host_file(path: &Path, read_only: bool, direct: bool) -> Result<HostFile> {
+    HostFile::open(path, read_only, direct).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Opens the backing file `name` of `overlay` read-only as the next image of `chain`,
+/// probing its format when the overlay does not record it ([`crate::probe`]'s rules).
 fn open_backing(
     overlay: &Path,
     name: &str,
     format: Option<ImageFormat>,
-    depth: u32,
+    chain: &mut Chain,
     direct: bool,
+    force_share: bool,
 ) -> Result<Box<dyn DiskImage>> {
-    if depth + 1 > MAX_CHAIN_DEPTH {
-        return Err(Error::InvalidImage(format!(
-            "backing chain deeper than {MAX_CHAIN_DEPTH} images (loop?)"
-        )));
-    }
     let path = resolve_backing_path(overlay, name);
-    let format = match format {
-        Some(f) => f,
-        None => crate::probe_format(&path)
-            .map_err(|e| Error::InvalidImage(format!("cannot open backing file '{name}': {e}")))?,
-    };
+    // Errors that already name the file or the chain pass as they are.
     let wrap = |e: Error| match e {
-        Error::Open { path, source } => Error::Open { path, source },
+        e @ (Error::Open { .. } | Error::Probe(_) | Error::Chain(_) | Error::Locked { .. }) => e,
         other => Error::InvalidImage(format!("backing file '{name}': {other}")),
+    };
+    let file = open_host_file(&path, true, direct)?;
+    let (format, probed) = match format {
+        Some(f) => (f, None),
+        None => (
+            crate::probe::probe_file(&file, &path).map_err(|e| {
+                Error::InvalidImage(format!("cannot open backing file '{name}': {e}"))
+            })?,
+            Some(Probed::BackingOf { overlay, name }),
+        ),
     };
     Ok(match format {
         ImageFormat::Raw => {
-            Box::new(crate::raw::RawImage::open_with(&path, true, direct).map_err(wrap)?)
+            let stat = file
+                .metadata()
+                .map_err(|e| Error::io("stat backing file", e))?;
+            chain.enter(&path, &stat)?;
+            let mut file = file;
+            file.lock(&path, crate::lock::LockMode::for_open(true, force_share)?)?;
+            Box::new(crate::raw::RawImage::from_host_file(file, true).map_err(wrap)?)
         }
         ImageFormat::Qcow2 => Box::new(
-            Qcow2Image::open_with(
+            Qcow2Image::open_file(
+                file,
                 &path,
                 true,
-                depth + 1,
+                chain,
                 OpenFlags {
                     direct,
+                    force_share,
                     ..OpenFlags::default()
                 },
+                probed,
             )
             .map_err(wrap)?,
         ),

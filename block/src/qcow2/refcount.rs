@@ -10,6 +10,7 @@
 //!   (process kill or power loss) can leak clusters but never leave a reference to a cluster
 //!   whose refcount is too low.
 
+pub use super::free_map::FreeMap;
 use super::{Qcow2Image, L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
 use crate::zero::is_zero;
 use crate::{Error, Result};
@@ -60,6 +61,30 @@ pub fn get_entry(block: &[u8], index: u64, order: u32) -> u64 {
     }
 }
 
+/// Calls `f(word, bits)` for each group of 64 entries (of the first `n` of `block`) that has
+/// a nonzero entry, with bit `k` set where entry `64 * word + k` is nonzero. All-zero groups
+/// are skipped a word at a time.
+pub(crate) fn used_words(block: &[u8], order: u32, n: u64, mut f: impl FnMut(u64, u64)) {
+    // Bytes that hold 64 entries.
+    let group = 8usize << order;
+    for (w, chunk) in block.chunks(group).enumerate() {
+        let first = w as u64 * 64;
+        if first >= n {
+            break;
+        }
+        if chunk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let mut bits = 0u64;
+        for k in 0..(n - first).min(64) {
+            if get_entry(block, first + k, order) != 0 {
+                bits |= 1 << k;
+            }
+        }
+        f(w as u64, bits);
+    }
+}
+
 /// Writes entry `index`; returns the byte range touched `(pos, len)`.
 pub fn set_entry(block: &mut [u8], index: u64, order: u32, value: u64) -> (usize, usize) {
     let i = index as usize;
@@ -97,138 +122,6 @@ pub fn set_entry(block: &mut [u8], index: u64, order: u32, value: u64) -> (usize
             block[8 * i..8 * i + 8].copy_from_slice(&value.to_be_bytes());
             (8 * i, 8)
         }
-    }
-}
-
-/// Used/free state of host clusters: one bit per cluster, clusters past the end are free.
-/// Allocation is first-fit from the lowest free cluster, so freed space is reused first and
-/// the file's tail empties out where it can be truncated.
-#[derive(Clone, Debug, Default)]
-pub struct FreeMap {
-    words: Vec<u64>,
-    /// No free cluster lies below this index.
-    hint: u64,
-}
-
-impl FreeMap {
-    pub fn is_used(&self, i: u64) -> bool {
-        let w = (i / 64) as usize;
-        w < self.words.len() && self.words[w] & (1u64 << (i % 64)) != 0
-    }
-
-    pub fn set_used(&mut self, i: u64) {
-        let w = (i / 64) as usize;
-        if w >= self.words.len() {
-            self.words.resize(w + 1, 0);
-        }
-        self.words[w] |= 1u64 << (i % 64);
-    }
-
-    pub fn set_free(&mut self, i: u64) {
-        let w = (i / 64) as usize;
-        if w < self.words.len() {
-            self.words[w] &= !(1u64 << (i % 64));
-        }
-        if i < self.hint {
-            self.hint = i;
-        }
-    }
-
-    /// Lowest free cluster at or after `from`.
-    pub fn next_free(&self, from: u64) -> u64 {
-        let mut w = (from / 64) as usize;
-        if w >= self.words.len() {
-            return from;
-        }
-        let mut word = self.words[w] | ((1u64 << (from % 64)) - 1);
-        loop {
-            if word != u64::MAX {
-                return w as u64 * 64 + u64::from((!word).trailing_zeros());
-            }
-            w += 1;
-            if w >= self.words.len() {
-                return w as u64 * 64;
-            }
-            word = self.words[w];
-        }
-    }
-
-    /// Lowest free cluster.
-    pub fn first_free(&mut self) -> u64 {
-        let f = self.next_free(self.hint);
-        self.hint = f;
-        f
-    }
-
-    /// Number of free clusters starting at `start`, at most `max`.
-    pub fn free_run(&self, start: u64, max: u64) -> u64 {
-        let mut n = 0;
-        while n < max && !self.is_used(start + n) {
-            n += 1;
-            if (start + n) / 64 >= self.words.len() as u64 {
-                return max;
-            }
-        }
-        n
-    }
-
-    /// Lowest start of a run of `n` free clusters.
-    pub fn find_run(&mut self, n: u64) -> u64 {
-        let mut start = self.first_free();
-        loop {
-            let got = self.free_run(start, n);
-            if got >= n {
-                return start;
-            }
-            start = self.next_free(start + got + 1);
-        }
-    }
-
-    /// Index just past the highest used cluster.
-    pub fn end(&mut self) -> u64 {
-        while let Some(&0) = self.words.last() {
-            self.words.pop();
-        }
-        match self.words.last() {
-            None => 0,
-            Some(&w) => (self.words.len() as u64 - 1) * 64 + 64 - u64::from(w.leading_zeros()),
-        }
-    }
-
-    /// Highest used cluster below `before`.
-    pub fn prev_used(&self, before: u64) -> Option<u64> {
-        if before == 0 {
-            return None;
-        }
-        let mut i = before - 1;
-        loop {
-            let w = (i / 64) as usize;
-            if w < self.words.len() {
-                let bit = i % 64;
-                let mask = if bit == 63 {
-                    u64::MAX
-                } else {
-                    (1u64 << (bit + 1)) - 1
-                };
-                let word = self.words[w] & mask;
-                if word != 0 {
-                    return Some(w as u64 * 64 + 63 - u64::from(word.leading_zeros()));
-                }
-            } else if self.words.is_empty() {
-                return None;
-            } else {
-                i = self.words.len() as u64 * 64;
-            }
-            if i < 64 {
-                return None;
-            }
-            i = (i / 64) * 64 - 1;
-        }
-    }
-
-    /// Number of used clusters.
-    pub fn used_count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 }
 
@@ -415,6 +308,8 @@ impl Qcow2Image {
         // refcounts describing them are ignored, as `qemu-img check` does; this also bounds
         // the index by the file's size whatever a hostile refcount table says.
         let limit = self.file_len.div_ceil(self.cluster_size);
+        let mut reader = super::TableReader::default();
+        let mut seen = std::collections::HashMap::new();
         for ti in 0..self.reftable.len() {
             let off = self.reftable[ti] & REFT_OFFSET_MASK;
             let base = ti as u64 * self.rb_entries;
@@ -422,22 +317,16 @@ impl Qcow2Image {
                 continue;
             }
             self.check_refblock_offset(ti, off)?;
-            super::read_exact_or_eof(&self.file, &mut block, off)?;
-            let n = self.rb_entries.min(limit - base);
-            if order == 4 {
-                // Fast path for the common 16-bit width.
-                for (i, pair) in block.chunks_exact(2).take(n as usize).enumerate() {
-                    if pair[0] | pair[1] != 0 {
-                        fm.set_used(base + i as u64);
-                    }
-                }
-            } else {
-                for i in 0..n {
-                    if get_entry(&block, i, order) != 0 {
-                        fm.set_used(base + i);
-                    }
-                }
+            if let Some(first) = seen.insert(off, ti) {
+                return Err(self.corruption(format!(
+                    "refcount block {ti} at {off:#x} is also refcount block {first}"
+                )));
             }
+            if !reader.read(&self.file, self.file_len, &mut block, off)? {
+                continue;
+            }
+            let n = self.rb_entries.min(limit - base);
+            used_words(&block, order, n, |w, bits| fm.or_word(base / 64 + w, bits));
         }
         // Metadata must never be handed out even if its refcount is (wrongly) zero.
         for &m in &self.meta {
@@ -505,10 +394,7 @@ impl Qcow2Image {
 
     /// Marks clusters used and sets their refcounts to 1.
     fn reserve(&mut self, start: u64, n: u64) -> Result<()> {
-        let fm = self.fm()?;
-        for i in start..start + n {
-            fm.set_used(i);
-        }
+        self.fm()?.set_used_range(start, start + n);
         for i in start..start + n {
             self.set_refcount(i, 1)?;
         }
@@ -807,10 +693,12 @@ impl Qcow2Image {
     /// The guest cluster (and its L2 entry) of an active, exclusively owned L2 table that
     /// maps host offset `host` as uncompressed data.
     fn find_active_reference(&mut self, host: u64) -> Result<Option<(u64, u64)>> {
+        let mut seen = std::collections::HashSet::new();
         for l1_idx in 0..self.l1.len() {
             let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            // Only tables exclusively owned by the active L1 may be modified in place.
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+            // Only tables exclusively owned by the active L1 may be modified in place (and
+            // each is read once, however many L1 entries name it).
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
@@ -943,9 +831,10 @@ impl Qcow2Image {
     /// (L2 table offset, index).
     fn find_references(&mut self, host: u64) -> Result<Vec<(u64, usize)>> {
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for l1_idx in 0..self.l1.len() {
             let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 {
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
@@ -994,10 +883,45 @@ impl Qcow2Image {
         Ok(true)
     }
 
+    /// Before a metadata cluster moves (its old place is freed and punched): it must be what
+    /// the move takes it for and nothing else, named by exactly `l1_refs` L1 entries and
+    /// `rt_refs` refcount table entries, outside the tables the header points at, with
+    /// refcount 1. Anything else is a corruption, not a move.
+    fn check_movable(
+        &mut self,
+        old: u64,
+        what: &str,
+        l1_refs: usize,
+        rt_refs: usize,
+    ) -> Result<()> {
+        let off = old * self.cluster_size;
+        let by_l1 = self
+            .l1
+            .iter()
+            .filter(|&&e| e & L1E_OFFSET_MASK == off)
+            .count();
+        let by_rt = self
+            .reftable
+            .iter()
+            .filter(|&&e| e & REFT_OFFSET_MASK == off)
+            .count();
+        let fixed = self.fixed_metadata().iter().any(|r| r.contains(&old));
+        let rc = self.refcount(old)?;
+        if by_l1 != l1_refs || by_rt != rt_refs || fixed || rc != 1 {
+            return Err(self.corruption(format!(
+                "{what} at {off:#x} cannot move: named by {by_l1} L1 and {by_rt} refcount table entries, refcount {rc}{}",
+                if fixed { ", inside the header's tables" } else { "" }
+            )));
+        }
+        Ok(())
+    }
+
     /// Moves the L2 table of L1 entry `l1_idx` (at cluster `old`) to the lowest free cluster.
     pub(crate) fn move_l2_table(&mut self, l1_idx: usize, old: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let old_off = old * cs;
+        self.check_l2_offset(l1_idx, self.l1[l1_idx])?;
+        self.check_movable(old, "L2 table", 1, 0)?;
         let slot = self.load_l2(old_off)?;
         let (new, _) = self.alloc_clusters(1)?;
         let new_off = new * cs;
@@ -1020,6 +944,7 @@ impl Qcow2Image {
     pub(crate) fn move_refblock(&mut self, ti: usize, old: u64) -> Result<u64> {
         let cs = self.cluster_size;
         let old_off = old * cs;
+        self.check_movable(old, "refcount block", 0, 1)?;
         self.load_refblock(ti, old_off)?;
         let (new, _) = self.alloc_clusters(1)?;
         let new_off = new * cs;
@@ -1074,30 +999,5 @@ mod tests {
             assert_eq!(get_entry(&block, 4, order), (4 * 7 + 3) & max);
             assert_eq!(get_entry(&block, 6, order), (6 * 7 + 3) & max);
         }
-    }
-
-    #[test]
-    fn free_map_first_fit_runs_and_end() {
-        let mut fm = FreeMap::default();
-        for i in 0..10 {
-            fm.set_used(i);
-        }
-        fm.set_used(70);
-        assert_eq!(fm.first_free(), 10);
-        assert_eq!(fm.end(), 71);
-        fm.set_free(3);
-        assert_eq!(fm.first_free(), 3);
-        assert_eq!(fm.free_run(3, 5), 1);
-        assert_eq!(fm.find_run(5), 10);
-        assert_eq!(fm.find_run(61), 71);
-        fm.set_free(70);
-        assert_eq!(fm.end(), 10);
-        assert_eq!(fm.used_count(), 9);
-        assert_eq!(fm.prev_used(10), Some(9));
-        assert_eq!(fm.prev_used(3), Some(2));
-        fm.set_used(200);
-        assert_eq!(fm.prev_used(200), Some(9));
-        assert_eq!(fm.prev_used(1000), Some(200));
-        assert_eq!(fm.prev_used(0), None);
     }
 }

@@ -13,11 +13,15 @@ pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
         let base = std::env::var_os("THINVM_TEST_TMP")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        Self::new_in(&base, tag)
+    }
+    /// A temporary directory under `base` (e.g. a tmpfs for very large sparse files).
+    pub fn new_in(base: &Path, tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
         let p = base.join(format!(
             "thinvm-{tag}-{}-{}",
             std::process::id(),
@@ -43,7 +47,28 @@ impl Drop for TempDir {
 }
 
 /// Runs a command, returning (exit code, stdout, stderr).
+///
+/// A QEMU tool refused because the image looks in use runs again for up to about 2 s: a
+/// child that another test thread is spawning holds copies of this process's descriptors
+/// until its exec, among them maybe an image a test has just closed, whose locks live on
+/// until then (block/src/lock.rs, which waits the same way). A real user stays.
 pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let r = run_once(cmd, args);
+        if r.0 == 0
+            || !r.2.contains("Is another process using the image")
+            || pause.as_millis() > 1024
+        {
+            return r;
+        }
+        std::thread::sleep(pause);
+        pause *= 2;
+    }
+}
+
+/// Runs a command once, returning (exit code, stdout, stderr).
+pub fn run_once(cmd: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -193,7 +218,8 @@ pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
         path,
         &OpenOptions {
             read_only: false,
-            format: None,
+            // The tests' own images: their format is given, as a trusting user gives it.
+            format: Some(block::probe_format(path).unwrap()),
             ..Default::default()
         },
     )
@@ -205,7 +231,8 @@ pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
         path,
         &OpenOptions {
             read_only: true,
-            format: None,
+            // The tests' own images: their format is given, as a trusting user gives it.
+            format: Some(block::probe_format(path).unwrap()),
             ..Default::default()
         },
     )

@@ -114,7 +114,7 @@ impl Vcpu {
             return;
         }
         if let Some(prog) = seccomp {
-            if let Err(e) = seccompiler::apply_filter(&prog) {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, &prog) {
                 shared.exit.set(ExitReason::Fatal {
                     vcpu: id,
                     msg: format!("cannot install the seccomp filter: {e}"),

@@ -114,3 +114,36 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A `qemu-nbd --fork` server holding an image open (writable unless `-r` is among the
+/// arguments) until dropped: another process using the image, as QEMU locks it.
+pub struct QemuNbd(i32);
+
+impl QemuNbd {
+    pub fn hold(dir: &TempDir, args: &[&str]) -> QemuNbd {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid_file = dir.join(&format!("nbd-{n}.pid"));
+        let sock = dir.join(&format!("nbd-{n}.sock"));
+        let out = Command::new("qemu-nbd")
+            .arg("--fork")
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("-k")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("qemu-nbd (install qemu-utils)");
+        assert!(out.status.success(), "qemu-nbd: {}", text(&out.stderr));
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        QemuNbd(pid.trim().parse().unwrap())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        // SAFETY: signalling the qemu-nbd daemon the test started.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+    }
+}

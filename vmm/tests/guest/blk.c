@@ -5,7 +5,13 @@
    header and data in one buffer, data and the status in one, a split header) and through
    indirect tables up to seg_max + 2 descriptors and one beyond.
    `mode=fill` instead writes 64 KiB blocks from MiB 1 on, one line per block, for tests of
-   a host file system that fills up. */
+   a host file system that fills up.
+   `mode=copy-header` instead copies the disk's 256 KiB at MiB 1 (where the host put a qcow2
+   image) over its start, as a guest attacking format probing would, and prints
+   "BLK-HEADER st0=S st1=S magic=0|1": the statuses of the two 128 KiB writes and whether
+   sector 0 now starts with the qcow2 magic. When the first write failed it also checks
+   that ordinary and zero writes of sector 0 still work ("BLK-SECTOR0 write=S zeroes=S
+   readback=0|1"). */
 #include "guest.h"
 
 #define MMIO 0xd0000000UL
@@ -134,10 +140,37 @@ static void fill_mode(void) {
     request_reset();
 }
 
+static void copy_header_mode(void) {
+    u8 st[2];
+    for (u32 i = 0; i < 2; i++) {
+        u8 r = rw(0, 2048 + 256 * i, buf, 65536 * 2);
+        st[i] = r != 0 ? 0xee : rw(1, 256 * i, buf, 65536 * 2);
+    }
+    memset_(buf, 0, 512);
+    rw(0, 0, buf, 512);
+    int magic = buf[0] == 'Q' && buf[1] == 'F' && buf[2] == 'I' && buf[3] == 0xfb;
+    puts_serial("BLK-HEADER st0="); put_dec(st[0]);
+    puts_serial(" st1="); put_dec(st[1]);
+    puts_serial(magic ? " magic=1\n" : " magic=0\n");
+    if (st[0] != 0) {
+        for (u32 i = 0; i < 4096; i++) buf[i] = 0xab;
+        u8 w = rw(1, 0, buf, 4096);
+        segs[0] = (struct seg){ 0, 8, 0 };
+        u8 z = rw(13, 0, segs, 16);
+        for (u32 i = 0; i < 4096; i++) buf[i] = 0x55;
+        int back = rw(0, 0, buf, 4096) == 0 && all(buf, 4096, 0);
+        puts_serial("BLK-SECTOR0 write="); put_dec(w);
+        puts_serial(" zeroes="); put_dec(z);
+        puts_serial(back ? " readback=1\n" : " readback=0\n");
+    }
+    request_reset();
+}
+
 void guest_main(const u8 *boot_params) {
     puts_serial("thinvm-blk-guest: start\n");
     check("setup", setup());
     if (has_word(boot_cmdline(boot_params), "mode=fill")) fill_mode();
+    if (has_word(boot_cmdline(boot_params), "mode=copy-header")) copy_header_mode();
     u64 cap = mmio_read32(R(0x100)) | ((u64)mmio_read32(R(0x104)) << 32);
     puts_serial("capacity sectors: "); put_dec(cap); puts_serial("\n");
     check("capacity", cap == 16 * 1024 * 1024 / 512);

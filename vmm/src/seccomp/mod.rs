@@ -1,0 +1,148 @@
+//! seccomp filters (seccompiler) for thinvm's threads, installed once the VM is set up: each
+//! thread kind may make only the system calls in its table (`rules.rs`: the calls, their
+//! arguments, and why each is needed), every other call stops thinvm with SIGSYS
+//! (`report.rs`). `--seccomp off` disables them for debugging.
+//!
+//! What the filters enforce beyond a list of calls: vCPU threads issue only the KVM ioctls
+//! of their run loop; the main thread only restores the terminal (never `TIOCSTI`); no thread
+//! maps or protects memory executable, creates threads or processes, opens files or sockets.
+
+mod ioctls;
+mod report;
+mod rules;
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::error::{Result, VmmError};
+use rules::{Arg, Test, Width};
+
+/// Thread kinds with their own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread: event loop, shutdown, statistics, clean-up.
+    Vmm,
+    /// A vCPU thread: KVM_RUN and device emulation on exits.
+    Vcpu,
+    /// A block device worker or one of the image crate's I/O threads: image I/O.
+    Block,
+}
+
+impl ThreadKind {
+    /// The kind's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "main (VMM)",
+            ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Block => "block I/O",
+        }
+    }
+
+    fn table(self) -> rules::Table {
+        match self {
+            ThreadKind::Vmm => rules::VMM,
+            ThreadKind::Vcpu => rules::VCPU,
+            ThreadKind::Block => rules::BLOCK,
+        }
+    }
+}
+
+/// One argument condition in seccompiler's terms.
+fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
+    let len = match a.width {
+        Width::Bits32 => SeccompCmpArgLen::Dword,
+        Width::Bits64 => SeccompCmpArgLen::Qword,
+    };
+    let (op, value) = match a.test {
+        Test::Eq(v) => (SeccompCmpOp::Eq, v),
+        Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
+        Test::KickSignal => (SeccompCmpOp::Eq, kick_signal as u64),
+    };
+    SeccompCondition::new(a.index, len, op, value)
+        .map_err(|e| VmmError::Seccomp(format!("argument {}: {e}", a.index)))
+}
+
+/// The rules of `kind` (common ones included) as seccompiler rule chains per call number. A
+/// call allowed without conditions gets an empty chain, which seccompiler allows outright
+/// (whatever conditional rules the call also has).
+fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
+    let table = kind.table();
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut outright = Vec::new();
+    for r in rules::COMMON.iter().chain(table.calls) {
+        let conds = r
+            .args
+            .iter()
+            .map(|a| condition(a, kick_signal))
+            .collect::<Result<Vec<_>>>()?;
+        let chain = map.entry(r.call.nr).or_default();
+        if conds.is_empty() {
+            outright.push(r.call.nr);
+        } else {
+            chain.push(SeccompRule::new(conds).map_err(|e| {
+                VmmError::Seccomp(format!("{:?} rule for {}: {e}", kind, r.call.name()))
+            })?);
+        }
+    }
+    if !table.ioctls.is_empty() {
+        let chain = map.entry(libc::SYS_ioctl).or_default();
+        for i in table.ioctls {
+            let arg = Arg {
+                index: 1,
+                width: Width::Bits32,
+                test: Test::Eq(i.request),
+            };
+            chain.push(
+                SeccompRule::new(vec![condition(&arg, kick_signal)?])
+                    .map_err(|e| VmmError::Seccomp(format!("ioctl {}: {e}", i.name)))?,
+            );
+        }
+    }
+    for nr in outright {
+        map.insert(nr, Vec::new());
+    }
+    Ok(map)
+}
+
+/// The compiled filter for a thread kind: allowed calls pass, anything else traps (SIGSYS).
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
+    let kick = crate::vstate::vcpu::kick_signal();
+    let f = SeccompFilter::new(
+        rule_map(kind, kick)?,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| VmmError::Seccomp(format!("{kind:?} filter: {e}")))?;
+    f.try_into()
+        .map_err(|e: seccompiler::BackendError| VmmError::Seccomp(format!("{kind:?} filter: {e}")))
+}
+
+/// Installs `kind`'s compiled filter on the calling thread.
+pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
+    seccompiler::apply_filter(prog).map_err(|e| VmmError::Seccomp(format!("{e}")))?;
+    report::set_thread_kind(kind);
+    Ok(())
+}
+
+/// Prepares the process for its filters, before any thread is confined: installs the SIGSYS
+/// reporter, and stops glibc's malloc from ever shrinking a per-thread heap. (The first such
+/// shrink reads /proc/sys/vm/overcommit_memory, and no confined thread may open a file;
+/// with the trim threshold at its maximum, free memory at the top of a heap is kept for reuse
+/// instead, and large blocks are still mapped and unmapped on their own.)
+pub fn prepare_process() -> Result<()> {
+    // SAFETY: mallopt only changes malloc's tuning parameters.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+        return Err(VmmError::Seccomp(
+            "cannot set malloc's trim threshold".into(),
+        ));
+    }
+    report::install()
+}
+
+#[cfg(test)]
+mod tests;
