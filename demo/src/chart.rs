@@ -179,7 +179,8 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        // Middle right: the step numbers take the top rows.
+        .position(SeriesLabelPosition::MiddleRight)
         .border_style(BLACK)
         .background_style(WHITE.mix(0.85))
         .draw()
