@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// seccomp filters for thinvm's threads.
     #[arg(long, value_enum, default_value = "on")]
     pub seccomp: OnOff,
+    /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT with the virtio-mmio disks and the serial
+    /// port): how distribution kernels find the disks. The disks are also announced on the
+    /// kernel command line (virtio_mmio.device=) for kernels without ACPI.
+    #[arg(long, value_enum, default_value = "on")]
+    pub acpi: OnOff,
     /// Print disk statistics every N seconds (they are always printed on exit and SIGUSR1).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
@@ -117,6 +122,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub seccomp: bool,
     pub stats_interval: Option<Duration>,
+    /// Write ACPI tables for the guest.
+    pub acpi: bool,
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -330,6 +337,7 @@ impl RunArgs {
             serial,
             seccomp: self.seccomp == OnOff::On,
             stats_interval: self.stats_interval.map(Duration::from_secs),
+            acpi: self.acpi == OnOff::On,
         })
     }
 }

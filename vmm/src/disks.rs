@@ -14,7 +14,7 @@ use image_cli::size::human_size;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::config::{DiscardMode, DiskConfig, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::seccomp::{self, ThreadKind};
@@ -195,8 +195,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         )
         .map_err(|e| derr(format!("cannot start the device: {e}")))?;
         let stats = block.stats();
-        let gsi = VIRTIO_IRQ_BASE + i as u32;
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let (base, gsi) = virtio_mmio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         vm.register_irqfd(&irq, gsi)?;
         let transport = MmioTransport::new(Box::new(block), vm.memory.clone(), irq)

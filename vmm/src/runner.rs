@@ -11,8 +11,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, KernelFormat};
+use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::arch::regs::EntryMode;
-use crate::arch::{mptable, regs};
+use crate::arch::{acpi, mptable, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::disks;
 use crate::error::{Result, VmmError};
@@ -75,19 +76,42 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     pio.insert(Arc::new(Mutex::new(I8042::new(reset_clone))), I8042_PORT, 5)
         .map_err(|e| VmmError::Device(e.to_string()))?;
 
-    // Disks (virtio-mmio), announced on the command line.
+    // Disks (virtio-mmio), announced on the command line (for kernels without ACPI; with
+    // ACPI a kernel that also has VIRTIO_MMIO_CMDLINE_DEVICES registers each device once: the
+    // second registration of the same MMIO range is refused).
     let mut cmdline = cfg.cmdline.clone();
     let mut disk_set = disks::attach(&vm, &mut mmio, &cfg, &mut cmdline)?;
 
     // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
     // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
     // run Linux user space.
+    // ACPI tables (distribution kernels find the disks only there).
+    let rsdp = if cfg.acpi {
+        let slots: Vec<acpi::VirtioMmioSlot> = (0..cfg.disks.len())
+            .map(|i| {
+                let (base, gsi) = virtio_mmio_slot(i);
+                acpi::VirtioMmioSlot {
+                    base,
+                    size: VIRTIO_MMIO_SIZE,
+                    gsi,
+                }
+            })
+            .collect();
+        let serial = acpi::SerialPort {
+            port: SERIAL_PORT as u16,
+            irq: SERIAL_IRQ,
+        };
+        Some(acpi::setup(&vm.memory, cfg.cpus, serial, &slots)?)
+    } else {
+        None
+    };
     let loaded = boot::load(
         &vm.memory,
         cfg.mem_size,
         &cfg.kernel,
         cfg.initrd.as_deref(),
         &cmdline,
+        rsdp,
     )?;
     let is_linux =
         loaded.format == KernelFormat::BzImage || matches!(loaded.entry, EntryMode::Pvh32 { .. });
