@@ -6,7 +6,10 @@ minus the guest-RAM mapping) when the marker appears, all THINVM-* lines, exit c
   vmrun.py --marker TEXT [--kill-after-marker] [--mem-mib N] [--until TEXT] -- CMD ...
 
 --until TEXT: keep reading until TEXT (e.g. THINVM-DONE) before killing (QEMU microvm does
-not exit when its guest reboots inside the rig)."""
+not exit when its guest reboots inside the rig).
+--watch FILE: at each THINVM-RESULT line, FILE's allocated and apparent size (bytes) are
+recorded ("sizes": one [allocated, apparent] per result line, in order), then a line is sent
+to the VM's console (a guest booted with thinvm.ack=1 waits for it before its next step)."""
 import argparse, json, os, select, signal, subprocess, sys, time
 
 def overhead_kib(pid, mem_mib):
@@ -34,15 +37,18 @@ ap.add_argument("--until")
 ap.add_argument("--kill-after-marker", action="store_true")
 ap.add_argument("--mem-mib", type=int, default=256)
 ap.add_argument("--timeout", type=float, default=600)
+ap.add_argument("--watch")
 ap.add_argument("cmd", nargs=argparse.REMAINDER)
 a = ap.parse_args()
 cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
 t0 = time.monotonic()
-p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+p = subprocess.Popen(cmd, stdin=subprocess.PIPE if a.watch else subprocess.DEVNULL,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 first = marker = None
 rss = ovh = None
 buf = b""
 lines = []
+sizes = []
 until = a.until or a.marker
 done = False
 os.set_blocking(p.stdout.fileno(), False)
@@ -66,6 +72,17 @@ while not done:
         text = line.decode(errors="replace").strip()
         if text.startswith("THINVM-"):
             lines.append(text)
+        if a.watch and text.startswith("THINVM-RESULT"):
+            try:
+                st = os.stat(a.watch)
+                sizes.append([st.st_blocks * 512, st.st_size])
+            except OSError:
+                sizes.append([None, None])
+            try:
+                p.stdin.write(b"go\n")
+                p.stdin.flush()
+            except OSError:
+                pass
         if marker is None and a.marker in text:
             marker = now
             rss, ovh = overhead_kib(p.pid, a.mem_mib)
@@ -81,4 +98,4 @@ except subprocess.TimeoutExpired:
 err = p.stderr.read().decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
-                  "lines": lines, "stderr_tail": err[-5:]}))
+                  "lines": lines, "sizes": sizes, "stderr_tail": err[-5:]}))

@@ -14,6 +14,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 
+use crate::iobuf::IoBuf;
+
 /// Alignment used for direct I/O: covers 512-byte and 4 KiB logical block devices.
 pub const DIRECT_ALIGN: u64 = 4096;
 
@@ -76,6 +78,25 @@ fn end_of(offset: u64, len: usize) -> io::Result<u64> {
     offset
         .checked_add(len as u64)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset overflow"))
+}
+
+/// Whether `bufs` at `offset` can go to an O_DIRECT file as they are: offset, every
+/// address and every length block-aligned.
+pub fn direct_ready(bufs: &[IoBuf], offset: u64) -> bool {
+    offset % DIRECT_ALIGN == 0
+        && bufs.iter().all(|b| {
+            (b.as_ptr() as usize) % DIRECT_ALIGN as usize == 0 && b.len() as u64 % DIRECT_ALIGN == 0
+        })
+}
+
+/// The iovecs of `bufs`.
+pub fn iovecs(bufs: &[IoBuf]) -> Vec<libc::iovec> {
+    bufs.iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect()
 }
 
 /// How far [`HostFile::transfer_vectored`] got.
@@ -208,36 +229,18 @@ impl HostFile {
     }
 
     /// Writes the concatenation of `bufs` at `offset` straight from the buffers (`pwritev`,
-    /// no copy). In direct mode the buffers are gathered into one aligned bounce buffer.
-    pub fn write_vectored_all_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
-        let zero_copy = offset % DIRECT_ALIGN == 0 && bufs.iter().all(|b| is_aligned(b));
-        if self.direct && !zero_copy {
-            let total: usize = bufs.iter().map(|b| b.len()).sum();
-            if offset % DIRECT_ALIGN == 0 && total as u64 % DIRECT_ALIGN == 0 {
-                // Aligned: one copy into an aligned buffer, written as it is.
-                let mut aligned = AlignedBuf::new(total);
-                let mut at = 0;
-                for b in bufs {
-                    aligned.as_mut_slice()[at..at + b.len()].copy_from_slice(b);
-                    at += b.len();
-                }
-                return self.file.write_all_at(aligned.as_slice(), offset);
-            }
-            let mut all = Vec::with_capacity(total);
-            for b in bufs {
-                all.extend_from_slice(b);
-            }
-            return self.write_all_at(&all, offset);
+    /// no copy). In direct mode, buffers or an offset that are not block-aligned are gathered
+    /// into an aligned bounce buffer first.
+    pub fn write_vectored_all_at(&self, bufs: &[IoBuf], offset: u64) -> io::Result<()> {
+        if self.direct && !direct_ready(bufs, offset) {
+            let total = crate::iobuf::total_len(bufs) as usize;
+            let mut aligned = AlignedBuf::new(total);
+            crate::iobuf::copy_out(bufs, 0, aligned.as_mut_slice());
+            return self.write_all_at(aligned.as_slice(), offset);
         }
-        let iov: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: every iovec covers exactly one live slice of `bufs`, borrowed for the whole
-        // call; pwritev only reads them.
+        let iov = iovecs(bufs);
+        // SAFETY: every iovec covers one IoBuf, valid for the whole call (IoBuf::new);
+        // pwritev only reads them.
         match unsafe { self.transfer_vectored(&iov, offset, libc::pwritev) }? {
             Transferred::All => Ok(()),
             Transferred::Until(..) => Err(io::Error::new(
@@ -249,33 +252,25 @@ impl HostFile {
 
     /// Reads the bytes at `offset` straight into `bufs`, one after another (one `preadv` per
     /// up to 1024 buffers); the part past the end of the file reads as zeros.
-    /// Under `O_DIRECT`, buffers or an offset that are not block-aligned are read one at a
-    /// time through [`HostFile::read_at`]'s bounce buffer.
-    pub fn read_vectored_or_zeros(&self, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<()> {
-        let zero_copy = offset % DIRECT_ALIGN == 0 && bufs.iter().all(|b| is_aligned(b));
-        if self.direct && !zero_copy {
-            let mut pos = offset;
-            for b in bufs.iter_mut() {
-                crate::parallel::read_or_zeros(self, b, pos)?;
-                pos += b.len() as u64;
-            }
+    /// Under `O_DIRECT`, buffers or an offset that are not block-aligned are read through
+    /// an aligned bounce buffer.
+    pub fn read_vectored_or_zeros(&self, bufs: &[IoBuf], offset: u64) -> io::Result<()> {
+        if self.direct && !direct_ready(bufs, offset) {
+            let total = crate::iobuf::total_len(bufs) as usize;
+            let mut bounce = vec![0u8; total];
+            crate::parallel::read_or_zeros(self, &mut bounce, offset)?;
+            crate::iobuf::copy_into(bufs, 0, &bounce);
             return Ok(());
         }
-        let iov: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: every iovec covers exactly one live slice of `bufs`, exclusively borrowed
-        // for the whole call; preadv writes at most that many bytes to each.
+        let iov = iovecs(bufs);
+        // SAFETY: every iovec covers one IoBuf, valid and writable for the whole call
+        // (IoBuf::new); preadv writes at most that many bytes to each.
         let got = unsafe { self.transfer_vectored(&iov, offset, libc::preadv) }?;
         if let Transferred::Until(idx, skip) = got {
             // The end of the file: the rest reads as zeros.
-            bufs[idx][skip..].fill(0);
-            for b in bufs[idx + 1..].iter_mut() {
-                b.fill(0);
+            bufs[idx].sub(skip, usize::MAX).fill_zero();
+            for b in &bufs[idx + 1..] {
+                b.fill_zero();
             }
         }
         Ok(())
@@ -454,11 +449,21 @@ mod tests {
                     f.write_all_at(buf, off).unwrap();
                 } else {
                     let (x, y) = buf.split_at(4096);
-                    f.write_vectored_all_at(&[x, y], off).unwrap();
+                    // SAFETY: `x` and `y` outlive the call.
+                    let parts = unsafe { [IoBuf::from_slice(x), IoBuf::from_slice(y)] };
+                    f.write_vectored_all_at(&parts, off).unwrap();
                 }
             } else if i % 3 == 1 {
                 let (x, y) = data.split_at(len / 2);
-                f.write_vectored_all_at(&[x, &[], y], off).unwrap();
+                // SAFETY: `x` and `y` outlive the call.
+                let parts = unsafe {
+                    [
+                        IoBuf::from_slice(x),
+                        IoBuf::from_slice(&[]),
+                        IoBuf::from_slice(y),
+                    ]
+                };
+                f.write_vectored_all_at(&parts, off).unwrap();
             } else {
                 f.write_all_at(&data, off).unwrap();
             }
@@ -506,8 +511,15 @@ mod tests {
                 };
                 let cut = if i % 3 == 2 { 4096 } else { rlen / 3 };
                 let (x, y) = bytes.split_at_mut(cut);
-                file.read_vectored_or_zeros(&mut [x, &mut [], y], roff)
-                    .unwrap();
+                // SAFETY: `x` and `y` outlive the call and are only touched through these.
+                let parts = unsafe {
+                    [
+                        IoBuf::from_mut_slice(x),
+                        IoBuf::from_mut_slice(&mut []),
+                        IoBuf::from_mut_slice(y),
+                    ]
+                };
+                file.read_vectored_or_zeros(&parts, roff).unwrap();
                 assert_eq!(&bytes[..], &want_full[..], "vectored read {i}");
             }
         }

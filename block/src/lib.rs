@@ -4,16 +4,22 @@
 //! use. Implementations: [`raw::RawImage`] and [`qcow2::Qcow2Image`]. [`open`] probes the
 //! format (under the rules of [`probe`]) and opens either.
 //!
-//! The I/O model is synchronous positioned I/O (`pread`/`pwrite`); every request names its
-//! guest offset explicitly, so a queue-based (io_uring) backend can implement the same
-//! operations later.
+//! A read or write becomes a [`Plan`] (the image's metadata decisions as data: data
+//! operations in stages, then metadata actions); plans run on the calling thread (the
+//! synchronous methods, e.g. [`DiskImage::write_at`]) or many at once through a
+//! [`pipeline::Pipeline`] on an [`engine`] (io_uring, I/O threads, synchronous). Request
+//! buffers are [`IoBuf`]s, never Rust slices over memory others may change.
 
 pub mod chain;
+pub mod engine;
 pub mod error;
 pub mod host_file;
 pub mod inspect;
+pub mod iobuf;
 pub mod lock;
 mod parallel;
+pub mod pipeline;
+pub mod plan;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
@@ -22,7 +28,9 @@ pub mod zero;
 use std::path::Path;
 
 pub use error::{Error, Result};
+pub use iobuf::IoBuf;
 pub use parallel::{start_pool, ThreadStart, MAX_THREADS as MAX_IO_THREADS};
+pub use plan::Plan;
 pub use probe::{probe_format, ProbePolicy};
 
 /// Image file formats understood by the crate.
@@ -154,68 +162,118 @@ pub trait DiskImage: Send {
     fn virtual_size(&self) -> u64;
     /// Whether the image was opened read-only (or was forced read-only, e.g. marked corrupt).
     fn is_read_only(&self) -> bool;
+    /// Plans a read of `bufs` (their concatenation) at `offset`: zeros, compressed data and
+    /// the like are filled in now, the rest becomes the plan's data operations.
+    fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan>;
+    /// Plans a write of the concatenation of `bufs` at `offset` (subject to zero detection,
+    /// see [`DiskImage::set_detect_zeroes`]): the metadata decided now, the data operations
+    /// and the metadata actions that follow them in the plan.
+    fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan>;
+    /// Completes a plan after its data operations ran (`data`: their result): a write's
+    /// metadata actions, or giving back what it allocated if the data could not be written.
+    fn finish(&mut self, plan: Plan, data: Result<()>) -> Result<()>;
+    /// Granularity at which writes in flight are ordered ([`pipeline::Pipeline`]): requests
+    /// touching the same unit run one after the other.
+    fn lock_unit(&self) -> u64;
+    /// Whether deferred work (see [`DiskImage::idle`]) is due and the caller should let the
+    /// I/O in flight finish and call `idle`.
+    fn needs_drain(&self) -> bool {
+        false
+    }
+    /// Makes every completed write durable while other requests may be in flight (leaves
+    /// out work that needs all I/O finished, which [`DiskImage::flush`] does).
+    fn flush_completed(&mut self) -> Result<()> {
+        self.flush()
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        // SAFETY: `buf` is borrowed for this call, which the buffer does not outlive.
+        let bufs = [unsafe { IoBuf::from_mut_slice(buf) }];
+        read_sync(self, offset, &bufs)
+    }
     /// Writes `buf` at `offset` (subject to zero detection, see [`DiskImage::set_detect_zeroes`]).
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()>;
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        // SAFETY: `buf` is borrowed for this call, which the buffer does not outlive.
+        let bufs = [unsafe { IoBuf::from_slice(buf) }];
+        write_sync(self, offset, &bufs)
+    }
     /// Writes the concatenation of `bufs` at `offset`, exactly like [`DiskImage::write_at`]
-    /// of the gathered bytes. Images that can write straight from the buffers override it;
-    /// the default gathers them into `scratch` (a reusable buffer) first.
+    /// of the gathered bytes (no gathering copy is made; `scratch` is not needed any more).
     fn write_vectored_at(
         &mut self,
         offset: u64,
         bufs: &[&[u8]],
-        scratch: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        gather(bufs, scratch);
-        self.write_at(offset, scratch)
+        // SAFETY: the slices are borrowed for this call, which the buffers do not outlive.
+        let bufs: Vec<IoBuf> = bufs
+            .iter()
+            .map(|b| unsafe { IoBuf::from_slice(b) })
+            .collect();
+        write_sync(self, offset, &bufs)
     }
     /// Reads the bytes at `offset` into `bufs` in turn, exactly like [`DiskImage::read_at`]
-    /// into one buffer that is then scattered over them. Images that can read straight into
-    /// the buffers override it; the default reads into `scratch` (a reusable buffer) first.
+    /// into one buffer that is then scattered over them.
     fn read_vectored_at(
         &mut self,
         offset: u64,
         bufs: &mut [&mut [u8]],
-        scratch: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if scratch.len() < total {
-            scratch.resize(total, 0);
-        }
-        self.read_at(offset, &mut scratch[..total])?;
-        let mut at = 0;
-        for b in bufs.iter_mut() {
-            b.copy_from_slice(&scratch[at..at + b.len()]);
-            at += b.len();
-        }
-        Ok(())
+        // SAFETY: the slices are borrowed (exclusively) for this call, which the buffers do
+        // not outlive.
+        let bufs: Vec<IoBuf> = bufs
+            .iter_mut()
+            .map(|b| unsafe { IoBuf::from_mut_slice(b) })
+            .collect();
+        read_sync(self, offset, &bufs)
     }
-    /// Reads every `(offset, buf)` of a batch, as [`DiskImage::read_at`] would. Images may
-    /// run the batch's data reads in parallel, on up to `threads` threads (a queue depth
-    /// above one). Stops at the first error.
+    /// Reads every `(offset, buf)` of a batch, as [`DiskImage::read_at`] would, with up to
+    /// `threads` data reads in flight at once. Returns the first error (in batch order).
     fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
-        let _ = threads;
+        let mut list = Vec::with_capacity(reqs.len());
         for (offset, buf) in reqs.iter_mut() {
-            self.read_at(*offset, buf)?;
+            // SAFETY: the buffer is borrowed (exclusively) from `reqs` for this call, which
+            // waits for every request to complete.
+            let buf = unsafe { IoBuf::from_mut_slice(buf) };
+            list.push(pipeline::IoRequest::Read {
+                offset: *offset,
+                bufs: vec![buf],
+            });
         }
-        Ok(())
+        let reqs = list;
+        // SAFETY: the buffers are borrowed from `reqs` for this whole call, which waits for
+        // every request to complete.
+        unsafe { run_batch(self, reqs, threads) }
     }
-    /// Writes every `(offset, buffers)` of a batch in order, as
-    /// [`DiskImage::write_vectored_at`] would. Images may run the data writes of requests
-    /// that touch different clusters in parallel, on up to `threads` threads; requests that
-    /// share a cluster keep their order. Stops at the first error.
+    /// Writes every `(offset, buffers)` of a batch, as [`DiskImage::write_vectored_at`]
+    /// would, in order where they overlap (a later write to a cluster an earlier one touches
+    /// waits for it), with up to `threads` data writes in flight at once. Returns the first
+    /// error (in batch order).
     fn write_many(
         &mut self,
         reqs: &[(u64, &[&[u8]])],
         threads: usize,
-        scratch: &mut Vec<u8>,
+        _scratch: &mut Vec<u8>,
     ) -> Result<()> {
-        let _ = threads;
+        let mut list = Vec::with_capacity(reqs.len());
         for (offset, bufs) in reqs {
-            self.write_vectored_at(*offset, bufs, scratch)?;
+            let mut iobufs = Vec::with_capacity(bufs.len());
+            for b in bufs.iter() {
+                // SAFETY: the buffer is borrowed from `reqs` for this call, which waits for
+                // every request to complete.
+                iobufs.push(unsafe { IoBuf::from_slice(b) });
+            }
+            list.push(pipeline::IoRequest::Write {
+                offset: *offset,
+                bufs: iobufs,
+            });
         }
-        Ok(())
+        let reqs = list;
+        // SAFETY: the buffers are borrowed from `reqs` for this whole call, which waits for
+        // every request to complete.
+        unsafe { run_batch(self, reqs, threads) }
     }
     /// Makes every completed write durable.
     fn flush(&mut self) -> Result<()>;
@@ -246,65 +304,58 @@ pub trait DiskImage: Send {
     }
 }
 
-/// Total length of `bufs`.
-pub(crate) fn total_len(bufs: &[&[u8]]) -> u64 {
-    bufs.iter().map(|b| b.len() as u64).sum()
+/// Reads `bufs` at `offset` on the calling thread: plan, data, finish.
+fn read_sync<I: DiskImage + ?Sized>(img: &mut I, offset: u64, bufs: &[IoBuf]) -> Result<()> {
+    let plan = img.plan_read(offset, bufs)?;
+    let r = plan.run_sync().map_err(|e| Error::io("read image data", e));
+    img.finish(plan, r)
 }
 
-/// Groups `(offset, buffer)` parts, in order, into runs whose buffers follow each other
-/// at consecutive offsets: one vectored read per run instead of one read per part.
-pub(crate) fn contiguous_runs<'a>(
-    parts: impl IntoIterator<Item = (u64, &'a mut [u8])>,
-) -> Vec<(u64, Vec<&'a mut [u8]>)> {
-    let mut runs: Vec<(u64, u64, Vec<&'a mut [u8]>)> = Vec::new();
-    for (offset, buf) in parts {
-        let len = buf.len() as u64;
-        match runs.last_mut() {
-            Some((_, end, bufs)) if *end == offset => {
-                *end += len;
-                bufs.push(buf);
-            }
-            _ => runs.push((offset, offset + len, vec![buf])),
-        }
+/// Writes `bufs` at `offset` on the calling thread: plan, data, finish, and the deferred
+/// work that became due.
+fn write_sync<I: DiskImage + ?Sized>(img: &mut I, offset: u64, bufs: &[IoBuf]) -> Result<()> {
+    let plan = img.plan_write(offset, bufs)?;
+    let r = plan
+        .run_sync()
+        .map_err(|e| Error::io("write image data", e));
+    img.finish(plan, r)?;
+    if img.needs_drain() {
+        img.idle()?;
     }
-    runs.into_iter().map(|(o, _, b)| (o, b)).collect()
+    Ok(())
 }
 
-/// Copies the concatenation of `bufs` into `scratch` (replacing its contents).
-pub(crate) fn gather(bufs: &[&[u8]], scratch: &mut Vec<u8>) {
-    scratch.clear();
-    scratch.reserve(bufs.iter().map(|b| b.len()).sum());
-    for b in bufs {
-        scratch.extend_from_slice(b);
+/// Runs a batch of requests through a pipeline on the I/O threads (at most `threads` data
+/// operations at once) and waits for all of them; returns the first error in batch order.
+///
+/// # Safety
+/// The requests' buffers must be valid until this returns.
+unsafe fn run_batch<I: DiskImage + ?Sized>(
+    img: &mut I,
+    reqs: Vec<pipeline::IoRequest>,
+    threads: usize,
+) -> Result<()> {
+    let engine: Box<dyn engine::Engine> = match engine::threads::ThreadEngine::new(threads) {
+        Ok(e) if threads > 1 => Box::new(e),
+        _ => Box::new(engine::sync::SyncEngine::default()),
+    };
+    let mut p = pipeline::Pipeline::new(engine);
+    for (i, r) in reqs.into_iter().enumerate() {
+        // SAFETY: the caller keeps the buffers valid until this returns, and `drain` below
+        // waits for every request.
+        unsafe { p.submit(img, i as u64, r) };
     }
-}
-
-/// The pieces of the concatenation of `bufs` that make up its bytes `range` (no copy).
-pub(crate) fn pieces<'s, 'a>(
-    bufs: &'s [&'a [u8]],
-    range: std::ops::Range<u64>,
-) -> impl Iterator<Item = &'a [u8]> + use<'s, 'a> {
-    let mut at = 0u64;
-    bufs.iter().filter_map(move |b| {
-        let (s, e) = (at, at + b.len() as u64);
-        at = e;
-        if e <= range.start || s >= range.end {
-            return None;
-        }
-        let from = range.start.saturating_sub(s) as usize;
-        let to = (range.end.min(e) - s) as usize;
-        Some(&b[from..to])
-    })
-}
-
-/// Whether every byte of the concatenation of `bufs` in `range` is zero.
-pub(crate) fn is_zero_vectored(bufs: &[&[u8]], range: std::ops::Range<u64>) -> bool {
-    pieces(bufs, range).all(zero::is_zero)
-}
-
-/// Whether `start..end` overlaps one of `ranges`.
-pub(crate) fn overlaps(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
-    ranges.iter().any(|&(s, e)| s < end && start < e)
+    let mut out = Vec::new();
+    p.drain(img, &mut out);
+    out.sort_by_key(|(tag, _)| *tag);
+    let first_error = out.into_iter().find_map(|(_, r)| r.err());
+    if img.needs_drain() {
+        img.idle()?;
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// How to open an image.

@@ -3,9 +3,12 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::host_file::HostFile;
-use crate::zero::is_zero;
+use crate::engine::DataOp;
+use crate::host_file::{AlignedBuf, HostFile};
+use crate::iobuf::IoBuf;
+use crate::plan::{Action, Plan};
 use crate::{
     check_range, DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats,
     Result,
@@ -16,7 +19,7 @@ const RAW_GRANULARITY: u64 = 4096;
 
 /// A raw image file.
 pub struct RawImage {
-    file: HostFile,
+    file: Arc<HostFile>,
     size: u64,
     read_only: bool,
     detect_zeroes: DetectZeroes,
@@ -69,7 +72,7 @@ impl RawImage {
             .map_err(|e| Error::io("stat raw image", e))?
             .len();
         Ok(RawImage {
-            file,
+            file: Arc::new(file),
             size,
             read_only,
             detect_zeroes: DetectZeroes::Off,
@@ -85,10 +88,41 @@ impl RawImage {
         self.keep_raw = true;
     }
 
-    /// The one check of [`RawImage::keep_probed_raw`], for a write of the concatenation of
-    /// `bufs` at `offset`: the bytes the probe reads, as they would be after the write (the
-    /// file's current bytes where the write does not cover them), must still probe as raw.
-    fn check_stays_raw(&self, offset: u64, bufs: &[&[u8]]) -> Result<()> {
+    /// For a write of the concatenation of `bufs` at `offset` on an image kept raw
+    /// ([`RawImage::keep_probed_raw`]) that reaches into the bytes the probe reads: a private
+    /// copy of the request's bytes there, checked ([`RawImage::check_stays_raw`]). The plan
+    /// writes the copy, not the request's buffers, so the bytes written are the bytes
+    /// checked: a guest's vCPUs may change its buffers until the data write ends (with
+    /// io_uring or the I/O threads, long after planning). `None` when the write does not
+    /// reach the probed bytes or the image is not kept raw.
+    ///
+    /// The file's bytes the check reads are current: in a [`crate::pipeline::Pipeline`], a
+    /// write is planned only when no earlier write overlapping its lock units (4 KiB, which
+    /// hold all the probed bytes) is in flight or waiting. The request's bytes are read with
+    /// volatile copies ([`crate::iobuf::copy_out`]): guest RAM is never seen through a Rust
+    /// slice.
+    fn checked_head(&self, offset: u64, bufs: &[IoBuf]) -> Result<Option<AlignedBuf>> {
+        let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
+        if !self.keep_raw || offset >= probe_len {
+            return Ok(None);
+        }
+        let covered = (probe_len - offset).min(crate::iobuf::total_len(bufs));
+        if covered == 0 {
+            return Ok(None);
+        }
+        let mut copy = AlignedBuf::new(covered as usize);
+        crate::iobuf::copy_out(bufs, 0, copy.as_mut_slice());
+        self.check_stays_raw(offset, copy.as_slice())?;
+        Ok(Some(copy))
+    }
+
+    /// The one check of [`RawImage::keep_probed_raw`], for `bytes` written at `offset` (at
+    /// most up to the end of the probed bytes): the bytes the probe reads, as they would be
+    /// after the write (the file's current bytes where the write does not cover them), must
+    /// still probe as raw. Every raw write plans through it ([`RawImage::checked_head`] from
+    /// [`DiskImage::plan_write`]), and so do write-zeroes and discard (zeros can complete a
+    /// signature too: `QED\0`).
+    fn check_stays_raw(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
         if !self.keep_raw || offset >= probe_len {
             return Ok(());
@@ -97,18 +131,26 @@ impl RawImage {
         self.file
             .read_exact_at(&mut head, 0)
             .map_err(|e| Error::io("read raw image", e))?;
-        let covered = (probe_len - offset).min(crate::total_len(bufs));
-        let mut at = offset as usize;
-        for piece in crate::pieces(bufs, 0..covered) {
-            head[at..at + piece.len()].copy_from_slice(piece);
-            at += piece.len();
-        }
+        let at = offset as usize;
+        let covered = (head.len() - at).min(bytes.len());
+        head[at..at + covered].copy_from_slice(&bytes[..covered]);
         match crate::probe::foreign_format_of_head(&head) {
             None => Ok(()),
             Some(other) => Err(Error::Probe(format!(
                 "write at offset {offset} refused: the image's format was probed as raw, and this write would make it probe as {other} (a guest could then make the host open other files); give the format (format=raw) to allow such writes"
             ))),
         }
+    }
+
+    /// [`RawImage::check_stays_raw`] for `len` bytes at `offset` that are to read as zeros
+    /// (write-zeroes, discard).
+    fn check_zeros_stay_raw(&self, offset: u64, len: u64) -> Result<()> {
+        let probe_len = (crate::probe::PROBE_BYTES as u64).min(self.size);
+        if !self.keep_raw || offset >= probe_len || len == 0 {
+            return Ok(());
+        }
+        let covered = (probe_len - offset).min(len);
+        self.check_stays_raw(offset, &vec![0u8; covered as usize])
     }
 
     /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
@@ -264,111 +306,70 @@ impl DiskImage for RawImage {
         self.read_only
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_writable()?;
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.check_stays_raw(offset, &[buf])?;
-        if self.detect_zeroes != DetectZeroes::Off && !buf.is_empty() && is_zero(buf) {
-            return self.detected_zeroes(offset, buf.len() as u64);
-        }
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io("write raw image", e))
-    }
-
-    fn read_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &mut [&mut [u8]],
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        check_range(offset, total, self.size)?;
-        self.file
-            .read_vectored_or_zeros(bufs, offset)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
-        for (offset, buf) in reqs.iter() {
-            check_range(*offset, buf.len() as u64, self.size)?;
-        }
-        let jobs = reqs
-            .iter_mut()
-            .map(|(offset, buf)| crate::parallel::ReadJob {
-                offset: *offset,
-                buf: &mut buf[..],
-            })
-            .collect();
-        crate::parallel::read_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("read raw image", e))
-    }
-
-    fn write_many(
-        &mut self,
-        reqs: &[(u64, &[&[u8]])],
-        threads: usize,
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        self.check_writable()?;
-        let mut jobs: Vec<crate::parallel::WriteJob> = Vec::new();
-        let mut pending: Vec<(u64, u64)> = Vec::new();
-        for &(offset, bufs) in reqs {
-            let total: u64 = crate::total_len(bufs);
-            check_range(offset, total, self.size)?;
-            // (A write the probe would see is checked against the file with every earlier
-            // write of the batch in it.)
-            if crate::overlaps(&pending, offset, offset + total)
-                || (self.keep_raw && offset < crate::probe::PROBE_BYTES as u64)
-            {
-                crate::parallel::write_all(&self.file, std::mem::take(&mut jobs), threads)
-                    .map_err(|e| Error::io("write raw image", e))?;
-                pending.clear();
-            }
-            self.check_stays_raw(offset, bufs)?;
-            if self.detect_zeroes != DetectZeroes::Off
-                && total > 0
-                && crate::is_zero_vectored(bufs, 0..total)
-            {
-                self.detected_zeroes(offset, total)?;
-                continue;
-            }
-            jobs.push(crate::parallel::WriteJob {
+    fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
+        check_range(offset, crate::iobuf::total_len(bufs), self.size)?;
+        let mut plan = Plan::default();
+        plan.push(
+            0,
+            DataOp {
+                file: self.file.clone(),
+                write: false,
                 offset,
                 bufs: bufs.to_vec(),
-            });
-            pending.push((offset, offset + total));
-        }
-        crate::parallel::write_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("write raw image", e))
+            },
+        );
+        Ok(plan)
     }
 
-    fn write_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &[&[u8]],
-        _scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total: u64 = crate::total_len(bufs);
+    fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
         self.check_writable()?;
+        let total = crate::iobuf::total_len(bufs);
         check_range(offset, total, self.size)?;
-        self.check_stays_raw(offset, bufs)?;
+        let mut plan = Plan::write();
+        // The probed bytes come from the checked copy, the rest from the request.
+        let mut data = Vec::with_capacity(bufs.len() + 1);
+        match self.checked_head(offset, bufs)? {
+            Some(copy) => {
+                // SAFETY: the copy's heap memory is kept in `plan.bounce` (below) until the
+                // plan is dropped, after all its operations; it does not move with the
+                // AlignedBuf, and nothing else refers to it.
+                data.push(unsafe { IoBuf::from_slice(copy.as_slice()) });
+                crate::iobuf::push_pieces(&mut data, bufs, copy.as_slice().len() as u64..total);
+                plan.bounce.push(copy);
+            }
+            None => data.extend_from_slice(bufs),
+        }
         if self.detect_zeroes != DetectZeroes::Off
             && total > 0
-            && crate::is_zero_vectored(bufs, 0..total)
+            && crate::iobuf::is_zero_range(&data, 0..total)
         {
-            return self.detected_zeroes(offset, total);
+            plan.actions.push(Action::Zeroes { offset, len: total });
+            return Ok(plan);
         }
-        self.file
-            .write_vectored_all_at(bufs, offset)
-            .map_err(|e| Error::io("write raw image", e))
+        plan.push(
+            0,
+            DataOp {
+                file: self.file.clone(),
+                write: true,
+                offset,
+                bufs: data,
+            },
+        );
+        Ok(plan)
+    }
+
+    fn finish(&mut self, plan: Plan, data: Result<()>) -> Result<()> {
+        data?;
+        for a in plan.actions {
+            if let Action::Zeroes { offset, len } = a {
+                self.detected_zeroes(offset, len)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_unit(&self) -> u64 {
+        RAW_GRANULARITY
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -386,6 +387,7 @@ impl DiskImage for RawImage {
         if len == 0 {
             return Ok(());
         }
+        self.check_zeros_stay_raw(offset, len)?;
         let released = self.zero_or_unmap(offset, len, may_unmap)?;
         self.stats.write_zeroes_bytes += released;
         Ok(())
@@ -394,6 +396,7 @@ impl DiskImage for RawImage {
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.size)?;
+        self.check_zeros_stay_raw(offset, len)?;
         // A punched range reads as zeros; where the file system cannot punch, discard is a
         // no-op (the contents may stay, as the discard contract allows for raw images).
         if let Some(released) = self.punch(offset, len)? {
@@ -530,7 +533,7 @@ mod tests {
         let after = img.host_usage().unwrap();
         let mut buf = vec![1u8; 2 << 20];
         img.read_at(1 << 20, &mut buf).unwrap();
-        assert!(is_zero(&buf));
+        assert!(crate::zero::is_zero(&buf));
         if img.punch_supported {
             assert!(after.allocated_bytes <= full - (2 << 20));
             assert_eq!(img.reclaim_stats().zero_detect_bytes, 2 << 20);

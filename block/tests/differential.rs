@@ -59,17 +59,20 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
         "{:?} cs={} rb={} backing={} direct={}",
         cfg.version, cfg.cluster_size, cfg.refcount_bits, cfg.backing, cfg.direct
     );
+    // Each open runs on the next I/O engine: the batches go through all of them.
     let open = |read_only: bool| {
-        block::open(
-            &img,
-            &block::OpenOptions {
-                read_only,
-                format: Some(block::ImageFormat::Qcow2),
-                direct: cfg.direct,
-                ..Default::default()
-            },
+        engine_image(
+            block::open(
+                &img,
+                &block::OpenOptions {
+                    read_only,
+                    format: Some(block::ImageFormat::Qcow2),
+                    direct: cfg.direct,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
         )
-        .unwrap()
     };
     let mut scratch = Vec::new();
     for batch in 0..batches {

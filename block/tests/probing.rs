@@ -360,3 +360,64 @@ fn a_probed_raw_image_refuses_the_headers_of_formats_qemu_would_probe() {
     drop(img);
     assert_eq!(block::probe_format(&p).unwrap(), ImageFormat::Raw);
 }
+
+#[test]
+fn a_probed_raw_image_writes_the_bytes_it_checked() {
+    // A guest's vCPUs may change a request's buffer while the request is in flight (with
+    // io_uring or the I/O threads, between planning and the data write): the bytes written
+    // where the probe looks are the ones the check saw, not what the buffer holds later.
+    let dir = TempDir::new("probe-race");
+    let Some((p, mut img)) = probed_raw(&dir, "r.raw", false) else {
+        unreachable!("buffered opens always work");
+    };
+    let mut buf = vec![0xabu8; 8192];
+    let ptr = buf.as_mut_ptr();
+    // SAFETY: `buf` outlives the plan and is only changed below through `ptr` (no Rust
+    // reference to it is used until the plan has finished).
+    let io = unsafe { block::IoBuf::new(ptr, 8192) };
+    let plan = img.plan_write(0, &[io]).unwrap();
+    // The "guest" now writes a qcow2 header over the buffer, and new data past the probe.
+    let magic = b"QFI\xfb\0\0\0\x03";
+    // SAFETY: `ptr` points at 8192 bytes of `buf`, which no reference is held to.
+    unsafe {
+        std::ptr::copy_nonoverlapping(magic.as_ptr(), ptr, magic.len());
+        std::ptr::write_bytes(ptr.add(4096), 0xcd, 4096);
+    }
+    let r = plan.run_sync().map_err(|e| Error::io("write", e));
+    img.finish(plan, r).unwrap();
+    drop(img);
+    let data = std::fs::read(&p).unwrap();
+    assert_eq!(
+        &data[..512],
+        &[0xab; 512][..],
+        "the probed bytes as checked"
+    );
+    assert_eq!(block::probe_format(&p).unwrap(), ImageFormat::Raw);
+    // Past the probed bytes the request's buffer is written as it is when the I/O runs
+    // (no copy of the whole request).
+    assert_eq!(&data[4096..8192], &[0xcd; 4096][..]);
+    drop(buf);
+}
+
+#[test]
+fn a_probed_raw_image_refuses_zeroing_that_completes_a_signature() {
+    // QED's magic ends in a zero byte: zeroing it after the guest wrote "QED\x01" would make
+    // the image probe as QED as surely as writing it.
+    let dir = TempDir::new("probe-zero");
+    let Some((p, mut img)) = probed_raw(&dir, "z.raw", false) else {
+        unreachable!("buffered opens always work");
+    };
+    img.write_at(0, b"QED\x01").unwrap();
+    assert!(is_probe_refusal(img.write_zeroes(3, 1, false)));
+    assert!(is_probe_refusal(img.write_zeroes(3, 509, true)));
+    assert!(is_probe_refusal(img.discard(3, 1)));
+    let mut head = [0u8; 4];
+    img.read_at(0, &mut head).unwrap();
+    assert_eq!(&head, b"QED\x01");
+    // Zeroing all of it, or elsewhere, is fine.
+    img.write_zeroes(4, 508, false).unwrap();
+    img.write_zeroes(0, 4096, true).unwrap();
+    img.discard(0, 4096).unwrap();
+    drop(img);
+    assert_eq!(block::probe_format(&p).unwrap(), ImageFormat::Raw);
+}

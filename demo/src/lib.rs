@@ -8,6 +8,7 @@
 //! runs itself inside the test rig (`guest-images/rig`).
 
 mod chart;
+mod vmm;
 
 use std::io::{BufRead, BufReader, IsTerminal};
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use image_cli::size::human_size;
+
+use vmm::Vmm;
 
 /// `thinvm demo` options.
 #[derive(Debug, clap::Args)]
@@ -30,6 +33,10 @@ pub struct DemoArgs {
     /// Overlay format version: 1.1 (qcow2 v3) or 0.10 (v2, where QEMU cannot reclaim).
     #[arg(long, default_value = "1.1")]
     pub compat: String,
+    /// Also run the same steps under QEMU microvm (qemu-system-x86_64 with
+    /// detect-zeroes=unmap,discard=unmap) on its own fresh overlay; both in one chart.
+    #[arg(long)]
+    pub compare_qemu: bool,
     /// Run here even on a software-nested host (used when the demo re-runs itself in the
     /// rig).
     #[arg(long, hide = true)]
@@ -149,11 +156,16 @@ fn run_inner(args: &DemoArgs) -> Result<ExitCode> {
             .map_err(io(format!("creating {}", args.out.display())))?;
         let out = std::fs::canonicalize(&args.out).map_err(io("output directory"))?;
         let script = format!(
-            "exec {} demo --inside --fill-mib {} --compat {} --out {}",
+            "exec {} demo --inside --fill-mib {} --compat {} --out {}{}",
             sh_quote(&exe.display().to_string()),
             args.fill_mib,
             sh_quote(&args.compat),
-            sh_quote(&out.display().to_string())
+            sh_quote(&out.display().to_string()),
+            if args.compare_qemu {
+                " --compare-qemu"
+            } else {
+                ""
+            }
         );
         let status = guest_rig::linux_capable_command(&script, 3600)
             .stdin(Stdio::null())
@@ -181,11 +193,99 @@ impl Drop for WorkDir {
     }
 }
 
+/// One VMM's run of the demo steps.
+struct RunResult {
+    rows: Vec<Row>,
+    samples: Vec<Sample>,
+    /// When each step ended (ms since the run started).
+    step_ends_ms: Vec<u64>,
+    overlay: PathBuf,
+}
+
 fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<ExitCode> {
     let work =
         WorkDir(guest_rig::scratch_dir().join(format!("thinvm-demo-{}", std::process::id())));
     std::fs::create_dir_all(&work.0).map_err(io("creating the work directory"))?;
-    let overlay = work.0.join("overlay.qcow2");
+    let mut vmms = vec![Vmm::Thinvm(exe)];
+    if args.compare_qemu {
+        vmm::require_qemu()?;
+        vmms.push(Vmm::Qemu);
+    }
+    let all = steps(args.fill_mib);
+    let mut runs = Vec::new();
+    for vmm in &vmms {
+        runs.push(run_series(args, vmm, guest, &work.0, &all)?);
+    }
+    // Results next to the overlays.
+    std::fs::create_dir_all(&args.out).map_err(io(format!("creating {}", args.out.display())))?;
+    let chart_path = args.out.join("overlay-size.svg");
+    let mut saved = Vec::new();
+    for (vmm, run) in vmms.iter().zip(&runs) {
+        let dest = args.out.join(match vmm {
+            Vmm::Thinvm(_) => "overlay.qcow2",
+            Vmm::Qemu => "overlay-qemu.qcow2",
+        });
+        copy_sparse(&run.overlay, &dest)?;
+        saved.push(dest.display().to_string());
+    }
+    let series: Vec<chart::Series> = vmms
+        .iter()
+        .zip(&runs)
+        .map(|(vmm, run)| chart::Series {
+            name: vmm.name(),
+            samples: &run.samples,
+            step_ends_ms: &run.step_ends_ms,
+        })
+        .collect();
+    let labels: Vec<String> = all.iter().map(|(_, label)| label.clone()).collect();
+    chart::draw(&chart_path, &series, &labels).map_err(DemoError::Step)?;
+    let json = match (runs.first(), runs.get(1)) {
+        (Some(t), Some(q)) => serde_json::json!({
+            "rows": t.rows, "samples": t.samples,
+            "qemu": { "rows": q.rows, "samples": q.samples },
+        }),
+        (Some(t), None) => serde_json::json!({ "rows": t.rows, "samples": t.samples }),
+        _ => serde_json::json!({}),
+    };
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )
+    .map_err(io("writing results.json"))?;
+    println!(
+        "\nSaved: {} (the overlay{}), {} (chart of the size over time), {}",
+        saved.join(", "),
+        if saved.len() > 1 { "s" } else { "" },
+        chart_path.display(),
+        args.out.join("results.json").display()
+    );
+    for (vmm, run) in vmms.iter().zip(&runs) {
+        let last = run
+            .rows
+            .last()
+            .map(|r| (r.allocated, r.apparent))
+            .unwrap_or((0, 0));
+        let peak = run.rows.iter().map(|r| r.allocated).max().unwrap_or(0);
+        println!(
+            "{}: the overlay peaked at {} allocated and ended at {} allocated / {} apparent.",
+            vmm.name(),
+            human_size(peak),
+            human_size(last.0),
+            human_size(last.1)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every step under one VMM on its own fresh overlay.
+fn run_series(
+    args: &DemoArgs,
+    vmm: &Vmm,
+    guest: &guest_rig::Guest,
+    work: &Path,
+    all: &[(String, String)],
+) -> Result<RunResult> {
+    let overlay = work.join(format!("overlay-{}.qcow2", vmm.name()));
     let version = block::qcow2::Qcow2Version::from_compat(&args.compat)?;
     block::qcow2::create(
         &overlay,
@@ -197,12 +297,13 @@ fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<Exi
         },
     )?;
     println!(
-        "thinvm demo: fresh qcow2 overlay (compat {}) on the guest's base image; the guest boots once per step",
+        "thinvm demo: {}: fresh qcow2 overlay (compat {}) on the guest's base image; the guest boots once per step",
+        vmm.name(),
         args.compat
     );
     let start = Instant::now();
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut marks: Vec<(u64, String)> = Vec::new();
+    let mut step_ends_ms = Vec::new();
     let (a0, p0) = usage(&overlay);
     let mut rows = vec![Row {
         step: "create".into(),
@@ -216,15 +317,17 @@ fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<Exi
     push_sample(&samples, &start, &overlay);
     // Inside the rig the console is a serial line: plain lines, no spinner.
     let tty = std::io::stderr().is_terminal() && std::env::var_os("THINVM_IN_RIG").is_none();
-    let all = steps(args.fill_mib);
     for (i, (workload, label)) in all.iter().enumerate() {
         if INTERRUPTED.load(Ordering::SeqCst) {
             return Err(DemoError::Interrupted);
         }
-        let bar = progress(tty, &format!("step {}/{}: {label}", i + 1, all.len()));
+        let bar = progress(
+            tty,
+            &format!("{}: step {}/{}: {label}", vmm.name(), i + 1, all.len()),
+        );
         let t0 = Instant::now();
         let guest_ms = run_step(
-            exe,
+            vmm,
             guest,
             &overlay,
             workload,
@@ -237,10 +340,11 @@ fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<Exi
             b.finish_and_clear();
         }
         let (alloc, app) = usage(&overlay);
-        marks.push((start.elapsed().as_millis() as u64, label.clone()));
+        step_ends_ms.push(start.elapsed().as_millis() as u64);
         let check = check_status(&overlay);
         println!(
-            "  step {}/{}: {label}: {:.1}s; overlay allocated {}, apparent {}; check: {check}",
+            "  {}: step {}/{}: {label}: {:.1}s; overlay allocated {}, apparent {}; check: {check}",
+            vmm.name(),
             i + 1,
             all.len(),
             wall_ms as f64 / 1000.0,
@@ -258,41 +362,18 @@ fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<Exi
         });
         push_sample(&samples, &start, &overlay);
     }
+    println!("\n{}:", vmm.name());
     print_table(&rows);
-    // Results next to the overlay.
-    std::fs::create_dir_all(&args.out).map_err(io(format!("creating {}", args.out.display())))?;
     let samples = match samples.lock() {
         Ok(s) => s.clone(),
         Err(p) => p.into_inner().clone(),
     };
-    let out_overlay = args.out.join("overlay.qcow2");
-    let chart_path = args.out.join("overlay-size.svg");
-    copy_sparse(&overlay, &out_overlay)?;
-    chart::draw(&chart_path, &samples, &marks).map_err(DemoError::Step)?;
-    let json = serde_json::json!({ "rows": rows, "samples": samples });
-    std::fs::write(
-        args.out.join("results.json"),
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-    )
-    .map_err(io("writing results.json"))?;
-    println!(
-        "\nSaved: {} (the overlay), {} (chart of its size over time), {}",
-        out_overlay.display(),
-        chart_path.display(),
-        args.out.join("results.json").display()
-    );
-    let last = rows
-        .last()
-        .map(|r| (r.allocated, r.apparent))
-        .unwrap_or((0, 0));
-    let peak = rows.iter().map(|r| r.allocated).max().unwrap_or(0);
-    println!(
-        "The overlay peaked at {} allocated and ended at {} allocated / {} apparent.",
-        human_size(peak),
-        human_size(last.0),
-        human_size(last.1)
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(RunResult {
+        rows,
+        samples,
+        step_ends_ms,
+        overlay,
+    })
 }
 
 fn progress(tty: bool, msg: &str) -> Option<indicatif::ProgressBar> {
@@ -324,7 +405,7 @@ fn push_sample(samples: &Arc<Mutex<Vec<Sample>>>, start: &Instant, overlay: &Pat
 
 /// Boots the guest for one workload step; returns the step's guest-side time.
 fn run_step(
-    exe: &Path,
+    vmm: &Vmm,
     guest: &guest_rig::Guest,
     overlay: &Path,
     workload: &str,
@@ -332,23 +413,16 @@ fn run_step(
     start: &Instant,
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<Option<u64>> {
-    let mut child = Command::new(exe)
-        .arg("run")
-        .arg("--kernel")
-        .arg(&guest.bzimage)
-        .arg("--initrd")
-        .arg(&guest.initrd)
-        .args(["--memory", "256M", "--cpus", "2", "--disk"])
-        .arg(format!("path={},format=qcow2", overlay.display()))
-        .arg("--cmdline")
-        .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 pci=off quiet thinvm.root=vda thinvm.workload={workload}"
-        ))
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 pci=off quiet thinvm.root=vda thinvm.workload={workload}"
+    );
+    let mut child = vmm
+        .command(guest, overlay, &cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(io("starting thinvm run"))?;
+        .map_err(io(format!("starting {}", vmm.name())))?;
     // Sample the overlay's size while the guest works.
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -363,6 +437,7 @@ fn run_step(
     };
     let mut guest_ms = None;
     let mut errors = Vec::new();
+    let mut done_seen = false;
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
@@ -380,10 +455,20 @@ fn run_step(
                 }
             } else if line.starts_with("THINVM-ERROR") {
                 errors.push(line.trim_end().to_string());
+            } else if line.trim_end() == "THINVM-DONE" {
+                done_seen = true;
+                if vmm.stop_after_done() {
+                    // QEMU microvm does not end when its guest resets (inside the rig):
+                    // stop it once the guest is done (it flushes its images on SIGTERM).
+                    // SAFETY: signalling our own child process.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                }
             }
         }
     }
-    let status = child.wait().map_err(io("waiting for thinvm run"))?;
+    let status = child
+        .wait()
+        .map_err(io(format!("waiting for {}", vmm.name())))?;
     done.store(true, Ordering::SeqCst);
     let _ = sampler.join();
     let mut stderr = String::new();
@@ -394,7 +479,12 @@ fn run_step(
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err(DemoError::Interrupted);
     }
-    if !status.success() || !errors.is_empty() {
+    let ended_well = if vmm.stop_after_done() {
+        done_seen
+    } else {
+        status.success()
+    };
+    if !ended_well || !errors.is_empty() {
         return Err(DemoError::Step(format!(
             "step {workload} failed ({status}): {}\n{}",
             errors.join("; "),

@@ -79,6 +79,62 @@ pub fn build_guest() -> Result<Guest> {
     })
 }
 
+/// Paths of the built stock Debian guest (guest-images/build-debian).
+#[derive(Clone, Debug)]
+pub struct DebianGuest {
+    /// Debian's own kernel (vmlinuz from linux-image-amd64).
+    pub kernel: PathBuf,
+    /// The initramfs Debian's initramfs-tools made.
+    pub initrd: PathBuf,
+    /// The bookworm root file system (ext4) as a qcow2 base image.
+    pub base_qcow2: PathBuf,
+    /// The kernel command line to boot it with.
+    pub cmdline: String,
+}
+
+/// Runs a build script from guest-images/ and returns its KEY=VALUE stdout lines.
+fn build_script(name: &str) -> Result<String> {
+    let script = images_dir().join(name);
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|source| RigError::Spawn {
+            what: script.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RigError::Failed {
+            what: format!("guest-images/{name}"),
+            detail: format!("exit status {}", out.status),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The value of `KEY=` in a build script's output.
+fn output_value(text: &str, script: &str, key: &str) -> Result<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+        .ok_or_else(|| RigError::Failed {
+            what: format!("guest-images/{script}"),
+            detail: format!("no {key} in its output"),
+        })
+}
+
+/// Builds (or finds in the cache) the stock Debian guest; progress goes to stderr. The first
+/// build needs root (debootstrap) and takes about 10 minutes.
+pub fn build_debian() -> Result<DebianGuest> {
+    let text = build_script("build-debian")?;
+    let get = |k: &str| output_value(&text, "build-debian", k);
+    Ok(DebianGuest {
+        kernel: PathBuf::from(get("KERNEL")?),
+        initrd: PathBuf::from(get("INITRD")?),
+        base_qcow2: PathBuf::from(get("BASE_QCOW2")?),
+        cmdline: get("CMDLINE")?,
+    })
+}
+
 /// Whether this host's /dev/kvm is a software-nested KVM that cannot run Linux user space.
 pub fn host_is_software_nested() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()

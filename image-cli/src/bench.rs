@@ -1,13 +1,15 @@
 //! `thinvm image bench`: qemu-img bench's options, meanings and output.
 //!
-//! Requests are issued synchronously one after another through the block crate (the crate
-//! has a synchronous engine); `-d DEPTH` is accepted for command-line compatibility and
-//! reported, but does not change how many requests are in flight.
+//! Requests go through the block crate's pipeline on the chosen I/O engine (`-i`, default
+//! io_uring where the kernel allows it): `-d DEPTH` requests are kept in flight, a new one
+//! issued as soon as one completes, as qemu-img bench does.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use block::host_file::AlignedBuf;
+use block::pipeline::IoRequest;
+use block::IoBuf;
 
 use crate::error::{CliError, Result};
 use crate::size::parse_size;
@@ -19,9 +21,12 @@ pub struct BenchArgs {
     /// Number of requests.
     #[arg(short = 'c', default_value_t = 75000)]
     pub count: u64,
-    /// Queue depth: requests are issued in batches of this many, their data I/O in parallel.
+    /// Queue depth: requests kept in flight.
     #[arg(short = 'd', default_value_t = 64)]
     pub depth: u64,
+    /// I/O engine (default: io_uring where the kernel allows it, else threads).
+    #[arg(short = 'i', long = "aio", value_enum)]
+    pub aio: Option<crate::AioArg>,
     /// Request size.
     #[arg(short = 's', default_value = "4k")]
     pub size: String,
@@ -133,23 +138,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "offset {start} + request size {size} is beyond the image ({vsize} bytes)"
         )));
     }
-    // -d N: up to N requests in flight. Requests go to the image in batches of up to 8 N
-    // (reads: at most 64 MiB, the buffers they need), whose data I/O runs on N threads at a
-    // time, so N stay in flight through most of a batch; metadata work runs in order.
+    // -d N: N requests in flight, each replaced as soon as it completes.
     let depth = a.depth.clamp(1, 1024) as usize;
-    let batch = if depth == 1 {
-        1
-    } else if a.write {
-        depth * 8
-    } else {
-        (depth * 8).min(((64 << 20) / size) as usize).max(depth)
-    };
+    let mut pipeline = crate::pipeline(a.aio)?;
     let wbuf = aligned(size as usize, pattern);
-    let wbuf = wbuf.as_slice();
-    let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { batch })
+    let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { depth })
         .map(|_| aligned(size as usize, pattern))
         .collect();
-    let mut scratch = Vec::new();
     let slots = vsize / size;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut off = start;
@@ -168,36 +163,66 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             o
         }
     };
+    let img = img.as_mut();
     let t0 = Instant::now();
+    let mut issued = 0u64;
     let mut done = 0u64;
+    let mut writes_since_flush = 0u64;
+    let mut free: Vec<usize> = (0..depth).collect();
+    let mut out = Vec::new();
+    let mut first_error = None;
     while done < a.count {
-        let n = (a.count - done).min(batch as u64) as usize;
-        let offsets: Vec<u64> = (0..n).map(|_| next_offset()).collect();
-        if a.write {
-            if n == 1 {
-                img.write_at(offsets[0], wbuf).map_err(err)?;
-            } else {
-                let one: [&[u8]; 1] = [wbuf];
-                let reqs: Vec<(u64, &[&[u8]])> = offsets.iter().map(|&o| (o, &one[..])).collect();
-                img.write_many(&reqs, depth, &mut scratch).map_err(err)?;
-            }
-            if let Some(f) = a.flush_interval {
-                if f > 0 && (done + n as u64) / f > done / f {
-                    img.flush().map_err(err)?;
+        while issued < a.count {
+            let Some(slot) = free.pop() else { break };
+            let offset = next_offset();
+            // SAFETY: `wbuf` and `rbufs` outlive the pipeline's requests (every one is waited
+            // for below); a read buffer is used by one request at a time (its slot).
+            let buf = unsafe {
+                if a.write {
+                    IoBuf::from_slice(wbuf.as_slice())
+                } else {
+                    IoBuf::from_mut_slice(rbufs[slot].as_mut_slice())
                 }
-            }
-        } else if n == 1 {
-            img.read_at(offsets[0], rbufs[0].as_mut_slice())
-                .map_err(err)?;
-        } else {
-            let mut reqs: Vec<(u64, &mut [u8])> = offsets
-                .iter()
-                .zip(rbufs.iter_mut())
-                .map(|(&o, b)| (o, b.as_mut_slice()))
-                .collect();
-            img.read_many(&mut reqs, depth).map_err(err)?;
+            };
+            let bufs = vec![buf];
+            let req = if a.write {
+                IoRequest::Write { offset, bufs }
+            } else {
+                IoRequest::Read { offset, bufs }
+            };
+            // SAFETY: the buffers (`wbuf`, `rbufs`) outlive the pipeline's requests: every
+            // request is waited for below before they are dropped.
+            unsafe { pipeline.submit(img, slot as u64, req) };
+            issued += 1;
         }
-        done += n as u64;
+        pipeline.poll(img, true, &mut out);
+        for (slot, r) in out.drain(..) {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+            }
+            free.push(slot as usize);
+            done += 1;
+            writes_since_flush += u64::from(a.write);
+        }
+        if first_error.is_some() {
+            break;
+        }
+        if let Some(f) = a.flush_interval {
+            if f > 0 && writes_since_flush >= f {
+                // Like qemu-img bench (without --no-drain): the requests in flight finish first.
+                let mut rest = Vec::new();
+                pipeline.drain(img, &mut rest);
+                done += rest.len() as u64;
+                free.extend(rest.into_iter().map(|(slot, _)| slot as usize));
+                img.flush().map_err(err)?;
+                writes_since_flush = 0;
+            }
+        }
+    }
+    let mut rest = Vec::new();
+    pipeline.drain(img, &mut rest);
+    if let Some(e) = first_error.or_else(|| rest.into_iter().find_map(|(_, r)| r.err())) {
+        return Err(err(e));
     }
     // Like qemu-img bench, the final flush (on close) is not part of the measured run.
     let secs = t0.elapsed().as_secs_f64();

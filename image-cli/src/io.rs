@@ -3,7 +3,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use block::DiskImage;
+use block::pipeline::{IoRequest, Pipeline};
+use block::{DiskImage, IoBuf};
 
 use crate::error::{CliError, Result};
 use crate::size::parse_size;
@@ -155,7 +156,38 @@ fn report(verb: &str, len: u64, offset: u64, t: Duration) {
 /// Chunked I/O so huge lengths do not need huge buffers.
 const CHUNK: u64 = 8 << 20;
 
-fn exec(img: &mut dyn DiskImage, file: &Path, cmd: &Cmd) -> Result<bool> {
+/// Reads and writes through a pipeline on the chosen I/O engine, one request at a time.
+struct Io {
+    pipeline: Pipeline,
+}
+
+impl Io {
+    fn run(&mut self, img: &mut dyn DiskImage, req: IoRequest) -> block::Result<()> {
+        // SAFETY: the request's buffers are borrowed by the callers below for this whole
+        // call, and `drain` waits for the request to complete.
+        unsafe { self.pipeline.submit(img, 0, req) };
+        let mut out = Vec::new();
+        self.pipeline.drain(img, &mut out);
+        out.into_iter()
+            .map(|(_, r)| r)
+            .find(|r| r.is_err())
+            .unwrap_or(Ok(()))
+    }
+
+    fn write(&mut self, img: &mut dyn DiskImage, offset: u64, buf: &[u8]) -> block::Result<()> {
+        // SAFETY: `buf` is borrowed for this call, which waits for the request.
+        let bufs = vec![unsafe { IoBuf::from_slice(buf) }];
+        self.run(img, IoRequest::Write { offset, bufs })
+    }
+
+    fn read(&mut self, img: &mut dyn DiskImage, offset: u64, buf: &mut [u8]) -> block::Result<()> {
+        // SAFETY: `buf` is borrowed (exclusively) for this call, which waits for the request.
+        let bufs = vec![unsafe { IoBuf::from_mut_slice(buf) }];
+        self.run(img, IoRequest::Read { offset, bufs })
+    }
+}
+
+fn exec(img: &mut dyn DiskImage, io: &mut Io, file: &Path, cmd: &Cmd) -> Result<bool> {
     let err = |e| CliError::image(file, e);
     let t0 = Instant::now();
     match *cmd {
@@ -174,7 +206,7 @@ fn exec(img: &mut dyn DiskImage, file: &Path, cmd: &Cmd) -> Result<bool> {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(CHUNK) as usize;
-                    img.write_at(offset + done, &buf[..n]).map_err(err)?;
+                    io.write(img, offset + done, &buf[..n]).map_err(err)?;
                     done += n as u64;
                 }
             }
@@ -194,7 +226,7 @@ fn exec(img: &mut dyn DiskImage, file: &Path, cmd: &Cmd) -> Result<bool> {
             let mut ok = true;
             while done < len {
                 let n = (len - done).min(CHUNK) as usize;
-                img.read_at(offset + done, &mut buf[..n]).map_err(err)?;
+                io.read(img, offset + done, &mut buf[..n]).map_err(err)?;
                 if let Some(p) = pattern {
                     if let Some(i) = buf[..n].iter().position(|&b| b != p) {
                         let at = offset + done + i as u64;
@@ -233,15 +265,19 @@ pub fn run(
     file: &Path,
     access: crate::ImageAccess,
     detect_zeroes: DetectZeroesArg,
+    aio: Option<crate::AioArg>,
     commands: &[String],
 ) -> Result<u8> {
     // Parse everything first: a typo should not leave a half-applied script.
     let cmds: Vec<Cmd> = commands.iter().map(|c| parse(c)).collect::<Result<_>>()?;
     let mut img = crate::open_image(file, access)?;
     img.set_detect_zeroes(detect_zeroes.into());
+    let mut io = Io {
+        pipeline: crate::pipeline(aio)?,
+    };
     let mut failed = false;
     for (cmd, text) in cmds.iter().zip(commands) {
-        match exec(img.as_mut(), file, cmd) {
+        match exec(img.as_mut(), &mut io, file, cmd) {
             Ok(true) => {}
             Ok(false) => failed = true,
             Err(e) => {

@@ -84,6 +84,38 @@ pub enum CacheArg {
     Writeback,
 }
 
+/// The I/O engine (`-i`, like qemu-img's and qemu-io's `-i`/`--aio`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AioArg {
+    /// io_uring: many requests in flight on one ring.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// A pool of I/O threads.
+    Threads,
+    /// Each request on the calling thread.
+    Sync,
+}
+
+impl From<AioArg> for block::engine::Aio {
+    fn from(a: AioArg) -> Self {
+        match a {
+            AioArg::IoUring => block::engine::Aio::IoUring,
+            AioArg::Threads => block::engine::Aio::Threads,
+            AioArg::Sync => block::engine::Aio::Sync,
+        }
+    }
+}
+
+/// A pipeline on the engine `aio` names (default: io_uring where it works, else threads).
+pub(crate) fn pipeline(aio: Option<AioArg>) -> Result<block::pipeline::Pipeline> {
+    let aio = aio
+        .map(block::engine::Aio::from)
+        .unwrap_or_else(|| block::engine::default_aio().0);
+    let engine = block::engine::new_engine(aio)
+        .map_err(|e| CliError::Usage(format!("cannot use aio={}: {e}", aio.name())))?;
+    Ok(block::pipeline::Pipeline::new(engine))
+}
+
 /// The `thinvm image` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
@@ -169,6 +201,9 @@ pub enum ImageCommand {
         /// Cache mode: `none` bypasses the host page cache (O_DIRECT).
         #[arg(short = 't', long = "cache", value_enum, default_value = "writeback")]
         cache: CacheArg,
+        /// I/O engine (default: io_uring where the kernel allows it, else threads).
+        #[arg(short = 'i', long = "aio", value_enum)]
+        aio: Option<AioArg>,
         /// A command; repeat for several (run in order).
         #[arg(short = 'c', long = "cmd", value_name = "CMD", required = true)]
         commands: Vec<String>,
@@ -234,6 +269,7 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
             force_share,
             format,
             cache,
+            aio,
             commands,
             file,
         } => io::run(
@@ -245,6 +281,7 @@ pub fn run(cmd: ImageCommand) -> ExitCode {
                 force_share,
             },
             detect_zeroes,
+            aio,
             &commands,
         ),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),

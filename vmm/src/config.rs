@@ -44,7 +44,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// A virtio-blk disk; repeat for more.
-    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,werror=enospc|report][,serial=ID]
+    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,aio=io_uring|threads|sync][,num-queues=N][,werror=enospc|report][,serial=ID]
     ///
     /// Without format= the format is probed, and a probed image may not be turned against
     /// the host: a qcow2 image that names a backing file is refused (format=qcow2 if you trust
@@ -64,6 +64,11 @@ pub struct RunArgs {
     /// seccomp filters for thinvm's threads.
     #[arg(long, value_enum, default_value = "on")]
     pub seccomp: OnOff,
+    /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT with the virtio-mmio disks and the serial
+    /// port): how distribution kernels find the disks. The disks are also announced on the
+    /// kernel command line (virtio_mmio.device=) for kernels without ACPI.
+    #[arg(long, value_enum, default_value = "on")]
+    pub acpi: OnOff,
     /// Print disk statistics every N seconds (they are always printed on exit and SIGUSR1).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
@@ -90,6 +95,10 @@ pub struct DiskConfig {
     pub discard: DiscardMode,
     /// `cache=none`: O_DIRECT on the image and its backing chain.
     pub direct: bool,
+    /// `aio=`: the I/O engine (`None`: io_uring where the kernel allows it, else threads).
+    pub aio: Option<block::engine::Aio>,
+    /// `num-queues=`: virtio-blk request queues (`None`: one per vCPU).
+    pub num_queues: Option<u16>,
     /// `werror=`: a write that finds the host file system full waits for space (`enospc`,
     /// QEMU's default) or fails with an I/O error (`report`).
     pub werror: WriteErrorPolicy,
@@ -119,6 +128,8 @@ pub struct VmConfig {
     pub stats_interval: Option<Duration>,
     /// Options of disposable test VMs (debug exit, ...).
     pub testvm: crate::testvm_config::TestVmConfig,
+    /// Write ACPI tables for the guest.
+    pub acpi: bool,
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -143,6 +154,8 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
         detect_zeroes: DetectZeroes::Unmap,
         discard: DiscardMode::Unmap,
         direct: false,
+        aio: None,
+        num_queues: None,
         werror: WriteErrorPolicy::Enospc,
         serial: None,
     };
@@ -186,6 +199,22 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
                     _ => return Err(bad(format!("--disk cache={v}: expected writeback or none"))),
                 }
             }
+            "aio" => {
+                d.aio = Some(v.parse().map_err(|_| {
+                    bad(format!("--disk aio={v}: expected io_uring, threads or sync"))
+                })?)
+            }
+            "num-queues" => {
+                let max = devices::virtio::block::MAX_QUEUES;
+                d.num_queues = match v.parse::<u16>() {
+                    Ok(n) if (1..=max).contains(&n) => Some(n),
+                    _ => {
+                        return Err(bad(format!(
+                            "--disk num-queues={v}: expected a number from 1 to {max}"
+                        )))
+                    }
+                }
+            }
             "werror" => {
                 d.werror = match v {
                     "enospc" => WriteErrorPolicy::Enospc,
@@ -203,7 +232,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
             }
             other => {
                 return Err(bad(format!(
-                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, werror, serial)"
+                    "--disk: unknown option '{other}' (known: path, readonly, format, detect-zeroes, discard, cache, aio, num-queues, werror, serial)"
                 )))
             }
         }
@@ -325,6 +354,7 @@ impl RunArgs {
             seccomp: self.seccomp == OnOff::On,
             stats_interval: self.stats_interval.map(Duration::from_secs),
             testvm: self.testvm.validate()?,
+            acpi: self.acpi == OnOff::On,
         })
     }
 }
@@ -364,6 +394,23 @@ mod tests {
             WriteErrorPolicy::Report
         );
         assert!(parse_disk("path=a,werror=stop").is_err());
+        assert_eq!(parse_disk("path=a").unwrap().aio, None);
+        assert_eq!(
+            parse_disk("path=a,aio=sync").unwrap().aio,
+            Some(block::engine::Aio::Sync)
+        );
+        assert_eq!(
+            parse_disk("path=a,aio=io_uring").unwrap().aio,
+            Some(block::engine::Aio::IoUring)
+        );
+        assert!(parse_disk("path=a,aio=native").is_err());
+        assert_eq!(parse_disk("path=a").unwrap().num_queues, None);
+        assert_eq!(
+            parse_disk("path=a,num-queues=4").unwrap().num_queues,
+            Some(4)
+        );
+        assert!(parse_disk("path=a,num-queues=0").is_err());
+        assert!(parse_disk("path=a,num-queues=17").is_err());
     }
 
     #[test]

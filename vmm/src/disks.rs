@@ -11,9 +11,10 @@ use devices::bus::Bus;
 use devices::virtio::block::{serial_bytes, Block, BlockConfig, BlockStats, ThreadInit};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use image_cli::size::human_size;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::config::{DiscardMode, DiskConfig, VmConfig};
 use crate::error::{Result, VmmError};
 use crate::seccomp::{self, ThreadKind};
@@ -61,6 +62,8 @@ pub struct DiskHandle {
 #[derive(Default)]
 pub struct DiskSet {
     disks: Vec<Disk>,
+    /// Guest memory, for the queue-state report (ring indices read live).
+    mem: Option<GuestMemoryMmap>,
 }
 
 /// A stable 20-byte serial derived from the image path (or `serial=`).
@@ -122,9 +125,18 @@ fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Resul
 
 /// Attaches every `--disk`, appending `virtio_mmio.device=` entries to `cmdline`.
 pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> Result<DiskSet> {
-    let mut set = DiskSet::default();
+    let mut set = DiskSet {
+        mem: Some(vm.memory.clone()),
+        ..DiskSet::default()
+    };
     if cfg.seccomp && !cfg.disks.is_empty() {
         start_confined_io_pool()?;
+    }
+    let uses_default = cfg.disks.iter().any(|d| d.aio.is_none());
+    let (default_aio, why_not_uring) = block::engine::default_aio();
+    if let (true, Some(why)) = (uses_default, why_not_uring) {
+        // Said once, at start.
+        tracing::warn!("io_uring is not available ({why}): disks use aio=threads");
     }
     for (i, d) in cfg.disks.iter().enumerate() {
         let derr = |msg: String| VmmError::Disk {
@@ -185,6 +197,13 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
                 discard_unmap: d.discard == DiscardMode::Unmap,
                 serial: disk_serial(d),
                 werror: d.werror,
+                aio: Some(d.aio.unwrap_or(default_aio)),
+                // One queue per vCPU by default, so each vCPU submits to its own.
+                num_queues: d.num_queues.unwrap_or_else(|| {
+                    u16::try_from(cfg.cpus)
+                        .unwrap_or(u16::MAX)
+                        .clamp(1, devices::virtio::block::MAX_QUEUES)
+                }),
                 name: format!("{name} ({})", path.display()),
                 ..BlockConfig::default()
             },
@@ -193,8 +212,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         .map_err(|e| derr(format!("cannot start the device: {e}")))?;
         let stats = block.stats();
         let jobs = block.image_jobs();
-        let gsi = VIRTIO_IRQ_BASE + i as u32;
-        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let (base, gsi) = virtio_mmio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         vm.register_irqfd(&irq, gsi)?;
         let transport = MmioTransport::new(Box::new(block), vm.memory.clone(), irq)
@@ -229,9 +247,16 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
     Ok(set)
 }
 
-/// One statistics line per disk.
-fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)]) {
+/// One statistics line per disk, and a queue-state line for each active queue.
+fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)], mem: Option<&GuestMemoryMmap>) {
     for (name, path, stats, before) in disks {
+        if let (Some(q), Some(mem)) = (stats.queue(), mem) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "thinvm: disk {name} queue: {}",
+                q.describe(mem)
+            );
+        }
         let s = stats.snapshot();
         // (Not eprintln!: it panics when stderr cannot be written, e.g. on a full disk.)
         let _ = writeln!(
@@ -282,7 +307,8 @@ impl DiskSet {
     /// Prints the statistics (SIGUSR1, --stats-interval).
     pub fn stats_printer(&self) -> Box<dyn FnMut() + Send> {
         let disks = self.summary();
-        Box::new(move || report(&disks))
+        let mem = self.mem.clone();
+        Box::new(move || report(&disks, mem.as_ref()))
     }
 
     /// Stops the workers (final flush) and prints the final statistics.
@@ -294,7 +320,7 @@ impl DiskSet {
             }
         }
         if !self.disks.is_empty() {
-            report(&self.summary());
+            report(&self.summary(), None);
         }
     }
 }

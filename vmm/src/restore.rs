@@ -168,6 +168,8 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
         seccomp: args.seccomp == crate::config::OnOff::On,
         stats_interval: None,
         testvm,
+        // The guest's ACPI tables, if it had any, are in the restored memory.
+        acpi: false,
     })
 }
 

@@ -15,8 +15,9 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, KernelFormat};
+use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::arch::regs::EntryMode;
-use crate::arch::{mptable, regs};
+use crate::arch::{acpi, mptable, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::disks::{self, DiskSet};
 use crate::error::{Result, VmmError};
@@ -120,7 +121,9 @@ pub fn attach_devices(
         })?;
     }
 
-    // Disks and the vsock device (virtio-mmio), announced on the command line.
+    // Disks and the vsock device (virtio-mmio), announced on the command line (for kernels
+    // without ACPI; with ACPI a kernel that also has VIRTIO_MMIO_CMDLINE_DEVICES registers each
+    // device once: the second registration of the same MMIO range is refused).
     let mut cmdline = cfg.cmdline.clone();
     let disk_set = disks::attach(vm, &mut mmio, cfg, &mut cmdline)?;
     let vsock_dev = match &cfg.testvm.vsock {
@@ -157,12 +160,35 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
     // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
     // run Linux user space.
+    // ACPI tables (distribution kernels find the disks only there).
+    let rsdp = if cfg.acpi {
+        // The disks, then the vsock device in the slot after them.
+        let devices = cfg.disks.len() + usize::from(cfg.testvm.vsock.is_some());
+        let slots: Vec<acpi::VirtioMmioSlot> = (0..devices)
+            .map(|i| {
+                let (base, gsi) = virtio_mmio_slot(i);
+                acpi::VirtioMmioSlot {
+                    base,
+                    size: VIRTIO_MMIO_SIZE,
+                    gsi,
+                }
+            })
+            .collect();
+        let serial = acpi::SerialPort {
+            port: SERIAL_PORT as u16,
+            irq: SERIAL_IRQ,
+        };
+        Some(acpi::setup(&vm.memory, cfg.cpus, serial, &slots)?)
+    } else {
+        None
+    };
     let loaded = boot::load(
         &vm.memory,
         cfg.mem_size,
         &cfg.kernel,
         cfg.initrd.as_deref(),
         &devs.cmdline,
+        rsdp,
     )?;
     let is_linux =
         loaded.format == KernelFormat::BzImage || matches!(loaded.entry, EntryMode::Pvh32 { .. });

@@ -9,7 +9,7 @@ use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::vsock::{ThreadInit, Vsock, VsockConfig};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::config::MAX_DISKS;
 use crate::error::{Result, VmmError};
 use crate::seccomp::{self, ThreadKind};
@@ -63,8 +63,7 @@ pub fn attach(
         thread_init,
     )
     .map_err(|e| VmmError::Device(format!("vsock: {e}")))?;
-    let gsi = VIRTIO_IRQ_BASE + slot as u32;
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+    let (base, gsi) = virtio_mmio_slot(slot);
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
     vm.register_irqfd(&irq, gsi)?;
     let transport = MmioTransport::new(Box::new(dev), vm.memory.clone(), irq)

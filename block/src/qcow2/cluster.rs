@@ -8,7 +8,6 @@ use super::{
     Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
     RESERVED_HIGH,
 };
-use crate::parallel::ReadJob;
 use crate::zero::is_zero;
 use crate::{DetectZeroes, Error, MapExtent, Result};
 
@@ -45,7 +44,7 @@ pub(crate) fn write_l2(table: &mut [u8], i: usize, v: u64) {
 }
 
 /// Largest number of clusters handled by one allocation / one host I/O.
-const MAX_RUN: u64 = 2048;
+pub(super) const MAX_RUN: u64 = 2048;
 
 impl Qcow2Image {
     // ----- L2 table access -------------------------------------------------------------
@@ -324,92 +323,6 @@ impl Qcow2Image {
         }
     }
 
-    pub(crate) fn read_guest(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut jobs = Vec::new();
-        self.plan_read(offset, buf, &mut jobs, None)?;
-        for j in jobs {
-            super::read_exact_or_eof(&self.file, j.buf, j.offset)?;
-        }
-        Ok(())
-    }
-
-    /// Resolves a guest read: zeros, backing-file data and compressed clusters are filled in
-    /// at once; the parts stored as data clusters of this file become `jobs` (host offset and
-    /// the part of `buf` to read into), to run one by one or in parallel. With
-    /// `backing_jobs`, the parts that come from the backing file are not read either but
-    /// collected there (guest offset, part of `buf`), for one batch on the backing image.
-    pub(crate) fn plan_read<'b>(
-        &mut self,
-        offset: u64,
-        buf: &'b mut [u8],
-        jobs: &mut Vec<ReadJob<'b>>,
-        mut backing_jobs: Option<&mut Vec<(u64, &'b mut [u8])>>,
-    ) -> Result<()> {
-        let cs = self.cluster_size;
-        let len = buf.len() as u64;
-        let mut pos = 0u64;
-        let mut rest: &'b mut [u8] = buf;
-        let mut scratch: Vec<u8> = Vec::new();
-        while pos < len {
-            let goff = offset + pos;
-            let gc = goff / cs;
-            let in_off = goff % cs;
-            let m = self.mapping(gc)?;
-            // Extend over following clusters stored the same way (contiguous on the host).
-            let mut run_end = (gc + 1) * cs;
-            let mut k = 1;
-            if matches!(
-                m,
-                Mapping::Data { .. } | Mapping::Zero { .. } | Mapping::Unallocated
-            ) {
-                while run_end < offset + len && k < MAX_RUN {
-                    let next = self.mapping(gc + k)?;
-                    let same = match (m, next) {
-                        (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
-                            b == a + k * cs
-                        }
-                        (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                        (Mapping::Unallocated, Mapping::Unallocated) => true,
-                        _ => false,
-                    };
-                    if !same {
-                        break;
-                    }
-                    run_end += cs;
-                    k += 1;
-                }
-            }
-            let n = (run_end.min(offset + len) - goff) as usize;
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = tail;
-            match m {
-                Mapping::Data { host, .. } => jobs.push(ReadJob {
-                    offset: host + in_off,
-                    buf: dst,
-                }),
-                Mapping::Zero { .. } => dst.fill(0),
-                Mapping::Unallocated => match (backing_jobs.as_deref_mut(), &self.backing) {
-                    (Some(bj), Some(b)) => {
-                        let avail = b.virtual_size().saturating_sub(goff).min(n as u64) as usize;
-                        let (from_backing, past_end) = dst.split_at_mut(avail);
-                        past_end.fill(0);
-                        if avail > 0 {
-                            bj.push((goff, from_backing));
-                        }
-                    }
-                    _ => self.read_backing(goff, dst)?,
-                },
-                Mapping::Compressed(_) => {
-                    scratch.resize(cs as usize, 0);
-                    self.read_cluster(gc, m, &mut scratch)?;
-                    dst.copy_from_slice(&scratch[in_off as usize..in_off as usize + n]);
-                }
-            }
-            pos += n as u64;
-        }
-        Ok(())
-    }
-
     // ----- writes ----------------------------------------------------------------------
 
     /// Whether writing to a cluster with mapping `m` can happen in place.
@@ -429,48 +342,6 @@ impl Qcow2Image {
         }
     }
 
-    /// Where the guest range `offset..offset + len` (the concatenation of `bufs`) can be
-    /// written in one piece, straight from the buffers: every cluster it touches is a data
-    /// cluster writable in place (COPIED, so refcount 1, and not a shared v2 zero cluster), the
-    /// clusters follow each other in the file, and under zero detection no piece of the range
-    /// is all zeros. `None` when the general path ([`Self::write_guest`]) is needed.
-    pub(crate) fn in_place_host_run(
-        &mut self,
-        offset: u64,
-        len: u64,
-        bufs: &[&[u8]],
-    ) -> Result<Option<u64>> {
-        let cs = self.cluster_size;
-        if len == 0 {
-            return Ok(None);
-        }
-        let first = offset / cs;
-        let last = (offset + len - 1) / cs;
-        let detect = self.detect_zeroes != DetectZeroes::Off;
-        let mut first_host = 0;
-        for gc in first..=last {
-            if detect {
-                let s = (gc * cs).max(offset) - offset;
-                let e = ((gc + 1) * cs).min(offset + len) - offset;
-                if crate::is_zero_vectored(bufs, s..e) {
-                    return Ok(None);
-                }
-            }
-            let Mapping::Data { host, copied: true } = self.mapping(gc)? else {
-                return Ok(None);
-            };
-            if gc == first {
-                first_host = host;
-            } else if host != first_host + (gc - first) * cs {
-                return Ok(None);
-            }
-            if self.zero_clusters.iter().any(|z| z.host == host) {
-                return Ok(None);
-            }
-        }
-        Ok(Some(first_host + offset % cs))
-    }
-
     /// A write of `len` zero bytes at `offset` that zero detection caught (detection on):
     /// whole clusters become zero clusters (unmapped under `unmap`), partial ones are zeroed.
     pub(crate) fn detected_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
@@ -488,157 +359,6 @@ impl Qcow2Image {
                 self.zero_cluster_part(gc, in_off, n, unmap, FreeReason::ZeroDetect)?;
             }
             pos += n;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn write_guest(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        let cs = self.cluster_size;
-        let len = buf.len() as u64;
-        if len == 0 {
-            return Ok(());
-        }
-        let detect = self.detect_zeroes;
-        // L2 tables first, so metadata is allocated before (below) the data it maps. (An
-        // all-zero write under zero detection may need no table at all.)
-        if detect == DetectZeroes::Off || !is_zero(buf) {
-            let first = offset / cs;
-            let last = (offset + len - 1) / cs;
-            let mut gc = first;
-            while gc <= last {
-                self.l2_slot(gc, true)?;
-                gc = (gc / self.l2_entries + 1) * self.l2_entries;
-            }
-        }
-        let mut pos = 0u64;
-        while pos < len {
-            let goff = offset + pos;
-            let gc = goff / cs;
-            let in_off = goff % cs;
-            let n = (cs - in_off).min(len - pos);
-            let piece = &buf[pos as usize..(pos + n) as usize];
-            if detect != DetectZeroes::Off && is_zero(piece) {
-                self.detected_zeroes(goff, n)?;
-                pos += n;
-                continue;
-            }
-            let m = self.mapping(gc)?;
-            if self.writable_in_place(m)? {
-                let Mapping::Data { host, copied } = m else {
-                    return Err(Error::InvalidImage("unexpected mapping".into()));
-                };
-                if !copied {
-                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
-                }
-                // A v2 zero cluster written in place is no longer a zero cluster.
-                self.zero_clusters.retain(|z| z.host != host);
-                // Extend over following clusters that are also writable in place and contiguous.
-                let mut k = 1;
-                while pos + k * cs - in_off < len && k < MAX_RUN {
-                    let next_piece_start = (pos + k * cs - in_off) as usize;
-                    let next_piece_end = (next_piece_start + cs as usize).min(buf.len());
-                    if detect != DetectZeroes::Off
-                        && is_zero(&buf[next_piece_start..next_piece_end])
-                    {
-                        break;
-                    }
-                    let nm = self.mapping(gc + k)?;
-                    match nm {
-                        Mapping::Data {
-                            host: h,
-                            copied: true,
-                        } if h == host + k * cs => {
-                            self.zero_clusters.retain(|z| z.host != h);
-                            k += 1
-                        }
-                        _ => break,
-                    }
-                }
-                let end = (pos + k * cs - in_off).min(len);
-                let data = &buf[pos as usize..end as usize];
-                self.pwrite(data, host + in_off, "guest data")?;
-                pos = end;
-                continue;
-            }
-            // Allocating write: a run of consecutive clusters that all need new clusters.
-            let mut k = 1;
-            while pos + k * cs - in_off < len && k < MAX_RUN {
-                let s = (pos + k * cs - in_off) as usize;
-                let e = (s + cs as usize).min(buf.len());
-                if detect != DetectZeroes::Off && is_zero(&buf[s..e]) {
-                    break;
-                }
-                let nm = self.mapping(gc + k)?;
-                if self.writable_in_place(nm)? {
-                    break;
-                }
-                k += 1;
-            }
-            let end = (pos + k * cs - in_off).min(len);
-            self.allocating_write(gc, k, in_off, &buf[pos as usize..end as usize])?;
-            pos = end;
-        }
-        Ok(())
-    }
-
-    /// Writes `data` (starting `in_off` bytes into guest cluster `gc`, spanning `k` clusters)
-    /// into newly allocated clusters, copying the untouched parts of partially written
-    /// clusters from their current contents (backing file, shared or compressed cluster).
-    fn allocating_write(&mut self, gc: u64, k: u64, in_off: u64, data: &[u8]) -> Result<()> {
-        let cs = self.cluster_size;
-        let mut done_clusters = 0u64;
-        let mut data_pos = 0usize;
-        while done_clusters < k {
-            let want = k - done_clusters;
-            let (start, got) = self.alloc_clusters(want)?;
-            let host = start * cs;
-            let first_gc = gc + done_clusters;
-            let head_off = if done_clusters == 0 { in_off } else { 0 };
-            // Bytes of `data` covered by these `got` clusters.
-            let span = ((got * cs - head_off) as usize).min(data.len() - data_pos);
-            let piece = &data[data_pos..data_pos + span];
-            let full = head_off == 0 && span as u64 == got * cs;
-            let old: Vec<Mapping> = (0..got)
-                .map(|i| self.mapping(first_gc + i))
-                .collect::<Result<_>>()?;
-            let written = if full {
-                self.pwrite(piece, host, "guest data")
-            } else {
-                let mut cluster_buf = vec![0u8; (got * cs) as usize];
-                let tail_end = head_off + span as u64;
-                // Only the first and the last cluster can be partially covered.
-                if head_off != 0 {
-                    self.read_cluster(first_gc, old[0], &mut cluster_buf[..cs as usize])?;
-                }
-                if tail_end % cs != 0 {
-                    let last = (tail_end - 1) / cs;
-                    if !(last == 0 && head_off != 0) {
-                        let lo = (last * cs) as usize;
-                        let hi = lo + cs as usize;
-                        self.read_cluster(
-                            first_gc + last,
-                            old[last as usize],
-                            &mut cluster_buf[lo..hi],
-                        )?;
-                    }
-                }
-                cluster_buf[head_off as usize..tail_end as usize].copy_from_slice(piece);
-                self.pwrite(&cluster_buf, host, "guest data")
-            };
-            if let Err(e) = written {
-                // (e.g. the host file system is full) Nothing maps the new clusters yet: give
-                // them back rather than leak them.
-                for i in 0..got {
-                    self.queue_free(start + i, false, FreeReason::Internal);
-                }
-                return Err(e);
-            }
-            for i in 0..got {
-                self.set_l2_entry(first_gc + i, (host + i * cs) | OFLAG_COPIED)?;
-                self.release_mapping(old[i as usize], false, FreeReason::Internal);
-            }
-            done_clusters += got;
-            data_pos += span;
         }
         Ok(())
     }
@@ -831,7 +551,7 @@ impl Qcow2Image {
                 return self.pwrite(&zeros, host + in_off, "guest data");
             }
         }
-        self.allocating_write(gc, 1, 0, &cluster)
+        self.write_sync_inner(gc * cs, &cluster)
     }
 
     /// Makes `[offset, offset + len)` read as zeros; whole clusters are released.

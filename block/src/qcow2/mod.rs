@@ -14,7 +14,6 @@
 //! * [`snapshot`]: the internal snapshot table, read and validated at open;
 //! * [`free_map`]: the allocator's index of used and free host clusters.
 
-mod batch;
 pub mod cache;
 pub mod check;
 pub mod cluster;
@@ -23,15 +22,19 @@ pub mod compressed;
 pub mod create;
 pub mod free_map;
 pub mod header;
+mod planner;
 pub mod refcount;
 pub mod snapshot;
 
 use std::collections::HashSet;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::chain::Chain;
 use crate::host_file::HostFile;
+use crate::iobuf::IoBuf;
+use crate::plan::Plan;
 use crate::probe::Probed;
 use crate::{
     DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
@@ -79,7 +82,7 @@ pub(crate) struct OpenFlags {
 
 /// A qcow2 image.
 pub struct Qcow2Image {
-    pub(crate) file: HostFile,
+    pub(crate) file: Arc<HostFile>,
     pub(crate) path: PathBuf,
     pub(crate) header: Header,
     pub(crate) cluster_bits: u32,
@@ -333,7 +336,7 @@ impl Qcow2Image {
         };
 
         let mut img = Qcow2Image {
-            file,
+            file: Arc::new(file),
             path: path.to_path_buf(),
             cluster_bits,
             cluster_size,
@@ -576,6 +579,21 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Writes every dirty metadata table in the right order and syncs the file, without the
+    /// work that needs all I/O to have finished (committing frees, shrinking the file): what
+    /// a flush does while other requests are in flight.
+    pub(crate) fn flush_metadata(&mut self) -> Result<()> {
+        self.rewrite_tables_if_needed()?;
+        self.write_dirty_refblocks()?;
+        self.write_dirty_l2()?;
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("sync qcow2 image", e))?;
+        self.l2_unsynced = false;
+        self.rc_unsynced = false;
+        Ok(())
+    }
+
     /// Writes every dirty metadata table in the right order and syncs the file.
     pub(crate) fn flush_all(&mut self) -> Result<()> {
         if self.read_only {
@@ -757,113 +775,45 @@ impl DiskImage for Qcow2Image {
         self.read_only
     }
 
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        crate::check_range(offset, buf.len() as u64, self.header.size)?;
-        self.read_guest(offset, buf)
+    fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
+        crate::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
+        let mut plan = Plan::default();
+        self.plan_read_into(offset, bufs, &mut plan, 0)?;
+        Ok(plan)
     }
 
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+    fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
         self.check_writable()?;
-        crate::check_range(offset, buf.len() as u64, self.header.size)?;
-        let r = self.write_guest(offset, buf);
-        self.after_request(r)
+        crate::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
+        let r = self.plan_write_inner(offset, bufs);
+        match r {
+            Ok(plan) => Ok(plan),
+            Err(e) => self.after_error(Err(e)).map(|()| Plan::default()),
+        }
     }
 
-    fn read_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &mut [&mut [u8]],
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        crate::check_range(offset, total, self.header.size)?;
-        // Plan every piece (zeros and compressed data are filled in here), then read the
-        // backing file's parts and this file's data clusters, one vectored read per run of
-        // pieces that follow each other there.
-        let mut jobs = Vec::new();
-        let mut backing_jobs = Vec::new();
-        let mut pos = offset;
-        for b in bufs.iter_mut() {
-            let len = b.len() as u64;
-            self.plan_read(pos, b, &mut jobs, Some(&mut backing_jobs))?;
-            pos += len;
+    fn finish(&mut self, plan: Plan, data: Result<()>) -> Result<()> {
+        if !plan.is_write() {
+            return data;
         }
-        if let Some(b) = self.backing.as_mut() {
-            for (goff, mut run) in crate::contiguous_runs(backing_jobs) {
-                b.read_vectored_at(goff, &mut run, scratch)?;
-            }
-        }
-        let runs = crate::contiguous_runs(jobs.into_iter().map(|j| (j.offset, j.buf)));
-        for (host, mut run) in runs {
-            self.file
-                .read_vectored_or_zeros(&mut run, host)
-                .map_err(|e| Error::io("read qcow2 image", e))?;
-        }
-        Ok(())
+        let r = self.finish_write(plan, data);
+        self.after_error(r)
     }
 
-    fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])], threads: usize) -> Result<()> {
-        for (offset, buf) in reqs.iter() {
-            crate::check_range(*offset, buf.len() as u64, self.header.size)?;
-        }
-        let mut jobs = Vec::new();
-        let mut backing_jobs = Vec::new();
-        for (offset, buf) in reqs.iter_mut() {
-            self.plan_read(*offset, buf, &mut jobs, Some(&mut backing_jobs))?;
-        }
-        if let Some(b) = self.backing.as_mut() {
-            if !backing_jobs.is_empty() {
-                b.read_many(&mut backing_jobs, threads)?;
-            }
-        }
-        crate::parallel::read_all(&self.file, jobs, threads)
-            .map_err(|e| Error::io("read qcow2 image", e))
+    fn lock_unit(&self) -> u64 {
+        self.cluster_size.max(crate::host_file::DIRECT_ALIGN)
     }
 
-    fn write_many(
-        &mut self,
-        reqs: &[(u64, &[&[u8]])],
-        threads: usize,
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        self.check_writable()?;
-        let r = self.write_batch(reqs, threads, scratch);
-        self.after_request(r)
+    fn needs_drain(&self) -> bool {
+        !self.read_only && self.pending_free_bytes() >= PENDING_FREE_BYTES
     }
 
-    fn write_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &[&[u8]],
-        scratch: &mut Vec<u8>,
-    ) -> Result<()> {
-        let total = crate::total_len(bufs);
-        self.check_writable()?;
-        crate::check_range(offset, total, self.header.size)?;
-        // All zeros under zero detection: no data to write, nothing to gather.
-        if total > 0
-            && self.detect_zeroes != DetectZeroes::Off
-            && crate::is_zero_vectored(bufs, 0..total)
-        {
-            let r = self.detected_zeroes(offset, total);
-            return self.after_request(r);
+    fn flush_completed(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
         }
-        // Overwrites of allocated clusters go to the file straight from the buffers; anything
-        // that allocates, copies on write or reclaims takes the general path.
-        if !self.file.is_direct() {
-            let r = match self.in_place_host_run(offset, total, bufs) {
-                Ok(Some(host)) => self.pwrite_vectored(bufs, host, "guest data"),
-                Ok(None) => {
-                    crate::gather(bufs, scratch);
-                    self.write_guest(offset, scratch)
-                }
-                Err(e) => Err(e),
-            };
-            return self.after_request(r);
-        }
-        crate::gather(bufs, scratch);
-        let r = self.write_guest(offset, scratch);
-        self.after_request(r)
+        let r = self.flush_metadata();
+        self.after_error(r)
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -924,17 +874,22 @@ impl DiskImage for Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Post-processing of a write-type request: commit deferred frees in batches, and mark
-    /// the image unusable if a request failed half-way through metadata updates.
+    /// Post-processing of a discard or write-zeroes request (which run with no other I/O in
+    /// flight): see [`Self::after_error`], and commit deferred frees in batches.
     fn after_request(&mut self, r: Result<()>) -> Result<()> {
+        self.after_error(r)?;
+        if self.pending_free_bytes() >= PENDING_FREE_BYTES {
+            self.commit_frees()?;
+            self.shrink_tail()?;
+        }
+        Ok(())
+    }
+
+    /// Marks the image unusable if a request failed half-way through metadata updates (or
+    /// to be rewritten from memory when the host file system was full).
+    fn after_error(&mut self, r: Result<()>) -> Result<()> {
         match r {
-            Ok(()) => {
-                if self.pending_free_bytes() >= PENDING_FREE_BYTES {
-                    self.commit_frees()?;
-                    self.shrink_tail()?;
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e @ (Error::OutOfRange { .. } | Error::ReadOnly | Error::InvalidArgument(_))) => {
                 Err(e)
             }

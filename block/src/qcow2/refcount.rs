@@ -162,23 +162,6 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Writes the concatenation of `bufs` at host `offset` (no gathering copy).
-    pub(crate) fn pwrite_vectored(
-        &mut self,
-        bufs: &[&[u8]],
-        offset: u64,
-        what: &str,
-    ) -> Result<()> {
-        self.file
-            .write_vectored_all_at(bufs, offset)
-            .map_err(|e| Error::io(format!("write {what}"), e))?;
-        let end = offset + crate::total_len(bufs);
-        if end > self.file_len {
-            self.file_len = end;
-        }
-        Ok(())
-    }
-
     /// Validates a refcount block offset from the refcount table.
     fn check_refblock_offset(&mut self, ti: usize, off: u64) -> Result<()> {
         if off % self.cluster_size != 0 {

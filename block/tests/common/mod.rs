@@ -213,30 +213,36 @@ pub fn create_qcow2(
     .unwrap();
 }
 
+/// Opens an image writable; its I/O runs on the next engine (see [`engine_image`]).
 pub fn open_rw(path: &Path) -> Box<dyn DiskImage> {
-    block::open(
-        path,
-        &OpenOptions {
-            read_only: false,
-            // The tests' own images: their format is given, as a trusting user gives it.
-            format: Some(block::probe_format(path).unwrap()),
-            ..Default::default()
-        },
+    engine_image(
+        block::open(
+            path,
+            &OpenOptions {
+                read_only: false,
+                // The tests' own images: their format is given, as a trusting user gives it.
+                format: Some(block::probe_format(path).unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
     )
-    .unwrap()
 }
 
+/// Opens an image read-only; its I/O runs on the next engine (see [`engine_image`]).
 pub fn open_ro(path: &Path) -> Box<dyn DiskImage> {
-    block::open(
-        path,
-        &OpenOptions {
-            read_only: true,
-            // The tests' own images: their format is given, as a trusting user gives it.
-            format: Some(block::probe_format(path).unwrap()),
-            ..Default::default()
-        },
+    engine_image(
+        block::open(
+            path,
+            &OpenOptions {
+                read_only: true,
+                // The tests' own images: their format is given, as a trusting user gives it.
+                format: Some(block::probe_format(path).unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
     )
-    .unwrap()
 }
 
 /// Reads the whole image.
@@ -262,4 +268,147 @@ pub fn usage(p: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).unwrap();
     (m.blocks() * 512, m.size())
+}
+
+/// The I/O engines tests cycle through: each [`engine_image`] takes the next one, so a test
+/// that opens images several times runs on every engine (io_uring only where it works).
+pub fn next_engine() -> block::engine::Aio {
+    use block::engine::Aio;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let mut all = vec![Aio::Sync, Aio::Threads];
+    if block::engine::io_uring_available().is_ok() {
+        all.push(Aio::IoUring);
+    }
+    all[N.fetch_add(1, Ordering::Relaxed) % all.len()]
+}
+
+/// `inner` with its reads, writes, discards and write-zeroes run through a pipeline on the
+/// next engine of [`next_engine`] (one request at a time, waited for).
+pub fn engine_image(inner: Box<dyn DiskImage>) -> Box<dyn DiskImage> {
+    let aio = next_engine();
+    Box::new(EngineImage {
+        inner,
+        pipeline: block::pipeline::Pipeline::new(block::engine::new_engine(aio).unwrap()),
+    })
+}
+
+/// See [`engine_image`].
+pub struct EngineImage {
+    pub inner: Box<dyn DiskImage>,
+    pipeline: block::pipeline::Pipeline,
+}
+
+impl EngineImage {
+    /// Runs `req` and waits for it.
+    ///
+    /// # Safety
+    /// The request's buffers must be valid for the call.
+    unsafe fn run(&mut self, req: block::pipeline::IoRequest) -> block::Result<()> {
+        // SAFETY: the caller keeps the buffers valid; `drain` waits for the request.
+        unsafe { self.pipeline.submit(self.inner.as_mut(), 0, req) };
+        let mut out = Vec::new();
+        self.pipeline.drain(self.inner.as_mut(), &mut out);
+        assert_eq!(out.len(), 1, "one request, one completion");
+        out.pop().map(|(_, r)| r).unwrap()
+    }
+}
+
+impl DiskImage for EngineImage {
+    fn format(&self) -> ImageFormat {
+        self.inner.format()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.inner.virtual_size()
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn plan_read(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
+        self.inner.plan_read(offset, bufs)
+    }
+    fn plan_write(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
+        self.inner.plan_write(offset, bufs)
+    }
+    fn finish(&mut self, plan: block::Plan, data: block::Result<()>) -> block::Result<()> {
+        self.inner.finish(plan, data)
+    }
+    fn lock_unit(&self) -> u64 {
+        self.inner.lock_unit()
+    }
+    fn needs_drain(&self) -> bool {
+        self.inner.needs_drain()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
+        // SAFETY: `buf` is borrowed for the call, which waits for the request.
+        let bufs = vec![unsafe { block::IoBuf::from_mut_slice(buf) }];
+        // SAFETY: `buf` is borrowed for the call.
+        unsafe { self.run(block::pipeline::IoRequest::Read { offset, bufs }) }
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> block::Result<()> {
+        // SAFETY: `buf` is borrowed for the call, which waits for the request.
+        let bufs = vec![unsafe { block::IoBuf::from_slice(buf) }];
+        // SAFETY: `buf` is borrowed for the call.
+        unsafe { self.run(block::pipeline::IoRequest::Write { offset, bufs }) }
+    }
+    fn write_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &[&[u8]],
+        _scratch: &mut Vec<u8>,
+    ) -> block::Result<()> {
+        // SAFETY: the slices are borrowed for the call, which waits for the request.
+        let bufs = bufs
+            .iter()
+            .map(|b| unsafe { block::IoBuf::from_slice(b) })
+            .collect();
+        // SAFETY: `bufs` is borrowed for the call.
+        unsafe { self.run(block::pipeline::IoRequest::Write { offset, bufs }) }
+    }
+    fn read_vectored_at(
+        &mut self,
+        offset: u64,
+        bufs: &mut [&mut [u8]],
+        _scratch: &mut Vec<u8>,
+    ) -> block::Result<()> {
+        let bufs = bufs
+            .iter_mut()
+            // SAFETY: the slices are borrowed for the call, which waits for the request.
+            .map(|b| unsafe { block::IoBuf::from_mut_slice(b) })
+            .collect();
+        // SAFETY: `bufs` is borrowed for the call.
+        unsafe { self.run(block::pipeline::IoRequest::Read { offset, bufs }) }
+    }
+    fn flush(&mut self) -> block::Result<()> {
+        self.inner.flush()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> block::Result<()> {
+        // SAFETY: no buffers.
+        unsafe { self.run(block::pipeline::IoRequest::WriteZeroes { offset, len, unmap }) }
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> block::Result<()> {
+        // SAFETY: no buffers.
+        unsafe { self.run(block::pipeline::IoRequest::Discard { offset, len }) }
+    }
+    fn block_status(&mut self, offset: u64, max_len: u64) -> block::Result<block::MapExtent> {
+        self.inner.block_status(offset, max_len)
+    }
+    fn set_detect_zeroes(&mut self, mode: block::DetectZeroes) {
+        self.inner.set_detect_zeroes(mode)
+    }
+    fn detect_zeroes(&self) -> block::DetectZeroes {
+        self.inner.detect_zeroes()
+    }
+    fn reclaim_stats(&self) -> block::ReclaimStats {
+        self.inner.reclaim_stats()
+    }
+    fn host_usage(&self) -> block::Result<block::HostUsage> {
+        self.inner.host_usage()
+    }
+    fn discard_granularity(&self) -> u64 {
+        self.inner.discard_granularity()
+    }
+    fn idle(&mut self) -> block::Result<()> {
+        self.inner.idle()
+    }
 }

@@ -322,19 +322,42 @@ impl MmioTransport {
         true
     }
 
+    /// The queues an activation serves, in order: a driver may use fewer queues than a
+    /// multi-queue device offers (Linux uses one per vCPU at most), so a queue after the
+    /// first it never made ready is left out. (Readiness cannot change while the device is
+    /// active, so a snapshot's registers give the same list.)
+    fn activated_queues(&self) -> Vec<usize> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i == 0 || c.ready)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn activate(&mut self) {
         let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, c) in self.queues.iter().enumerate() {
+        let mut used = Vec::with_capacity(self.queues.len());
+        for i in self.activated_queues() {
+            let Some(c) = self.queues.get(i) else {
+                continue;
+            };
             match c.build(&self.mem) {
-                Ok(q) => queues.push(q),
+                Ok(q) => {
+                    queues.push(q);
+                    used.push(i);
+                }
                 Err(e) => {
                     self.needs_reset(&format!("queue {i} unusable at DRIVER_OK: {e}"));
                     return;
                 }
             }
         }
-        let fds: std::io::Result<Vec<EventFd>> =
-            self.notify.iter().map(|e| e.try_clone()).collect();
+        let fds: std::io::Result<Vec<EventFd>> = used
+            .iter()
+            .filter_map(|&i| self.notify.get(i))
+            .map(|e| e.try_clone())
+            .collect();
         let fds = match fds {
             Ok(f) => f,
             Err(e) => {

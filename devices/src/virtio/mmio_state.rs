@@ -1,7 +1,9 @@
 //! Snapshots of a virtio-mmio transport: everything the driver wrote (status, features,
 //! selectors, each queue's size, readiness and ring addresses), the interrupt status, and,
 //! for an active device, where each queue stands, taken once the device is paused (drained:
-//! every chain it took is answered). Restoring sets the same registers and, for an active
+//! every chain it took from any queue is answered, its used-ring entry written). A
+//! multi-queue device serves the first queue and those the driver made ready; the others
+//! keep position zero and are left out again at restore. Restoring sets the same registers and, for an active
 //! device, activates it with queues that continue from those positions.
 
 use serde::{Deserialize, Serialize};
@@ -42,14 +44,24 @@ impl MmioTransport {
     /// Pauses the device (it drains what it took) and returns the transport's state. The
     /// device stays paused until [`MmioTransport::resume`].
     pub fn pause(&mut self) -> Result<TransportState, PauseError> {
-        let progress = self.device.pause()?;
-        if self.active && progress.len() != self.queues.len() {
+        let reported = self.device.pause()?;
+        // The device reports the queues its activation serves (see `activated_queues`);
+        // the state holds one position per transport queue (a queue the driver left unused
+        // stays at zero).
+        let served = self.activated_queues();
+        if self.active && reported.len() != served.len() {
             self.device.resume();
             return Err(PauseError::Busy(format!(
-                "the device reported {} queues of {}",
-                progress.len(),
-                self.queues.len()
+                "the device reported {} queues; it serves {}",
+                reported.len(),
+                served.len()
             )));
+        }
+        let mut progress = vec![QueueProgress::default(); self.queues.len()];
+        for (&i, p) in served.iter().zip(reported) {
+            if let Some(slot) = progress.get_mut(i) {
+                *slot = p;
+            }
         }
         Ok(TransportState {
             device_type: self.device.device_type(),
@@ -135,7 +147,10 @@ impl MmioTransport {
             return Err("an active device saved without its queues' positions".into());
         }
         let mut active = Vec::with_capacity(self.queues.len());
-        for (i, (c, p)) in self.queues.iter().zip(&st.progress).enumerate() {
+        for i in self.activated_queues() {
+            let (Some(c), Some(p)) = (self.queues.get(i), st.progress.get(i)) else {
+                return Err(format!("queue {i}: no saved position"));
+            };
             let mut q = c.build(&self.mem).map_err(|e| format!("queue {i}: {e}"))?;
             q.set_next_avail(p.next_avail);
             q.set_next_used(p.next_used);

@@ -385,43 +385,20 @@ impl DiskImage for FaultyImage {
     fn is_read_only(&self) -> bool {
         self.inner.is_read_only()
     }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> block::Result<()> {
+    fn plan_read(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
         self.faults.wait();
-        self.inner.read_at(offset, buf)
+        self.inner.plan_read(offset, bufs)
     }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> block::Result<()> {
+    fn plan_write(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
         self.faults.wait();
         self.faults.full()?;
-        self.inner.write_at(offset, buf)
+        self.inner.plan_write(offset, bufs)
     }
-    fn write_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &[&[u8]],
-        scratch: &mut Vec<u8>,
-    ) -> block::Result<()> {
-        self.faults.wait();
-        self.faults.full()?;
-        self.inner.write_vectored_at(offset, bufs, scratch)
+    fn finish(&mut self, plan: block::Plan, data: block::Result<()>) -> block::Result<()> {
+        self.inner.finish(plan, data)
     }
-    fn read_vectored_at(
-        &mut self,
-        offset: u64,
-        bufs: &mut [&mut [u8]],
-        scratch: &mut Vec<u8>,
-    ) -> block::Result<()> {
-        self.faults.wait();
-        self.inner.read_vectored_at(offset, bufs, scratch)
-    }
-    fn write_many(
-        &mut self,
-        reqs: &[(u64, &[&[u8]])],
-        threads: usize,
-        scratch: &mut Vec<u8>,
-    ) -> block::Result<()> {
-        self.faults.wait();
-        self.faults.full()?;
-        self.inner.write_many(reqs, threads, scratch)
+    fn lock_unit(&self) -> u64 {
+        self.inner.lock_unit()
     }
     fn flush(&mut self) -> block::Result<()> {
         self.inner.flush()

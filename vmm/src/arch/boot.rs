@@ -71,6 +71,8 @@ fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     let mut v = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
+        // The BIOS area, where the ACPI tables are.
+        (ACPI_START, ACPI_END - ACPI_START, E820_RESERVED),
     ];
     for (start, len) in ram_regions(mem_size) {
         if start == 0 {
@@ -97,6 +99,7 @@ pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
+    rsdp: Option<u64>,
 ) -> Result<Loaded> {
     let format = probe_kernel(kernel)?;
     let kerr = |msg: String| VmmError::Kernel {
@@ -165,7 +168,7 @@ pub fn load(
 
     let entry = match (format, result.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(addr)) => {
-            write_pvh(mem, mem_size, initrd_info)?;
+            write_pvh(mem, mem_size, initrd_info, rsdp)?;
             EntryMode::Pvh32 { entry: addr.0 }
         }
         _ => {
@@ -174,6 +177,7 @@ pub fn load(
                 params.hdr = h;
             }
             params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            params.acpi_rsdp_addr = rsdp.unwrap_or(0);
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
             params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
@@ -210,7 +214,12 @@ pub fn load(
     Ok(Loaded { entry, format })
 }
 
-fn write_pvh(mem: &GuestMemoryMmap, mem_size: u64, initrd: Option<(u64, u64)>) -> Result<()> {
+fn write_pvh(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
+) -> Result<()> {
     let map: Vec<hvm_memmap_table_entry> = e820_map(mem_size)
         .into_iter()
         .map(|(addr, size, t)| hvm_memmap_table_entry {
@@ -226,6 +235,7 @@ fn write_pvh(mem: &GuestMemoryMmap, mem_size: u64, initrd: Option<(u64, u64)>) -
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));

@@ -17,6 +17,9 @@ pub const PDPT_ADDR: u64 = 0xa000;
 pub const PD_ADDR: u64 = 0xb000;
 /// Extended BIOS data area: the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first) in the BIOS area, which the kernel scans for the RSDP.
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_END: u64 = 0x10_0000;
 /// Kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 2048;
@@ -39,6 +42,14 @@ pub const IOAPIC_PINS: u32 = 24;
 /// Smallest and largest guest RAM accepted.
 pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// The MMIO window and GSI of virtio-mmio device `index`.
+pub fn virtio_mmio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + index as u32,
+    )
+}
 
 /// Guest RAM regions for `mem` bytes: below the MMIO hole, and the rest above 4 GiB.
 pub fn ram_regions(mem: u64) -> Vec<(u64, u64)> {

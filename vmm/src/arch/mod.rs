@@ -1,5 +1,7 @@
-//! x86_64 specifics: memory layout, boot protocols, CPU registers, CPUID, MSRs, MP table.
+//! x86_64 specifics: memory layout, boot protocols, CPU registers, CPUID, MSRs, MP table,
+//! ACPI tables.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;

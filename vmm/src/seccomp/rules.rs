@@ -6,9 +6,10 @@
 //! the call, with a `why` that names the code and the reason. Prefer argument conditions over
 //! a bare call. The tests in `mod.rs` refuse duplicate or shadowed rules, an empty `why`, and
 //! any rule for the calls in `mod.rs`'s never-allowed list (thread creation, exec, opening
-//! files, sockets, ...). E.g. an io_uring block engine adds `io_uring_setup`, `io_uring_enter`
-//! and `io_uring_register` (and the `MAP_SHARED | MAP_POPULATE` mapping of its rings, without
-//! `PROT_EXEC`) to [`BLOCK`].
+//! files, sockets, ...). E.g. the io_uring block engine (`aio=io_uring`) sets its ring up
+//! before the worker is confined (`io_uring_setup` stays forbidden: a new ring could submit
+//! anything), restricts the ring to readv and writev entries, and [`BLOCK`] allows only
+//! `io_uring_enter` on it.
 
 use super::ioctls;
 
@@ -171,6 +172,8 @@ pub struct Table {
     pub ioctls: &'static [Ioctl],
 }
 
+/// `io_uring_enter`'s flag asking to wait for completions (linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u64 = 1;
 /// `futex` operations without the PRIVATE and CLOCK_REALTIME flags.
 const FUTEX_CMD_MASK: u64 = !((libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME) as u64);
 /// Memory protections a mapping may have: never `PROT_EXEC` (nor any other bit).
@@ -275,7 +278,7 @@ pub const BLOCK: Table = Table {
         allow!(SYS_fallocate [int(1, (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as i64)],
             "frees the host range of released clusters (discard, zero writes, tail relocation) and of raw images"),
         allow!(SYS_fallocate [int(1, 0)],
-            "batched writes allocate the host range of new clusters before writing their data (qcow2 batch.rs)"),
+            "qcow2 writes allocate the host range of new clusters ahead of their data, 8 MiB at a time (qcow2 planner.rs)"),
         allow!(SYS_fallocate [int(1, libc::FALLOC_FL_ZERO_RANGE as i64)],
             "raw images: write-zeroes that keep the range allocated"),
         allow!(SYS_ftruncate, "shrinks the image to its last used cluster; grows a file written past its end"),
@@ -290,6 +293,8 @@ pub const BLOCK: Table = Table {
         allow!(SYS_fcntl [int(1, libc::F_OFD_GETLK as i64)], "image locks: who holds a lock"),
         allow!(SYS_fcntl [int(1, libc::F_GETFL as i64)], "image files: reads the open flags (O_DIRECT)"),
         allow!(SYS_fcntl [int(1, libc::F_SETFL as i64)], "image files: switches O_DIRECT"),
+        allow!(SYS_io_uring_enter [int_masked(3, !IORING_ENTER_GETEVENTS & 0xffff_ffff, 0)],
+            "aio=io_uring (block engine/uring.rs): the worker submits reads and writes to its disk's ring and waits for completions (flags: at most GETEVENTS); the ring was set up before the worker was confined and accepts only readv and writev entries (IORING_REGISTER_RESTRICTIONS), so it does nothing this filter forbids"),
     ],
     ioctls: &[],
 };

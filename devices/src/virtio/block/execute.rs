@@ -1,23 +1,24 @@
-//! Executing parsed virtio-blk requests against the disk image: reads and writes in chunks
-//! (so a reset or shutdown is noticed between them), batches of queued writes, flush,
-//! GET_ID, discard and write-zeroes; and what a failure means for the guest (IOERR, or,
-//! under `werror=enospc`, a write held until the host has space again).
+//! Parsed virtio-blk requests as image requests: each becomes a sequence of steps for the
+//! image pipeline ([`block::pipeline::IoRequest`]): reads and writes in chunks of at most
+//! [`CHUNK`] bytes (so a reset or shutdown is noticed between them), discard and
+//! write-zeroes one segment at a time, a flush; GET_ID is answered at once. Also what a
+//! failure means for the guest (IOERR, or, under `werror=enospc`, a write held until the host
+//! has space again), and the statistics of completed requests.
 
 use std::sync::Arc;
 
-use block::DiskImage;
+use block::host_file::AlignedBuf;
+use block::pipeline::IoRequest;
+use block::{DiskImage, IoBuf};
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::guest_ranges::GuestRanges;
-use super::request::{Request, RequestKind, Segment};
+use super::request::{Request, RequestKind};
 use super::stats::BlockStats;
 use crate::virtio::ratelimited_warn;
 
-/// Bytes moved per image call (and between two looks at the stop flag).
+/// Bytes moved per image request (and between two looks at the stop flag).
 pub const CHUNK: u64 = 8 << 20;
-/// Most data bytes of one write batch.
-pub const BATCH_BYTES: u64 = 64 << 20;
 
 /// What to do when a write fails because the host file system is full (ENOSPC, EDQUOT),
 /// with QEMU's `werror=` names.
@@ -39,32 +40,59 @@ pub struct Outcome {
     pub written: u32,
 }
 
-/// What executing a request came to.
-#[derive(Debug)]
-pub enum Executed {
+/// What a request needs next.
+pub enum Next {
+    /// Run this image request; then call [`Disk::step_done`].
+    Submit(IoRequest),
+    /// Nothing more: answer the guest with this.
+    Done(Outcome),
+}
+
+/// What a failed step comes to.
+pub enum Failed {
     /// Answer the guest with this.
     Done(Outcome),
     /// A write-type request (or a flush) failed because the host file system is full, and
     /// the policy is to hold it: nothing was answered.
     NoSpace(block::Error),
-    /// The activation ended (reset, shutdown) before the request finished: nothing was
-    /// answered.
-    Stopped,
 }
 
-fn ok(written: u32) -> Executed {
-    Executed::Done(Outcome {
+fn ok(written: u32) -> Outcome {
+    Outcome {
         status: VIRTIO_BLK_S_OK as u8,
         written,
-    })
+    }
 }
 
-fn ioerr(msg: String) -> Executed {
+fn ioerr(msg: String) -> Outcome {
     ratelimited_warn(&format!("virtio-blk: {msg}"));
-    Executed::Done(Outcome {
+    Outcome {
         status: VIRTIO_BLK_S_IOERR as u8,
         written: 0,
-    })
+    }
+}
+
+/// A request being worked on: which step it is at, and the bounce buffer of a read whose
+/// guest buffers overlap.
+pub struct Progress {
+    pub head: u16,
+    pub req: Request,
+    pub step: u64,
+    bounce: Option<AlignedBuf>,
+    /// Retried after being held for lack of host space.
+    pub retry: bool,
+}
+
+impl Progress {
+    pub fn new(head: u16, req: Request) -> Self {
+        Progress {
+            head,
+            req,
+            step: 0,
+            bounce: None,
+            retry: false,
+        }
+    }
 }
 
 /// The disk side of a virtio-blk device: the image and what requests need besides it.
@@ -76,8 +104,6 @@ pub struct Disk {
     /// `discard=unmap`: discards and unmapping write-zeroes release space (otherwise
     /// discards do nothing and write-zeroes never unmap).
     pub discard_unmap: bool,
-    /// Reusable buffer (gathering, bounce reads); grown, never shrunk.
-    bounce: Vec<u8>,
 }
 
 impl Disk {
@@ -94,210 +120,176 @@ impl Disk {
             stats,
             werror,
             discard_unmap,
-            bounce: Vec::new(),
         }
     }
 
-    /// An image error of a write-type request or flush: held (NoSpace) when the host is full
+    /// A failed step of a write-type request or flush: held (NoSpace) when the host is full
     /// and the policy says so, IOERR otherwise.
-    fn write_failed(&self, what: String, e: block::Error) -> Executed {
+    fn write_failed(&self, what: String, e: block::Error) -> Failed {
         if self.werror == WriteErrorPolicy::Enospc && e.is_no_space() {
-            return Executed::NoSpace(e);
+            return Failed::NoSpace(e);
         }
-        ioerr(format!("{what}: {e}"))
+        Failed::Done(ioerr(format!("{what}: {e}")))
     }
 
-    /// Executes `req`; `stop` is asked between chunks.
-    pub fn execute(
-        &mut self,
-        req: &Request,
-        mem: &GuestMemoryMmap,
-        stop: &dyn Fn() -> bool,
-    ) -> Executed {
-        match &req.kind {
-            RequestKind::Read { offset, data } => self.read(*offset, data, mem, stop),
-            RequestKind::Write { offset, data } => self.write(*offset, data, mem, stop),
-            RequestKind::Flush => match self.image.flush() {
-                Ok(()) => {
-                    BlockStats::add(&self.stats.flushes, 1);
-                    ok(0)
+    /// The next step of `p` (its `step` counts the steps done).
+    pub fn next(&mut self, p: &mut Progress, mem: &GuestMemoryMmap) -> Next {
+        let step = p.step;
+        match &p.req.kind {
+            RequestKind::Read { offset, data } => {
+                let total = data.len();
+                let pos = step * CHUNK;
+                if pos >= total {
+                    BlockStats::add(&self.stats.reads, 1);
+                    BlockStats::add(&self.stats.read_bytes, total);
+                    // The data of one chain is at most 4 GiB (virtio-queue ends a longer one).
+                    return Next::Done(ok(u32::try_from(total).unwrap_or(u32::MAX)));
                 }
-                Err(e) => self.write_failed("flush".into(), e),
-            },
+                let n = (total - pos).min(CHUNK);
+                let mut bufs = Vec::with_capacity(data.ranges().len());
+                if data.disjoint() {
+                    // Straight into the guest's buffers (a well-behaved driver's never
+                    // overlap).
+                    if !data.io_bufs(mem, pos, n, &mut bufs) {
+                        return Next::Done(ioerr("read buffer outside guest memory".into()));
+                    }
+                } else {
+                    // Through a bounce buffer, copied out in order when the chunk is read, so
+                    // the request reads as if its buffers were filled one after the other.
+                    let mut b = AlignedBuf::new(n as usize);
+                    // SAFETY: the bounce buffer's heap memory is kept in `p` (the request's
+                    // progress) until the step's completion has been handled.
+                    bufs.push(unsafe { IoBuf::from_mut_slice(b.as_mut_slice()) });
+                    p.bounce = Some(b);
+                }
+                Next::Submit(IoRequest::Read {
+                    offset: offset + pos,
+                    bufs,
+                })
+            }
+            RequestKind::Write { offset, data } => {
+                let total = data.len();
+                let pos = step * CHUNK;
+                if pos >= total {
+                    BlockStats::add(&self.stats.writes, 1);
+                    BlockStats::add(&self.stats.write_bytes, total);
+                    return Next::Done(ok(0));
+                }
+                let n = (total - pos).min(CHUNK);
+                let mut bufs = Vec::with_capacity(data.ranges().len());
+                if !data.io_bufs(mem, pos, n, &mut bufs) {
+                    return Next::Done(ioerr("write buffer outside guest memory".into()));
+                }
+                Next::Submit(IoRequest::Write {
+                    offset: offset + pos,
+                    bufs,
+                })
+            }
+            RequestKind::Flush => {
+                if step == 0 {
+                    return Next::Submit(IoRequest::Flush);
+                }
+                BlockStats::add(&self.stats.flushes, 1);
+                Next::Done(ok(0))
+            }
             RequestKind::GetId { buf } => {
                 let n = (buf.len() as usize).min(self.serial.len());
-                match buf.write_from(mem, &self.serial[..n]) {
+                Next::Done(match buf.write_from(mem, &self.serial[..n]) {
                     Ok(n) => {
                         BlockStats::add(&self.stats.get_ids, 1);
                         ok(n as u32)
                     }
                     Err(e) => ioerr(format!("get-id: {e}")),
-                }
+                })
             }
-            RequestKind::Discard(segs) => self.segments(segs, true, stop),
-            RequestKind::WriteZeroes(segs) => self.segments(segs, false, stop),
-        }
-    }
-
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &GuestRanges,
-        mem: &GuestMemoryMmap,
-        stop: &dyn Fn() -> bool,
-    ) -> Executed {
-        let total = data.len();
-        // Straight into the guest's buffers when they are disjoint (a well-behaved driver's
-        // always are); through the bounce buffer otherwise, so the request still reads as if
-        // its buffers were filled one after the other.
-        let direct = data.disjoint();
-        let mut pos = 0u64;
-        while pos < total {
-            if stop() {
-                return Executed::Stopped;
-            }
-            let n = (total - pos).min(CHUNK);
-            let at = offset + pos;
-            if direct {
-                let mut parts: Vec<&mut [u8]> = Vec::with_capacity(data.ranges().len());
-                // SAFETY: `data`'s ranges are pairwise disjoint (checked above), `parts` is
-                // new, and this thread holds no other slice of guest memory.
-                if !unsafe { data.host_slices_mut(mem, pos, n, &mut parts) } {
-                    return ioerr("read buffer outside guest memory".into());
-                }
-                if let Err(e) = self
-                    .image
-                    .read_vectored_at(at, &mut parts, &mut self.bounce)
-                {
-                    return ioerr(format!("read at {at}: {e}"));
-                }
-            } else {
-                if self.bounce.len() < n as usize {
-                    self.bounce.resize(n as usize, 0);
-                }
-                let buf = &mut self.bounce[..n as usize];
-                if let Err(e) = self.image.read_at(at, buf) {
-                    return ioerr(format!("read at {at}: {e}"));
-                }
-                let mut done = 0usize;
-                for (addr, len) in data.pieces(pos, n) {
-                    let len = len as usize;
-                    if mem.write_slice(&buf[done..done + len], addr).is_err() {
-                        return ioerr("read buffer outside guest memory".into());
-                    }
-                    done += len;
-                }
-            }
-            pos += n;
-        }
-        BlockStats::add(&self.stats.reads, 1);
-        BlockStats::add(&self.stats.read_bytes, total);
-        // The data of one chain is at most 4 GiB (virtio-queue ends a longer chain).
-        ok(u32::try_from(total).unwrap_or(u32::MAX))
-    }
-
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &GuestRanges,
-        mem: &GuestMemoryMmap,
-        stop: &dyn Fn() -> bool,
-    ) -> Executed {
-        let total = data.len();
-        // The image gets the request up to CHUNK at a time as a list of slices of guest
-        // memory, so zero detection sees whole clusters even when the guest split the buffer
-        // into pages, and overwrites need no gathering copy.
-        let mut pos = 0u64;
-        while pos < total {
-            if stop() {
-                return Executed::Stopped;
-            }
-            let n = (total - pos).min(CHUNK);
-            let at = offset + pos;
-            let mut parts: Vec<&[u8]> = Vec::with_capacity(data.ranges().len());
-            if !data.host_slices(mem, pos, n, &mut parts) {
-                return ioerr("write buffer outside guest memory".into());
-            }
-            if let Err(e) = self.image.write_vectored_at(at, &parts, &mut self.bounce) {
-                return self.write_failed(format!("write at {at}"), e);
-            }
-            pos += n;
-        }
-        BlockStats::add(&self.stats.writes, 1);
-        BlockStats::add(&self.stats.write_bytes, total);
-        ok(0)
-    }
-
-    /// Whether `req` can join a write batch: a write of at most [`CHUNK`] bytes.
-    pub fn batchable(req: &Request) -> Option<u64> {
-        match &req.kind {
-            RequestKind::Write { data, .. } if data.len() <= CHUNK => Some(data.len()),
-            _ => None,
-        }
-    }
-
-    /// Executes several writes (each [`Disk::batchable`]) at once
-    /// ([`DiskImage::write_many`]: metadata in order, data in parallel). One result for all:
-    /// on failure every write of the batch reports it (writes are idempotent, so a held
-    /// batch is simply written again).
-    pub fn execute_write_batch(&mut self, reqs: &[&Request], mem: &GuestMemoryMmap) -> Executed {
-        let mut writes: Vec<(u64, Vec<&[u8]>)> = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            let RequestKind::Write { offset, data } = &req.kind else {
-                return ioerr("internal: a non-write in a write batch".into());
-            };
-            let mut parts = Vec::with_capacity(data.ranges().len());
-            if !data.host_slices(mem, 0, data.len(), &mut parts) {
-                return ioerr("write buffer outside guest memory".into());
-            }
-            writes.push((*offset, parts));
-        }
-        let list: Vec<(u64, &[&[u8]])> = writes.iter().map(|(o, p)| (*o, &p[..])).collect();
-        if let Err(e) = self
-            .image
-            .write_many(&list, block::MAX_IO_THREADS, &mut self.bounce)
-        {
-            return self.write_failed(format!("batch of {} writes", reqs.len()), e);
-        }
-        BlockStats::add(&self.stats.batched_writes, reqs.len() as u64);
-        for (_, parts) in &writes {
-            BlockStats::add(&self.stats.writes, 1);
-            let bytes: u64 = parts.iter().map(|p| p.len() as u64).sum();
-            BlockStats::add(&self.stats.write_bytes, bytes);
-        }
-        ok(0)
-    }
-
-    /// Discard and write-zeroes: validated segments, one image call each.
-    fn segments(&mut self, segs: &[Segment], discard: bool, stop: &dyn Fn() -> bool) -> Executed {
-        let what = if discard { "discard" } else { "write-zeroes" };
-        let unmap_allowed = self.discard_unmap;
-        for s in segs {
-            if stop() {
-                return Executed::Stopped;
-            }
-            let r = if discard {
-                if !unmap_allowed {
+            RequestKind::Discard(segs) => {
+                let Some(s) = usize::try_from(step).ok().and_then(|i| segs.get(i)) else {
+                    return Next::Done(ok(0));
+                };
+                if !self.discard_unmap {
                     // discard=ignore: succeeds and does nothing, as QEMU's.
-                    Ok(())
-                } else {
-                    self.image.discard(s.offset, s.len)
+                    BlockStats::add(&self.stats.discards, 1);
+                    BlockStats::add(&self.stats.discard_bytes, s.len);
+                    p.step += 1;
+                    return self.next(p, mem);
                 }
-            } else {
-                self.image
-                    .write_zeroes(s.offset, s.len, s.unmap && unmap_allowed)
-            };
-            if let Err(e) = r {
-                return self.write_failed(format!("{what} at {}+{}", s.offset, s.len), e);
+                Next::Submit(IoRequest::Discard {
+                    offset: s.offset,
+                    len: s.len,
+                })
             }
-            if discard {
-                BlockStats::add(&self.stats.discards, 1);
-                BlockStats::add(&self.stats.discard_bytes, s.len);
-            } else {
-                BlockStats::add(&self.stats.write_zeroes, 1);
-                BlockStats::add(&self.stats.write_zeroes_bytes, s.len);
+            RequestKind::WriteZeroes(segs) => {
+                let Some(s) = usize::try_from(step).ok().and_then(|i| segs.get(i)) else {
+                    return Next::Done(ok(0));
+                };
+                Next::Submit(IoRequest::WriteZeroes {
+                    offset: s.offset,
+                    len: s.len,
+                    unmap: s.unmap && self.discard_unmap,
+                })
             }
         }
-        ok(0)
+    }
+
+    /// A step of `p` ended with `r`: counts it, copies a bounced read out, and moves `p` on
+    /// (call [`Disk::next`] then), or says what the failure comes to.
+    pub fn step_done(
+        &mut self,
+        p: &mut Progress,
+        mem: &GuestMemoryMmap,
+        r: block::Result<()>,
+    ) -> Result<(), Failed> {
+        let step = p.step;
+        let bounce = p.bounce.take();
+        match (&p.req.kind, r) {
+            (RequestKind::Read { data, .. }, Ok(())) => {
+                if let Some(b) = bounce {
+                    let pos = step * CHUNK;
+                    let buf = b.as_slice();
+                    let mut done = 0usize;
+                    for (addr, len) in data.pieces(pos, buf.len() as u64) {
+                        let len = len as usize;
+                        if mem.write_slice(&buf[done..done + len], addr).is_err() {
+                            return Err(Failed::Done(ioerr(
+                                "read buffer outside guest memory".into(),
+                            )));
+                        }
+                        done += len;
+                    }
+                }
+            }
+            (RequestKind::Read { offset, .. }, Err(e)) => {
+                let at = offset + step * CHUNK;
+                return Err(Failed::Done(ioerr(format!("read at {at}: {e}"))));
+            }
+            (RequestKind::Write { offset, .. }, Err(e)) => {
+                let at = offset + step * CHUNK;
+                return Err(self.write_failed(format!("write at {at}"), e));
+            }
+            (RequestKind::Flush, Err(e)) => return Err(self.write_failed("flush".into(), e)),
+            (RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs), r) => {
+                let discard = matches!(p.req.kind, RequestKind::Discard(_));
+                let what = if discard { "discard" } else { "write-zeroes" };
+                let Some(s) = usize::try_from(step).ok().and_then(|i| segs.get(i)) else {
+                    return Ok(());
+                };
+                if let Err(e) = r {
+                    return Err(self.write_failed(format!("{what} at {}+{}", s.offset, s.len), e));
+                }
+                if discard {
+                    BlockStats::add(&self.stats.discards, 1);
+                    BlockStats::add(&self.stats.discard_bytes, s.len);
+                } else {
+                    BlockStats::add(&self.stats.write_zeroes, 1);
+                    BlockStats::add(&self.stats.write_zeroes_bytes, s.len);
+                }
+            }
+            (RequestKind::GetId { .. }, Err(e)) => {
+                return Err(Failed::Done(ioerr(format!("get-id: {e}"))))
+            }
+            (_, Ok(())) => {}
+        }
+        p.step += 1;
+        Ok(())
     }
 }

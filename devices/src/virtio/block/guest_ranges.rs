@@ -2,10 +2,10 @@
 //! status as the driver spread them over its descriptors (virtio 1.x allows any layout).
 //!
 //! A range is checked once, when the request is parsed: it does not wrap around the address
-//! space and lies inside guest RAM. Bytes are moved with vm-memory's volatile copies; the one
-//! place that turns ranges into Rust slices for the image (whose API still takes `&[u8]`) is
-//! [`GuestRanges::host_slices`] / [`GuestRanges::host_slices_mut`].
+//! space and lies inside guest RAM. Bytes are moved with vm-memory's volatile copies; the
+//! image gets them as [`IoBuf`]s ([`GuestRanges::io_bufs`]), never as Rust slices.
 
+use block::IoBuf;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -174,53 +174,26 @@ impl GuestRanges {
         spans.windows(2).all(|w| w[0].1 <= w[1].0)
     }
 
-    /// Appends the stream's bytes `[offset, offset + len)` to `parts` as byte slices of guest
+    /// Appends the stream's bytes `[offset, offset + len)` to `bufs` as [`IoBuf`]s over guest
     /// memory (one per RAM region each piece touches); false if some of it is not in RAM.
     ///
-    /// This is the image API's `&[u8]` hand-off (until that API takes volatile slices): the
-    /// guest may change the bytes while the image reads them (a driver modifying a buffer it
-    /// handed to the device), and the disk then holds some mix of old and new bytes, all the
-    /// guest can expect from that.
-    pub fn host_slices<'m>(
+    /// The buffers stay valid as long as `mem`'s regions are mapped: the caller keeps a
+    /// clone of the guest memory (and so its mappings) until every I/O on them has completed.
+    /// The guest may change the bytes meanwhile; the image only hands them to the kernel or
+    /// reads them with volatile and atomic accesses, never as Rust slices.
+    pub fn io_bufs(
         &self,
-        mem: &'m GuestMemoryMmap,
+        mem: &GuestMemoryMmap,
         offset: u64,
         len: u64,
-        parts: &mut Vec<&'m [u8]>,
+        bufs: &mut Vec<IoBuf>,
     ) -> bool {
         self.pieces(offset, len).all(|(addr, n)| {
             for_each_host_piece(mem, addr, n as usize, |ptr, take| {
-                // SAFETY: `ptr` is valid for `take` bytes of mapped guest RAM while `mem` is
-                // borrowed (see `for_each_host_piece`); the slice is only read (zero
-                // detection, pwritev). See above for the guest writing it meanwhile.
-                parts.push(unsafe { std::slice::from_raw_parts(ptr as *const u8, take) });
-            })
-        })
-    }
-
-    /// Appends the stream's bytes `[offset, offset + len)` to `parts` as writable byte slices
-    /// of guest memory; false if some of it is not in RAM.
-    ///
-    /// # Safety
-    /// The stream's ranges must be pairwise disjoint ([`GuestRanges::disjoint`]), `parts` must
-    /// not already hold slices of the same bytes, and the caller must hold no other slice of
-    /// them while these live.
-    pub unsafe fn host_slices_mut<'m>(
-        &self,
-        mem: &'m GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-        parts: &mut Vec<&'m mut [u8]>,
-    ) -> bool {
-        self.pieces(offset, len).all(|(addr, n)| {
-            for_each_host_piece(mem, addr, n as usize, |ptr, take| {
-                // SAFETY: `ptr` is valid for `take` bytes of mapped, writable guest RAM while
-                // `mem` is borrowed (see `for_each_host_piece`), and the caller guarantees no
-                // other slice of ours overlaps it. The guest itself may touch the bytes
-                // meanwhile (a driver reusing a buffer it handed to the device): they are only
-                // written by the image (pread, fill, copy), and the guest then sees some mix of
-                // its own and the disk's bytes, all it can expect from that.
-                parts.push(unsafe { std::slice::from_raw_parts_mut(ptr, take) });
+                // SAFETY: `ptr` is valid for `take` bytes of mapped, writable guest RAM for as
+                // long as the regions of `mem` are mapped (see `for_each_host_piece`), which
+                // the caller keeps until the I/O completes (above).
+                bufs.push(unsafe { IoBuf::new(ptr, take) });
             })
         })
     }
@@ -316,9 +289,11 @@ mod tests {
             .unwrap()
             .in_ram(&mem));
         let mut parts = Vec::new();
-        assert!(s.host_slices(&mem, 0, 8, &mut parts));
+        assert!(s.io_bufs(&mem, 0, 8, &mut parts));
         assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 2, 4]);
-        assert_eq!(parts[1], &[3, 4]);
+        let mut b = [0u8; 2];
+        parts[1].copy_to(&mut b);
+        assert_eq!(b, [3, 4]);
         assert!(stream(&[(0x100, 8), (0x108, 8)]).disjoint());
         assert!(!stream(&[(0x100, 9), (0x108, 8)]).disjoint());
     }

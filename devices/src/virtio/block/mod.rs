@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ActivateError, ActiveQueue, Interrupt, PauseError, QueueProgress, VirtioDevice};
 pub use execute::WriteErrorPolicy;
 pub use request::Limits;
-pub use stats::{BlockStats, StatsSnapshot};
+pub use stats::{BlockStats, QueueSnapshot, StatsSnapshot};
 use worker::{Activation, Command, Control, Ended};
 
 /// Queue size offered to the driver.
@@ -37,6 +37,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request (`seg_max`): a chain may have this many + 2 descriptors, which
 /// is the queue size (virtio 1.2 §2.7.5.3.1: no chain longer than the queue size).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most request queues of one device (`num-queues`).
+pub const MAX_QUEUES: u16 = 16;
 /// Largest discard / write-zeroes segment (1 GiB).
 const MAX_SEGMENT_SECTORS: u32 = 1 << 21;
 /// Segments per discard / write-zeroes request.
@@ -65,6 +67,11 @@ pub struct BlockConfig {
     pub reset_wait: Duration,
     /// [`SHUTDOWN_WAIT`] (tests shorten it).
     pub shutdown_wait: Duration,
+    /// The I/O engine (`aio=`); `None`: io_uring where the kernel allows it, else the I/O
+    /// threads.
+    pub aio: Option<block::engine::Aio>,
+    /// Request queues offered (`num-queues`, VIRTIO_BLK_F_MQ above one); at least 1.
+    pub num_queues: u16,
 }
 
 impl Default for BlockConfig {
@@ -77,6 +84,8 @@ impl Default for BlockConfig {
             name: "disk".into(),
             reset_wait: RESET_WAIT,
             shutdown_wait: SHUTDOWN_WAIT,
+            aio: None,
+            num_queues: 1,
         }
     }
 }
@@ -106,6 +115,8 @@ pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
 /// A virtio-blk device.
 pub struct Block {
     limits: Limits,
+    /// The most queues the driver may use (`num-queues`), each [`QUEUE_SIZE`] long.
+    queue_sizes: Vec<u16>,
     features: u64,
     acked: u64,
     config: ConfigSpace,
@@ -124,11 +135,25 @@ pub struct Block {
 }
 
 impl Block {
-    /// Creates the device and its worker thread (which owns `image` from now on).
+    /// Creates the device and its worker thread (which owns `image` from now on); data I/O
+    /// runs on the engine `cfg.aio` names.
     pub fn new(
         image: Box<dyn DiskImage>,
         cfg: BlockConfig,
         thread_init: Option<ThreadInit>,
+    ) -> std::io::Result<Self> {
+        let aio = cfg.aio.unwrap_or_else(|| block::engine::default_aio().0);
+        let io = block::engine::new_engine(aio)?;
+        Self::with_io_engine(image, cfg, thread_init, io)
+    }
+
+    /// [`Block::new`] with data I/O on `io` (tests hold completions back with their own
+    /// engine to have requests in flight for as long as they need).
+    pub fn with_io_engine(
+        image: Box<dyn DiskImage>,
+        cfg: BlockConfig,
+        thread_init: Option<ThreadInit>,
+        io: Box<dyn block::engine::Engine>,
     ) -> std::io::Result<Self> {
         let capacity = image.virtual_size() / request::SECTOR;
         let granularity = (image.discard_granularity() / request::SECTOR).max(1) as u32;
@@ -139,6 +164,10 @@ impl Block {
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
             | (1 << VIRTIO_BLK_F_FLUSH);
+        let num_queues = cfg.num_queues.clamp(1, MAX_QUEUES);
+        if num_queues > 1 {
+            features |= 1 << VIRTIO_BLK_F_MQ;
+        }
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         } else {
@@ -159,7 +188,7 @@ impl Block {
         cs.capacity = capacity.to_le();
         cs.seg_max = SEG_MAX.to_le();
         cs.blk_size = 512u32.to_le();
-        cs.num_queues = 1u16.to_le();
+        cs.num_queues = num_queues.to_le();
         cs.max_discard_sectors = MAX_SEGMENT_SECTORS.to_le();
         cs.max_discard_seg = MAX_SEGMENTS.to_le();
         cs.discard_sector_alignment = granularity.to_le();
@@ -184,7 +213,7 @@ impl Block {
             cfg.discard_unmap,
         );
         let worker = worker::Worker {
-            engine: engine::Engine::new(disk, limits, cfg.name.clone()),
+            engine: engine::Engine::new(disk, limits, cfg.name.clone()).with_io_engine(io),
             control: control.clone(),
         };
         let (tx, rx) = channel();
@@ -201,6 +230,7 @@ impl Block {
             })?;
         Ok(Block {
             limits,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(num_queues)],
             features,
             acked: 0,
             config: c,
@@ -240,8 +270,8 @@ impl Block {
     }
 
     /// Waits up to `wait` for the worker to report the end of the pending activation;
-    /// returns its notification eventfd when it did.
-    fn collect_ended(&mut self, wait: Duration) -> Option<EventFd> {
+    /// returns its notification eventfds when it did.
+    fn collect_ended(&mut self, wait: Duration) -> Option<Vec<EventFd>> {
         let pending = self.serving?;
         let deadline = Instant::now() + wait;
         loop {
@@ -292,7 +322,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -324,14 +354,11 @@ impl VirtioDevice for Block {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
-        mut queues: Vec<ActiveQueue>,
+        queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
+        if queues.is_empty() || queues.len() > self.queue_sizes.len() {
             return Err(ActivateError::QueueCount(queues.len()));
         }
-        let Some(mut q) = queues.pop() else {
-            return Err(ActivateError::QueueCount(0));
-        };
         // No new activation while the worker may still touch the old one's queue.
         if self.serving.is_some() {
             let _ = self.collect_ended(Duration::from_millis(100));
@@ -342,13 +369,17 @@ impl VirtioDevice for Block {
         let Some(tx) = &self.commands else {
             return Err(ActivateError::NoBackend);
         };
-        q.queue
-            .set_event_idx(self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        let event_idx = self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let (mut qs, notify): (Vec<_>, Vec<_>) =
+            queues.into_iter().map(|q| (q.queue, q.notify)).unzip();
+        for q in &mut qs {
+            q.set_event_idx(event_idx);
+        }
         let epoch = self.control.epoch.load(Ordering::Acquire);
         tx.send(Command::Activate(Activation {
             epoch,
-            queue: q.queue,
-            notify: q.notify,
+            queues: qs,
+            notify,
             mem,
             interrupt,
         }))
@@ -362,7 +393,7 @@ impl VirtioDevice for Block {
         self.serving?;
         self.end_activation();
         match self.collect_ended(self.reset_wait) {
-            Some(fd) => Some(vec![fd]),
+            Some(fds) => Some(fds),
             None => {
                 if self.serving.is_some() {
                     tracing::error!(
@@ -383,7 +414,7 @@ impl VirtioDevice for Block {
     fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
         let control = self.control.clone();
         let commands = self.commands.clone();
-        let at = self.control.pause.request(
+        self.control.pause.request(
             move || {
                 let _ = control.wake.write(1);
                 if let Some(c) = &commands {
@@ -391,8 +422,7 @@ impl VirtioDevice for Block {
                 }
             },
             self.reset_wait,
-        )?;
-        Ok(at.into_iter().collect())
+        )
     }
 
     fn resume(&mut self) {

@@ -1,8 +1,9 @@
-//! Pausing a disk's worker (for a snapshot): the device asks, the worker parks between passes
-//! once every request it took is answered, reports where its queue stands, and runs image
-//! jobs for the VMM while parked (flush, or switching to a new overlay: the frozen layer of a
-//! snapshot). Writes held for lack of host space are requests not answered: the worker then
-//! refuses to park.
+//! Pausing a disk's worker (for a snapshot): the device asks; the worker stops taking chains
+//! from every queue, waits until each request in flight on any queue has completed and its
+//! used-ring entry is written ([`super::engine::Engine::settle`]), then parks, reports where
+//! each queue it serves stands, and runs image jobs for the VMM while parked (flush, or
+//! switching to a new overlay: the frozen layer of a snapshot). Writes held for lack of host
+//! space are requests not answered: the worker then refuses to park.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -18,8 +19,9 @@ pub type ImageJob = Box<dyn FnOnce(&mut Box<dyn DiskImage>) + Send>;
 #[derive(Default)]
 struct GateState {
     requested: bool,
-    /// Set by the worker once parked: where its queue stands (None: no activation).
-    parked: Option<Option<QueueProgress>>,
+    /// Set by the worker once parked: where each queue it serves stands (empty: no
+    /// activation).
+    parked: Option<Vec<QueueProgress>>,
     refused: Option<String>,
     jobs: VecDeque<ImageJob>,
     jobs_done: u64,
@@ -45,7 +47,7 @@ impl PauseGate {
         &self,
         wake: impl Fn(),
         wait: Duration,
-    ) -> Result<Option<QueueProgress>, PauseError> {
+    ) -> Result<Vec<QueueProgress>, PauseError> {
         {
             let mut g = self.lock();
             g.requested = true;
@@ -56,8 +58,8 @@ impl PauseGate {
         let deadline = Instant::now() + wait;
         let mut g = self.lock();
         loop {
-            if let Some(p) = g.parked {
-                return Ok(p);
+            if let Some(p) = &g.parked {
+                return Ok(p.clone());
             }
             if let Some(why) = g.refused.take() {
                 g.requested = false;
@@ -119,7 +121,7 @@ impl PauseGate {
     }
 
     /// Worker side: parks until released, running image jobs meanwhile.
-    pub fn park(&self, progress: Option<QueueProgress>, image: &mut Box<dyn DiskImage>) {
+    pub fn park(&self, progress: Vec<QueueProgress>, image: &mut Box<dyn DiskImage>) {
         let mut g = self.lock();
         if !g.requested {
             return;

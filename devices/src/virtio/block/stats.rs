@@ -2,6 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use block::{HostUsage, ReclaimStats};
 
@@ -28,9 +31,71 @@ pub struct BlockStats {
     pub dropped: AtomicU64,
     /// Requests held right now because the host file system is full (`werror=enospc`).
     pub held: AtomicU64,
+    /// Requests started and not yet answered right now.
+    pub in_flight: AtomicU64,
     /// Times the device started holding writes for lack of host space.
     pub no_space_pauses: AtomicU64,
     image: Mutex<(ReclaimStats, HostUsage)>,
+    queue: Mutex<Option<QueueSnapshot>>,
+}
+
+/// The device side of a queue as the worker last left it, for the queue-state report
+/// (SIGUSR1, `--stats-interval`): with the ring addresses, the report reads the guest's
+/// side (available index, used_event) and the device's (used index, avail_event) live.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueSnapshot {
+    pub size: u16,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub event_idx: bool,
+    /// The device's next available index to pop, and next used index to fill.
+    pub next_avail: u16,
+    pub next_used: u16,
+    /// Requests started and not answered; of the pipeline's, waiting for an earlier one.
+    pub in_flight: usize,
+    pub waiting: usize,
+    pub held: usize,
+    pub interrupt_status: u32,
+    pub interrupts: u64,
+    pub suppressed: u64,
+    pub last_notify: Option<Instant>,
+    pub last_completion: Option<Instant>,
+    pub aio: &'static str,
+}
+
+impl QueueSnapshot {
+    /// One line: the snapshot, with the ring indices read from guest memory now.
+    pub fn describe(&self, mem: &GuestMemoryMmap) -> String {
+        let n = u64::from(self.size);
+        let read = |addr: u64| -> String {
+            mem.read_obj::<u16>(GuestAddress(addr))
+                .map(|v| u16::from_le(v).to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        let ago = |t: Option<Instant>| match t {
+            Some(t) => format!("{:.3} s ago", t.elapsed().as_secs_f64()),
+            None => "never".into(),
+        };
+        format!(
+            "avail idx {} (device at {}), used idx {} (device at {}), used_event {}, avail_event {}{}, in flight {} (waiting {}, held {}), interrupt status {:#x}, interrupts {} (+{} suppressed), last notification {}, last completion {}, aio {}",
+            read(self.avail_ring + 2),
+            self.next_avail,
+            read(self.used_ring + 2),
+            self.next_used,
+            read(self.avail_ring + 4 + 2 * n),
+            read(self.used_ring + 4 + 8 * n),
+            if self.event_idx { "" } else { " (EVENT_IDX off)" },
+            self.in_flight,
+            self.waiting,
+            self.held,
+            self.interrupt_status,
+            self.interrupts,
+            self.suppressed,
+            ago(self.last_notify),
+            ago(self.last_completion),
+            self.aio,
+        )
+    }
 }
 
 /// A consistent copy of the statistics.
@@ -51,6 +116,7 @@ pub struct StatsSnapshot {
     pub unsupported: u64,
     pub dropped: u64,
     pub held: u64,
+    pub in_flight: u64,
     pub no_space_pauses: u64,
     pub reclaim: ReclaimStats,
     pub usage: HostUsage,
@@ -66,6 +132,22 @@ impl BlockStats {
         match self.image.lock() {
             Ok(mut g) => *g = (reclaim, usage),
             Err(p) => *p.into_inner() = (reclaim, usage),
+        }
+    }
+
+    /// Records the queue's state (the worker, after each pass and completion).
+    pub fn set_queue(&self, q: Option<QueueSnapshot>) {
+        match self.queue.lock() {
+            Ok(mut g) => *g = q,
+            Err(p) => *p.into_inner() = q,
+        }
+    }
+
+    /// The queue's state as last recorded (`None`: not active).
+    pub fn queue(&self) -> Option<QueueSnapshot> {
+        match self.queue.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
         }
     }
 
@@ -91,6 +173,7 @@ impl BlockStats {
             unsupported: l(&self.unsupported),
             dropped: l(&self.dropped),
             held: l(&self.held),
+            in_flight: l(&self.in_flight),
             no_space_pauses: l(&self.no_space_pauses),
             reclaim,
             usage,

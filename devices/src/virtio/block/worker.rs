@@ -1,9 +1,11 @@
 //! The per-disk worker thread: block I/O runs here, off the vCPU threads. The thread lives
 //! as long as the device (so it can be confined by its own seccomp filter from the start)
 //! and owns the image. While an activation lasts it sleeps on the queue's notification
-//! eventfd (an ioeventfd KVM signals directly), serves the queue in bounded passes
-//! ([`Engine::pass`]), retries writes held for lack of host space, and lets the image finish
-//! deferred work (committing freed clusters, shrinking the file) once the guest goes quiet.
+//! eventfd (an ioeventfd KVM signals directly) and the I/O engine's completion eventfd,
+//! serves the queue in bounded passes ([`Engine::pass`]) that start requests, answers each
+//! request when its I/O completes ([`Engine::complete`]), retries writes held for lack of
+//! host space, and lets the image finish deferred work (committing freed clusters,
+//! shrinking the file) once the guest goes quiet and nothing is in flight.
 //!
 //! An activation ends as soon as the device moves the shared epoch past it (reset,
 //! shutdown): the worker looks at the epoch between passes, between requests and between
@@ -50,8 +52,9 @@ pub enum Command {
 /// What the worker needs to serve a queue.
 pub struct Activation {
     pub epoch: u64,
-    pub queue: Queue,
-    pub notify: EventFd,
+    /// The queues the driver made ready, with their notification eventfds.
+    pub queues: Vec<Queue>,
+    pub notify: Vec<EventFd>,
     pub mem: GuestMemoryMmap,
     pub interrupt: Arc<Interrupt>,
 }
@@ -59,7 +62,7 @@ pub struct Activation {
 /// An activation is over: the worker no longer touches its queue or guest memory.
 pub struct Ended {
     pub epoch: u64,
-    pub notify: EventFd,
+    pub notify: Vec<EventFd>,
 }
 
 /// The worker: owns the image (in its engine) for the device's whole life.
@@ -84,7 +87,10 @@ impl Worker {
                     self.idle();
                 }
                 Command::Shutdown => break,
-                Command::Pause => self.control.pause.park(None, &mut self.engine.disk.image),
+                Command::Pause => self
+                    .control
+                    .pause
+                    .park(Vec::new(), &mut self.engine.disk.image),
             }
         }
         if let Err(e) = self.engine.disk.image.flush() {
@@ -99,53 +105,69 @@ impl Worker {
         let epoch = a.epoch;
         let stop = move || control.epoch.load(Ordering::Acquire) != epoch;
         // Chains the driver queued before DRIVER_OK are served at once.
-        let mut more = true;
+        let nq = a.queues.len();
+        let mut more = vec![true; nq];
         let mut idle_pending = false;
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq + 2);
         loop {
             if stop() {
                 return;
             }
             if self.control.pause.requested() {
+                // Nothing new is taken from any queue; what is in flight completes first.
+                if self.engine.held() == 0 && self.engine.in_flight() > 0 {
+                    self.engine
+                        .settle(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                    if stop() {
+                        return;
+                    }
+                }
                 if self.engine.held() > 0 {
                     self.control
                         .pause
                         .refuse(format!("{} writes wait for host space", self.engine.held()));
+                } else if self.engine.in_flight() > 0 {
+                    self.control.pause.refuse(format!(
+                        "{} requests did not complete",
+                        self.engine.in_flight()
+                    ));
                 } else {
-                    let at = QueueProgress {
-                        next_avail: virtio_queue::QueueT::next_avail(&a.queue),
-                        next_used: virtio_queue::QueueT::next_used(&a.queue),
-                    };
-                    self.control
-                        .pause
-                        .park(Some(at), &mut self.engine.disk.image);
-                    // Chains the driver queued meanwhile.
-                    more = true;
+                    let at = a
+                        .queues
+                        .iter()
+                        .map(|q| QueueProgress {
+                            next_avail: virtio_queue::QueueT::next_avail(q),
+                            next_used: virtio_queue::QueueT::next_used(q),
+                        })
+                        .collect();
+                    self.control.pause.park(at, &mut self.engine.disk.image);
+                    // Chains the driver queued meanwhile, on any queue.
+                    more.iter_mut().for_each(|m| *m = true);
+                    continue;
                 }
             }
             let now = Instant::now();
-            let timeout = if more {
+            let timeout = if more.iter().any(|&m| m) {
                 0
             } else if let Some(d) = self.engine.retry_in(now) {
                 i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1)
-            } else if idle_pending {
+            } else if idle_pending && self.engine.in_flight() == 0 {
                 IDLE_MS
             } else {
                 -1
             };
-            let mut fds = [
-                libc::pollfd {
-                    fd: a.notify.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.control.wake.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid array of two pollfd structs.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+            let pollfd = |fd: i32| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            fds.clear();
+            fds.extend(a.notify.iter().map(|e| pollfd(e.as_raw_fd())));
+            fds.push(pollfd(self.control.wake.as_raw_fd()));
+            // (A negative fd is ignored by poll.)
+            fds.push(pollfd(self.engine.notifier().unwrap_or(-1)));
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                     continue;
@@ -153,32 +175,53 @@ impl Worker {
                 tracing::error!("virtio-blk worker: poll failed; stopping");
                 return;
             }
-            if fds[1].revents != 0 {
+            if fds[nq].revents != 0 {
                 let _ = self.control.wake.read();
                 continue;
             }
-            if fds[0].revents != 0 {
-                let _ = a.notify.read();
-                more = true;
+            for ((fd, notify), m) in fds.iter().zip(&a.notify).zip(more.iter_mut()) {
+                if fd.revents != 0 {
+                    let _ = notify.read();
+                    *m = true;
+                }
+            }
+            if fds[nq + 1].revents != 0 {
+                // Data I/O finished: answer what completed (room in the queues again).
+                let answered = self
+                    .engine
+                    .complete(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                if answered > 0 {
+                    more.iter_mut().for_each(|m| *m = true);
+                }
+                idle_pending = true;
             }
             if self
                 .engine
                 .retry_in(Instant::now())
                 .is_some_and(|d| d.is_zero())
             {
-                let answered = self
-                    .engine
-                    .retry_held(&mut a.queue, &a.mem, &a.interrupt, &stop);
-                // Room in the queue again: chains the driver queued meanwhile (perhaps
-                // without notifying, while held writes filled the queue) get a pass.
-                more |= answered > 0;
+                let answered =
+                    self.engine
+                        .retry_held_queues(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                // Room in the queues again: chains the driver queued meanwhile (perhaps
+                // without notifying, while held writes filled a queue) get a pass.
+                if answered > 0 {
+                    more.iter_mut().for_each(|m| *m = true);
+                }
                 idle_pending = true;
             }
-            if more {
-                let r = self.engine.pass(&mut a.queue, &a.mem, &a.interrupt, &stop);
-                more = r.more && !r.stopped;
-                idle_pending = true;
-            } else if n == 0 && idle_pending {
+            let mut passed = false;
+            for (i, m) in more.iter_mut().enumerate() {
+                if *m {
+                    let r = self
+                        .engine
+                        .pass_queue(&mut a.queues, i, &a.mem, &a.interrupt, &stop);
+                    *m = r.more && !r.stopped;
+                    idle_pending = true;
+                    passed = true;
+                }
+            }
+            if !passed && n == 0 && idle_pending && self.engine.in_flight() == 0 {
                 self.idle();
                 idle_pending = false;
             }
