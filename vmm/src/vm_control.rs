@@ -202,7 +202,7 @@ impl VmControl {
                     layer_name(d.slot)
                 },
                 in_snapshot: !d.config.read_only,
-                options: disks::options(&d.config, d.format),
+                options: disks::options(&d.config, d.format, t.queues.len()),
                 transport: t,
             });
         }

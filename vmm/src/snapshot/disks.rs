@@ -16,8 +16,10 @@ use crate::disks::DiskHandle;
 
 /// `--disk` options of a disk, without its path (what a restored VM opens it with). The
 /// format is always given (never probed): a writable disk's frozen layer and every clone
-/// overlay over it are qcow2 images that name their backing file.
-pub fn options(d: &DiskConfig, format: ImageFormat) -> String {
+/// overlay over it are qcow2 images that name their backing file. The number of queues is
+/// the one the device offered (`queues`; the default depends on the vCPUs), so the clone's
+/// transport has every queue the state holds; `aio=` only when it was chosen.
+pub fn options(d: &DiskConfig, format: ImageFormat, queues: usize) -> String {
     let mut o = vec![
         format!("format={}", format.name()),
         format!("readonly={}", if d.read_only { "on" } else { "off" }),
@@ -45,6 +47,10 @@ pub fn options(d: &DiskConfig, format: ImageFormat) -> String {
             }
         ),
     ];
+    o.push(format!("num-queues={queues}"));
+    if let Some(aio) = d.aio {
+        o.push(format!("aio={}", aio.name()));
+    }
     if let Some(s) = &d.serial {
         o.push(format!("serial={s}"));
     }
@@ -202,5 +208,29 @@ pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
 pub fn abandon(f: &Frozen) {
     if let Frozen::Copied { layer } = f {
         let _ = std::fs::remove_file(layer);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_options_reopen_the_disk_with_the_queues_and_engine_it_had() {
+        // No num-queues given: the device had one per vCPU; the clone gets that many.
+        let d = crate::config::parse_disk("path=a,format=qcow2,aio=sync").unwrap();
+        let o = options(&d, ImageFormat::Qcow2, 3);
+        let back = crate::config::parse_disk(&format!("path=b,{o}")).unwrap();
+        assert_eq!(back.num_queues, Some(3));
+        assert_eq!(back.aio, Some(block::engine::Aio::Sync));
+        assert_eq!(back.format, Some(ImageFormat::Qcow2));
+        // No aio= chosen: the clone picks its host's default.
+        let d = crate::config::parse_disk("path=a").unwrap();
+        let back =
+            crate::config::parse_disk(&format!("path=b,{}", options(&d, ImageFormat::Raw, 1)))
+                .unwrap();
+        assert_eq!(back.aio, None);
+        assert_eq!(back.num_queues, Some(1));
     }
 }
