@@ -47,30 +47,8 @@ pub struct Guest {
 
 /// Builds (or finds in the cache) the default guest; progress goes to stderr.
 pub fn build_guest() -> Result<Guest> {
-    let script = images_dir().join("build-guest");
-    let out = Command::new(&script)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|source| RigError::Spawn {
-            what: script.display().to_string(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(RigError::Failed {
-            what: "guest-images/build-guest".into(),
-            detail: format!("exit status {}", out.status),
-        });
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let get = |k: &str| -> Result<PathBuf> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .map(PathBuf::from)
-            .ok_or_else(|| RigError::Failed {
-                what: "guest-images/build-guest".into(),
-                detail: format!("no {k} in its output"),
-            })
-    };
+    let text = build_script("build-guest")?;
+    let get = |k: &str| output_value(&text, "build-guest", k).map(PathBuf::from);
     Ok(Guest {
         bzimage: get("KERNEL_BZIMAGE")?,
         vmlinux: get("KERNEL_VMLINUX")?,

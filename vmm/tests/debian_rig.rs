@@ -8,44 +8,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 
 fn debian() -> guest_rig::DebianGuest {
     guest_rig::build_debian().expect("building the Debian guest (guest-images/build-debian)")
-}
-
-/// Runs a bash script where Linux can run; returns its stdout (asserting success).
-fn linux(script: &str, timeout: u64) -> String {
-    let out = guest_rig::run_linux_capable(script, timeout).unwrap();
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "script failed ({}):\n{script}\n--- stdout\n{stdout}\n--- stderr\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    stdout
-}
-
-/// The fields of every line starting with `prefix`.
-fn fields(out: &str, prefix: &str) -> Vec<HashMap<String, String>> {
-    out.lines()
-        .filter_map(|l| l.trim_end().strip_prefix(prefix))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
-}
-
-fn num(m: &HashMap<String, String>, k: &str) -> u64 {
-    m.get(k)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {k} in {m:?}"))
 }
 
 /// Boots the guest with `disks` (extra `--disk` options) and `workload`, the root disk a

@@ -6,46 +6,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 
 fn guest() -> guest_rig::Guest {
     guest_rig::build_guest().expect("building the default guest (guest-images/build-guest)")
-}
-
-/// Runs a bash script where Linux can run; returns its stdout (asserting success).
-fn linux(script: &str, timeout: u64) -> String {
-    let out = guest_rig::run_linux_capable(script, timeout).unwrap();
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "script failed ({}):\n{script}\n--- stdout\n{stdout}\n--- stderr\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-    stdout
-}
-
-/// `KEY a=1 b=2` lines -> map of the first such line's fields.
-fn fields(out: &str, prefix: &str) -> Vec<HashMap<String, String>> {
-    out.lines()
-        .filter_map(|l| l.trim_end().strip_prefix(prefix))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
-}
-
-fn num(m: &HashMap<String, String>, k: &str) -> u64 {
-    m.get(k)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {k} in {m:?}"))
 }
 
 #[test]

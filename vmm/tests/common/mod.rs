@@ -2,6 +2,7 @@
 //! and KVM availability (tests skip with a visible message where /dev/kvm is missing).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -146,4 +147,36 @@ impl Drop for QemuNbd {
         // SAFETY: signalling the qemu-nbd daemon the test started.
         unsafe { libc::kill(self.0, libc::SIGTERM) };
     }
+}
+
+/// Runs a bash script where Linux can run; returns its stdout (asserting success).
+pub fn linux(script: &str, timeout: u64) -> String {
+    let out = guest_rig::run_linux_capable(script, timeout).unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "script failed ({}):\n{script}\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    stdout
+}
+
+/// The fields (`key=value`) of every line starting with `prefix`.
+pub fn fields(out: &str, prefix: &str) -> Vec<HashMap<String, String>> {
+    out.lines()
+        .filter_map(|l| l.trim_end().strip_prefix(prefix))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+pub fn num(m: &HashMap<String, String>, k: &str) -> u64 {
+    m.get(k)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {k} in {m:?}"))
 }
