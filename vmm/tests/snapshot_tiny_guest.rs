@@ -161,6 +161,53 @@ fn a_clone_goes_on_where_the_snapshot_was_taken() {
     }
 }
 
+/// A clone has the snapshot's debug-exit device: the counting guest writes 3 to port 0x501
+/// at its last count, and the original and its clone both end with (3 << 1) | 1 = 7 (a clone
+/// without the device would go on to the guest's reset and exit 0).
+#[test]
+fn a_clone_keeps_the_debug_exit_device() {
+    if !kvm_or_skip("a_clone_keeps_the_debug_exit_device") {
+        return;
+    }
+    let dir = TempDir::new("snapexit");
+    let api = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let (orig_log, clone_log) = (dir.join("orig.txt"), dir.join("clone.txt"));
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        &counter(),
+        "--cmdline",
+        "every=2 limit=40 exitval=3",
+        "--debug-exit",
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", orig_log.display()),
+    ]);
+    wait_count(&orig_log, 5, &mut vm);
+    let (code, out, err) = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out} {err}");
+    let status = vm.wait_with_output().unwrap();
+    assert_eq!(status.status.code(), Some(7), "{}", text(&status.stderr));
+    let clone = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", clone_log.display()),
+    ])
+    .wait_with_output()
+    .unwrap();
+    let log = std::fs::read_to_string(&clone_log).unwrap_or_default();
+    assert!(log.contains("COUNTER-EXIT"), "{log}");
+    assert_eq!(
+        clone.status.code(),
+        Some(7),
+        "{}\n{log}",
+        text(&clone.stderr)
+    );
+}
+
 #[test]
 fn pause_and_resume_stop_and_restart_the_guest() {
     if !kvm_or_skip("pause_and_resume_stop_and_restart_the_guest") {

@@ -9,7 +9,8 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,27 @@ pub fn save(vcpu: &VcpuFd, id: u32, msr_list: &[u32]) -> Result<VcpuState, Strin
     })
 }
 
+/// A 64-bit TSS descriptor type: available and busy.
+const TSS64_AVAILABLE: u8 = 9;
+const TSS64_BUSY: u8 = 11;
+
+/// The task register as it is restored. KVM on AMD reports TR as busy (type 11, what a CPU's
+/// `ltr` leaves in the descriptor); an AMD CPU ignores the type once TR is loaded (VMRUN does
+/// not check it, 64-bit mode has no task switches), but an emulated SVM CPU (QEMU's TCG, the
+/// test rig) keeps `ltr`'s type 9 and refuses user-space port I/O through the TSS I/O bitmap
+/// (`ioperm`) when TR says 11, so a restored guest's `ioperm` users would fault. On AMD, TR
+/// goes back as type 9; on Intel it stays 11 (VM entry requires a busy TSS there).
+fn restored_tr(tr: kvm_segment, amd: bool) -> kvm_segment {
+    if amd && tr.type_ == TSS64_BUSY {
+        kvm_segment {
+            type_: TSS64_AVAILABLE,
+            ..tr
+        }
+    } else {
+        tr
+    }
+}
+
 /// Restores a saved state into a fresh vCPU (created, nothing set yet).
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     let e = |what: &str| {
@@ -165,7 +187,12 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     vcpu.set_mp_state(s.mp_state)
         .map_err(e("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&s.regs).map_err(e("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&s.sregs).map_err(e("KVM_SET_SREGS"))?;
+    let amd = super::state::CpuModel::host().vendor == "AuthenticAMD";
+    let sregs = kvm_sregs {
+        tr: restored_tr(s.sregs.tr, amd),
+        ..s.sregs
+    };
+    vcpu.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
     // SAFETY: the xsave area comes from KVM_GET_XSAVE of the same CPU model (checked before
     // restoring anything) and has the size KVM_SET_XSAVE reads.
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
@@ -197,4 +224,30 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     // Tell a kvmclock guest it was stopped (no soft-lockup warnings); others refuse: fine.
     let _ = vcpu.kvmclock_ctrl();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_tss_is_restored_as_available_on_amd_only() {
+        let busy = kvm_segment {
+            base: 0xffff_fe00_0000_3000,
+            limit: 0x4087,
+            selector: 0x40,
+            type_: TSS64_BUSY,
+            present: 1,
+            ..Default::default()
+        };
+        let amd = restored_tr(busy, true);
+        assert_eq!(amd.type_, TSS64_AVAILABLE);
+        assert_eq!(
+            (amd.base, amd.limit, amd.selector, amd.present),
+            (busy.base, 0x4087, 0x40, 1)
+        );
+        assert_eq!(restored_tr(busy, false).type_, TSS64_BUSY);
+        let other = kvm_segment { type_: 3, ..busy };
+        assert_eq!(restored_tr(other, true).type_, 3);
+    }
 }

@@ -1,7 +1,8 @@
 /* thinvm's tiny counting guest, for snapshot tests: a periodic LAPIC timer interrupt drives a
    counter; every `every=` ticks (default 20) it prints "COUNT n mem m" where m is a checksum
    over a 1 MiB buffer the guest rewrites as it counts (so a restored clone proves its memory
-   and registers came back). It stops (reset) at `limit=` lines (default 1000000). */
+   and registers came back). It stops at `limit=` lines (default 1000000): with `exitval=V`
+   by writing V to the debug-exit port 0x501, else by a reset. */
 #include "guest.h"
 
 struct idt_gate {
@@ -42,6 +43,7 @@ void guest_main(const u8 *boot_params) {
     const char *cmdline = boot_cmdline(boot_params);
     u64 every = param_u64(cmdline, "every=", 20);
     u64 limit = param_u64(cmdline, "limit=", 1000000);
+    u64 exitval = param_u64(cmdline, "exitval=", 1000);
     puts_serial("thinvm-counter-guest: start\n");
     set_gate(0x40, timer_isr);
     struct idt_ptr p = { sizeof(idt) - 1, (u64)idt };
@@ -67,6 +69,10 @@ void guest_main(const u8 *boot_params) {
         puts_serial(" mem ");
         put_dec(sum);
         puts_serial("\n");
+    }
+    if (exitval < 256) {
+        puts_serial("COUNTER-EXIT\n");
+        outb(0x501, (u8)exitval);
     }
     request_reset();
 }
