@@ -19,6 +19,8 @@ use crate::lifecycle::{ExitReason, ExitState};
 
 /// How long to wait between attempts while the agent is not up yet.
 const RETRY: Duration = Duration::from_millis(50);
+/// How many connections may end before the agent's hello (about 10 s of retries).
+const HELLO_ATTEMPTS: u32 = 200;
 /// How long one attempt waits for the device's answer to `CONNECT` (no answer while the
 /// guest's vsock driver is not up).
 const ANSWER_WAIT: Duration = Duration::from_secs(2);
@@ -95,18 +97,44 @@ impl ExecClient {
     }
 
     fn run(self, give_writer: std::sync::mpsc::Sender<UnixStream>) {
+        let mut closed_before_hello = 0;
         let mut stream = loop {
             if self.exit.get().is_some() {
                 return;
             }
-            if let Some(s) = connect(&self.uds) {
-                break s;
+            let Some(mut s) = connect(&self.uds) else {
+                std::thread::sleep(RETRY);
+                continue;
+            };
+            // Nothing was sent yet, so a connection that ends before the agent's hello is
+            // tried again: a restored guest resets the vsock connections it had (the
+            // device's transport-reset event), which can take a new one that raced it.
+            match read_frame(&mut s) {
+                Ok(Some(hello)) => match check_hello(&hello) {
+                    Ok(()) => break s,
+                    Err(e) => {
+                        self.exit
+                            .set(ExitReason::CommandNotStarted(format!("the agent: {e}")));
+                        return;
+                    }
+                },
+                Ok(None) | Err(_) if closed_before_hello < HELLO_ATTEMPTS => {
+                    closed_before_hello += 1;
+                    tracing::debug!("--exec: the agent's connection ended before its hello; again");
+                    std::thread::sleep(RETRY);
+                }
+                Ok(None) | Err(_) => {
+                    self.exit.set(ExitReason::AgentLost(format!(
+                        "{HELLO_ATTEMPTS} connections ended before the agent's hello"
+                    )));
+                    return;
+                }
             }
-            std::thread::sleep(RETRY);
         };
         if let Err(e) = self.talk(&mut stream, give_writer) {
-            // The guest went away (it ended, or its agent died): the VM's end says why.
-            tracing::warn!("--exec: {e}");
+            // The command was sent: its status is lost (the agent died, or the guest's vsock
+            // connection was reset); if the VM ended, its own reason was set first and wins.
+            self.exit.set(ExitReason::AgentLost(e));
         }
     }
 
@@ -116,10 +144,6 @@ impl ExecClient {
         give_writer: std::sync::mpsc::Sender<UnixStream>,
     ) -> std::result::Result<(), String> {
         let err = |e: thinvm_agent::protocol::ProtocolError| e.to_string();
-        let hello = read_frame(s)
-            .map_err(err)?
-            .ok_or("the agent closed the connection")?;
-        check_hello(&hello).map_err(err)?;
         write_frame(s, Kind::Exec, self.command.as_bytes()).map_err(err)?;
         if self.forward_stdin {
             let w = s.try_clone().map_err(|e| e.to_string())?;

@@ -10,7 +10,7 @@
 //!   QEMU's isa-debug-exit semantics);
 //! * with `--exec`: the command's status (128 + N when a signal N killed it); 126 the agent
 //!   could not start it; 124 `--timeout` ran out (also without `--exec`); 125 the VM ended
-//!   (any other way) before the command's status came back.
+//!   (any other way) before the command's status came back, or the agent's connection did.
 
 use std::sync::Mutex;
 
@@ -45,6 +45,9 @@ pub enum ExitReason {
     CommandExited(u8),
     /// `--exec`: the guest's agent could not start the command.
     CommandNotStarted(String),
+    /// `--exec`: the agent's connection ended without the command's status (or never said
+    /// hello); the VM was stopped.
+    AgentLost(String),
     /// `--timeout` ran out.
     Timeout(u64),
 }
@@ -66,6 +69,7 @@ impl ExitReason {
             ExitReason::DebugExit(v) => devices::legacy::DebugExit::exit_status(*v),
             ExitReason::CommandExited(c) => *c,
             ExitReason::CommandNotStarted(_) => 126,
+            ExitReason::AgentLost(_) => EXEC_VM_ENDED,
             ExitReason::Timeout(_) => 124,
         }
     }
@@ -114,6 +118,9 @@ impl ExitReason {
             ExitReason::CommandExited(c) => format!("the command exited with status {c}"),
             ExitReason::CommandNotStarted(m) => {
                 format!("the guest's agent could not run the command: {m}")
+            }
+            ExitReason::AgentLost(m) => {
+                format!("--exec: lost the guest's agent before the command's status: {m}")
             }
             ExitReason::Timeout(s) => format!("stopped: --timeout of {s} s ran out"),
             ExitReason::Signal(s) => format!(

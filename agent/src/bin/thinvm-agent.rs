@@ -73,6 +73,14 @@ fn listen(port: u32) -> Result<vsock::Listener, String> {
     Err(format!("cannot listen on vsock port {port}: {last}"))
 }
 
+/// Whether `accept` may work again after this error (everything but a broken listener).
+fn accept_error_is_transient(e: &std::io::Error) -> bool {
+    !matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
+    )
+}
+
 fn serve(port: u32) -> Result<(), String> {
     let l = listen(port)?;
     loop {
@@ -83,6 +91,13 @@ fn serve(port: u32) -> Result<(), String> {
                         eprintln!("thinvm-agent: {e}");
                     }
                 });
+            }
+            // A connection that ended while it waited (ECONNRESET: the host's VMM reset the
+            // guest's vsock connections, as a restored clone's device does) or a short lack of
+            // resources is that connection's problem, not the listener's: go on serving.
+            Err(e) if accept_error_is_transient(&e) => {
+                eprintln!("thinvm-agent: accept: {e} (still listening)");
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => return Err(format!("accept: {e}")),
         }
