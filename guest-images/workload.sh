@@ -5,8 +5,8 @@
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
 #       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
 #       | agent (serve the test agent until the VM is stopped) | count[:SECS] (THINVM-COUNT n
-#       lines forever) | writes:N (N synced 1 MiB files, each announced, then all checked)
-#       | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server) |
+#       lines forever) | writes:N[:PAUSE] (N synced 1 MiB files, each announced, PAUSE
+#       seconds apart, then all checked) | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server) |
 #       raw-header | sector0 | peek | crash:SEED | crash-verify   (guest-images/crash-trials)
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
@@ -32,7 +32,8 @@ finish() {
   status=$((failed > 127 ? 127 : failed))
   echo "THINVM-DONE status=$status"
   sleep 0.2
-  [ -n "$AGENT" ] && "$AGENT" debug-exit "$status" 2>/dev/null
+  # Without the device the agent says so (and fails): then the reset ends the VM.
+  [ -n "$AGENT" ] && "$AGENT" debug-exit "$status" 2>&1 | sed 's/^/THINVM-DEBUG-EXIT /'
   reboot -f
 }
 [ -n "$AGENT" ] && "$AGENT" serve &
@@ -188,25 +189,30 @@ ARGS
     printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
 }
 
-# N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, then all checked
-# against the chunk they were copied from (snapshots taken while it writes).
+# N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, PAUSE seconds apart
+# (default 0), then all checked against the chunk they were copied from (snapshots taken while
+# it writes: the pause keeps the writes going while a snapshot is taken on a fast host).
 step_writes() {
+  n=${1%%:*}
+  pause=${1#*:}
+  [ "$pause" = "$1" ] && pause=0
   chunk
   want=$(md5sum < /tmp/chunk | cut -c1-32)
   k=1
-  while [ "$k" -le "$1" ]; do
+  while [ "$k" -le "$n" ]; do
     cp /tmp/chunk "$DATA/w$k.bin" && sync || return 1
     echo "THINVM-IO $k" > /dev/console
+    sleep "$pause"
     k=$((k + 1))
   done
   bad=0
   k=1
-  while [ "$k" -le "$1" ]; do
+  while [ "$k" -le "$n" ]; do
     [ "$(md5sum < "$DATA/w$k.bin" | cut -c1-32)" = "$want" ] || bad=$((bad + 1))
     k=$((k + 1))
   done
   [ "$bad" = 0 ] && echo "THINVM-CHECK writes ok" || echo "THINVM-CHECK writes FAIL bad=$bad"
-  echo "files=$1"
+  echo "files=$n"
 }
 
 # crash:SEED (guest-images/crash-trials kills thinvm while this runs; it never ends by itself):
