@@ -139,7 +139,7 @@ impl HostFile {
 
     /// Locks the file (the image at `path`) with QEMU's lock bytes for `mode`, failing if
     /// another user's locks conflict ([`crate::lock`]). Held until the file is dropped.
-    pub fn lock(&mut self, path: &Path, mode: crate::lock::LockMode) -> crate::Result<()> {
+    pub fn lock(&mut self, path: &Path, mode: crate::lock::LockMode) -> crate::error::Result<()> {
         self.lock = Some(crate::lock::acquire(&self.file, path, mode)?);
         Ok(())
     }
@@ -258,7 +258,7 @@ impl HostFile {
         if self.direct && !direct_ready(bufs, offset) {
             let total = crate::iobuf::total_len(bufs) as usize;
             let mut bounce = vec![0u8; total];
-            crate::parallel::read_or_zeros(self, &mut bounce, offset)?;
+            self.read_or_zeros(&mut bounce, offset)?;
             crate::iobuf::copy_into(bufs, 0, &bounce);
             return Ok(());
         }
@@ -373,6 +373,98 @@ impl HostFile {
         Ok(done)
     }
 
+    /// Reads `buf.len()` bytes at `offset`; the part past the end of the file reads as zeros.
+    pub fn read_or_zeros(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset
+                .checked_add(done as u64)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            match self.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the host blocks of `len` bytes at `offset`, keeping the file's size
+    /// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): the range then reads as zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Allocates host blocks for `len` bytes at `offset`, extending the file if needed
+    /// (`fallocate` mode 0); the new range reads as zeros.
+    pub fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(0, offset, len)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros without releasing their blocks
+    /// (`fallocate(ZERO_RANGE)`).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+    }
+
+    /// The first offset at or after `offset` that holds data (`lseek(SEEK_DATA)`); `None`
+    /// when there is none (ENXIO).
+    pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(offset, libc::SEEK_DATA)
+    }
+
+    /// The first offset at or after `offset` that starts a hole (`lseek(SEEK_HOLE)`; the end
+    /// of the file counts as one); `None` past the end (ENXIO).
+    pub fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(offset, libc::SEEK_HOLE)
+    }
+
+    /// `fallocate(2)` on the file, retried on EINTR.
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        loop {
+            // SAFETY: fallocate only operates on the file descriptor, which `self` keeps open
+            // for the duration of the call; no memory is passed.
+            let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`; `None` when there is no such position
+    /// (ENXIO). Positioned I/O (pread/pwrite) does not use the file position it moves.
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek only operates on the descriptor kept open by `self`; no memory is
+        // passed.
+        let ret = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        // lseek returned a non-negative offset.
+        u64::try_from(ret)
+            .map(Some)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
     /// `fdatasync`.
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -392,6 +484,14 @@ impl HostFile {
     pub fn metadata(&self) -> io::Result<Metadata> {
         self.file.metadata()
     }
+}
+
+/// Whether an `fallocate` error means the file system does not support the operation.
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 impl AsRawFd for HostFile {

@@ -6,8 +6,12 @@
 
 use std::path::Path;
 
+use crate::disk::DiskImage;
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
+use crate::probe::probe_format;
 use crate::qcow2::Qcow2Image;
-use crate::{probe_format, DiskImage, Error, HostUsage, ImageFormat, Result};
+use crate::status::HostUsage;
 
 /// Format-specific details of a qcow2 image (what `qemu-img info` shows under
 /// "Format specific information").
@@ -59,7 +63,7 @@ pub fn info_shared(path: &Path, force_share: bool) -> Result<ImageInfo> {
         ImageFormat::Raw => {
             let img = crate::raw::RawImage::open_with_options(
                 path,
-                &crate::OpenOptions {
+                &crate::options::OpenOptions {
                     read_only: true,
                     force_share: true,
                     ..Default::default()
@@ -234,7 +238,7 @@ pub fn compact(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Compac
 }
 
 /// [`compact`] of an image whose format is given (`None`: probed, under
-/// [`crate::ProbePolicy::HostTool`]'s rules for a writable open).
+/// [`crate::probe::ProbePolicy::HostTool`]'s rules for a writable open).
 pub fn compact_with_format(
     path: &Path,
     format: Option<ImageFormat>,
@@ -252,10 +256,10 @@ pub fn compact_with_format(
     }
     let mut img = Qcow2Image::open_with_options(
         path,
-        &crate::OpenOptions {
+        &crate::options::OpenOptions {
             read_only: false,
             format,
-            probe: crate::ProbePolicy::HostTool,
+            probe: crate::probe::ProbePolicy::HostTool,
             ..Default::default()
         },
     )?;

@@ -33,7 +33,7 @@ impl IoBuf {
     /// # Safety
     /// `ptr..ptr + len` must be mapped memory that stays mapped (and, if the buffer is read
     /// into, writable) until every I/O the buffer is handed to has completed: for the
-    /// synchronous [`crate::DiskImage`] methods until they return, for a
+    /// synchronous [`crate::disk::DiskImage`] methods until they return, for a
     /// [`crate::pipeline::Pipeline`] until the request's completion has been reaped. Other
     /// threads (a guest's vCPUs) may read and write the memory meanwhile; the caller holds
     /// no Rust reference to it while the crate writes into it.

@@ -96,7 +96,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// QEMU's block permission bits (include/block/block-common.h); bit `i` owns lock bytes
 /// `100 + i` and `200 + i`.

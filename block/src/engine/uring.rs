@@ -11,7 +11,8 @@ use std::os::unix::io::RawFd;
 use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 
-use super::{drain_eventfd, new_eventfd, run_sync, signal, Aio, Completion, DataOp, Engine};
+use super::api::{run_sync, Aio, Completion, DataOp, Engine};
+use super::eventfd::{drain_eventfd, new_eventfd, signal};
 use crate::host_file::DIRECT_ALIGN;
 
 /// Submission queue entries of a ring (the completion queue has twice as many; the kernel

@@ -8,8 +8,10 @@ use super::{
     Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
     RESERVED_HIGH,
 };
+use crate::error::{Error, Result};
+use crate::status::MapExtent;
 use crate::zero::is_zero;
-use crate::{DetectZeroes, Error, MapExtent, Result};
+use crate::zero::DetectZeroes;
 
 /// How one guest cluster is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use super::{
     Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
     RESERVED_HIGH,
 };
+use crate::error::{Error, Result};
 use crate::zero::is_zero;
-use crate::{Error, Result};
 
 /// What a compaction did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use super::header::{self, CompressionType, Header};
 use super::refcount::set_entry;
-use crate::{Error, ImageFormat, Result};
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 
 /// qcow2 format versions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -106,12 +107,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         let bpath = super::resolve_backing_path(path, name);
         // A probed format is recorded, and so trusted from then on: the probe follows the
         // guest's rules (a probed qcow2 naming another file is refused, see `probe`).
-        let img = crate::open(
+        let img = crate::open::open(
             &bpath,
-            &crate::OpenOptions {
+            &crate::options::OpenOptions {
                 read_only: true,
                 format: backing_format,
-                probe: crate::ProbePolicy::Guest,
+                probe: crate::probe::ProbePolicy::Guest,
                 // Only its size is read, as `qemu-img create` does (which force-shares).
                 force_share: true,
                 ..Default::default()

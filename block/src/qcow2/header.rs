@@ -1,7 +1,8 @@
 //! The qcow2 header: parsing with validation, serialisation, header extensions and feature
 //! bits (QEMU's `docs/interop/qcow2.rst`).
 
-use crate::{Error, ImageFormat, Result};
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 
 use super::MAGIC;
 

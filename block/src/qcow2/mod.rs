@@ -32,13 +32,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::Chain;
+use crate::disk::DiskImage;
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 use crate::host_file::HostFile;
 use crate::iobuf::IoBuf;
 use crate::plan::Plan;
 use crate::probe::Probed;
-use crate::{
-    DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats, Result,
-};
+use crate::status::{HostUsage, MapExtent, ReclaimStats};
+use crate::zero::DetectZeroes;
 use cache::TableCache;
 use free_map::FreeMap;
 use header::{incompat, Header};
@@ -140,7 +142,7 @@ pub struct Qcow2Image {
 
 impl Qcow2Image {
     /// Opens a qcow2 image (and its backing chain, read-only). Backing files whose format
-    /// is not recorded are held to [`crate::ProbePolicy::Guest`]'s rules.
+    /// is not recorded are held to [`crate::probe::ProbePolicy::Guest`]'s rules.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
         Self::open_with(path, read_only, OpenFlags::default())
     }
@@ -148,7 +150,7 @@ impl Qcow2Image {
     /// Opens a qcow2 image with the read-only, direct-I/O and probing settings of `opts`.
     /// `opts.format` `None` means the caller found the format by probing: the image is then
     /// held to `opts.probe`'s rules (see [`crate::probe`]).
-    pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+    pub fn open_with_options(path: &Path, opts: &crate::options::OpenOptions) -> Result<Self> {
         if opts.format == Some(ImageFormat::Raw) {
             return Err(Error::InvalidArgument(format!(
                 "{} was given as raw, not qcow2",
@@ -684,7 +686,8 @@ impl TableReader {
 
 /// Reads `buf.len()` bytes at `offset`; bytes beyond the end of the file read as zeros.
 pub(crate) fn read_exact_or_eof(file: &HostFile, buf: &mut [u8], offset: u64) -> Result<()> {
-    crate::parallel::read_or_zeros(file, buf, offset).map_err(|e| Error::io("read qcow2 image", e))
+    file.read_or_zeros(buf, offset)
+        .map_err(|e| Error::io("read qcow2 image", e))
 }
 
 /// Resolves a backing file name relative to the overlay's directory.
@@ -776,7 +779,7 @@ impl DiskImage for Qcow2Image {
     }
 
     fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
-        crate::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
+        crate::disk::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
         let mut plan = Plan::default();
         self.plan_read_into(offset, bufs, &mut plan, 0)?;
         Ok(plan)
@@ -784,7 +787,7 @@ impl DiskImage for Qcow2Image {
 
     fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan> {
         self.check_writable()?;
-        crate::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
+        crate::disk::check_range(offset, crate::iobuf::total_len(bufs), self.header.size)?;
         let r = self.plan_write_inner(offset, bufs);
         match r {
             Ok(plan) => Ok(plan),
@@ -826,21 +829,21 @@ impl DiskImage for Qcow2Image {
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
-        crate::check_range(offset, len, self.header.size)?;
+        crate::disk::check_range(offset, len, self.header.size)?;
         let r = self.zero_guest(offset, len, may_unmap, refcount::FreeReason::WriteZeroes);
         self.after_request(r)
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
-        crate::check_range(offset, len, self.header.size)?;
+        crate::disk::check_range(offset, len, self.header.size)?;
         // A discarded range reads as zeros afterwards, never as the backing file's data.
         let r = self.zero_guest(offset, len, true, refcount::FreeReason::Discard);
         self.after_request(r)
     }
 
     fn block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent> {
-        crate::check_range(offset, max_len, self.header.size)?;
+        crate::disk::check_range(offset, max_len, self.header.size)?;
         self.guest_block_status(offset, max_len)
     }
 

@@ -25,10 +25,11 @@ use super::cluster::{Mapping, MAX_RUN};
 use super::refcount::FreeReason;
 use super::{Qcow2Image, OFLAG_COPIED};
 use crate::engine::DataOp;
+use crate::error::{Error, Result};
 use crate::host_file::AlignedBuf;
 use crate::iobuf::{self, IoBuf};
 use crate::plan::{Action, Plan};
-use crate::{DetectZeroes, Error, Result};
+use crate::zero::DetectZeroes;
 
 /// Stage of a plan's copy-on-write reads (and of plain reads and in-place writes).
 const READ_STAGE: usize = 0;
@@ -324,10 +325,10 @@ impl Qcow2Image {
             return;
         }
         let want = len.max(PREALLOC_CHUNK);
-        match crate::raw::fallocate(&self.file, 0, host, want) {
+        match self.file.preallocate(host, want) {
             Ok(()) => self.file_len = self.file_len.max(host + want),
             Err(e) => {
-                if crate::raw::is_unsupported(&e) {
+                if crate::host_file::is_unsupported(&e) {
                     self.prealloc_supported = false;
                 }
                 // Otherwise (e.g. ENOSPC): the writes report what is wrong.

@@ -12,8 +12,8 @@
 
 pub use super::free_map::FreeMap;
 use super::{Qcow2Image, L1E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK};
+use crate::error::{Error, Result};
 use crate::zero::is_zero;
-use crate::{Error, Result};
 
 /// Online tail relocation starts once the file has this much free space inside it.
 const TAIL_SLACK_BYTES: u64 = 1 << 20;
@@ -717,14 +717,9 @@ impl Qcow2Image {
         }
         let len = (n * self.cluster_size).min(self.file_len - off);
         if self.punch_supported {
-            match crate::raw::fallocate(
-                &self.file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            ) {
+            match self.file.punch_hole(off, len) {
                 Ok(()) => return Ok(()),
-                Err(e) if crate::raw::is_unsupported(&e) => {
+                Err(e) if crate::host_file::is_unsupported(&e) => {
                     self.punch_supported = false;
                 }
                 Err(e) => return Err(Error::io("punch hole in qcow2 image", e)),

@@ -9,8 +9,8 @@ use super::header::{
     SNAPSHOT_ENTRY_FIXED,
 };
 use super::read_exact_or_eof;
+use crate::error::{Error, Result};
 use crate::host_file::HostFile;
-use crate::{Error, Result};
 
 /// The L1 table of one internal snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

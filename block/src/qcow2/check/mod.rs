@@ -19,8 +19,8 @@ use walk::{walk, Walk};
 
 use super::free_map::FreeMap;
 use super::{Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::error::{Error, Result};
 use crate::inspect::{CheckReport, RepairMode};
-use crate::{Error, Result};
 
 /// Repairs give at most this many clusters of metadata tables a refcount they lack (each is
 /// one refcount update; a hostile snapshot table can claim 2^32 such clusters).

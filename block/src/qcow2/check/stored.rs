@@ -2,9 +2,9 @@
 //! of the file), and their comparison with the references a walk counted.
 
 use super::refs::{Range, SortedRefs};
+use crate::error::Result;
 use crate::qcow2::refcount::get_entry;
 use crate::qcow2::{Qcow2Image, TableReader};
-use crate::Result;
 
 /// One step of the comparison, in cluster order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
