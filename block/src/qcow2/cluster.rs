@@ -3,11 +3,11 @@
 //! `qcow2-cluster.c`).
 
 use super::compressed::{decompress, CompressedExtent};
-use super::refcount::FreeReason;
-use super::{
-    Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-    RESERVED_HIGH,
-};
+use super::entry::{l1_reserved_bits, owned_data, read_l2, write_l2, L2Entry, ReservedBits};
+use super::entry::{L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::image::Qcow2Image;
+use super::pending::FreeReason;
+use super::zero_clusters::ZeroCluster;
 use crate::error::{Error, Result};
 use crate::status::MapExtent;
 use crate::zero::is_zero;
@@ -26,25 +26,6 @@ pub enum Mapping {
     Compressed(CompressedExtent),
 }
 
-/// A shared all-zero cluster of a v2 overlay (the 2008 RFC's zero-cluster dedup).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ZeroCluster {
-    pub host: u64,
-    /// While the cluster has exactly one reference, that reference's guest cluster (its L2
-    /// entry carries COPIED; a second reference moves both to a fresh shared cluster).
-    pub single_ref: Option<u64>,
-}
-
-pub(crate) fn read_l2(table: &[u8], i: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&table[i * 8..i * 8 + 8]);
-    u64::from_be_bytes(b)
-}
-
-pub(crate) fn write_l2(table: &mut [u8], i: usize, v: u64) {
-    table[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
-}
-
 /// Largest number of clusters handled by one allocation / one host I/O.
 pub(super) const MAX_RUN: u64 = 2048;
 
@@ -61,12 +42,12 @@ impl Qcow2Image {
             self.write_l2_slot(slot)?;
         }
         self.l2_cache.install(slot, off);
-        super::read_exact_or_eof(&self.file, self.l2_cache.data_mut(slot), off)?;
+        super::table_read::read_exact_or_eof(&self.file, self.l2_cache.data_mut(slot), off)?;
         Ok(slot)
     }
 
     /// Writes back the dirty parts of one cached L2 table, after the refcounts it depends on.
-    fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
+    pub(crate) fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
         let Some(base) = self.l2_cache.offset_of(slot) else {
             return Ok(());
         };
@@ -109,7 +90,7 @@ impl Qcow2Image {
     pub(crate) fn check_l2_offset(&mut self, l1_idx: usize, entry: u64) -> Result<u64> {
         let off = entry & L1E_OFFSET_MASK;
         let cs = self.cluster_size;
-        if entry & RESERVED_HIGH != 0 || entry & 0x1ff != 0 {
+        if l1_reserved_bits(entry) {
             return Err(self.corruption(format!(
                 "L1 entry {l1_idx} has reserved bits set ({entry:#x})"
             )));
@@ -165,7 +146,7 @@ impl Qcow2Image {
     }
 
     /// Creates the L2 table for L1 entry `l1_idx`: empty, or a copy of the table at `from`.
-    fn alloc_l2_table(&mut self, l1_idx: usize, from: Option<u64>) -> Result<usize> {
+    pub(crate) fn alloc_l2_table(&mut self, l1_idx: usize, from: Option<u64>) -> Result<usize> {
         let content = match from {
             Some(src) => {
                 let slot = self.load_l2(src)?;
@@ -218,30 +199,30 @@ impl Qcow2Image {
     /// Decodes and validates an L2 entry.
     pub(crate) fn classify(&mut self, gc: u64, e: u64) -> Result<Mapping> {
         let cs = self.cluster_size;
-        if e & OFLAG_COMPRESSED != 0 {
-            let ext =
-                CompressedExtent::decode(e & !(OFLAG_COMPRESSED | OFLAG_COPIED), self.cluster_bits);
-            if ext.offset < cs || ext.offset >= self.file_len {
+        let (host, copied, zero) = match L2Entry::decode(e) {
+            Ok(L2Entry::Compressed { descriptor }) => {
+                let ext = CompressedExtent::decode(descriptor, self.cluster_bits);
+                if ext.offset < cs || ext.offset >= self.file_len {
+                    return Err(self.corruption(format!(
+                        "compressed cluster {gc} at invalid offset {:#x}",
+                        ext.offset
+                    )));
+                }
+                if self.meta.contains(&(ext.offset / cs)) {
+                    return Err(self.corruption(format!(
+                        "compressed cluster {gc} at {:#x} overlaps metadata",
+                        ext.offset
+                    )));
+                }
+                return Ok(Mapping::Compressed(ext));
+            }
+            Ok(L2Entry::Standard { host, copied, zero }) => (host, copied, zero),
+            Err(ReservedBits) => {
                 return Err(self.corruption(format!(
-                    "compressed cluster {gc} at invalid offset {:#x}",
-                    ext.offset
+                    "L2 entry for guest cluster {gc} points beyond 2^56 ({e:#x})"
                 )));
             }
-            if self.meta.contains(&(ext.offset / cs)) {
-                return Err(self.corruption(format!(
-                    "compressed cluster {gc} at {:#x} overlaps metadata",
-                    ext.offset
-                )));
-            }
-            return Ok(Mapping::Compressed(ext));
-        }
-        let host = e & L2E_OFFSET_MASK;
-        let copied = e & OFLAG_COPIED != 0;
-        if e & RESERVED_HIGH != 0 {
-            return Err(self.corruption(format!(
-                "L2 entry for guest cluster {gc} points beyond 2^56 ({e:#x})"
-            )));
-        }
+        };
         if host != 0 {
             if host % cs != 0 {
                 return Err(self.corruption(format!(
@@ -253,13 +234,13 @@ impl Qcow2Image {
                     "L2 entry for guest cluster {gc} points at metadata ({host:#x})"
                 )));
             }
-            if host >= self.file_len && e & OFLAG_ZERO == 0 {
+            if host >= self.file_len && !zero {
                 return Err(self.corruption(format!(
                     "L2 entry for guest cluster {gc} points beyond the end of the file ({host:#x})"
                 )));
             }
         }
-        if e & OFLAG_ZERO != 0 {
+        if zero {
             return Ok(Mapping::Zero {
                 host: (host != 0).then_some(host),
                 copied,
@@ -294,7 +275,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn read_compressed(&mut self, gc: u64, ext: CompressedExtent, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_compressed(
+        &mut self,
+        gc: u64,
+        ext: CompressedExtent,
+        out: &mut [u8],
+    ) -> Result<()> {
         let key = ext.offset ^ (ext.len << 56);
         if let Some((k, data)) = &self.compressed_cache {
             if *k == key {
@@ -304,7 +290,7 @@ impl Qcow2Image {
         }
         let len = ext.len.min(self.file_len.saturating_sub(ext.offset)) as usize;
         let mut input = vec![0u8; len];
-        super::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
+        super::table_read::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
         if let Err(e) = decompress(self.header.compression_type, &input, out) {
             return Err(self.corruption(format!("guest cluster {gc}: {e}")));
         }
@@ -315,7 +301,9 @@ impl Qcow2Image {
     /// The current contents of guest cluster `gc` as a whole cluster.
     pub(crate) fn read_cluster(&mut self, gc: u64, m: Mapping, out: &mut [u8]) -> Result<()> {
         match m {
-            Mapping::Data { host, .. } => super::read_exact_or_eof(&self.file, out, host),
+            Mapping::Data { host, .. } => {
+                super::table_read::read_exact_or_eof(&self.file, out, host)
+            }
             Mapping::Zero { .. } => {
                 out.fill(0);
                 Ok(())
@@ -335,7 +323,7 @@ impl Qcow2Image {
                 host,
                 copied: false,
             } => {
-                if self.zero_clusters.iter().any(|z| z.host == host) {
+                if self.zero_clusters.contains(host) {
                     return Ok(false);
                 }
                 Ok(self.refcount(host / self.cluster_size)? == 1)
@@ -385,7 +373,7 @@ impl Qcow2Image {
     // ----- zeroing ---------------------------------------------------------------------
 
     /// Whether the backing file reads as zeros over guest cluster `gc`.
-    fn backing_reads_zero(&mut self, gc: u64) -> Result<bool> {
+    pub(crate) fn backing_reads_zero(&mut self, gc: u64) -> Result<bool> {
         let cs = self.cluster_size;
         let Some(b) = self.backing.as_mut() else {
             // No backing file, or one that was not opened: only the former reads as zeros.
@@ -407,11 +395,11 @@ impl Qcow2Image {
     }
 
     /// Whether mapping `m` of cluster `gc` already reads as zeros everywhere.
-    fn reads_as_zero(&mut self, gc: u64, m: Mapping) -> Result<bool> {
+    pub(crate) fn reads_as_zero(&mut self, gc: u64, m: Mapping) -> Result<bool> {
         Ok(match m {
             Mapping::Zero { .. } => true,
             Mapping::Unallocated => !self.has_backing() || self.backing_reads_zero(gc)?,
-            Mapping::Data { host, .. } => self.zero_clusters.iter().any(|z| z.host == host),
+            Mapping::Data { host, .. } => self.zero_clusters.contains(host),
             Mapping::Compressed(_) => false,
         })
     }
@@ -425,14 +413,12 @@ impl Qcow2Image {
     /// reference (COPIED) is never shared: when a second guest cluster needs zeros, both move
     /// to a fresh zero cluster whose refcount starts at 2 (refcount before L2, as for any
     /// allocation), and the old one is freed once the L2 change is on disk.
-    fn zero_cluster_for(&mut self, gc: u64) -> Result<u64> {
+    pub(crate) fn zero_cluster_for(&mut self, gc: u64) -> Result<u64> {
         let cs = self.cluster_size;
-        let mut i = 0;
-        while i < self.zero_clusters.len() {
-            let z = self.zero_clusters[i];
+        for z in self.zero_clusters.to_vec() {
             let rc = self.refcount(z.host / cs)?;
             if rc == 0 {
-                self.zero_clusters.remove(i);
+                self.zero_clusters.remove(z.host);
                 continue;
             }
             match z.single_ref {
@@ -441,29 +427,29 @@ impl Qcow2Image {
                         let fresh = self.new_zero_cluster(2)?;
                         self.set_l2_entry(prev, fresh)?;
                         self.queue_free(z.host / cs, true, FreeReason::Internal);
-                        self.zero_clusters[i] = ZeroCluster {
+                        self.zero_clusters.remove(z.host);
+                        self.zero_clusters.insert(ZeroCluster {
                             host: fresh,
                             single_ref: None,
-                        };
+                        });
                         return Ok(fresh);
                     }
                     // Not in the state recorded: stop using it as a zero cluster.
-                    self.zero_clusters.remove(i);
-                    continue;
+                    self.zero_clusters.remove(z.host);
                 }
                 None if rc >= 2 && rc < self.rc_max => {
                     self.set_refcount(z.host / cs, rc + 1)?;
                     return Ok(z.host);
                 }
-                None => i += 1,
+                None => {}
             }
         }
         let host = self.new_zero_cluster(1)?;
-        self.zero_clusters.push(ZeroCluster {
+        self.zero_clusters.insert(ZeroCluster {
             host,
             single_ref: Some(gc),
         });
-        Ok(host | OFLAG_COPIED)
+        Ok(owned_data(host))
     }
 
     /// Allocates an all-zero cluster with refcount `refs`.
@@ -490,9 +476,7 @@ impl Qcow2Image {
         match m {
             Mapping::Zero { host: None, .. } => return Ok(()),
             Mapping::Unallocated if !backing => return Ok(()),
-            Mapping::Data { host, .. } if self.zero_clusters.iter().any(|z| z.host == host) => {
-                return Ok(())
-            }
+            Mapping::Data { host, .. } if self.zero_clusters.contains(host) => return Ok(()),
             _ => {}
         }
         let new_entry = if !backing {
@@ -507,7 +491,7 @@ impl Qcow2Image {
             // No shared zero cluster yet: the cluster being zeroed becomes it, in place
             // (it is exclusively ours), so no new cluster is allocated at the file's end.
             self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
-            self.zero_clusters.push(ZeroCluster {
+            self.zero_clusters.insert(ZeroCluster {
                 host,
                 single_ref: Some(gc),
             });
@@ -547,7 +531,7 @@ impl Qcow2Image {
         if self.writable_in_place(m)? {
             if let Mapping::Data { host, copied } = m {
                 if !copied {
-                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
+                    self.set_l2_entry(gc, owned_data(host))?;
                 }
                 let zeros = vec![0u8; n as usize];
                 return self.pwrite(&zeros, host + in_off, "guest data");
@@ -588,7 +572,7 @@ impl Qcow2Image {
                 self.zero_cluster_part(gc, in_off, n, unmap, reason)?;
             }
             pos += n;
-            if self.pending_free_bytes() >= super::PENDING_FREE_BYTES {
+            if self.pending_free_bytes() >= super::pending::PENDING_FREE_BYTES {
                 self.commit_frees()?;
             }
         }

@@ -4,41 +4,11 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+pub use super::header::Qcow2Version;
 use super::header::{self, CompressionType, Header};
-use super::refcount::set_entry;
+use super::refblock::set_entry;
 use crate::error::{Error, Result};
 use crate::format::ImageFormat;
-
-/// qcow2 format versions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub enum Qcow2Version {
-    /// Version 2, `compat=0.10`.
-    V2,
-    /// Version 3, `compat=1.1` (QEMU's default).
-    #[default]
-    V3,
-}
-
-impl Qcow2Version {
-    /// QEMU's `compat=` name of the version.
-    pub fn compat_name(self) -> &'static str {
-        match self {
-            Qcow2Version::V2 => "0.10",
-            Qcow2Version::V3 => "1.1",
-        }
-    }
-
-    /// Parses QEMU's `compat=` values (`0.10`, `v2`, `1.1`, `v3`).
-    pub fn from_compat(s: &str) -> Result<Self> {
-        match s {
-            "0.10" | "v2" => Ok(Qcow2Version::V2),
-            "1.1" | "v3" => Ok(Qcow2Version::V3),
-            other => Err(Error::InvalidArgument(format!(
-                "invalid compat level '{other}' (expected 0.10 or 1.1)"
-            ))),
-        }
-    }
-}
 
 /// Options for [`create`], with `qemu-img create -f qcow2 -o ...` meanings.
 #[derive(Clone, Debug)]

@@ -4,7 +4,39 @@
 use crate::error::{Error, Result};
 use crate::format::ImageFormat;
 
-use super::MAGIC;
+/// The qcow2 magic, `QFI\xfb`.
+pub const MAGIC: [u8; 4] = [b'Q', b'F', b'I', 0xfb];
+
+/// qcow2 format versions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Qcow2Version {
+    /// Version 2, `compat=0.10`.
+    V2,
+    /// Version 3, `compat=1.1` (QEMU's default).
+    #[default]
+    V3,
+}
+
+impl Qcow2Version {
+    /// QEMU's `compat=` name of the version.
+    pub fn compat_name(self) -> &'static str {
+        match self {
+            Qcow2Version::V2 => "0.10",
+            Qcow2Version::V3 => "1.1",
+        }
+    }
+
+    /// Parses QEMU's `compat=` values (`0.10`, `v2`, `1.1`, `v3`).
+    pub fn from_compat(s: &str) -> Result<Self> {
+        match s {
+            "0.10" | "v2" => Ok(Qcow2Version::V2),
+            "1.1" | "v3" => Ok(Qcow2Version::V3),
+            other => Err(Error::InvalidArgument(format!(
+                "invalid compat level '{other}' (expected 0.10 or 1.1)"
+            ))),
+        }
+    }
+}
 
 /// Size of a version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;

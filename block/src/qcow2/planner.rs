@@ -22,8 +22,9 @@
 use std::sync::Arc;
 
 use super::cluster::{Mapping, MAX_RUN};
-use super::refcount::FreeReason;
-use super::{Qcow2Image, OFLAG_COPIED};
+use super::entry::owned_data;
+use super::image::Qcow2Image;
+use super::pending::FreeReason;
 use crate::engine::DataOp;
 use crate::error::{Error, Result};
 use crate::host_file::AlignedBuf;
@@ -98,7 +99,7 @@ impl Qcow2Image {
 
     /// Reads of guest bytes `offset..` (into `parts`) from the backing file, zeros past its
     /// end or without one.
-    fn plan_backing_read(
+    pub(crate) fn plan_backing_read(
         &mut self,
         offset: u64,
         parts: &[IoBuf],
@@ -177,10 +178,10 @@ impl Qcow2Image {
                     return Err(Error::InvalidImage("unexpected mapping".into()));
                 };
                 if !copied {
-                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
+                    self.set_l2_entry(gc, owned_data(host))?;
                 }
                 // A v2 zero cluster written in place is no longer a zero cluster.
-                self.zero_clusters.retain(|z| z.host != host);
+                self.zero_clusters.remove(host);
                 // Extend over following clusters also writable in place and contiguous.
                 let mut k = 1;
                 while gc + k <= last && !zero[i + k as usize] && k < MAX_RUN {
@@ -189,7 +190,7 @@ impl Qcow2Image {
                             host: h,
                             copied: true,
                         } if h == host + k * cs => {
-                            self.zero_clusters.retain(|z| z.host != h);
+                            self.zero_clusters.remove(h);
                             k += 1;
                         }
                         _ => break,
@@ -225,7 +226,7 @@ impl Qcow2Image {
 
     /// New clusters for guest clusters `gc..gc + k` of a write of `bufs` at `offset`: one
     /// write per contiguous host run, with the copy-on-write head and tail.
-    fn plan_allocation(
+    pub(crate) fn plan_allocation(
         &mut self,
         plan: &mut Plan,
         gc: u64,
@@ -264,7 +265,7 @@ impl Qcow2Image {
             for i in 0..got {
                 plan.actions.push(Action::Map {
                     gc: g0 + i,
-                    entry: (host + i * cs) | OFLAG_COPIED,
+                    entry: owned_data(host + i * cs),
                 });
             }
             done += got;
@@ -274,7 +275,13 @@ impl Qcow2Image {
 
     /// A bounce buffer with the current contents of guest bytes `from..to` (inside cluster
     /// `gc`): read in the plan's read stage, or filled in now.
-    fn plan_cow_part(&mut self, plan: &mut Plan, gc: u64, from: u64, to: u64) -> Result<IoBuf> {
+    pub(crate) fn plan_cow_part(
+        &mut self,
+        plan: &mut Plan,
+        gc: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<IoBuf> {
         let cs = self.cluster_size;
         let mut buf = AlignedBuf::new((to - from) as usize);
         // SAFETY: the buffer's heap memory is kept in `plan.bounce` (below) until the plan
@@ -319,7 +326,7 @@ impl Qcow2Image {
     /// Space allocated past the last cluster in use is cut off when the file's tail is
     /// truncated (on flush, or when the guest goes quiet). Best effort: a file system without
     /// `fallocate` just gets the writes.
-    fn preallocate(&mut self, host: u64, len: u64) {
+    pub(crate) fn preallocate(&mut self, host: u64, len: u64) {
         let end = host + len;
         if !self.prealloc_supported || end <= self.file_len {
             return;
@@ -354,7 +361,7 @@ impl Qcow2Image {
         for action in plan.actions {
             match action {
                 Action::Map { gc, entry } => {
-                    let host = entry & super::L2E_OFFSET_MASK;
+                    let host = entry & super::entry::L2E_OFFSET_MASK;
                     self.file_len = self.file_len.max(host + cs);
                     let old = self.mapping(gc)?;
                     self.set_l2_entry(gc, entry)?;

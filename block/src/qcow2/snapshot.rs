@@ -8,7 +8,7 @@ use super::header::{
     table_end, Header, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
     SNAPSHOT_ENTRY_FIXED,
 };
-use super::read_exact_or_eof;
+use super::table_read::read_exact_or_eof;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 

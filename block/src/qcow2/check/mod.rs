@@ -11,16 +11,18 @@
 //! says how many lines were left out).
 
 mod refs;
+pub mod report;
 mod stored;
 mod walk;
 
 use stored::{compare, Item, StoredReader};
 use walk::{walk, Walk};
 
+use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::free_map::FreeMap;
-use super::{Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::image::Qcow2Image;
 use crate::error::{Error, Result};
-use crate::inspect::{CheckReport, RepairMode};
+use report::{CheckReport, RepairMode};
 
 /// Repairs give at most this many clusters of metadata tables a refcount they lack (each is
 /// one refcount update; a hostile snapshot table can claim 2^32 such clusters).
@@ -310,7 +312,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     let refblocks: std::collections::HashSet<u64> = img
         .reftable
         .iter()
-        .map(|e| (e & super::REFT_OFFSET_MASK) / cs)
+        .map(|e| (e & super::entry::REFT_OFFSET_MASK) / cs)
         .filter(|&c| c != 0)
         .collect();
     let fixed = img.fixed_metadata();
@@ -329,7 +331,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
             continue;
         }
         for j in 0..(cs / 8) as usize {
-            let e = super::cluster::read_l2(&buf, j);
+            let e = super::entry::read_l2(&buf, j);
             let host = e & L2E_OFFSET_MASK;
             if e & OFLAG_COMPRESSED != 0 || host == 0 || host % cs != 0 || host >= img.file_len {
                 continue;
@@ -364,14 +366,14 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     l2_want.sort_unstable();
     for (off, j, copied) in l2_want {
         let slot = img.load_l2(off)?;
-        let e = super::cluster::read_l2(img.l2_cache.data(slot), j);
+        let e = super::entry::read_l2(img.l2_cache.data(slot), j);
         let want = if copied {
             e | OFLAG_COPIED
         } else {
             e & !OFLAG_COPIED
         };
         if want != e {
-            super::cluster::write_l2(img.l2_cache.data_mut(slot), j, want);
+            super::entry::write_l2(img.l2_cache.data_mut(slot), j, want);
             img.l2_cache.mark_dirty(slot, j * 8, 8);
             fixed += 1;
         }
@@ -429,4 +431,14 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     img.rc_unsynced = false;
     img.free_map = None;
     Ok(())
+}
+
+impl Qcow2Image {
+    /// Consistency check (and repair), as `qemu-img check [-r]`.
+    pub fn check(
+        &mut self,
+        repair: Option<crate::inspect::RepairMode>,
+    ) -> Result<crate::inspect::CheckReport> {
+        check(self, repair)
+    }
 }

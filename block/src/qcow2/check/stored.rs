@@ -3,8 +3,9 @@
 
 use super::refs::{Range, SortedRefs};
 use crate::error::Result;
-use crate::qcow2::refcount::get_entry;
-use crate::qcow2::{Qcow2Image, TableReader};
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::refblock::get_entry;
+use crate::qcow2::table_read::TableReader;
 
 /// One step of the comparison, in cluster order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,10 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 use super::refs::{Messages, Range, Refs, SortedRefs};
 use crate::error::Result;
 use crate::qcow2::compressed::CompressedExtent;
-use crate::qcow2::{
-    Qcow2Image, TableReader, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFT_OFFSET_MASK, RESERVED_HIGH,
+use crate::qcow2::entry::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    RESERVED_HIGH,
 };
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::table_read::TableReader;
 use crate::status::HostUsage;
 
 /// What the walk found.
