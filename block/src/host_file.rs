@@ -518,9 +518,9 @@ mod tests {
 
     #[test]
     fn unaligned_direct_io_matches_a_buffered_model() {
-        let dir = std::env::temp_dir().join(format!("thinvm-direct-io-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let Some(f) = direct_file(&dir) else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let Some(f) = direct_file(dir) else { return };
         let buffered = HostFile::open(&dir.join("direct.img"), true, false).unwrap();
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 0x1234_5678_9abc_def0u64;
@@ -623,6 +623,5 @@ mod tests {
                 assert_eq!(&bytes[..], &want_full[..], "vectored read {i}");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

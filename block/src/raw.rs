@@ -411,37 +411,11 @@ impl DiskImage for RawImage {
 mod tests {
     use super::*;
 
-    fn temp_raw(size: u64) -> (tempdir::Dir, std::path::PathBuf) {
-        let dir = tempdir::Dir::new();
+    fn temp_raw(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         RawImage::create(&path, size).unwrap();
         (dir, path)
-    }
-
-    /// A tiny self-cleaning temporary directory (keeps the crate free of test-only deps).
-    mod tempdir {
-        pub struct Dir(std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "thinvm-raw-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-            pub fn path(&self) -> &std::path::Path {
-                &self.0
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]

@@ -68,8 +68,8 @@ mod tests {
     /// where it was asked, reads past the end of the file read zeros.
     #[test]
     fn every_engine_reads_and_writes_where_asked() {
-        let dir = std::env::temp_dir().join(format!("thinvm-engine-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         for aio in [Aio::Sync, Aio::Threads, Aio::IoUring] {
             for direct in [false, true] {
                 let p = dir.join(format!("f-{}-{direct}", aio.name()));
@@ -159,6 +159,5 @@ mod tests {
                 assert_eq!(&got[8192..], &back[4096..8192], "{aio:?} {direct}");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
