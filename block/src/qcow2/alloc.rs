@@ -125,3 +125,76 @@ impl Qcow2Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::image::Qcow2Image;
+
+    fn fresh(dir: &std::path::Path, cluster_size: u64, refcount_bits: u32) -> Qcow2Image {
+        let path = dir.join("a.qcow2");
+        let opts = CreateOptions {
+            size: Some(64 << 20),
+            cluster_size,
+            refcount_bits,
+            ..CreateOptions::default()
+        };
+        create(&path, &opts).unwrap();
+        Qcow2Image::open(&path, false).unwrap()
+    }
+
+    #[test]
+    fn allocation_is_lowest_fit_and_sets_refcounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = fresh(dir.path(), 65536, 16);
+        // A fresh image is metadata from cluster 0 to its end.
+        let end = img.file_len / img.cluster_size;
+        assert!(end >= 3);
+        for c in 0..end {
+            assert_eq!(img.refcount(c).unwrap(), 1, "metadata cluster {c}");
+        }
+        let (first, n) = img.alloc_clusters(3).unwrap();
+        assert_eq!((first, n), (end, 3));
+        for c in first..first + 3 {
+            assert_eq!(img.refcount(c).unwrap(), 1);
+        }
+        assert_eq!(img.refcount(first + 3).unwrap(), 0);
+        // A freed cluster in the middle is the next single allocation.
+        img.set_refcount(first + 1, 0).unwrap();
+        assert_eq!(img.alloc_clusters(1).unwrap(), (first + 1, 1));
+        // A one-cluster hole is too small for an exact run of two: the run goes above.
+        img.set_refcount(first, 0).unwrap();
+        assert_eq!(img.alloc_contiguous(2).unwrap(), first + 3);
+        assert_eq!(
+            img.alloc_clusters(4).unwrap(),
+            (first, 1),
+            "run cut by used clusters"
+        );
+    }
+
+    /// 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters and the
+    /// first refcount table 4096, so allocating past them creates refcount blocks and grows
+    /// the table. Nothing allocated may overlap metadata, and every cluster handed out (and
+    /// every new refcount block) has refcount 1.
+    #[test]
+    fn allocation_creates_refcount_blocks_and_grows_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = fresh(dir.path(), 512, 64);
+        assert_eq!(img.rb_entries, 64);
+        let table_before = img.reftable.len();
+        let mut given = std::collections::BTreeSet::new();
+        while given.len() < 5000 {
+            let (start, n) = img.alloc_clusters(7).unwrap();
+            for c in start..start + n {
+                assert!(given.insert(c), "cluster {c} handed out twice");
+                assert!(!img.meta.contains(&c), "cluster {c} is metadata");
+            }
+        }
+        assert!(img.reftable.len() > table_before, "refcount table grew");
+        let blocks = img.reftable.iter().filter(|&&e| e != 0).count() as u64;
+        assert!(blocks * img.rb_entries > *given.last().unwrap());
+        for &c in given.iter().chain(img.meta.clone().iter()) {
+            assert_eq!(img.refcount(c).unwrap(), 1, "cluster {c}");
+        }
+    }
+}

@@ -638,3 +638,120 @@ impl Qcow2Image {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::disk::DiskImage;
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::entry::L1E_OFFSET_MASK;
+    use crate::qcow2::header::incompat;
+
+    /// A 1 MiB v3 image whose guest cluster 0 holds 0xab: (path, L1 table offset, L2 table
+    /// offset, data cluster offset).
+    fn image_with_one_cluster(dir: &Path) -> (PathBuf, u64, u64, u64) {
+        let path = dir.join("t.qcow2");
+        let opts = CreateOptions {
+            size: Some(1 << 20),
+            ..CreateOptions::default()
+        };
+        create(&path, &opts).unwrap();
+        let mut img = Qcow2Image::open(&path, false).unwrap();
+        img.write_at(0, &[0xab; 65536]).unwrap();
+        img.flush().unwrap();
+        let l1 = img.header.l1_table_offset;
+        let l2 = img.l1[0] & L1E_OFFSET_MASK;
+        let Mapping::Data { host, copied: true } = img.mapping(0).unwrap() else {
+            panic!("guest cluster 0 is not plain data");
+        };
+        (path, l1, l2, host)
+    }
+
+    fn poke(path: &Path, offset: u64, value: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&value.to_be_bytes(), offset).unwrap();
+    }
+
+    fn incompatible_features(path: &Path) -> u64 {
+        let mut b = [0u8; 8];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut b, 72)
+            .unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    /// L2 and L1 entries written by hand into an image: each is refused with its own error
+    /// (no panic, no data from the wrong place), and the image is marked corrupt.
+    #[test]
+    fn hand_corrupted_entries_are_refused_and_mark_the_image_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, l1, l2, data) = image_with_one_cluster(dir.path());
+        let mut buf = vec![0u8; 65536];
+        Qcow2Image::open(&path, true)
+            .unwrap()
+            .read_at(0, &mut buf)
+            .unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0xab),
+            "the untouched image reads back"
+        );
+        std::fs::copy(&path, dir.path().join("good.qcow2")).unwrap();
+
+        let cases: [(&str, u64, u64, &str); 5] = [
+            (
+                "reserved bit 56",
+                l2,
+                data | OFLAG_COPIED | 1 << 56,
+                "L2 entry for guest cluster 0 points beyond 2^56",
+            ),
+            (
+                "mid-cluster offset",
+                l2,
+                (data + 512) | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 has unaligned offset",
+            ),
+            (
+                "the L2 table itself",
+                l2,
+                l2 | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 points at metadata",
+            ),
+            (
+                "past the end of the file",
+                l2,
+                (1 << 40) | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 points beyond the end of the file",
+            ),
+            (
+                "L1 entry with a reserved low bit",
+                l1,
+                l2 | OFLAG_COPIED | 1,
+                "L1 entry 0 has reserved bits set",
+            ),
+        ];
+        for (what, at, value, want) in cases {
+            std::fs::copy(dir.path().join("good.qcow2"), &path).unwrap();
+            poke(&path, at, value);
+            let mut img = Qcow2Image::open(&path, false).unwrap();
+            buf.fill(0x11);
+            match img.read_at(0, &mut buf) {
+                Err(Error::Corrupt(msg)) => assert!(msg.contains(want), "{what}: {msg}"),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert!(
+                img.is_read_only(),
+                "{what}: a corrupt image stops taking writes"
+            );
+            drop(img);
+            assert_ne!(
+                incompatible_features(&path) & incompat::CORRUPT,
+                0,
+                "{what}: corrupt bit on disk"
+            );
+        }
+    }
+}

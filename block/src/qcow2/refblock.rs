@@ -118,4 +118,59 @@ mod tests {
             assert_eq!(get_entry(&block, 6, order), (6 * 7 + 3) & max);
         }
     }
+
+    #[test]
+    fn sub_byte_entries_are_packed_lowest_bits_first_and_masked() {
+        let mut block = vec![0u8; 4];
+        // 1-bit entries: entry 9 is bit 1 of byte 1.
+        assert_eq!(set_entry(&mut block, 9, 0, 1), (1, 1));
+        assert_eq!(block, [0, 0b10, 0, 0]);
+        // 4-bit entries: entry 3 is the high nibble of byte 1; a wider value is cut to 4 bits
+        // without touching its neighbour.
+        let mut block = vec![0u8; 4];
+        set_entry(&mut block, 2, 2, 0x5);
+        assert_eq!(set_entry(&mut block, 3, 2, 0x1f), (1, 1));
+        assert_eq!(block, [0, 0xf5, 0, 0]);
+        assert_eq!(get_entry(&block, 3, 2), 0xf);
+        assert_eq!(get_entry(&block, 2, 2), 0x5);
+    }
+
+    #[test]
+    fn touched_byte_ranges_and_big_endian_wide_entries() {
+        let mut block = vec![0u8; 64];
+        assert_eq!(set_entry(&mut block, 3, 4, 0x0102), (6, 2));
+        assert_eq!(&block[6..8], &[1, 2]);
+        assert_eq!(set_entry(&mut block, 3, 5, 0x0a0b_0c0d), (12, 4));
+        assert_eq!(&block[12..16], &[0xa, 0xb, 0xc, 0xd]);
+        assert_eq!(set_entry(&mut block, 7, 6, u64::MAX - 1), (56, 8));
+        assert_eq!(get_entry(&block, 7, 6), u64::MAX - 1);
+        // The last entry of the block, at every width.
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 64];
+            let last = 64 * 8 / (1u64 << order) - 1;
+            set_entry(&mut block, last, order, 1);
+            assert_eq!(get_entry(&block, last, order), 1, "order {order}");
+            assert_eq!(block[..63], [0u8; 63], "order {order}");
+        }
+    }
+
+    #[test]
+    fn used_words_reports_nonzero_entries_and_skips_zero_groups() {
+        // 16-bit entries, 256 per 512-byte block: used at 0, 63, 64 and 130.
+        let mut block = vec![0u8; 512];
+        for i in [0, 63, 64, 130] {
+            set_entry(&mut block, i, 4, 7);
+        }
+        let mut calls = Vec::new();
+        used_words(&block, 4, 256, |w, bits| calls.push((w, bits)));
+        assert_eq!(calls, vec![(0, 1 | 1 << 63), (1, 1), (2, 1 << 2)]);
+        // Only the first `n` entries count: entry 130 is past n = 130.
+        let mut calls = Vec::new();
+        used_words(&block, 4, 130, |w, bits| calls.push((w, bits)));
+        assert_eq!(calls, vec![(0, 1 | 1 << 63), (1, 1), (2, 0)]);
+        // An all-zero block reports nothing.
+        let mut calls = Vec::new();
+        used_words(&[0u8; 512], 4, 256, |w, bits| calls.push((w, bits)));
+        assert!(calls.is_empty());
+    }
 }
