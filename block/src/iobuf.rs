@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use crate::cast::usize_from;
 use vm_memory::VolatileSlice;
 
 /// `len` bytes of memory at `ptr` (see [`IoBuf::new`] for what the creator guarantees).
@@ -168,8 +169,8 @@ pub fn pieces(bufs: &[IoBuf], range: std::ops::Range<u64>) -> impl Iterator<Item
         if e <= range.start || s >= range.end || b.is_empty() {
             return None;
         }
-        let from = range.start.saturating_sub(s) as usize;
-        let to = (range.end.min(e) - s) as usize;
+        let from = usize_from(range.start.saturating_sub(s));
+        let to = usize_from(range.end.min(e) - s);
         Some(b.sub(from, to - from))
     })
 }

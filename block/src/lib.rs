@@ -10,6 +10,9 @@
 //! [`pipeline::Pipeline`] on an [`engine`] (io_uring, I/O threads, synchronous). Request
 //! buffers are [`IoBuf`]s, never Rust slices over memory others may change.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+mod cast;
 pub mod chain;
 mod create;
 pub mod disk;

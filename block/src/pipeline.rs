@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 
+use crate::cast::usize_from;
 use crate::engine::{Completion, Engine};
 use crate::error::{Error, Result};
 use crate::iobuf::IoBuf;
@@ -180,7 +181,7 @@ impl Pipeline {
             self.engine.reap(block, &mut self.reaped);
             let reaped = std::mem::take(&mut self.reaped);
             for (idx, r) in reaped {
-                self.op_done(image, idx as usize, r);
+                self.op_done(image, usize_from(idx), r);
             }
             self.start(image);
             // Operations queued meanwhile (next stages, requests that waited) go out now.

@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::cast::usize_from;
 use crate::disk::{check_range, DiskImage};
 use crate::engine::DataOp;
 use crate::error::{Error, Result};
@@ -110,7 +111,7 @@ impl RawImage {
         if covered == 0 {
             return Ok(None);
         }
-        let mut copy = AlignedBuf::new(covered as usize);
+        let mut copy = AlignedBuf::new(usize_from(covered));
         crate::iobuf::copy_out(bufs, 0, copy.as_mut_slice());
         self.check_stays_raw(offset, copy.as_slice())?;
         Ok(Some(copy))
@@ -127,11 +128,11 @@ impl RawImage {
         if !self.keep_raw || offset >= probe_len {
             return Ok(());
         }
-        let mut head = vec![0u8; probe_len as usize];
+        let mut head = vec![0u8; usize_from(probe_len)];
         self.file
             .read_exact_at(&mut head, 0)
             .map_err(|e| Error::io("read raw image", e))?;
-        let at = offset as usize;
+        let at = usize_from(offset);
         let covered = (head.len() - at).min(bytes.len());
         head[at..at + covered].copy_from_slice(&bytes[..covered]);
         match crate::probe::foreign_format_of_head(&head) {
@@ -150,7 +151,7 @@ impl RawImage {
             return Ok(());
         }
         let covered = (probe_len - offset).min(len);
-        self.check_stays_raw(offset, &vec![0u8; covered as usize])
+        self.check_stays_raw(offset, &vec![0u8; usize_from(covered)])
     }
 
     /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
@@ -214,7 +215,7 @@ impl RawImage {
         let chunk = vec![0u8; len.min(1 << 20) as usize];
         let end = offset + len;
         while offset < end {
-            let n = (end - offset).min(chunk.len() as u64) as usize;
+            let n = usize_from((end - offset).min(chunk.len() as u64));
             self.file
                 .write_all_at(&chunk[..n], offset)
                 .map_err(|e| Error::io("write zeros to raw image", e))?;

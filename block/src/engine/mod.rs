@@ -59,6 +59,7 @@ pub fn default_aio() -> (Aio, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cast::usize_from;
     use crate::host_file::HostFile;
     use crate::iobuf::IoBuf;
     use std::sync::Arc;
@@ -89,13 +90,13 @@ mod tests {
                 let mut store = crate::host_file::AlignedBuf::new(64 * 4096 + 64 * 512);
                 let bytes = store.as_mut_slice();
                 for (i, b) in bytes.iter_mut().enumerate() {
-                    *b = (i / 512) as u8 ^ 0x5a;
+                    *b = u8::try_from(i / 512 % 256).unwrap() ^ 0x5a;
                 }
                 // SAFETY: `store` outlives every operation (all reaped below).
                 let whole = unsafe { IoBuf::from_mut_slice(bytes) };
                 // 32 whole blocks in reverse order, each in two pieces; 64 small writes.
                 for i in 0..32u64 {
-                    let b = whole.sub(i as usize * 4096, 4096);
+                    let b = whole.sub(usize_from(i) * 4096, 4096);
                     let op = DataOp {
                         file: file.clone(),
                         write: true,
@@ -110,7 +111,7 @@ mod tests {
                         file: file.clone(),
                         write: true,
                         offset: i * 512,
-                        bufs: vec![whole.sub(64 * 4096 + i as usize * 512, 512)],
+                        bufs: vec![whole.sub(64 * 4096 + usize_from(i) * 512, 512)],
                     };
                     // SAFETY: as above.
                     unsafe { engine.submit(100 + i, op) };

@@ -6,6 +6,7 @@ use super::entry::REFT_OFFSET_MASK;
 use super::free_map::FreeMap;
 use super::image::Qcow2Image;
 use super::refblock::used_words;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 
 impl Qcow2Image {
@@ -15,7 +16,7 @@ impl Qcow2Image {
             return Ok(());
         }
         self.write_dirty_refblocks()?;
-        let cs = self.cluster_size as usize;
+        let cs = usize_from(self.cluster_size);
         let mut fm = FreeMap::default();
         let mut block = vec![0u8; cs];
         let order = self.header.refcount_order;
@@ -91,8 +92,8 @@ impl Qcow2Image {
     /// to be created (which may have used clusters of the range).
     pub(crate) fn cover_range(&mut self, start: u64, n: u64) -> Result<bool> {
         self.check_host_limit(start + n)?;
-        let first = (start / self.rb_entries) as usize;
-        let last = ((start + n - 1) / self.rb_entries) as usize;
+        let first = usize_from(start / self.rb_entries);
+        let last = usize_from((start + n - 1) / self.rb_entries);
         let mut created = false;
         for ti in first..=last {
             let covered = self

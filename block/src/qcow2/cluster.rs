@@ -8,6 +8,7 @@ use super::entry::{L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use super::image::Qcow2Image;
 use super::pending::FreeReason;
 use super::zero_clusters::ZeroCluster;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use crate::status::MapExtent;
 use crate::zero::is_zero;
@@ -119,7 +120,7 @@ impl Qcow2Image {
     /// The cache slot of the L2 table covering guest cluster `gc`; with `allocate`, a
     /// missing table is created and a shared one is copied, so the slot can be modified.
     pub(super) fn l2_slot(&mut self, gc: u64, allocate: bool) -> Result<Option<usize>> {
-        let l1_idx = (gc / self.l2_entries) as usize;
+        let l1_idx = usize_from(gc / self.l2_entries);
         let Some(&entry) = self.l1.get(l1_idx) else {
             return Err(self.corruption(format!(
                 "guest cluster {gc} beyond the L1 table ({} entries)",
@@ -152,7 +153,7 @@ impl Qcow2Image {
                 let slot = self.load_l2(src)?;
                 self.l2_cache.data(slot).to_vec()
             }
-            None => vec![0u8; self.cluster_size as usize],
+            None => vec![0u8; usize_from(self.cluster_size)],
         };
         let (c, _) = self.alloc_clusters(1)?;
         let off = c * self.cluster_size;
@@ -180,7 +181,7 @@ impl Qcow2Image {
             None => Ok(0),
             Some(slot) => Ok(read_l2(
                 self.l2_cache.data(slot),
-                (gc % self.l2_entries) as usize,
+                usize_from(gc % self.l2_entries),
             )),
         }
     }
@@ -190,7 +191,7 @@ impl Qcow2Image {
         let Some(slot) = self.l2_slot(gc, true)? else {
             return Err(Error::InvalidImage("L2 table allocation failed".into()));
         };
-        let i = (gc % self.l2_entries) as usize;
+        let i = usize_from(gc % self.l2_entries);
         write_l2(self.l2_cache.data_mut(slot), i, value);
         self.l2_cache.mark_dirty(slot, i * 8, 8);
         Ok(())
@@ -267,7 +268,7 @@ impl Qcow2Image {
             return Ok(());
         };
         let bsize = b.virtual_size();
-        let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let avail = usize_from(bsize.saturating_sub(offset).min(buf.len() as u64));
         if avail > 0 {
             b.read_at(offset, &mut buf[..avail])?;
         }
@@ -288,7 +289,7 @@ impl Qcow2Image {
                 return Ok(());
             }
         }
-        let len = ext.len.min(self.file_len.saturating_sub(ext.offset)) as usize;
+        let len = usize_from(ext.len.min(self.file_len.saturating_sub(ext.offset)));
         let mut input = vec![0u8; len];
         super::table_read::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
         if let Err(e) = decompress(self.header.compression_type, &input, out) {
@@ -389,7 +390,7 @@ impl Qcow2Image {
         if st.zero && st.length >= len {
             return Ok(true);
         }
-        let mut buf = vec![0u8; len as usize];
+        let mut buf = vec![0u8; usize_from(len)];
         b.read_at(start, &mut buf)?;
         Ok(is_zero(&buf))
     }
@@ -456,7 +457,11 @@ impl Qcow2Image {
     pub(crate) fn new_zero_cluster(&mut self, refs: u64) -> Result<u64> {
         let (c, _) = self.alloc_clusters(1)?;
         let host = c * self.cluster_size;
-        self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
+        self.pwrite(
+            &vec![0u8; usize_from(self.cluster_size)],
+            host,
+            "zero cluster",
+        )?;
         if refs != 1 {
             self.set_refcount(c, refs)?;
         }
@@ -490,7 +495,11 @@ impl Qcow2Image {
         {
             // No shared zero cluster yet: the cluster being zeroed becomes it, in place
             // (it is exclusively ours), so no new cluster is allocated at the file's end.
-            self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
+            self.pwrite(
+                &vec![0u8; usize_from(self.cluster_size)],
+                host,
+                "zero cluster",
+            )?;
             self.zero_clusters.insert(ZeroCluster {
                 host,
                 single_ref: Some(gc),
@@ -522,9 +531,9 @@ impl Qcow2Image {
         if self.reads_as_zero(gc, m)? {
             return Ok(());
         }
-        let mut cluster = vec![0u8; cs as usize];
+        let mut cluster = vec![0u8; usize_from(cs)];
         self.read_cluster(gc, m, &mut cluster)?;
-        cluster[in_off as usize..(in_off + n) as usize].fill(0);
+        cluster[usize_from(in_off)..usize_from(in_off + n)].fill(0);
         if is_zero(&cluster) {
             return self.make_cluster_zero(gc, unmap, reason);
         }
@@ -533,7 +542,7 @@ impl Qcow2Image {
                 if !copied {
                     self.set_l2_entry(gc, owned_data(host))?;
                 }
-                let zeros = vec![0u8; n as usize];
+                let zeros = vec![0u8; usize_from(n)];
                 return self.pwrite(&zeros, host + in_off, "guest data");
             }
         }
@@ -557,7 +566,7 @@ impl Qcow2Image {
             let n = (cs - in_off).min(end - pos);
             if n == cs {
                 // Skip whole L2 ranges that have no table and need none.
-                let l1_idx = (gc / self.l2_entries) as usize;
+                let l1_idx = usize_from(gc / self.l2_entries);
                 let no_table = self
                     .l1
                     .get(l1_idx)

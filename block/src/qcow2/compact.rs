@@ -9,6 +9,7 @@ use super::entry::L1E_OFFSET_MASK;
 use super::image::Qcow2Image;
 use super::pending::{FreeReason, PENDING_FREE_BYTES};
 use super::relocate::Owner;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use crate::zero::is_zero;
 
@@ -36,12 +37,12 @@ impl Qcow2Image {
         let guest_clusters = self.header.size.div_ceil(cs);
         let mut stats = CompactStats::default();
         let total = guest_clusters * 2;
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = vec![0u8; usize_from(cs)];
 
         // 1. Zero scan.
         let mut gc = 0;
         while gc < guest_clusters {
-            let l1_idx = (gc / self.l2_entries) as usize;
+            let l1_idx = usize_from(gc / self.l2_entries);
             if self
                 .l1
                 .get(l1_idx)
@@ -199,11 +200,11 @@ impl Qcow2Image {
             }
             return Ok(false);
         }
-        let mut raw = Vec::with_capacity((n * cs) as usize);
+        let mut raw = Vec::with_capacity(usize_from(n * cs));
         for e in &self.l1 {
             raw.extend_from_slice(&e.to_be_bytes());
         }
-        raw.resize((n * cs) as usize, 0);
+        raw.resize(usize_from(n * cs), 0);
         self.write_dirty_refblocks()?;
         self.order_after_refcounts()?;
         self.pwrite(&raw, start * cs, "L1 table")?;
@@ -240,11 +241,11 @@ impl Qcow2Image {
             return Ok(false);
         }
         self.write_dirty_refblocks()?;
-        let mut raw = Vec::with_capacity((n * cs) as usize);
+        let mut raw = Vec::with_capacity(usize_from(n * cs));
         for e in &self.reftable {
             raw.extend_from_slice(&e.to_be_bytes());
         }
-        raw.resize((n * cs) as usize, 0);
+        raw.resize(usize_from(n * cs), 0);
         self.pwrite(&raw, start * cs, "refcount table")?;
         self.file
             .sync_data()

@@ -7,6 +7,7 @@ use std::path::Path;
 pub use super::header::Qcow2Version;
 use super::header::{self, CompressionType, Header};
 use super::refblock::set_entry;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use crate::format::ImageFormat;
 
@@ -157,10 +158,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         cluster_bits,
         size,
         crypt_method: 0,
-        l1_size: l1_entries as u32,
+        l1_size: u32::try_from(l1_entries)
+            .map_err(|_| Error::InvalidArgument("L1 table too large".into()))?,
         l1_table_offset: l1_off,
         refcount_table_offset: rt_off,
-        refcount_table_clusters: rt_clusters as u32,
+        refcount_table_clusters: u32::try_from(rt_clusters)
+            .map_err(|_| Error::InvalidArgument("refcount table too large".into()))?,
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
@@ -198,17 +201,17 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
     let io = |e| Error::io(format!("write {}", path.display()), e);
     file.set_len(0).map_err(io)?;
-    let mut image = vec![0u8; (total_clusters * cs) as usize];
+    let mut image = vec![0u8; usize_from(total_clusters * cs)];
     image[..hdr.len()].copy_from_slice(&hdr);
     for i in 0..rb_count {
         let e = (rb_off + i * cs).to_be_bytes();
-        let p = (rt_off + i * 8) as usize;
+        let p = usize_from(rt_off + i * 8);
         image[p..p + 8].copy_from_slice(&e);
     }
     for c in 0..total_clusters {
-        let block = (c / rb_entries) as usize;
-        let start = (rb_off as usize) + block * cs as usize;
-        let blk = &mut image[start..start + cs as usize];
+        let block = usize_from(c / rb_entries);
+        let start = usize_from(rb_off) + block * usize_from(cs);
+        let blk = &mut image[start..start + usize_from(cs)];
         set_entry(blk, c % rb_entries, refcount_order, 1);
     }
     file.write_all_at(&image, 0).map_err(io)?;

@@ -7,6 +7,7 @@ use super::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
 use super::image::Qcow2Image;
 use super::pending::{FreeReason, PendingFree};
 use super::zero_clusters::ZeroCluster;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use crate::zero::is_zero;
 
@@ -62,11 +63,11 @@ impl Qcow2Image {
         while i < punch.len() {
             let start = punch[i];
             let mut n = 1;
-            while i + (n as usize) < punch.len() && punch[i + n as usize] == start + n {
+            while i + usize_from(n) < punch.len() && punch[i + usize_from(n)] == start + n {
                 n += 1;
             }
             self.punch_clusters(start, n)?;
-            i += n as usize;
+            i += usize_from(n);
         }
         Ok(())
     }
@@ -117,7 +118,7 @@ impl Qcow2Image {
             self.set_refcount(cluster, 1)?;
             return self.fix_copied_flag(cluster);
         };
-        let mut data = vec![0u8; cs as usize];
+        let mut data = vec![0u8; usize_from(cs)];
         super::table_read::read_exact_or_eof(&self.file, &mut data, host)?;
         let fresh = if is_zero(&data) {
             let fresh = self.new_zero_cluster(1)?;
@@ -155,7 +156,7 @@ impl Qcow2Image {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
-            for i in 0..self.l2_entries as usize {
+            for i in 0..usize_from(self.l2_entries) {
                 let e = super::entry::read_l2(self.l2_cache.data(slot), i);
                 if e & super::entry::OFLAG_COMPRESSED == 0
                     && e & super::entry::L2E_OFFSET_MASK == host

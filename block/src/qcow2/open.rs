@@ -14,6 +14,7 @@ use super::image::{OpenFlags, Qcow2Image};
 use super::snapshot;
 use super::table_read::read_exact_or_eof;
 use super::zero_clusters::ZeroClusters;
+use crate::cast::usize_from;
 use crate::chain::Chain;
 use crate::disk::DiskImage;
 use crate::error::{Error, Result};
@@ -179,7 +180,7 @@ impl Qcow2Image {
         )?;
 
         // L1 table.
-        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        let mut l1_raw = vec![0u8; usize_from(l1_bytes)];
         read_exact_or_eof(&file, &mut l1_raw, header.l1_table_offset)?;
         let l1: Vec<u64> = l1_raw
             .chunks_exact(8)
@@ -188,7 +189,7 @@ impl Qcow2Image {
         drop(l1_raw);
 
         // Refcount table.
-        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        let mut rt_raw = vec![0u8; usize_from(rt_bytes)];
         read_exact_or_eof(&file, &mut rt_raw, header.refcount_table_offset)?;
         let reftable: Vec<u64> = rt_raw
             .chunks_exact(8)
@@ -203,7 +204,7 @@ impl Qcow2Image {
             .max(crate::chain::MIN_CACHE_TABLES);
         let rc_wanted = (l2_wanted / 4).max(crate::chain::MIN_CACHE_TABLES);
         let (l2_cap, rc_cap) = chain.grant_caches(path, l2_wanted, rc_wanted, cluster_size)?;
-        let (l2_cap, rc_cap) = (l2_cap as usize, rc_cap as usize);
+        let (l2_cap, rc_cap) = (usize_from(l2_cap), usize_from(rc_cap));
         let rb_entries = (cluster_size * 8) >> header.refcount_order;
         let rc_max = if header.refcount_order == 6 {
             u64::MAX
@@ -230,9 +231,9 @@ impl Qcow2Image {
             cluster_size,
             l2_entries,
             l1,
-            l2_cache: TableCache::new(cluster_size as usize, l2_cap),
+            l2_cache: TableCache::new(usize_from(cluster_size), l2_cap),
             reftable,
-            rc_cache: TableCache::new(cluster_size as usize, rc_cap),
+            rc_cache: TableCache::new(usize_from(cluster_size), rc_cap),
             rb_entries,
             rc_max,
             free_map: None,

@@ -25,6 +25,7 @@ use super::cluster::{Mapping, MAX_RUN};
 use super::entry::owned_data;
 use super::image::Qcow2Image;
 use super::pending::FreeReason;
+use crate::cast::usize_from;
 use crate::engine::DataOp;
 use crate::error::{Error, Result};
 use crate::host_file::AlignedBuf;
@@ -87,9 +88,13 @@ impl Qcow2Image {
                 Mapping::Zero { .. } => iobuf::zero_range(&parts, 0..n),
                 Mapping::Unallocated => self.plan_backing_read(goff, &parts, plan, stage)?,
                 Mapping::Compressed(_) => {
-                    scratch.resize(cs as usize, 0);
+                    scratch.resize(usize_from(cs), 0);
                     self.read_cluster(gc, m, &mut scratch)?;
-                    iobuf::copy_into(&parts, 0, &scratch[in_off as usize..(in_off + n) as usize]);
+                    iobuf::copy_into(
+                        &parts,
+                        0,
+                        &scratch[usize_from(in_off)..usize_from(in_off + n)],
+                    );
                 }
             }
             pos += n;
@@ -141,7 +146,7 @@ impl Qcow2Image {
         };
         // Zero detection, once per cluster.
         let zero: Vec<bool> = if self.detect_zeroes == DetectZeroes::Off {
-            vec![false; (last - first + 1) as usize]
+            vec![false; usize_from(last - first + 1)]
         } else {
             (first..=last)
                 .map(|gc| {
@@ -155,14 +160,14 @@ impl Qcow2Image {
         let mut gc = first;
         while gc <= last {
             let table_end = ((gc / self.l2_entries + 1) * self.l2_entries).min(last + 1);
-            if (gc..table_end).any(|g| !zero[(g - first) as usize]) {
+            if (gc..table_end).any(|g| !zero[usize_from(g - first)]) {
                 self.l2_slot(gc, true)?;
             }
             gc = table_end;
         }
         let mut gc = first;
         while gc <= last {
-            let i = (gc - first) as usize;
+            let i = usize_from(gc - first);
             let (s, e) = piece(gc);
             if zero[i] {
                 plan.actions.push(Action::Zeroes {
@@ -184,7 +189,7 @@ impl Qcow2Image {
                 self.zero_clusters.remove(host);
                 // Extend over following clusters also writable in place and contiguous.
                 let mut k = 1;
-                while gc + k <= last && !zero[i + k as usize] && k < MAX_RUN {
+                while gc + k <= last && !zero[i + usize_from(k)] && k < MAX_RUN {
                     match self.mapping(gc + k)? {
                         Mapping::Data {
                             host: h,
@@ -211,7 +216,7 @@ impl Qcow2Image {
             }
             // A run of clusters that all need new clusters.
             let mut k = 1;
-            while gc + k <= last && !zero[i + k as usize] && k < MAX_RUN {
+            while gc + k <= last && !zero[i + usize_from(k)] && k < MAX_RUN {
                 let nm = self.mapping(gc + k)?;
                 if self.writable_in_place(nm)? {
                     break;
@@ -283,13 +288,13 @@ impl Qcow2Image {
         to: u64,
     ) -> Result<IoBuf> {
         let cs = self.cluster_size;
-        let mut buf = AlignedBuf::new((to - from) as usize);
+        let mut buf = AlignedBuf::new(usize_from(to - from));
         // SAFETY: the buffer's heap memory is kept in `plan.bounce` (below) until the plan
         // is dropped, after all its operations; it does not move with the AlignedBuf.
         let b = unsafe { IoBuf::from_mut_slice(buf.as_mut_slice()) };
         // The part of the last cluster past the virtual size stays zero.
         let readable = to.min(self.header.size).saturating_sub(from);
-        let parts = [b.sub(0, readable as usize)];
+        let parts = [b.sub(0, usize_from(readable))];
         if readable > 0 {
             match self.mapping(gc)? {
                 Mapping::Data { host, .. } => {
@@ -306,10 +311,10 @@ impl Qcow2Image {
                     self.plan_backing_read(from, &parts, plan, READ_STAGE)?;
                 }
                 m @ Mapping::Compressed(_) => {
-                    let mut cluster = vec![0u8; cs as usize];
+                    let mut cluster = vec![0u8; usize_from(cs)];
                     self.read_cluster(gc, m, &mut cluster)?;
-                    let at = (from % cs) as usize;
-                    iobuf::copy_into(&parts, 0, &cluster[at..at + readable as usize]);
+                    let at = usize_from(from % cs);
+                    iobuf::copy_into(&parts, 0, &cluster[at..at + usize_from(readable)]);
                 }
             }
         }

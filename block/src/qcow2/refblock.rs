@@ -1,9 +1,11 @@
 //! Refcount block entries of every width (refcount_order 0..=6: 1 to 64 bits per entry):
 //! reading, writing, and finding the nonzero ones a word at a time.
 
+use crate::cast::usize_from;
+
 /// Reads entry `index` of a refcount block with `1 << order`-bit entries.
 pub fn get_entry(block: &[u8], index: u64, order: u32) -> u64 {
-    let i = index as usize;
+    let i = usize_from(index);
     match order {
         0 => u64::from((block[i / 8] >> (i % 8)) & 1),
         1 => u64::from((block[i / 4] >> (2 * (i % 4))) & 3),
@@ -49,7 +51,7 @@ pub(crate) fn used_words(block: &[u8], order: u32, n: u64, mut f: impl FnMut(u64
 
 /// Writes entry `index`; returns the byte range touched `(pos, len)`.
 pub fn set_entry(block: &mut [u8], index: u64, order: u32, value: u64) -> (usize, usize) {
-    let i = index as usize;
+    let i = usize_from(index);
     match order {
         0 => {
             let b = &mut block[i / 8];
@@ -69,15 +71,15 @@ pub fn set_entry(block: &mut [u8], index: u64, order: u32, value: u64) -> (usize
             (i / 2, 1)
         }
         3 => {
-            block[i] = value as u8;
+            block[i] = (value & 0xff) as u8;
             (i, 1)
         }
         4 => {
-            block[2 * i..2 * i + 2].copy_from_slice(&(value as u16).to_be_bytes());
+            block[2 * i..2 * i + 2].copy_from_slice(&((value & 0xffff) as u16).to_be_bytes());
             (2 * i, 2)
         }
         5 => {
-            block[4 * i..4 * i + 4].copy_from_slice(&(value as u32).to_be_bytes());
+            block[4 * i..4 * i + 4].copy_from_slice(&((value & 0xffff_ffff) as u32).to_be_bytes());
             (4 * i, 4)
         }
         _ => {

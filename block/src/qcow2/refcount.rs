@@ -7,6 +7,7 @@
 use super::entry::REFT_OFFSET_MASK;
 use super::image::Qcow2Image;
 use super::refblock::{get_entry, set_entry};
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 
 impl Qcow2Image {
@@ -69,7 +70,7 @@ impl Qcow2Image {
 
     /// Refcount of host cluster `idx` (0 where no refcount block covers it).
     pub fn refcount(&mut self, idx: u64) -> Result<u64> {
-        let ti = (idx / self.rb_entries) as usize;
+        let ti = usize_from(idx / self.rb_entries);
         let Some(&e) = self.reftable.get(ti) else {
             return Ok(0);
         };
@@ -94,7 +95,7 @@ impl Qcow2Image {
                 self.rc_max
             )));
         }
-        let ti = (idx / self.rb_entries) as usize;
+        let ti = usize_from(idx / self.rb_entries);
         let covered = self
             .reftable
             .get(ti)
@@ -137,13 +138,13 @@ impl Qcow2Image {
         let cs = self.cluster_size;
         let order = self.header.refcount_order;
         let candidate = self.fm()?.first_free();
-        let cand_ti = (candidate / rbe) as usize;
+        let cand_ti = usize_from(candidate / rbe);
         let cand_covered = cand_ti != ti
             && self
                 .reftable
                 .get(cand_ti)
                 .is_some_and(|&e| e & REFT_OFFSET_MASK != 0);
-        let mut block = vec![0u8; cs as usize];
+        let mut block = vec![0u8; usize_from(cs)];
         let location = if cand_covered {
             self.fm()?.set_used(candidate);
             self.set_refcount(candidate, 1)?;
@@ -199,11 +200,15 @@ impl Qcow2Image {
                     "refcount table would exceed its 8 MiB limit".into(),
                 ));
             }
-            let new_len = (clusters * cs / 8) as usize;
+            let new_len = usize_from(clusters * cs / 8);
+            // Fits: at most MAX_REFTABLE_BYTES / 512 clusters (checked above).
+            let clusters32 = u32::try_from(clusters).map_err(|_| {
+                Error::InvalidArgument("refcount table would exceed its 8 MiB limit".into())
+            })?;
             let fm = self.fm()?;
             let start = fm.find_run(clusters);
             // The new table must be able to describe itself.
-            if ((start + clusters) / rbe) as usize >= new_len {
+            if usize_from((start + clusters) / rbe) >= new_len {
                 want = new_len + new_len / 2 + 1;
                 continue;
             }
@@ -215,7 +220,7 @@ impl Qcow2Image {
             // Refcounts for the table's own clusters.
             let mut new_blocks: Vec<(usize, u64, Vec<u8>)> = Vec::new();
             for c in start..start + clusters {
-                let ti = (c / rbe) as usize;
+                let ti = usize_from(c / rbe);
                 if ti < old_len && self.reftable[ti] & REFT_OFFSET_MASK != 0 {
                     self.set_refcount(c, 1)?;
                     continue;
@@ -233,7 +238,7 @@ impl Qcow2Image {
                     ));
                 }
                 fm.set_used(loc);
-                let mut block = vec![0u8; cs as usize];
+                let mut block = vec![0u8; usize_from(cs)];
                 set_entry(&mut block, loc - base, order, 1);
                 set_entry(&mut block, c - base, order, 1);
                 table[ti] = loc * cs;
@@ -245,7 +250,7 @@ impl Qcow2Image {
                 self.pwrite(block, loc * cs, "refcount block")?;
                 self.meta.insert(*loc);
             }
-            let mut raw = Vec::with_capacity((clusters * cs) as usize);
+            let mut raw = Vec::with_capacity(usize_from(clusters * cs));
             for e in &table {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
@@ -255,13 +260,13 @@ impl Qcow2Image {
             let old_clusters = u64::from(self.header.refcount_table_clusters);
             let mut hdr = [0u8; 12];
             hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
-            hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+            hdr[8..].copy_from_slice(&clusters32.to_be_bytes());
             self.pwrite(&hdr, 48, "header (refcount table pointer)")?;
             self.sync()?;
             self.rc_unsynced = false;
             self.l2_unsynced = false;
             self.header.refcount_table_offset = start * cs;
-            self.header.refcount_table_clusters = clusters as u32;
+            self.header.refcount_table_clusters = clusters32;
             self.reftable = table;
             for c in start..start + clusters {
                 self.meta.insert(c);

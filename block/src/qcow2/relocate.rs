@@ -14,6 +14,7 @@ use super::entry::{
 };
 use super::image::Qcow2Image;
 use super::pending::FreeReason;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 
 /// Online tail relocation starts once the file has this much free space inside it.
@@ -103,7 +104,7 @@ impl Qcow2Image {
                 continue;
             }
             let slot = self.load_l2(l2_off)?;
-            for i in 0..self.l2_entries as usize {
+            for i in 0..usize_from(self.l2_entries) {
                 let e = super::entry::read_l2(self.l2_cache.data(slot), i);
                 if e & super::entry::OFLAG_COMPRESSED == 0
                     && e & super::entry::L2E_OFFSET_MASK == host
@@ -130,7 +131,7 @@ impl Qcow2Image {
         if rc > 1 {
             self.set_refcount(new, rc)?;
         }
-        self.pwrite(&vec![0u8; cs as usize], new_host, "zero cluster")?;
+        self.pwrite(&vec![0u8; usize_from(cs)], new_host, "zero cluster")?;
         for (l2_off, i) in refs {
             let slot = self.load_l2(l2_off)?;
             let e = super::entry::read_l2(self.l2_cache.data(slot), i);
@@ -282,7 +283,7 @@ impl Qcow2Image {
         for (off, (l1_idx, naming)) in order {
             let slot = self.load_l2(off)?;
             let table = self.l2_cache.data(slot).to_vec();
-            for j in 0..self.l2_entries as usize {
+            for j in 0..usize_from(self.l2_entries) {
                 let e = read_l2(&table, j);
                 if e == 0 {
                     continue;
@@ -401,7 +402,7 @@ impl Qcow2Image {
         if rc > 1 {
             self.set_refcount(new, rc)?;
         }
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = vec![0u8; usize_from(cs)];
         super::table_read::read_exact_or_eof(&self.file, &mut buf, old * cs)?;
         self.pwrite(&buf, new * cs, "relocated data")?;
         let flag = if rc == 1 { OFLAG_COPIED } else { 0 };

@@ -9,6 +9,7 @@ use super::header::{
     SNAPSHOT_ENTRY_FIXED,
 };
 use super::table_read::read_exact_or_eof;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use crate::host_file::HostFile;
 
@@ -67,7 +68,7 @@ impl Window<'_> {
             self.buf.resize(want as usize, 0);
             read_exact_or_eof(self.file, &mut self.buf[old..], self.start + old as u64)?;
         }
-        Ok(&self.buf[pos as usize..end as usize])
+        Ok(&self.buf[usize_from(pos)..usize_from(end)])
     }
 }
 

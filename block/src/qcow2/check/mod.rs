@@ -21,6 +21,7 @@ use walk::{walk, Walk};
 use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::free_map::FreeMap;
 use super::image::Qcow2Image;
+use crate::cast::usize_from;
 use crate::error::{Error, Result};
 use report::{CheckReport, RepairMode};
 
@@ -325,7 +326,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     let mut tables: Vec<u64> = l1.iter().map(|&(c, _)| c * cs).collect();
     tables.sort_unstable();
     tables.dedup();
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf = vec![0u8; usize_from(cs)];
     for &off in &tables {
         if conflicts(off) || !reader.read(&img.file, img.file_len, &mut buf, off)? {
             continue;
