@@ -5,8 +5,8 @@
 //!   [`disk_image`]: the [`crate::DiskImage`] requests;
 //! * [`header`]: the header, extensions and feature bits (`qcow2.c`'s header code);
 //! * [`entry`]: L1/L2/refcount table entry encoding;
-//! * [`cluster`]: guest-to-host mapping through L1/L2 tables, reads, copy-on-write and
-//!   zeroing (`qcow2-cluster.c`); [`planner`]: reads and writes planned as data operations;
+//! * [`cluster`]: guest-to-host mapping through L1/L2 tables (`qcow2-cluster.c`);
+//!   [`planner`]: reads and writes (with copy-on-write) planned as data operations;
 //! * [`refcount`], [`refblock`]: refcounts of every width, refcount table growth
 //!   (`qcow2-refcount.c`); [`alloc`], [`free_map`]: the cluster allocator and its index of
 //!   used and free host clusters; [`pending`], [`free`]: deferred, crash-safe frees;
@@ -14,7 +14,8 @@
 //!   [`table_read`]: metadata reads;
 //! * [`relocate`]: moving clusters down and truncating the file's tail (online and offline);
 //!   [`compact`]: offline reclamation;
-//! * [`zero_clusters`]: v2's shared all-zero clusters;
+//! * [`zeroing`]: write-zeroes, discard and detected zeroes; [`zero_clusters`]: v2's shared
+//!   all-zero clusters;
 //! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
 //! * [`create`]: image creation; [`compressed`]: compressed clusters;
@@ -43,6 +44,7 @@ pub(crate) mod relocate;
 pub mod snapshot;
 pub(crate) mod table_read;
 pub(crate) mod zero_clusters;
+pub(crate) mod zeroing;
 
 pub use crate::chain::MAX_CHAIN_DEPTH;
 pub use create::{create, CreateOptions, Qcow2Version};
