@@ -5,7 +5,7 @@
 
 use super::compressed::{decompress, CompressedExtent};
 use super::entry::{l1_reserved_bits, read_l2, write_l2, L2Entry, ReservedBits};
-use super::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
+use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::image::Qcow2Image;
 use super::pending::FreeReason;
 use crate::cast::usize_from;
@@ -249,6 +249,36 @@ impl Qcow2Image {
             return Ok(Mapping::Unallocated);
         }
         Ok(Mapping::Data { host, copied })
+    }
+
+    /// Active L2 entries that map host offset `host` as uncompressed data, as (guest
+    /// cluster, entry): only from L2 tables exclusively owned by the active L1 table (the
+    /// ones that may be modified in place), each read once however many L1 entries name it.
+    /// With `first_only`, stops at the first.
+    pub(crate) fn active_data_references(
+        &mut self,
+        host: u64,
+        first_only: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for l1_idx in 0..self.l1.len() {
+            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
+                continue;
+            }
+            let slot = self.load_l2(l2_off)?;
+            for i in 0..usize_from(self.l2_entries) {
+                let e = read_l2(self.l2_cache.data(slot), i);
+                if e & OFLAG_COMPRESSED == 0 && e & L2E_OFFSET_MASK == host {
+                    out.push((l1_idx as u64 * self.l2_entries + i as u64, e));
+                    if first_only {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The mapping of guest cluster `gc`.

@@ -3,7 +3,7 @@
 //! applied in a batch (statistics, hole punching, COPIED flags of clusters that became
 //! unshared, and moving the survivor of a shared cluster that loses one of two references).
 
-use super::entry::{L1E_OFFSET_MASK, OFLAG_COPIED};
+use super::entry::OFLAG_COPIED;
 use super::image::Qcow2Image;
 use super::pending::{FreeReason, PendingFree};
 use super::zero_clusters::ZeroCluster;
@@ -112,7 +112,7 @@ impl Qcow2Image {
         let cs = self.cluster_size;
         let host = cluster * cs;
         self.zero_clusters.remove(host);
-        let Some((gc, entry)) = self.find_active_reference(host)? else {
+        let Some(&(gc, entry)) = self.active_data_references(host, true)?.first() else {
             // The survivor is not in an active, exclusively owned L2 table (e.g. an internal
             // snapshot's, where COPIED does not apply): plain decrement.
             self.set_refcount(cluster, 1)?;
@@ -144,36 +144,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The guest cluster (and its L2 entry) of an active, exclusively owned L2 table that
-    /// maps host offset `host` as uncompressed data.
-    pub(crate) fn find_active_reference(&mut self, host: u64) -> Result<Option<(u64, u64)>> {
-        let mut seen = std::collections::HashSet::new();
-        for l1_idx in 0..self.l1.len() {
-            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            // Only tables exclusively owned by the active L1 may be modified in place (and
-            // each is read once, however many L1 entries name it).
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
-                continue;
-            }
-            let slot = self.load_l2(l2_off)?;
-            for i in 0..usize_from(self.l2_entries) {
-                let e = super::entry::read_l2(self.l2_cache.data(slot), i);
-                if e & super::entry::OFLAG_COMPRESSED == 0
-                    && e & super::entry::L2E_OFFSET_MASK == host
-                {
-                    return Ok(Some((l1_idx as u64 * self.l2_entries + i as u64, e)));
-                }
-            }
-        }
-        Ok(None)
-    }
-
     /// A shared cluster became exclusively owned: set COPIED on its remaining active L2
     /// reference (as `qemu-img check` requires), and stop using it as a shared zero cluster.
     pub(crate) fn fix_copied_flag(&mut self, cluster: u64) -> Result<()> {
         let host = cluster * self.cluster_size;
         self.zero_clusters.remove(host);
-        if let Some((gc, e)) = self.find_active_reference(host)? {
+        if let Some(&(gc, e)) = self.active_data_references(host, true)?.first() {
             if e & OFLAG_COPIED == 0 {
                 self.set_l2_entry(gc, e | OFLAG_COPIED)?;
             }

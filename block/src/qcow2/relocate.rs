@@ -93,56 +93,17 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Active L2 entries that reference host cluster `host` as plain data:
-    /// (L2 table offset, index).
-    pub(crate) fn find_references(&mut self, host: u64) -> Result<Vec<(u64, usize)>> {
-        let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for l1_idx in 0..self.l1.len() {
-            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
-            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
-                continue;
-            }
-            let slot = self.load_l2(l2_off)?;
-            for i in 0..usize_from(self.l2_entries) {
-                let e = super::entry::read_l2(self.l2_cache.data(slot), i);
-                if e & super::entry::OFLAG_COMPRESSED == 0
-                    && e & super::entry::L2E_OFFSET_MASK == host
-                {
-                    out.push((l2_off, i));
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Moves a shared zero cluster (v2 overlays) to the lowest free cluster, rewriting every
-    /// reference. Returns false when not all references are in the active tables.
+    /// reference (as any data cluster moves). Returns false when not all references are in
+    /// the active tables.
     pub(crate) fn move_zero_cluster(&mut self, old: u64) -> Result<bool> {
-        let cs = self.cluster_size;
-        let old_host = old * cs;
         let rc = self.refcount(old)?;
-        let refs = self.find_references(old_host)?;
+        let refs = self.active_data_references(old * self.cluster_size, false)?;
         if refs.len() as u64 != rc || rc == 0 {
             return Ok(false);
         }
-        let (new, _) = self.alloc_clusters(1)?;
-        let new_host = new * cs;
-        if rc > 1 {
-            self.set_refcount(new, rc)?;
-        }
-        self.pwrite(&vec![0u8; usize_from(cs)], new_host, "zero cluster")?;
-        for (l2_off, i) in refs {
-            let slot = self.load_l2(l2_off)?;
-            let e = super::entry::read_l2(self.l2_cache.data(slot), i);
-            let ne = (e & !super::entry::L2E_OFFSET_MASK) | new_host;
-            super::entry::write_l2(self.l2_cache.data_mut(slot), i, ne);
-            self.l2_cache.mark_dirty(slot, i * 8, 8);
-        }
-        self.zero_clusters.rehost(old_host, new_host);
-        for _ in 0..rc {
-            self.queue_free(old, true, FreeReason::Internal);
-        }
+        let gcs: Vec<u64> = refs.iter().map(|&(gc, _)| gc).collect();
+        self.move_data_cluster(old, &gcs)?;
         self.commit_frees()?;
         Ok(true)
     }
@@ -422,5 +383,70 @@ impl Qcow2Image {
             self.queue_free(old, true, FreeReason::Internal);
         }
         Ok(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::disk::DiskImage;
+    use crate::format::ImageFormat;
+    use crate::qcow2::create::{create, CreateOptions, Qcow2Version};
+    use crate::qcow2::image::Qcow2Image;
+
+    /// A v2 overlay over a backing file of 0x55 bytes: its data clusters zeroed one after
+    /// the other end up mapped to one shared zero cluster allocated at the end of the file.
+    /// Online tail relocation moves that cluster down (rewriting every reference) so the
+    /// file can be cut to its metadata and the one zero cluster.
+    #[test]
+    fn the_shared_zero_cluster_moves_down_and_the_file_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![0x55u8; 2 << 20]).unwrap();
+        let path = dir.path().join("v2.qcow2");
+        let opts = CreateOptions {
+            size: Some(2 << 20),
+            version: Qcow2Version::V2,
+            backing_file: Some(base.to_string_lossy().into_owned()),
+            backing_format: Some(ImageFormat::Raw),
+            ..CreateOptions::default()
+        };
+        create(&path, &opts).unwrap();
+        let mut img = Qcow2Image::open(&path, false).unwrap();
+        let cs = img.cluster_size;
+        // Less than TAIL_SLACK_BYTES is freed: no data cluster moves, only the zero cluster.
+        let n = 8;
+        img.write_at(0, &vec![0xaau8; usize::try_from(n * cs).unwrap()])
+            .unwrap();
+        img.flush().unwrap();
+        let full = img.file_len / cs;
+        // The last data cluster becomes the zero cluster in place; the next one moves both
+        // references to a fresh zero cluster at the end of the file; the rest share it.
+        for gc in (0..n).rev() {
+            img.write_zeroes(gc * cs, cs, true).unwrap();
+        }
+        img.flush().unwrap();
+        let zero = img.zero_clusters.to_vec();
+        assert_eq!(zero.len(), 1, "{zero:?}");
+        let zero = zero[0].host / cs;
+        assert_eq!(img.refcount(zero).unwrap(), n);
+        assert!(
+            img.file_len / cs < full - n + 2,
+            "file cut to metadata and the zero cluster: {} clusters (was {full})",
+            img.file_len / cs
+        );
+        assert!(zero < img.file_len / cs);
+        let mut buf = vec![1u8; usize::try_from(n * cs + cs).unwrap()];
+        img.read_at(0, &mut buf).unwrap();
+        let (zeroed, beyond) = buf.split_at(usize::try_from(n * cs).unwrap());
+        assert!(zeroed.iter().all(|&b| b == 0), "zeroed clusters read zeros");
+        assert!(
+            beyond.iter().all(|&b| b == 0x55),
+            "the rest reads the backing file"
+        );
+        drop(img);
+        let mut img = Qcow2Image::open_for_repair(&path).unwrap();
+        let report = img.check(None).unwrap();
+        assert_eq!(report.corruptions, 0, "{report:?}");
+        assert_eq!(report.leaks, 0, "{report:?}");
     }
 }
