@@ -18,7 +18,7 @@
 //!    (`raw_check_lock_bytes`). A lock held by any *other* open file description means a
 //!    conflict: "Failed to get "write" lock" (someone refuses to share a permission we want)
 //!    or "Failed to get shared "write" lock" (someone holds a permission we refuse to share),
-//!    "Is another process using the image [PATH]?".
+//!    "Is another process using the image \[PATH\]?".
 //!
 //! Only shared locks are ever taken, so taking them never fails because of another user;
 //! the test in step 2 finds the conflicts. Two openers racing both see each other's bytes

@@ -1,5 +1,5 @@
 //! The thread-pool engine (`aio=threads`, QEMU's thread-pool AIO): operations run on the
-//! crate's pool of I/O threads ([`crate::parallel`]), at most a set number at a time;
+//! crate's pool of I/O threads (`crate::parallel`), at most a set number at a time;
 //! finished ones come back on a channel and wake an eventfd.
 
 use std::collections::VecDeque;

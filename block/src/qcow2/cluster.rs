@@ -1,7 +1,7 @@
 //! Guest-to-host mapping through the L1 and L2 tables (QEMU's `qcow2-cluster.c`): L2 tables
 //! loaded, allocated and written back, entries decoded and validated, cluster contents read
 //! (backing file, compressed), whether a cluster can be written in place, and block status.
-//! Zeroing is in [`super::zeroing`], reads and writes as data operations in the planner.
+//! Zeroing is in `zeroing`, reads and writes as data operations in the planner.
 
 use super::compressed::{decompress, CompressedExtent};
 use super::entry::{l1_reserved_bits, read_l2, write_l2, L2Entry, ReservedBits};

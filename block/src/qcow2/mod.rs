@@ -2,23 +2,23 @@
 //!
 //! Split by concern, much like QEMU's driver:
 //! * [`image`]: the in-memory state of an open image ([`Qcow2Image`]), [`open`]: opening it,
-//!   [`disk_image`]: the [`crate::DiskImage`] requests;
+//!   `disk_image`: the [`crate::DiskImage`] requests;
 //! * [`header`]: the header, extensions and feature bits (`qcow2.c`'s header code);
-//! * [`entry`]: L1/L2/refcount table entry encoding;
+//! * `entry`: L1/L2/refcount table entry encoding;
 //! * [`cluster`]: guest-to-host mapping through L1/L2 tables (`qcow2-cluster.c`);
-//!   [`planner`]: reads and writes (with copy-on-write) planned as data operations;
+//!   `planner`: reads and writes (with copy-on-write) planned as data operations;
 //! * [`refcount`], [`refblock`]: refcounts of every width, refcount table growth
-//!   (`qcow2-refcount.c`); [`alloc`], [`free_map`]: the cluster allocator and its index of
-//!   used and free host clusters; [`pending`], [`free`]: deferred, crash-safe frees;
-//! * [`io`]: the ordered writes and syncs every update passes through;
-//!   [`table_read`]: metadata reads;
-//! * [`relocate`]: moving clusters down and truncating the file's tail (online and offline);
+//!   (`qcow2-refcount.c`); `alloc`, [`free_map`]: the cluster allocator and its index of
+//!   used and free host clusters; `pending`, `free`: deferred, crash-safe frees;
+//! * `io`: the ordered writes and syncs every update passes through;
+//!   `table_read`: metadata reads;
+//! * `relocate`: moving clusters down and truncating the file's tail (online and offline);
 //!   [`compact`]: offline reclamation;
-//! * [`zeroing`]: write-zeroes, discard and detected zeroes; [`zero_clusters`]: v2's shared
+//! * `zeroing`: write-zeroes, discard and detected zeroes; `zero_clusters`: v2's shared
 //!   all-zero clusters;
 //! * [`cache`]: bounded L2 / refcount-block caches (`qcow2-cache.c`);
 //! * [`check`]: consistency check, leak repair and refcount rebuild;
-//! * [`create`]: image creation; [`compressed`]: compressed clusters;
+//! * [`create`](mod@create): image creation; [`compressed`]: compressed clusters;
 //! * [`snapshot`]: the internal snapshot table, read and validated at open.
 
 pub(crate) mod alloc;

@@ -2,7 +2,7 @@
 //! cache, validating refcount blocks, writing dirty blocks back (after the L2 writes they
 //! must follow), creating refcount blocks and growing the refcount table (QEMU's
 //! `qcow2-refcount.c`). Entry encoding is in [`super::refblock`], allocation in
-//! [`super::alloc`], deferred frees in [`super::free`].
+//! `alloc`, deferred frees in `free`.
 
 use super::entry::REFT_OFFSET_MASK;
 use super::image::Qcow2Image;

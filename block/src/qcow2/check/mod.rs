@@ -1,7 +1,7 @@
 //! Consistency check, leak repair and refcount rebuild (QEMU's `qcow2_check_refcounts`).
 //!
-//! References are counted by walking every structure ([`walk`]) and compared with the
-//! stored refcounts ([`stored`]): a stored refcount below the number of references is a
+//! References are counted by walking every structure (`walk`) and compared with the
+//! stored refcounts (`stored`): a stored refcount below the number of references is a
 //! corruption, above it a leak. COPIED flags are checked against the refcounts as QEMU does.
 //!
 //! A hostile image bounds none of this by itself, so the work is bounded here by what the
