@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use image_cli::size::human_size;
+use units::human_size;
 
 use vmm::Vmm;
 

@@ -10,9 +10,9 @@ use std::time::Instant;
 use block::host_file::AlignedBuf;
 use block::pipeline::IoRequest;
 use block::IoBuf;
+use units::parse_size;
 
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
 use crate::{CacheArg, FormatArg};
 
 /// Arguments of `thinvm image bench` (qemu-img bench's, plus `--random`).

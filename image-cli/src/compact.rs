@@ -3,8 +3,9 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
+use units::human_size;
+
 use crate::error::{CliError, Result};
-use crate::size::human_size;
 use crate::OutputFormat;
 
 pub fn run(file: &Path, format: Option<crate::FormatArg>, output: OutputFormat) -> Result<()> {

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use block::qcow2::{CreateOptions, Qcow2Version};
 use block::ImageFormat;
+use units::parse_size;
 
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
 use crate::FormatArg;
 
 pub struct CreateArgs {

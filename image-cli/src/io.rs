@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use block::pipeline::{IoRequest, Pipeline};
 use block::{DiskImage, IoBuf};
+use units::parse_size;
 
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
 use crate::DetectZeroesArg;
 
 /// One parsed command.

@@ -17,7 +17,6 @@ pub mod error;
 mod info;
 mod io;
 mod map;
-pub mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
