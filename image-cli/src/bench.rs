@@ -12,8 +12,9 @@ use block::pipeline::IoRequest;
 use block::IoBuf;
 use units::parse_size;
 
+use crate::args::{AioArg, CacheArg, DetectZeroesArg, FormatArg};
 use crate::error::{CliError, Result};
-use crate::{CacheArg, FormatArg};
+use crate::open::{open_image, pipeline, ImageAccess};
 
 /// Arguments of `thinvm image bench` (qemu-img bench's, plus `--random`).
 #[derive(Debug, clap::Args)]
@@ -26,7 +27,7 @@ pub struct BenchArgs {
     pub depth: u64,
     /// I/O engine (default: io_uring where the kernel allows it, else threads).
     #[arg(short = 'i', long = "aio", value_enum)]
-    pub aio: Option<crate::AioArg>,
+    pub aio: Option<AioArg>,
     /// Request size.
     #[arg(short = 's', default_value = "4k")]
     pub size: String,
@@ -60,7 +61,7 @@ pub struct BenchArgs {
     pub random: bool,
     /// Zero detection for writes.
     #[arg(long, value_enum, default_value = "off")]
-    pub detect_zeroes: crate::DetectZeroesArg,
+    pub detect_zeroes: DetectZeroesArg,
     /// Only print the summary line.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -105,9 +106,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         None => 0,
     };
-    let mut img = crate::open_image(
+    let mut img = open_image(
         &a.file,
-        crate::ImageAccess {
+        ImageAccess {
             format: a.format,
             read_only: !a.write,
             direct: a.cache == CacheArg::None,
@@ -140,7 +141,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     // -d N: N requests in flight, each replaced as soon as it completes.
     let depth = a.depth.clamp(1, 1024) as usize;
-    let mut pipeline = crate::pipeline(a.aio)?;
+    let mut pipeline = pipeline(a.aio)?;
     let wbuf = aligned(size as usize, pattern);
     let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { depth })
         .map(|_| aligned(size as usize, pattern))

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use units::human_size;
 
+use crate::args::{FormatArg, OutputFormat};
 use crate::error::{CliError, Result};
-use crate::OutputFormat;
 
-pub fn run(file: &Path, format: Option<crate::FormatArg>, output: OutputFormat) -> Result<()> {
+pub fn run(file: &Path, format: Option<FormatArg>, output: OutputFormat) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template(

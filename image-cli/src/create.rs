@@ -6,8 +6,8 @@ use block::qcow2::{CreateOptions, Qcow2Version};
 use block::ImageFormat;
 use units::parse_size;
 
+use crate::args::FormatArg;
 use crate::error::{CliError, Result};
-use crate::FormatArg;
 
 pub struct CreateArgs {
     pub format: FormatArg,

@@ -6,8 +6,8 @@ use block::inspect::ImageInfo;
 use serde_json::{json, Value};
 use units::human_size;
 
+use crate::args::OutputFormat;
 use crate::error::{CliError, Result};
-use crate::OutputFormat;
 
 /// qemu-img's JSON for one image.
 pub fn to_json(i: &ImageInfo) -> Value {
