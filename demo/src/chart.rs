@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::Sample;
+use crate::sample::Sample;
 
 /// One VMM's run: its size samples and when each step ended (ms since its own start).
 pub struct Series<'a> {
