@@ -321,9 +321,8 @@ mod tests {
 
     #[test]
     fn every_step_is_named_and_no_text_runs_off_the_chart() {
-        let dir = std::env::temp_dir().join(format!("thinvm-chart-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let svg = dir.join("c.svg");
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("c.svg");
         let sample = |t: u64, a: u64, p: u64| Sample {
             t_ms: t,
             allocated: a << 20,
@@ -366,7 +365,6 @@ mod tests {
         )
         .unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         let all = texts(&text);
         let key: String = all
             .iter()

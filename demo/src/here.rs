@@ -1,7 +1,7 @@
 //! The demo on this host: each VMM's series in a work directory, then the overlays, the
 //! chart and results.json saved to `--out`, and a summary.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use units::human_size;
@@ -14,19 +14,15 @@ use crate::series::run_series;
 use crate::step::steps;
 use crate::vmm::{self, Vmm};
 
-/// Removes the work directory on every exit path.
-struct WorkDir(PathBuf);
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the demo here; `exe` is this thinvm binary.
 pub fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result<ExitCode> {
-    let work =
-        WorkDir(guest_rig::scratch_dir().join(format!("thinvm-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&work.0).map_err(io("creating the work directory"))?;
+    // Removed on every exit path (when `work` drops).
+    let scratch = guest_rig::scratch_dir();
+    std::fs::create_dir_all(&scratch).map_err(io("creating the work directory"))?;
+    let work = tempfile::Builder::new()
+        .prefix("thinvm-demo-")
+        .tempdir_in(&scratch)
+        .map_err(io("creating the work directory"))?;
     let mut vmms = vec![Vmm::Thinvm(exe)];
     if args.compare_qemu {
         vmm::require_qemu()?;
@@ -35,7 +31,7 @@ pub fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result
     let all = steps(args.fill_mib);
     let mut runs = Vec::new();
     for vmm in &vmms {
-        runs.push(run_series(args, vmm, guest, &work.0, &all)?);
+        runs.push(run_series(args, vmm, guest, work.path(), &all)?);
     }
     // Results next to the overlays.
     std::fs::create_dir_all(&args.out).map_err(io(format!("creating {}", args.out.display())))?;
