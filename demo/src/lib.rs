@@ -10,6 +10,8 @@
 //! This file only decides where the demo runs (`here.rs`, or `rig.rs` inside the rig);
 //! the steps, their measurements and the outputs live in their own files.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod args;
 mod chart;
 mod error;

@@ -34,9 +34,8 @@ pub fn run_in_rig(args: &DemoArgs, exe: &Path) -> Result<ExitCode> {
     if interrupted() {
         return Err(DemoError::Interrupted);
     }
-    Ok(ExitCode::from(
-        status.code().unwrap_or(1).clamp(0, 255) as u8
-    ))
+    let code = status.code().unwrap_or(1).clamp(0, 255);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
 }
 
 /// Quotes `s` as one word for sh.

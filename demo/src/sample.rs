@@ -14,11 +14,16 @@ pub struct Sample {
     pub apparent: u64,
 }
 
+/// Milliseconds since `start` (saturating: u64 milliseconds last 584 million years).
+pub fn ms_since(start: &Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Appends the overlay's size now to `samples`.
 pub fn push_sample(samples: &Arc<Mutex<Vec<Sample>>>, start: &Instant, overlay: &Path) {
     let (a, p) = usage(overlay);
     let s = Sample {
-        t_ms: start.elapsed().as_millis() as u64,
+        t_ms: ms_since(start),
         allocated: a,
         apparent: p,
     };

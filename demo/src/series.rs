@@ -12,7 +12,7 @@ use crate::args::DemoArgs;
 use crate::error::{DemoError, Result};
 use crate::interrupt::interrupted;
 use crate::overlay::{check_status, usage};
-use crate::sample::{push_sample, Sample};
+use crate::sample::{ms_since, push_sample, Sample};
 use crate::step::run_step;
 use crate::table::{print_table, Row};
 use crate::vmm::Vmm;
@@ -84,12 +84,12 @@ pub fn run_series(
             &start,
             bar.as_ref(),
         )?;
-        let wall_ms = t0.elapsed().as_millis() as u64;
+        let wall_ms = ms_since(&t0);
         if let Some(b) = &bar {
             b.finish_and_clear();
         }
         let (alloc, app) = usage(&overlay);
-        step_ends_ms.push(start.elapsed().as_millis() as u64);
+        step_ends_ms.push(ms_since(&start));
         let check = check_status(&overlay);
         println!(
             "  {}: step {}/{}: {label}: {:.1}s; overlay allocated {}, apparent {}; check: {check}",

@@ -142,9 +142,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     // -d N: N requests in flight, each replaced as soon as it completes.
     let depth = a.depth.clamp(1, 1024) as usize;
     let mut pipeline = pipeline(a.aio)?;
-    let wbuf = aligned(size as usize, pattern);
+    let buf_len = usize::try_from(size)
+        .map_err(|_| CliError::Usage(format!("request size {size} is too large")))?;
+    let wbuf = aligned(buf_len, pattern);
     let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { depth })
-        .map(|_| aligned(size as usize, pattern))
+        .map(|_| aligned(buf_len, pattern))
         .collect();
     let slots = vsize / size;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -201,7 +203,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let Err(e) = r {
                 first_error.get_or_insert(e);
             }
-            free.push(slot as usize);
+            free.push(slot_index(slot));
             done += 1;
             writes_since_flush += u64::from(a.write);
         }
@@ -214,7 +216,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let mut rest = Vec::new();
                 pipeline.drain(img, &mut rest);
                 done += rest.len() as u64;
-                free.extend(rest.into_iter().map(|(slot, _)| slot as usize));
+                free.extend(rest.into_iter().map(|(slot, _)| slot_index(slot)));
                 img.flush().map_err(err)?;
                 writes_since_flush = 0;
             }
@@ -237,6 +239,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ops * size as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// The slot a completed request's tag names: the tags are the slot indices this file
+/// submitted (below the depth, at most 1024), so they fit a `usize`.
+#[allow(clippy::cast_possible_truncation)]
+fn slot_index(tag: u64) -> usize {
+    tag as usize
 }
 
 /// `len` bytes of `fill` at a 4 KiB-aligned address, as qemu-img bench allocates its

@@ -12,6 +12,8 @@
 //! This file only dispatches: the options are in `command.rs` and `args.rs`, opening an
 //! image in `open.rs`, each subcommand in its own file.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod args;
 mod bench;
 mod check;
