@@ -8,8 +8,8 @@ use block::{DetectZeroes, OpenOptions};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn bench(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("thinvm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("b.qcow2");
     let size: u64 = 256 << 20;
     block::qcow2::create(
@@ -62,7 +62,6 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
     drop(img);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 criterion_group!(benches, bench);

@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest backing chain opened below an image (QEMU has no fixed limit).
 pub const MAX_CHAIN_DEPTH: u32 = 64;
@@ -95,7 +95,7 @@ pub(crate) struct Chain {
     files: Vec<(FileId, PathBuf)>,
     metadata_bytes: u64,
     /// Whether a backing file whose format its overlay does not record may be probed into a
-    /// format that names further files ([`crate::ProbePolicy`]).
+    /// format that names further files ([`crate::probe::ProbePolicy`]).
     pub(crate) follows_probed_names: bool,
 }
 

@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 
+use crate::cast::usize_from;
 use crate::iobuf::IoBuf;
 
 /// Alignment used for direct I/O: covers 512-byte and 4 KiB logical block devices.
@@ -39,8 +40,8 @@ pub struct AlignedBuf {
 impl AlignedBuf {
     /// `len` zero bytes at a 4 KiB-aligned address.
     pub fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + DIRECT_ALIGN as usize];
-        let start = storage.as_ptr().align_offset(DIRECT_ALIGN as usize);
+        let storage = vec![0u8; len + usize_from(DIRECT_ALIGN)];
+        let start = storage.as_ptr().align_offset(usize_from(DIRECT_ALIGN));
         AlignedBuf {
             storage,
             start,
@@ -61,7 +62,8 @@ impl AlignedBuf {
 
 /// Whether `buf` can go to an O_DIRECT file as it is: address and length 4 KiB-aligned.
 fn is_aligned(buf: &[u8]) -> bool {
-    (buf.as_ptr() as usize) % DIRECT_ALIGN as usize == 0 && (buf.len() as u64) % DIRECT_ALIGN == 0
+    (buf.as_ptr() as usize) % usize_from(DIRECT_ALIGN) == 0
+        && (buf.len() as u64) % DIRECT_ALIGN == 0
 }
 
 fn align_down(v: u64) -> u64 {
@@ -85,7 +87,8 @@ fn end_of(offset: u64, len: usize) -> io::Result<u64> {
 pub fn direct_ready(bufs: &[IoBuf], offset: u64) -> bool {
     offset % DIRECT_ALIGN == 0
         && bufs.iter().all(|b| {
-            (b.as_ptr() as usize) % DIRECT_ALIGN as usize == 0 && b.len() as u64 % DIRECT_ALIGN == 0
+            (b.as_ptr() as usize) % usize_from(DIRECT_ALIGN) == 0
+                && b.len() as u64 % DIRECT_ALIGN == 0
         })
 }
 
@@ -139,7 +142,7 @@ impl HostFile {
 
     /// Locks the file (the image at `path`) with QEMU's lock bytes for `mode`, failing if
     /// another user's locks conflict ([`crate::lock`]). Held until the file is dropped.
-    pub fn lock(&mut self, path: &Path, mode: crate::lock::LockMode) -> crate::Result<()> {
+    pub fn lock(&mut self, path: &Path, mode: crate::lock::LockMode) -> crate::error::Result<()> {
         self.lock = Some(crate::lock::acquire(&self.file, path, mode)?);
         Ok(())
     }
@@ -164,9 +167,9 @@ impl HostFile {
         }
         let start = align_down(offset);
         let end = align_up(end_of(offset, buf.len())?)?;
-        let mut bounce = AlignedBuf::new((end - start) as usize);
+        let mut bounce = AlignedBuf::new(usize_from(end - start));
         let got = self.read_aligned(bounce.as_mut_slice(), start)?;
-        let head = (offset - start) as usize;
+        let head = usize_from(offset - start);
         let n = got.saturating_sub(head).min(buf.len());
         buf[..n].copy_from_slice(&bounce.as_slice()[head..head + n]);
         Ok(n)
@@ -198,8 +201,8 @@ impl HostFile {
         let end = end_of(offset, buf.len())?;
         let start = align_down(offset);
         let aligned_end = align_up(end)?;
-        let mut bounce = AlignedBuf::new((aligned_end - start) as usize);
-        let head = (offset - start) as usize;
+        let mut bounce = AlignedBuf::new(usize_from(aligned_end - start));
+        let head = usize_from(offset - start);
         let partial_head = head != 0;
         let partial_tail = aligned_end != end;
         let old_len = if partial_head || partial_tail {
@@ -208,13 +211,13 @@ impl HostFile {
             None
         };
         // Read-modify-write of the partial blocks (zeros beyond the end of the file).
-        let block = DIRECT_ALIGN as usize;
+        let block = usize_from(DIRECT_ALIGN);
         if partial_head {
             self.read_aligned(&mut bounce.as_mut_slice()[..block], start)?;
         }
         if partial_tail && (aligned_end - DIRECT_ALIGN > start || !partial_head) {
             let tail_at = aligned_end - DIRECT_ALIGN;
-            let from = (tail_at - start) as usize;
+            let from = usize_from(tail_at - start);
             self.read_aligned(&mut bounce.as_mut_slice()[from..from + block], tail_at)?;
         }
         bounce.as_mut_slice()[head..head + buf.len()].copy_from_slice(buf);
@@ -233,7 +236,7 @@ impl HostFile {
     /// into an aligned bounce buffer first.
     pub fn write_vectored_all_at(&self, bufs: &[IoBuf], offset: u64) -> io::Result<()> {
         if self.direct && !direct_ready(bufs, offset) {
-            let total = crate::iobuf::total_len(bufs) as usize;
+            let total = usize_from(crate::iobuf::total_len(bufs));
             let mut aligned = AlignedBuf::new(total);
             crate::iobuf::copy_out(bufs, 0, aligned.as_mut_slice());
             return self.write_all_at(aligned.as_slice(), offset);
@@ -256,9 +259,9 @@ impl HostFile {
     /// an aligned bounce buffer.
     pub fn read_vectored_or_zeros(&self, bufs: &[IoBuf], offset: u64) -> io::Result<()> {
         if self.direct && !direct_ready(bufs, offset) {
-            let total = crate::iobuf::total_len(bufs) as usize;
+            let total = usize_from(crate::iobuf::total_len(bufs));
             let mut bounce = vec![0u8; total];
-            crate::parallel::read_or_zeros(self, &mut bounce, offset)?;
+            self.read_or_zeros(&mut bounce, offset)?;
             crate::iobuf::copy_into(bufs, 0, &bounce);
             return Ok(());
         }
@@ -318,15 +321,11 @@ impl HostFile {
             }
             let at = libc::off_t::try_from(pos)
                 .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // At most IOV_MAX.
+            let iovecs = libc::c_int::try_from(call.len())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
             // SAFETY: the caller guarantees the buffers; `call` holds their remaining parts.
-            let n = unsafe {
-                op(
-                    self.file.as_raw_fd(),
-                    call.as_ptr(),
-                    call.len() as libc::c_int,
-                    at,
-                )
-            };
+            let n = unsafe { op(self.file.as_raw_fd(), call.as_ptr(), iovecs, at) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -337,7 +336,8 @@ impl HostFile {
             if n == 0 {
                 return Ok(Transferred::Until(idx, skip));
             }
-            let mut n = n as usize;
+            // `n` is positive here.
+            let mut n = n.unsigned_abs();
             pos += n as u64;
             while n > 0 {
                 let left = iov[idx].iov_len - skip;
@@ -373,6 +373,98 @@ impl HostFile {
         Ok(done)
     }
 
+    /// Reads `buf.len()` bytes at `offset`; the part past the end of the file reads as zeros.
+    pub fn read_or_zeros(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset
+                .checked_add(done as u64)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            match self.read_at(&mut buf[done..], at) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases the host blocks of `len` bytes at `offset`, keeping the file's size
+    /// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): the range then reads as zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Allocates host blocks for `len` bytes at `offset`, extending the file if needed
+    /// (`fallocate` mode 0); the new range reads as zeros.
+    pub fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(0, offset, len)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros without releasing their blocks
+    /// (`fallocate(ZERO_RANGE)`).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+    }
+
+    /// The first offset at or after `offset` that holds data (`lseek(SEEK_DATA)`); `None`
+    /// when there is none (ENXIO).
+    pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(offset, libc::SEEK_DATA)
+    }
+
+    /// The first offset at or after `offset` that starts a hole (`lseek(SEEK_HOLE)`; the end
+    /// of the file counts as one); `None` past the end (ENXIO).
+    pub fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.seek(offset, libc::SEEK_HOLE)
+    }
+
+    /// `fallocate(2)` on the file, retried on EINTR.
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        loop {
+            // SAFETY: fallocate only operates on the file descriptor, which `self` keeps open
+            // for the duration of the call; no memory is passed.
+            let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+            if ret == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    /// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`; `None` when there is no such position
+    /// (ENXIO). Positioned I/O (pread/pwrite) does not use the file position it moves.
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek only operates on the descriptor kept open by `self`; no memory is
+        // passed.
+        let ret = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        // lseek returned a non-negative offset.
+        u64::try_from(ret)
+            .map(Some)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
     /// `fdatasync`.
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -392,6 +484,14 @@ impl HostFile {
     pub fn metadata(&self) -> io::Result<Metadata> {
         self.file.metadata()
     }
+}
+
+/// Whether an `fallocate` error means the file system does not support the operation.
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 impl AsRawFd for HostFile {
@@ -418,9 +518,9 @@ mod tests {
 
     #[test]
     fn unaligned_direct_io_matches_a_buffered_model() {
-        let dir = std::env::temp_dir().join(format!("thinvm-direct-io-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let Some(f) = direct_file(&dir) else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let Some(f) = direct_file(dir) else { return };
         let buffered = HostFile::open(&dir.join("direct.img"), true, false).unwrap();
         let mut model: Vec<u8> = Vec::new();
         let mut seed = 0x1234_5678_9abc_def0u64;
@@ -435,7 +535,7 @@ mod tests {
         let mut aligned_store = vec![0u8; 16384 + 4096];
         let a0 = aligned_store.as_ptr().align_offset(4096);
         for i in 0..300 {
-            let byte = (i % 251) as u8 + 1;
+            let byte = u8::try_from(i % 251).unwrap() + 1;
             let (off, len) = if i % 3 == 0 {
                 ((next() % 10) * 4096, ((next() % 4) as usize + 1) * 4096)
             } else {
@@ -467,11 +567,11 @@ mod tests {
             } else {
                 f.write_all_at(&data, off).unwrap();
             }
-            let end = off as usize + len;
+            let end = usize_from(off) + len;
             if model.len() < end {
                 model.resize(end, 0);
             }
-            model[off as usize..end].copy_from_slice(&data);
+            model[usize_from(off)..end].copy_from_slice(&data);
             assert_eq!(
                 f.metadata().unwrap().len(),
                 model.len() as u64,
@@ -491,7 +591,7 @@ mod tests {
             } else {
                 f.read_at(&mut got, roff).unwrap()
             };
-            let want: &[u8] = model.get(roff as usize..).unwrap_or(&[]);
+            let want: &[u8] = model.get(usize_from(roff)..).unwrap_or(&[]);
             let want = &want[..want.len().min(rlen)];
             assert_eq!(n, want.len(), "read length {i}");
             assert_eq!(&got[..n], want, "read data {i}");
@@ -523,6 +623,5 @@ mod tests {
                 assert_eq!(&bytes[..], &want_full[..], "vectored read {i}");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -6,8 +6,13 @@
 
 use std::path::Path;
 
+use crate::disk::DiskImage;
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
+use crate::probe::probe_format;
+pub use crate::qcow2::check::report::{CheckReport, RepairMode};
 use crate::qcow2::Qcow2Image;
-use crate::{probe_format, DiskImage, Error, HostUsage, ImageFormat, Result};
+use crate::status::HostUsage;
 
 /// Format-specific details of a qcow2 image (what `qemu-img info` shows under
 /// "Format specific information").
@@ -59,7 +64,7 @@ pub fn info_shared(path: &Path, force_share: bool) -> Result<ImageInfo> {
         ImageFormat::Raw => {
             let img = crate::raw::RawImage::open_with_options(
                 path,
-                &crate::OpenOptions {
+                &crate::options::OpenOptions {
                     read_only: true,
                     force_share: true,
                     ..Default::default()
@@ -147,38 +152,6 @@ pub fn info_chain_shared(path: &Path, force_share: bool) -> Result<Vec<ImageInfo
     Ok(out)
 }
 
-/// Which problems `check` may repair, as `qemu-img check -r leaks|all`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RepairMode {
-    Leaks,
-    All,
-}
-
-/// The result of a consistency check, with `qemu-img check --output=json`'s fields.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct CheckReport {
-    pub filename: String,
-    pub format: String,
-    /// Refcounts too low, L2 entries pointing at invalid places, overlapping metadata ...
-    pub corruptions: u64,
-    /// Clusters with a refcount but no reference.
-    pub leaks: u64,
-    /// Errors that prevented checking part of the image.
-    pub check_errors: u64,
-    pub corruptions_fixed: u64,
-    pub leaks_fixed: u64,
-    pub image_end_offset: Option<u64>,
-    pub total_clusters: Option<u64>,
-    pub allocated_clusters: Option<u64>,
-    pub fragmented_clusters: Option<u64>,
-    pub compressed_clusters: Option<u64>,
-    /// One human-readable line per problem found (`ERROR ...`, `Leaked cluster ...`).
-    pub messages: Vec<String>,
-    /// Lines left out of `messages` (an image can have millions of problems; they are all
-    /// counted, the first ones are listed).
-    pub messages_dropped: u64,
-}
-
 /// Checks (and with `repair`, repairs) an image.
 pub fn check(path: &Path, repair: Option<RepairMode>) -> Result<CheckReport> {
     check_shared(path, repair, false)
@@ -234,7 +207,7 @@ pub fn compact(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Compac
 }
 
 /// [`compact`] of an image whose format is given (`None`: probed, under
-/// [`crate::ProbePolicy::HostTool`]'s rules for a writable open).
+/// [`crate::probe::ProbePolicy::HostTool`]'s rules for a writable open).
 pub fn compact_with_format(
     path: &Path,
     format: Option<ImageFormat>,
@@ -252,10 +225,10 @@ pub fn compact_with_format(
     }
     let mut img = Qcow2Image::open_with_options(
         path,
-        &crate::OpenOptions {
+        &crate::options::OpenOptions {
             read_only: false,
             format,
-            probe: crate::ProbePolicy::HostTool,
+            probe: crate::probe::ProbePolicy::HostTool,
             ..Default::default()
         },
     )?;

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use crate::cast::usize_from;
 use vm_memory::VolatileSlice;
 
 /// `len` bytes of memory at `ptr` (see [`IoBuf::new`] for what the creator guarantees).
@@ -33,7 +34,7 @@ impl IoBuf {
     /// # Safety
     /// `ptr..ptr + len` must be mapped memory that stays mapped (and, if the buffer is read
     /// into, writable) until every I/O the buffer is handed to has completed: for the
-    /// synchronous [`crate::DiskImage`] methods until they return, for a
+    /// synchronous [`crate::disk::DiskImage`] methods until they return, for a
     /// [`crate::pipeline::Pipeline`] until the request's completion has been reaped. Other
     /// threads (a guest's vCPUs) may read and write the memory meanwhile; the caller holds
     /// no Rust reference to it while the crate writes into it.
@@ -168,8 +169,8 @@ pub fn pieces(bufs: &[IoBuf], range: std::ops::Range<u64>) -> impl Iterator<Item
         if e <= range.start || s >= range.end || b.is_empty() {
             return None;
         }
-        let from = range.start.saturating_sub(s) as usize;
-        let to = (range.end.min(e) - s) as usize;
+        let from = usize_from(range.start.saturating_sub(s));
+        let to = usize_from(range.end.min(e) - s);
         Some(b.sub(from, to - from))
     })
 }

@@ -18,7 +18,7 @@
 //!    (`raw_check_lock_bytes`). A lock held by any *other* open file description means a
 //!    conflict: "Failed to get "write" lock" (someone refuses to share a permission we want)
 //!    or "Failed to get shared "write" lock" (someone holds a permission we refuse to share),
-//!    "Is another process using the image [PATH]?".
+//!    "Is another process using the image \[PATH\]?".
 //!
 //! Only shared locks are ever taken, so taking them never fails because of another user;
 //! the test in step 2 finds the conflicts. Two openers racing both see each other's bytes
@@ -96,7 +96,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// QEMU's block permission bits (include/block/block-common.h); bit `i` owns lock bytes
 /// `100 + i` and `200 + i`.
@@ -331,7 +331,7 @@ fn find_conflict(fd: libc::c_int, path: &Path, p: Permissions) -> Result<Test> {
         .chain(bytes(!p.shared & perm::ALL, PERM_BASE).map(|(b, n)| (b, n, true)));
     for (byte, name, shared) in tests {
         match ofd(fd, libc::F_OFD_GETLK, libc::F_WRLCK, byte) {
-            Ok(t) if t == libc::F_UNLCK as libc::c_short => {}
+            Ok(t) if libc::c_int::from(t) == libc::F_UNLCK => {}
             Ok(_) => return Ok(Test::Conflict(name, shared)),
             Err(e) if unsupported(&e) => {
                 warn_unlocked(path, &e);
@@ -367,8 +367,11 @@ fn ofd(
 ) -> std::io::Result<libc::c_short> {
     // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    let short = |v: libc::c_int| {
+        libc::c_short::try_from(v).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    fl.l_type = short(kind)?;
+    fl.l_whence = short(libc::SEEK_SET)?;
     fl.l_start = byte;
     fl.l_len = 1;
     // OFD locks require l_pid to be 0 on the way in (it is, from zeroed()).

@@ -3,30 +3,10 @@
 //! than CPUs. A process that confines its threads with seccomp starts the pool first
 //! ([`start_pool`]) so every thread installs the filter before any I/O.
 
-use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
-
-use crate::host_file::HostFile;
 
 /// Threads of the I/O pool: the most data reads or writes in flight at once.
 pub const MAX_THREADS: usize = 64;
-
-/// Reads `buf` at `offset`; the part past the end of the file reads as zeros.
-pub(crate) fn read_or_zeros(file: &HostFile, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 /// Code every I/O thread runs first, before any I/O (e.g. installing its seccomp filter).
 pub type ThreadStart = Box<dyn Fn() -> Result<(), String> + Send + Sync>;

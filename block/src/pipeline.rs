@@ -1,10 +1,10 @@
 //! The executor: many guest requests in flight on one image, each completed as soon as its
 //! data I/O ends.
 //!
-//! A request is planned by the image ([`crate::DiskImage::plan_read`] /
-//! [`crate::DiskImage::plan_write`]: metadata decided on this thread), its data operations go
+//! A request is planned by the image ([`crate::disk::DiskImage::plan_read`] /
+//! [`crate::disk::DiskImage::plan_write`]: metadata decided on this thread), its data operations go
 //! to an [`Engine`] stage by stage, and when the last one ends the image applies the plan's
-//! metadata actions ([`crate::DiskImage::finish`]) and the request is complete. Requests
+//! metadata actions ([`crate::disk::DiskImage::finish`]) and the request is complete. Requests
 //! stay ordered where it matters:
 //! * a request waits while an earlier one that overlaps it in lock units (the cluster, at
 //!   least a 4 KiB block) is in flight or waiting, when either of them writes: metadata
@@ -12,7 +12,7 @@
 //!   never beside it, and a read sees the writes submitted before it; reads beside reads, and
 //!   requests on different clusters, run side by side;
 //! * a host cluster a write released is freed only once nothing is in flight
-//!   ([`crate::DiskImage::idle`]), so no read or write in flight ever lands in a cluster
+//!   ([`crate::disk::DiskImage::idle`]), so no read or write in flight ever lands in a cluster
 //!   given to someone else;
 //! * discard and write-zeroes wait until nothing is in flight and nothing starts beside
 //!   them (they change metadata over large ranges and may commit frees);
@@ -24,10 +24,26 @@
 use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 
+use crate::cast::usize_from;
 use crate::engine::{Completion, Engine};
+use crate::error::{Error, Result};
 use crate::iobuf::IoBuf;
 use crate::plan::Plan;
-use crate::{DiskImage, Error, Result};
+
+/// What the pipeline needs of an image: the [`crate::disk::DiskImage`] methods it calls, with the
+/// same meaning. Every `DiskImage` is one (the impl is next to that trait), so the pipeline
+/// depends on this interface alone.
+pub trait PlanningImage {
+    fn plan_read(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan>;
+    fn plan_write(&mut self, offset: u64, bufs: &[IoBuf]) -> Result<Plan>;
+    fn finish(&mut self, plan: Plan, data: Result<()>) -> Result<()>;
+    fn lock_unit(&self) -> u64;
+    fn needs_drain(&self) -> bool;
+    fn flush_completed(&mut self) -> Result<()>;
+    fn idle(&mut self) -> Result<()>;
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
+}
 
 /// A request for the pipeline.
 #[derive(Clone, Debug)]
@@ -130,7 +146,7 @@ impl Pipeline {
     /// # Safety
     /// The memory of the request's buffers must stay valid (see [`IoBuf::new`]) until its
     /// completion has been returned by [`Pipeline::poll`].
-    pub unsafe fn submit<I: DiskImage + ?Sized>(
+    pub unsafe fn submit<I: PlanningImage + ?Sized>(
         &mut self,
         image: &mut I,
         tag: u64,
@@ -151,7 +167,7 @@ impl Pipeline {
     /// (next stage, metadata actions, requests that waited), and appends the completed
     /// requests to `out`. With `wait`, blocks until at least one request completed (if any
     /// is in flight).
-    pub fn poll<I: DiskImage + ?Sized>(
+    pub fn poll<I: PlanningImage + ?Sized>(
         &mut self,
         image: &mut I,
         wait: bool,
@@ -165,7 +181,7 @@ impl Pipeline {
             self.engine.reap(block, &mut self.reaped);
             let reaped = std::mem::take(&mut self.reaped);
             for (idx, r) in reaped {
-                self.op_done(image, idx as usize, r);
+                self.op_done(image, usize_from(idx), r);
             }
             self.start(image);
             // Operations queued meanwhile (next stages, requests that waited) go out now.
@@ -182,7 +198,7 @@ impl Pipeline {
     }
 
     /// Waits for everything in flight; appends the completions to `out`.
-    pub fn drain<I: DiskImage + ?Sized>(
+    pub fn drain<I: PlanningImage + ?Sized>(
         &mut self,
         image: &mut I,
         out: &mut Vec<(u64, Result<()>)>,
@@ -204,7 +220,7 @@ impl Pipeline {
         }
     }
 
-    fn op_done<I: DiskImage + ?Sized>(
+    fn op_done<I: PlanningImage + ?Sized>(
         &mut self,
         image: &mut I,
         idx: usize,
@@ -226,7 +242,7 @@ impl Pipeline {
 
     /// Submits the operations of the running request's current stage (skipping empty
     /// stages), or finishes the request when no stage is left or one failed.
-    fn advance<I: DiskImage + ?Sized>(&mut self, image: &mut I, idx: usize) {
+    fn advance<I: PlanningImage + ?Sized>(&mut self, image: &mut I, idx: usize) {
         let Some(Some(run)) = self.running.get_mut(idx) else {
             return;
         };
@@ -259,13 +275,13 @@ impl Pipeline {
         self.done.push((run.tag, r));
     }
 
-    fn units<I: DiskImage + ?Sized>(image: &I, offset: u64, len: u64) -> (u64, u64) {
+    fn units<I: PlanningImage + ?Sized>(image: &I, offset: u64, len: u64) -> (u64, u64) {
         let unit = image.lock_unit().max(1);
         (offset / unit, (offset + len.max(1) - 1) / unit)
     }
 
     /// The lock units and kind (write?) of a read or write; `None` for the rest.
-    fn extent<I: DiskImage + ?Sized>(image: &I, req: &IoRequest) -> Option<((u64, u64), bool)> {
+    fn extent<I: PlanningImage + ?Sized>(image: &I, req: &IoRequest) -> Option<((u64, u64), bool)> {
         match req {
             IoRequest::Read { offset, bufs } => Some((
                 Self::units(image, *offset, crate::iobuf::total_len(bufs)),
@@ -289,7 +305,7 @@ impl Pipeline {
     }
 
     /// Starts every waiting request that may start now, in order.
-    fn start<I: DiskImage + ?Sized>(&mut self, image: &mut I) {
+    fn start<I: PlanningImage + ?Sized>(&mut self, image: &mut I) {
         let mut i = 0;
         while i < self.waiting.len() {
             if image.needs_drain() {
@@ -330,7 +346,7 @@ impl Pipeline {
     }
 
     /// Plans and starts one request (or runs it at once: flush, discard, write-zeroes).
-    fn begin<I: DiskImage + ?Sized>(&mut self, image: &mut I, tag: u64, req: IoRequest) {
+    fn begin<I: PlanningImage + ?Sized>(&mut self, image: &mut I, tag: u64, req: IoRequest) {
         let extent = Self::extent(image, &req);
         let plan = match req {
             IoRequest::Flush => {

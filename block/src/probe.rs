@@ -23,8 +23,9 @@
 
 use std::path::Path;
 
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 use crate::host_file::HostFile;
-use crate::{Error, ImageFormat, Result};
 
 /// Bytes at the start of an image that the probe looks at (QEMU's probe buffer size).
 pub const PROBE_BYTES: usize = 512;
@@ -107,7 +108,7 @@ pub(crate) fn probe_file(file: &HostFile, path: &Path) -> Result<ImageFormat> {
 }
 
 /// Probes the format of an image file: qcow2 by its magic, raw otherwise. (Only the
-/// format: whether the image may then be opened is [`crate::open`]'s business.)
+/// format: whether the image may then be opened is [`crate::open::open`]'s business.)
 pub fn probe_format(path: &Path) -> Result<ImageFormat> {
     let file = HostFile::open(path, true, false).map_err(|source| Error::Open {
         path: path.to_path_buf(),

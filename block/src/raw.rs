@@ -1,18 +1,19 @@
 //! Raw images: the file is the disk, byte for byte.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::cast::usize_from;
+use crate::disk::{check_range, DiskImage};
 use crate::engine::DataOp;
-use crate::host_file::{AlignedBuf, HostFile};
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
+use crate::host_file::{is_unsupported, AlignedBuf, HostFile};
 use crate::iobuf::IoBuf;
 use crate::plan::{Action, Plan};
-use crate::{
-    check_range, DetectZeroes, DiskImage, Error, HostUsage, ImageFormat, MapExtent, ReclaimStats,
-    Result,
-};
+use crate::status::{HostUsage, MapExtent, ReclaimStats};
+use crate::zero::DetectZeroes;
 
 /// Granularity of hole punching on raw files.
 const RAW_GRANULARITY: u64 = 4096;
@@ -40,7 +41,7 @@ impl RawImage {
     pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
         Self::open_with_options(
             path,
-            &crate::OpenOptions {
+            &crate::options::OpenOptions {
                 read_only,
                 direct,
                 ..Default::default()
@@ -50,7 +51,7 @@ impl RawImage {
 
     /// Opens a raw image with the read-only, direct-I/O and force-share settings of `opts`,
     /// locked as [`crate::lock`] says.
-    pub fn open_with_options(path: &Path, opts: &crate::OpenOptions) -> Result<Self> {
+    pub fn open_with_options(path: &Path, opts: &crate::options::OpenOptions) -> Result<Self> {
         let mode = crate::lock::LockMode::for_open(opts.read_only, opts.force_share)?;
         let mut file =
             HostFile::open(path, opts.read_only, opts.direct).map_err(|source| Error::Open {
@@ -110,7 +111,7 @@ impl RawImage {
         if covered == 0 {
             return Ok(None);
         }
-        let mut copy = AlignedBuf::new(covered as usize);
+        let mut copy = AlignedBuf::new(usize_from(covered));
         crate::iobuf::copy_out(bufs, 0, copy.as_mut_slice());
         self.check_stays_raw(offset, copy.as_slice())?;
         Ok(Some(copy))
@@ -127,11 +128,11 @@ impl RawImage {
         if !self.keep_raw || offset >= probe_len {
             return Ok(());
         }
-        let mut head = vec![0u8; probe_len as usize];
+        let mut head = vec![0u8; usize_from(probe_len)];
         self.file
             .read_exact_at(&mut head, 0)
             .map_err(|e| Error::io("read raw image", e))?;
-        let at = offset as usize;
+        let at = usize_from(offset);
         let covered = (head.len() - at).min(bytes.len());
         head[at..at + covered].copy_from_slice(&bytes[..covered]);
         match crate::probe::foreign_format_of_head(&head) {
@@ -150,7 +151,7 @@ impl RawImage {
             return Ok(());
         }
         let covered = (probe_len - offset).min(len);
-        self.check_stays_raw(offset, &vec![0u8; covered as usize])
+        self.check_stays_raw(offset, &vec![0u8; usize_from(covered)])
     }
 
     /// Creates (or truncates) a raw image of `size` bytes; the file is sparse. An existing
@@ -188,12 +189,7 @@ impl RawImage {
             return Ok(None);
         }
         let before = HostUsage::of_file(&self.file)?.allocated_bytes;
-        match fallocate(
-            &self.file,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.file.punch_hole(offset, len) {
             Ok(()) => {
                 let after = HostUsage::of_file(&self.file)?.allocated_bytes;
                 Ok(Some(before.saturating_sub(after)))
@@ -208,7 +204,7 @@ impl RawImage {
 
     /// Zeroes the range without releasing space.
     fn zero_range(&mut self, offset: u64, len: u64) -> Result<()> {
-        match fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, len) {
+        match self.file.zero_range(offset, len) {
             Ok(()) => Ok(()),
             Err(e) if is_unsupported(&e) => self.write_zero_bytes(offset, len),
             Err(e) => Err(Error::io("zero range in raw image", e)),
@@ -219,7 +215,7 @@ impl RawImage {
         let chunk = vec![0u8; len.min(1 << 20) as usize];
         let end = offset + len;
         while offset < end {
-            let n = (end - offset).min(chunk.len() as u64) as usize;
+            let n = usize_from((end - offset).min(chunk.len() as u64));
             self.file
                 .write_all_at(&chunk[..n], offset)
                 .map_err(|e| Error::io("write zeros to raw image", e))?;
@@ -246,51 +242,6 @@ impl RawImage {
         self.zero_range(offset, len)?;
         Ok(0)
     }
-}
-
-pub(crate) fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-    )
-}
-
-/// `fallocate(2)` on a file.
-pub(crate) fn fallocate(
-    file: &impl AsRawFd,
-    mode: i32,
-    offset: u64,
-    len: u64,
-) -> std::io::Result<()> {
-    let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        // SAFETY: fallocate only operates on the file descriptor, which `file` keeps open for
-        // the duration of the call; no memory is passed.
-        let ret = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) };
-        if ret == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// `lseek(2)` with `SEEK_DATA` / `SEEK_HOLE`; `None` when there is no such position (ENXIO).
-fn seek_data_hole(file: &impl AsRawFd, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
-    let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek only operates on the descriptor kept open by `file`; no memory is passed.
-    let ret = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if ret < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(err);
-    }
-    Ok(Some(ret as u64))
 }
 
 impl DiskImage for RawImage {
@@ -408,11 +359,15 @@ impl DiskImage for RawImage {
     fn block_status(&mut self, offset: u64, max_len: u64) -> Result<MapExtent> {
         check_range(offset, max_len, self.size)?;
         let end = offset + max_len;
-        let data_start = seek_data_hole(&self.file, offset, libc::SEEK_DATA)
+        let data_start = self
+            .file
+            .seek_data(offset)
             .map_err(|e| Error::io("seek data in raw image", e))?;
         let (is_data, ext_end) = match data_start {
             Some(d) if d <= offset => {
-                let hole = seek_data_hole(&self.file, offset, libc::SEEK_HOLE)
+                let hole = self
+                    .file
+                    .seek_hole(offset)
                     .map_err(|e| Error::io("seek hole in raw image", e))?
                     .unwrap_or(end);
                 (true, hole)
@@ -457,37 +412,11 @@ impl DiskImage for RawImage {
 mod tests {
     use super::*;
 
-    fn temp_raw(size: u64) -> (tempdir::Dir, std::path::PathBuf) {
-        let dir = tempdir::Dir::new();
+    fn temp_raw(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         RawImage::create(&path, size).unwrap();
         (dir, path)
-    }
-
-    /// A tiny self-cleaning temporary directory (keeps the crate free of test-only deps).
-    mod tempdir {
-        pub struct Dir(std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "thinvm-raw-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-            pub fn path(&self) -> &std::path::Path {
-                &self.0
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! Fast all-zero detection for buffers.
+//! Zero detection: the fast all-zero check for buffers, and the detect-zeroes mode
+//! ([`DetectZeroes`]) that decides what a caught all-zero write becomes.
+
+use crate::error::{Error, Result};
 
 /// Returns true when every byte of `buf` is zero.
 ///
@@ -38,5 +41,34 @@ mod tests {
             buf[i] = 0;
         }
         assert!(is_zero(&[]));
+    }
+}
+
+/// Zero detection on ordinary writes, with QEMU's names and meanings.
+///
+/// * `Off`: writes are written as given.
+/// * `On`: an all-zero write (per cluster for qcow2) becomes a write-zeroes request that keeps
+///   the allocation.
+/// * `Unmap`: an all-zero write becomes a write-zeroes request that may release host space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl std::str::FromStr for DetectZeroes {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown detect-zeroes mode '{other}' (expected off, on or unmap)"
+            ))),
+        }
     }
 }

@@ -28,7 +28,7 @@ fn set_backing(p: &Path, name: &str, format: Option<ImageFormat>) {
 }
 
 fn small(dir: &TempDir, name: &str) -> PathBuf {
-    let p = dir.join(name);
+    let p = dir.path().join(name);
     create_qcow2(&p, Some(1 << 20), Qcow2Version::V3, 65536, 16, None);
     p
 }
@@ -68,7 +68,7 @@ fn open_err(p: &Path) -> String {
 
 #[test]
 fn loops_are_found_by_identity_not_by_depth() {
-    let dir = TempDir::new("chain-loop");
+    let dir = temp_dir("chain-loop");
     // Two files naming each other.
     let a = small(&dir, "a.qcow2");
     let b = small(&dir, "b.qcow2");
@@ -76,10 +76,10 @@ fn loops_are_found_by_identity_not_by_depth() {
     set_backing(&b, "a.qcow2", Some(ImageFormat::Qcow2));
     // A symlink to itself, and a hard link of itself, each under another name.
     let c = small(&dir, "c.qcow2");
-    std::os::unix::fs::symlink("c.qcow2", dir.join("c-link.qcow2")).unwrap();
+    std::os::unix::fs::symlink("c.qcow2", dir.path().join("c-link.qcow2")).unwrap();
     set_backing(&c, "c-link.qcow2", Some(ImageFormat::Qcow2));
     let d = small(&dir, "d.qcow2");
-    std::fs::hard_link(&d, dir.join("d-hard.qcow2")).unwrap();
+    std::fs::hard_link(&d, dir.path().join("d-hard.qcow2")).unwrap();
     set_backing(&d, "d-hard.qcow2", Some(ImageFormat::Qcow2));
     // A qcow2 image that is its own raw backing file: not infinite, but not a chain either.
     let e = small(&dir, "e.qcow2");
@@ -106,10 +106,10 @@ fn loops_are_found_by_identity_not_by_depth() {
 
 #[test]
 fn special_files_as_backing_files_are_refused_at_once() {
-    let dir = TempDir::new("chain-special");
+    let dir = temp_dir("chain-special");
     let ov = small(&dir, "ov.qcow2");
 
-    let fifo = dir.join("fifo");
+    let fifo = dir.path().join("fifo");
     ok("mkfifo", &[s(&fifo)]);
     for fmt in [Some(ImageFormat::Raw), Some(ImageFormat::Qcow2), None] {
         set_backing(&ov, s(&fifo), fmt);
@@ -145,13 +145,13 @@ fn special_files_as_backing_files_are_refused_at_once() {
         }
     }
 
-    let sub = dir.join("subdir");
+    let sub = dir.path().join("subdir");
     std::fs::create_dir(&sub).unwrap();
     set_backing(&ov, s(&sub), Some(ImageFormat::Raw));
     let e = open_err(&ov);
     assert!(e.contains("a directory cannot be a disk image"), "{e}");
 
-    let sock = dir.join("sock");
+    let sock = dir.path().join("sock");
     let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     set_backing(&ov, s(&sock), Some(ImageFormat::Raw));
     let e = open_err(&ov);
@@ -170,7 +170,7 @@ fn special_files_as_backing_files_are_refused_at_once() {
 /// An image with 512-byte clusters and the largest L1 table QEMU opens (32 MiB), over
 /// `backing` (named in the header afterwards: creating it must not open the chain below).
 fn big_l1(dir: &TempDir, name: &str, backing: Option<&str>) -> PathBuf {
-    let p = dir.join(name);
+    let p = dir.path().join(name);
     create_qcow2(&p, Some(128 << 30), Qcow2Version::V3, 512, 16, None);
     if let Some(b) = backing {
         set_backing(&p, b, Some(ImageFormat::Qcow2));
@@ -180,7 +180,7 @@ fn big_l1(dir: &TempDir, name: &str, backing: Option<&str>) -> PathBuf {
 
 #[test]
 fn a_chain_may_not_claim_more_metadata_memory_than_its_budget() {
-    let dir = TempDir::new("chain-budget");
+    let dir = temp_dir("chain-budget");
     // Each layer reads a 32 MiB L1 table at open (and would cache up to 40 MiB more); six of
     // them are more than a chain may hold (before, only the depth limit, 64 such layers,
     // bounded them).
@@ -190,7 +190,7 @@ fn a_chain_may_not_claim_more_metadata_memory_than_its_budget() {
         big_l1(&dir, &name, below.as_deref());
         below = Some(name);
     }
-    let top = dir.join(&below.unwrap());
+    let top = dir.path().join(below.unwrap());
     let img = Qcow2Image::open_without_backing(&top, true).unwrap();
     assert_eq!(u64::from(img.header().l1_size) * 8, 32 << 20);
     drop(img);
@@ -206,18 +206,18 @@ fn a_chain_may_not_claim_more_metadata_memory_than_its_budget() {
     );
     assert!(msg.contains("L1 table"), "{msg}");
     // Three such layers are within it.
-    let three = dir.join("l2.qcow2");
+    let three = dir.path().join("l2.qcow2");
     Qcow2Image::open(&three, true).unwrap();
 }
 
 #[test]
 fn a_deep_legitimate_chain_opens_and_reads_every_layer() {
-    let dir = TempDir::new("chain-deep");
+    let dir = temp_dir("chain-deep");
     // 40 layers of a 64 MiB disk; layer i writes byte i at MiB i.
     let mut below: Option<String> = None;
     for i in 0..40u8 {
         let name = format!("l{i}.qcow2");
-        let p = dir.join(&name);
+        let p = dir.path().join(&name);
         create_qcow2(
             &p,
             Some(64 << 20),
@@ -231,7 +231,7 @@ fn a_deep_legitimate_chain_opens_and_reads_every_layer() {
         drop(img);
         below = Some(name);
     }
-    let top = dir.join(&below.unwrap());
+    let top = dir.path().join(below.unwrap());
     let mut img = Qcow2Image::open(&top, true).unwrap();
     for i in 0..40u8 {
         let mut buf = [0u8; 4096];

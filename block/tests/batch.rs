@@ -77,7 +77,7 @@ fn check(overlay: &std::path::Path, model: &[u8], dir: &TempDir, what: &str) {
     assert_bytes_eq(&read_all(img.as_mut()), model, what);
     drop(img);
     assert_qemu_clean(overlay);
-    let want = dir.join("want.raw");
+    let want = dir.path().join("want.raw");
     std::fs::write(&want, model).unwrap();
     assert_same(overlay, &want);
 }
@@ -88,11 +88,11 @@ fn batched_allocating_writes_copy_on_write_like_qemu() {
         for compressed_base in [false, true] {
             for direct in [false, true] {
                 let what = format!("{version:?} compressed base {compressed_base} direct {direct}");
-                let dir = TempDir::new("batch");
-                let raw = dir.join("base.raw");
+                let dir = temp_dir("batch");
+                let raw = dir.path().join("base.raw");
                 let mut model = patterned_raw(&raw, SIZE);
                 let (base, fmt) = base_image(&dir, &raw, compressed_base);
-                let overlay = dir.join("overlay.qcow2");
+                let overlay = dir.path().join("overlay.qcow2");
                 create_qcow2(&overlay, None, version, CS, 16, Some((s(&base), fmt)));
                 {
                     let mut img = open(&overlay, direct);
@@ -123,10 +123,10 @@ fn batched_allocating_writes_copy_on_write_like_qemu() {
 #[test]
 fn sequential_batches_allocate_only_the_clusters_they_fill() {
     for direct in [false, true] {
-        let dir = TempDir::new("batch-seq");
-        let raw = dir.join("base.raw");
+        let dir = temp_dir("batch-seq");
+        let raw = dir.path().join("base.raw");
         let mut model = patterned_raw(&raw, 8 << 20);
-        let overlay = dir.join("overlay.qcow2");
+        let overlay = dir.path().join("overlay.qcow2");
         create_qcow2(
             &overlay,
             None,

@@ -28,7 +28,7 @@ struct Layout {
 }
 
 fn fresh(dir: &TempDir, name: &str, size: u64, cs: u64, refcount_bits: u32) -> (PathBuf, Layout) {
-    let p = dir.join(name);
+    let p = dir.path().join(name);
     create_qcow2(&p, Some(size), Qcow2Version::V3, cs, refcount_bits, None);
     let l = layout(&p);
     (p, l)
@@ -107,7 +107,7 @@ fn refused_everywhere(p: &Path, needle: &str) {
 /// a slice index panicked (`image info` printed a backtrace).
 #[test]
 fn header_offsets_near_u64_max_are_errors_not_panics() {
-    let dir = TempDir::new("crafted-wrap");
+    let dir = temp_dir("crafted-wrap");
     let (p, _) = fresh(&dir, "backing_off.qcow2", 16 << 20, 65536, 16);
     poke(&p, 8, &0xffff_ffff_ffff_fff0u64.to_be_bytes());
     poke(&p, 16, &0x20u32.to_be_bytes());
@@ -157,7 +157,7 @@ fn extension(kind: u32, len: u32, data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn header_extension_lengths_that_wrap_are_errors() {
-    let dir = TempDir::new("crafted-ext");
+    let dir = temp_dir("crafted-ext");
     // Fresh v3 images have their extensions at 112 (the header length).
     for (name, len) in [
         ("max", u32::MAX),
@@ -174,7 +174,7 @@ fn header_extension_lengths_that_wrap_are_errors() {
 /// messages (and terminals) without control characters, whatever the table holds.
 #[test]
 fn feature_table_entries_are_bounded_and_sanitised() {
-    let dir = TempDir::new("crafted-feat");
+    let dir = temp_dir("crafted-feat");
     let (p, _) = fresh(&dir, "feat.qcow2", 16 << 20, 65536, 16);
     let mut table = Vec::new();
     let mut entry = vec![0u8; 48];
@@ -239,7 +239,7 @@ fn install_snapshots(p: &Path, l: &Layout, table: &[u8], n: u32) -> u64 {
 
 #[test]
 fn snapshot_tables_beyond_qemu_caps_are_refused_at_open() {
-    let dir = TempDir::new("crafted-snap");
+    let dir = temp_dir("crafted-snap");
     let cases: Vec<(&str, u32, Vec<u8>, &str)> = vec![
         // More snapshots than QEMU's 65536.
         ("count", 65537, Vec::new(), "snapshots"),
@@ -299,7 +299,7 @@ fn snapshot_tables_beyond_qemu_caps_are_refused_at_open() {
 /// named twice. Reads are harmless (read-only opens work); writable opens refuse.
 #[test]
 fn tables_sharing_clusters_are_refused_for_writing() {
-    let dir = TempDir::new("crafted-share");
+    let dir = temp_dir("crafted-share");
     for name in ["l2_is_refblock", "refblock_in_l1", "refblock_twice"] {
         let (p, l) = fresh(&dir, &format!("{name}.qcow2"), 16 << 20, 65536, 16);
         let (at, value) = match name {
@@ -321,7 +321,7 @@ fn tables_sharing_clusters_are_refused_for_writing() {
 /// the check reports (once), and the shared table is read once.
 #[test]
 fn snapshots_sharing_one_l1_table_are_read_once() {
-    let dir = TempDir::new("crafted-snapshare");
+    let dir = temp_dir("crafted-snapshare");
     let (p, l) = fresh(&dir, "share.qcow2", 16 << 20, 65536, 16);
     let l1_entries = (32u32 << 20) / 8;
     // The shared L1 table: 32 MiB of real (zero) bytes after the image.
@@ -360,7 +360,7 @@ fn layout_len(p: &Path, l: Layout) -> Layout {
 /// zeros) instead of reading 2 TiB, and still counts every cluster the tables claim.
 #[test]
 fn maximal_snapshot_table_in_a_sparse_file_is_checked_by_what_it_holds() {
-    let dir = TempDir::new("crafted-snapmax");
+    let dir = temp_dir("crafted-snapmax");
     let (p, l) = fresh(&dir, "max.qcow2", 16 << 20, 65536, 16);
     let l1_bytes = 32u64 << 20;
     let n = 65536u32;
@@ -394,7 +394,7 @@ fn maximal_snapshot_table_in_a_sparse_file_is_checked_by_what_it_holds() {
 /// rebuild at a writable open reads that table once, not once per L1 entry.
 #[test]
 fn dirty_image_with_every_l1_entry_naming_one_l2_table_reads_it_once() {
-    let dir = TempDir::new("crafted-dirty");
+    let dir = temp_dir("crafted-dirty");
     // 512 MiB per L2 table at 64 KiB clusters: 32768 L1 entries for 16 TiB.
     let (p, l) = fresh(&dir, "dirty.qcow2", 16 << 40, 65536, 64);
     {
@@ -424,7 +424,7 @@ fn dirty_image_with_every_l1_entry_naming_one_l2_table_reads_it_once() {
 /// list of messages, and says how many it left out.
 #[test]
 fn check_messages_are_capped_and_counted() {
-    let dir = TempDir::new("crafted-msgs");
+    let dir = temp_dir("crafted-msgs");
     // 1-bit refcounts, 64 KiB clusters: one refcount block covers 2^19 clusters.
     let (p, l) = fresh(&dir, "msgs.qcow2", 16 << 20, 65536, 1);
     let per_block = 65536 * 8;
@@ -489,7 +489,7 @@ fn bad_entries(p_len: u64, top_data: u64, l1: u64) -> Vec<(&'static str, u64, &'
 
 #[test]
 fn compaction_refuses_bad_l2_entries_and_moves_nothing_wrong() {
-    let dir = TempDir::new("crafted-compact");
+    let dir = temp_dir("crafted-compact");
     let (pp, _) = image_with_bad_entry(&dir, "probe.qcow2", 0);
     let (len, top, l1) = {
         let l = layout(&pp);
@@ -521,7 +521,7 @@ fn compaction_refuses_bad_l2_entries_and_moves_nothing_wrong() {
 
 #[test]
 fn online_tail_relocation_refuses_bad_l2_entries() {
-    let dir = TempDir::new("crafted-online");
+    let dir = temp_dir("crafted-online");
     let (pp, _) = image_with_bad_entry(&dir, "probe.qcow2", 0);
     let (len, top, l1) = {
         let l = layout(&pp);
@@ -571,7 +571,7 @@ fn refcounts_far_beyond_the_data_do_not_size_the_allocator() {
         base.is_dir(),
         "/dev/shm is needed for a 2^55-byte sparse file"
     );
-    let dir = TempDir::new_in(base, "crafted-rt");
+    let dir = temp_dir_in(base, "crafted-rt");
     let (p, l) = fresh(&dir, "far.qcow2", 16 << 20, 65536, 1);
     // A new 8 MiB refcount table after the image, its first entry copied, its last naming a
     // block of ones placed after the table.
@@ -622,7 +622,7 @@ fn refcounts_far_beyond_the_data_do_not_size_the_allocator() {
 /// A metadata cluster moves only when exactly one table entry names it.
 #[test]
 fn a_shared_l2_table_is_not_moved_from_under_its_other_l1_entry() {
-    let dir = TempDir::new("crafted-sharedl2");
+    let dir = temp_dir("crafted-sharedl2");
     let (p, l) = fresh(&dir, "shared.qcow2", 3 << 29, 65536, 16);
     {
         let mut img = open_rw(&p);

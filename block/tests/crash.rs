@@ -200,12 +200,12 @@ fn run_with(
     seed0: u64,
     aio: Option<&str>,
 ) {
-    let dir = TempDir::new("crash");
+    let dir = temp_dir("crash");
     if backing {
-        patterned_raw(&dir.join("base.raw"), SIZE);
+        patterned_raw(&dir.path().join("base.raw"), SIZE);
     }
     create_qcow2(
-        &dir.join("img.qcow2"),
+        &dir.path().join("img.qcow2"),
         Some(SIZE),
         version,
         cluster_size,
@@ -219,7 +219,7 @@ fn run_with(
         let what = format!("{version:?} cs={cluster_size} backing={backing} kill #{i}");
         // The kill must land while the child writes, not while it starts (a loaded
         // machine can take longer than the sleep below to get there).
-        let _ = std::fs::remove_file(dir.join("model.snap"));
+        let _ = std::fs::remove_file(dir.path().join("model.snap"));
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env("THINVM_CRASH_CHILD", dir.path())
@@ -230,7 +230,7 @@ fn run_with(
             .spawn()
             .unwrap();
         let started = std::time::Instant::now();
-        while !dir.join("model.snap").exists() {
+        while !dir.path().join("model.snap").exists() {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "{what}: the child did not start writing"
@@ -241,7 +241,7 @@ fn run_with(
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         verify_after_kill(dir.path(), &what);
-        if qemu_check(&dir.join("img.qcow2")).0 == 3 {
+        if qemu_check(&dir.path().join("img.qcow2")).0 == 3 {
             leaky += 1;
         }
     }

@@ -38,11 +38,11 @@ fn split_randomly<'a>(buf: &'a [u8], rng: &mut Rng) -> Vec<&'a [u8]> {
 }
 
 fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
-    let dir = TempDir::new("diff");
+    let dir = temp_dir("diff");
     let size: u64 = 4 << 20;
-    let base = dir.join("base.raw");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, 3 << 20);
-    let img = dir.join("ov.qcow2");
+    let img = dir.path().join("ov.qcow2");
     create_qcow2(
         &img,
         Some(size),
@@ -218,7 +218,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
         "{what}: {:?}",
         rep.messages
     );
-    let reference = dir.join("model.raw");
+    let reference = dir.path().join("model.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_same(&img, &reference);
     // The backing file was never written.
@@ -313,8 +313,8 @@ fn differential_v2_4k_backing() {
 /// Whether files in the test directory can be opened with O_DIRECT (tmpfs before Linux 6.6
 /// cannot); prints why a direct-I/O test is skipped.
 fn direct_io_supported() -> bool {
-    let dir = TempDir::new("odirect-probe");
-    let p = dir.join("probe");
+    let dir = temp_dir("odirect-probe");
+    let p = dir.path().join("probe");
     std::fs::write(&p, [0u8; 4096]).unwrap();
     match block::host_file::HostFile::open(&p, false, true) {
         Ok(_) => true,

@@ -14,7 +14,7 @@ use block::{DiskImage, Error, ImageFormat};
 use common::*;
 
 fn fresh(dir: &TempDir, name: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
+    let p = dir.path().join(name);
     create_qcow2(&p, Some(16 << 20), Qcow2Version::V3, 65536, 16, None);
     p
 }
@@ -42,8 +42,8 @@ fn expect(p: &Path, needle: &str) {
 
 #[test]
 fn broken_headers_give_specific_errors() {
-    let dir = TempDir::new("hostile-hdr");
-    let p = dir.join("short.qcow2");
+    let dir = temp_dir("hostile-hdr");
+    let p = dir.path().join("short.qcow2");
     std::fs::write(&p, b"QFI\xfb\x00\x00\x00\x03").unwrap();
     expect(&p, "too short");
 
@@ -121,8 +121,8 @@ fn broken_headers_give_specific_errors() {
 
 #[test]
 fn backing_loop_and_missing_backing_are_errors() {
-    let dir = TempDir::new("hostile-chain");
-    let p = dir.join("loop.qcow2");
+    let dir = temp_dir("hostile-chain");
+    let p = dir.path().join("loop.qcow2");
     create_qcow2(&p, Some(1 << 20), Qcow2Version::V3, 65536, 16, None);
     // Make the image its own backing file.
     let img = Qcow2Image::open(&p, true).unwrap();
@@ -135,7 +135,7 @@ fn backing_loop_and_missing_backing_are_errors() {
     let e = open_err(&p);
     assert!(e.contains("backing chain loop"), "{e}");
 
-    let p = dir.join("missing.qcow2");
+    let p = dir.path().join("missing.qcow2");
     create_qcow2(&p, Some(1 << 20), Qcow2Version::V3, 65536, 16, None);
     let img = Qcow2Image::open(&p, true).unwrap();
     let mut h = img.header().clone();
@@ -173,7 +173,7 @@ fn corrupt_bit_set(p: &Path) -> bool {
 
 #[test]
 fn l2_entries_into_metadata_are_io_errors_and_mark_corrupt() {
-    let dir = TempDir::new("hostile-l2");
+    let dir = temp_dir("hostile-l2");
     let cases: [(&str, u64, &str); 4] = [
         ("header", 0x8000_0000_0000_0200, "unaligned"),
         ("reftable", 0x8000_0000_0001_0000, "metadata"),
@@ -206,7 +206,7 @@ fn l2_entries_into_metadata_are_io_errors_and_mark_corrupt() {
 
 #[test]
 fn dirty_bit_rebuilds_refcounts_and_autoclear_and_extensions() {
-    let dir = TempDir::new("hostile-features");
+    let dir = temp_dir("hostile-features");
     // Dirty: refcounts made wrong on purpose (a leak) are rebuilt at open.
     let (p, _) = image_with_l2(&dir, "dirty.qcow2");
     let img = Qcow2Image::open(&p, true).unwrap();
@@ -264,8 +264,8 @@ fn dirty_bit_rebuilds_refcounts_and_autoclear_and_extensions() {
 
 #[test]
 fn random_mutations_never_panic() {
-    let dir = TempDir::new("hostile-mut");
-    let base = dir.join("base.qcow2");
+    let dir = temp_dir("hostile-mut");
+    let base = dir.path().join("base.qcow2");
     create_qcow2(&base, Some(4 << 20), Qcow2Version::V3, 4096, 16, None);
     {
         let mut img = open_rw(&base);
@@ -279,7 +279,7 @@ fn random_mutations_never_panic() {
     }
     let pristine = std::fs::read(&base).unwrap();
     let mut rng = Rng::seeded(0xbad_1dea);
-    let p = dir.join("mut.qcow2");
+    let p = dir.path().join("mut.qcow2");
     for _ in 0..400 {
         let mut data = pristine.clone();
         for _ in 0..1 + rng.below(8) {

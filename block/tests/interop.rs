@@ -30,9 +30,9 @@ fn writes(cs: u64, size: u64) -> Vec<(u64, u64, u8)> {
 
 #[test]
 fn qemu_written_images_read_correctly() {
-    let dir = TempDir::new("interop-read");
+    let dir = temp_dir("interop-read");
     let size = 8u64 << 20;
-    let base = dir.join("base.raw");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, 6 << 20); // smaller than the overlays
     let cases: &[(&str, u64, u32, bool)] = &[
         ("0.10", 65536, 16, false),
@@ -47,7 +47,7 @@ fn qemu_written_images_read_correctly() {
         ("1.1", 2 << 20, 16, true),
     ];
     for (i, &(compat, cs, rb, with_backing)) in cases.iter().enumerate() {
-        let img = dir.join(&format!("q{i}.qcow2"));
+        let img = dir.path().join(format!("q{i}.qcow2"));
         let mut args = vec![
             "create".to_string(),
             "-q".into(),
@@ -98,9 +98,9 @@ fn qemu_written_images_read_correctly() {
 
 #[test]
 fn crate_written_images_pass_qemu_check_and_compare() {
-    let dir = TempDir::new("interop-write");
+    let dir = temp_dir("interop-write");
     let size = 8u64 << 20;
-    let base = dir.join("base.raw");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, size);
     let cases: &[(Qcow2Version, u64, u32, bool)] = &[
         (Qcow2Version::V2, 65536, 16, false),
@@ -114,7 +114,7 @@ fn crate_written_images_pass_qemu_check_and_compare() {
         (Qcow2Version::V3, 2 << 20, 32, true),
     ];
     for (i, &(ver, cs, rb, with_backing)) in cases.iter().enumerate() {
-        let img = dir.join(&format!("c{i}.qcow2"));
+        let img = dir.path().join(format!("c{i}.qcow2"));
         create_qcow2(
             &img,
             Some(size),
@@ -146,7 +146,7 @@ fn crate_written_images_pass_qemu_check_and_compare() {
             assert_bytes_eq(&got, &model, &format!("case {i} before reopen"));
         }
         assert_qemu_clean(&img);
-        let reference = dir.join(&format!("c{i}.raw"));
+        let reference = dir.path().join(format!("c{i}.raw"));
         std::fs::write(&reference, &model).unwrap();
         assert_same(&img, &reference);
         // And our own check agrees.
@@ -162,15 +162,15 @@ fn crate_written_images_pass_qemu_check_and_compare() {
 
 #[test]
 fn compressed_images_read_and_rewrite() {
-    let dir = TempDir::new("interop-compressed");
+    let dir = temp_dir("interop-compressed");
     let size = 4u64 << 20;
-    let raw = dir.join("src.raw");
+    let raw = dir.path().join("src.raw");
     let data = patterned_raw(&raw, size);
     for (name, extra) in [
         ("zlib", vec![]),
         ("zstd", vec!["-o", "compression_type=zstd"]),
     ] {
-        let img = dir.join(&format!("{name}.qcow2"));
+        let img = dir.path().join(format!("{name}.qcow2"));
         let mut args = vec!["convert", "-c", "-O", "qcow2"];
         args.extend(extra.iter().copied());
         args.push(s(&raw));
@@ -195,7 +195,7 @@ fn compressed_images_read_and_rewrite() {
             assert_bytes_eq(&got, &model, &format!("{name} after rewrite"));
         }
         assert_qemu_clean(&img);
-        let reference = dir.join(&format!("{name}.raw"));
+        let reference = dir.path().join(format!("{name}.raw"));
         std::fs::write(&reference, &model).unwrap();
         assert_same(&img, &reference);
     }
@@ -203,8 +203,8 @@ fn compressed_images_read_and_rewrite() {
 
 #[test]
 fn backing_chains_relative_names_and_short_backing() {
-    let dir = TempDir::new("interop-chain");
-    let sub = dir.join("images");
+    let dir = temp_dir("interop-chain");
+    let sub = dir.path().join("images");
     std::fs::create_dir_all(&sub).unwrap();
     let base = sub.join("base.raw");
     let base_data = patterned_raw(&base, 1 << 20);
@@ -254,7 +254,7 @@ fn backing_chains_relative_names_and_short_backing() {
     assert_eq!(chain.len(), 3);
     assert_eq!(chain[2].format, ImageFormat::Raw);
     assert_qemu_clean(&top);
-    let reference = dir.join("top.raw");
+    let reference = dir.path().join("top.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_same(&top, &reference);
     // The backing files were never written.
@@ -264,11 +264,11 @@ fn backing_chains_relative_names_and_short_backing() {
 
 #[test]
 fn map_matches_qemu_img_map() {
-    let dir = TempDir::new("interop-map");
-    let base = dir.join("base.raw");
+    let dir = temp_dir("interop-map");
+    let base = dir.path().join("base.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&base), "4M"]);
     ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 1M", s(&base)]);
-    let img = dir.join("ov.qcow2");
+    let img = dir.path().join("ov.qcow2");
     create_qcow2(
         &img,
         None,

@@ -181,8 +181,8 @@ impl QemuNbd {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let pid_file = dir.join(&format!("nbd-{n}.pid"));
-        let sock = dir.join(&format!("nbd-{n}.sock"));
+        let pid_file = dir.path().join(format!("nbd-{n}.pid"));
+        let sock = dir.path().join(format!("nbd-{n}.sock"));
         let (code, out, err) = run(
             "qemu-nbd",
             &[
@@ -240,16 +240,16 @@ struct Chain {
 }
 
 fn chain(tag: &str, raw_base: bool) -> Chain {
-    let dir = TempDir::new(tag);
+    let dir = temp_dir(tag);
     let fmt = if raw_base { "raw" } else { "qcow2" };
-    let base = dir.join(&format!("base.{fmt}"));
+    let base = dir.path().join(format!("base.{fmt}"));
     ok("qemu-img", &["create", "-q", "-f", fmt, s(&base), "4M"]);
     ok(
         "qemu-io",
         &["-f", fmt, "-c", "write -P 0x5a 0 1M", s(&base)],
     );
-    let ov = dir.join("ov.qcow2");
-    let ov2 = dir.join("ov2.qcow2");
+    let ov = dir.path().join("ov.qcow2");
+    let ov2 = dir.path().join("ov2.qcow2");
     for o in [&ov, &ov2] {
         ok(
             "qemu-img",
@@ -576,8 +576,8 @@ fn two_thinvm_writers_are_refused_and_readers_of_a_base_share_it() {
 #[test]
 fn raw_images_are_locked_like_a_qemu_vm_disk() {
     let _serial = serial();
-    let dir = TempDir::new("lock-raw");
-    let raw = dir.join("disk.raw");
+    let dir = temp_dir("lock-raw");
+    let raw = dir.path().join("disk.raw");
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "1M"]);
     let img = thinvm_open(Mode::Write, &raw).unwrap();
     let (code, _, err) = run_once("qemu-io", &["-f", "raw", "-c", "write 0 4k", s(&raw)]);

@@ -157,7 +157,7 @@ fn check_against_model(path: &std::path::Path, dir: &TempDir, model: &[u8], what
     let mut img = open_ro(path);
     assert_bytes_eq(&read_all(img.as_mut()), model, what);
     drop(img);
-    let want = dir.join("want.raw");
+    let want = dir.path().join("want.raw");
     std::fs::write(&want, model).unwrap();
     assert_same(path, &want);
 }
@@ -169,13 +169,13 @@ fn overlapping_requests_in_flight_match_a_sequential_model() {
         for direct in [false, true] {
             for kind in ["v3", "v2", "raw"] {
                 let what = format!("{} direct={direct} {kind}", aio.name());
-                let dir = TempDir::new("pipeline");
-                let raw_base = dir.join("base.raw");
+                let dir = temp_dir("pipeline");
+                let raw_base = dir.path().join("base.raw");
                 let mut model = patterned_raw(&raw_base, SIZE);
                 let path = match kind {
                     "raw" => raw_base.clone(),
                     v => {
-                        let ov = dir.join("overlay.qcow2");
+                        let ov = dir.path().join("overlay.qcow2");
                         let version = if v == "v3" {
                             Qcow2Version::V3
                         } else {

@@ -21,9 +21,9 @@ const SECRET: &[u8] = b"the host's secret: only the host may read this\n";
 /// A host "secret" file and a raw disk whose first bytes are a qcow2 header naming that file
 /// as a raw backing file: what a guest can write into sector 0 of its raw disk.
 fn attacked_disk(dir: &TempDir) -> (PathBuf, PathBuf) {
-    let secret = dir.join("secret");
+    let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
-    let header = dir.join("header.qcow2");
+    let header = dir.path().join("header.qcow2");
     create_qcow2(
         &header,
         Some(1 << 20),
@@ -33,7 +33,7 @@ fn attacked_disk(dir: &TempDir) -> (PathBuf, PathBuf) {
         Some((s(&secret), ImageFormat::Raw)),
     );
     let bytes = std::fs::read(&header).unwrap();
-    let disk = dir.join("disk.raw");
+    let disk = dir.path().join("disk.raw");
     let f = std::fs::File::create(&disk).unwrap();
     f.set_len(DISK).unwrap();
     f.write_all_at(&bytes, 0).unwrap();
@@ -65,7 +65,7 @@ fn refused(r: block::Result<Box<dyn DiskImage>>) -> String {
 
 #[test]
 fn a_probed_raw_disk_holding_a_qcow2_header_that_names_a_file_is_refused() {
-    let dir = TempDir::new("probe-attack");
+    let dir = temp_dir("probe-attack");
     let (disk, secret) = attacked_disk(&dir);
 
     // For a guest, read-only or not, and for any writable open: refused, naming the image
@@ -113,11 +113,11 @@ fn a_probed_raw_disk_holding_a_qcow2_header_that_names_a_file_is_refused() {
 
 #[test]
 fn recording_a_probed_format_follows_the_guests_rules() {
-    let dir = TempDir::new("probe-create");
+    let dir = temp_dir("probe-create");
     let (disk, secret) = attacked_disk(&dir);
     // `thinvm image create -b disk.raw` without -F would record "qcow2" and so launder the
     // attack: refused. With -F the user decides.
-    let ov = dir.join("ov.qcow2");
+    let ov = dir.path().join("ov.qcow2");
     let create = |fmt: Option<ImageFormat>| {
         block::qcow2::create(
             &ov,
@@ -146,7 +146,7 @@ fn recording_a_probed_format_follows_the_guests_rules() {
 
 /// An overlay whose header names `backing` without recording its format.
 fn overlay_without_backing_format(dir: &TempDir, name: &str, backing: &Path) -> PathBuf {
-    let ov = dir.join(name);
+    let ov = dir.path().join(name);
     create_qcow2(&ov, Some(DISK), Qcow2Version::V3, 65536, 16, None);
     let img = Qcow2Image::open(&ov, true).unwrap();
     let mut h = img.header().clone();
@@ -160,7 +160,7 @@ fn overlay_without_backing_format(dir: &TempDir, name: &str, backing: &Path) -> 
 
 #[test]
 fn a_backing_file_of_unrecorded_format_may_not_name_another_file_either() {
-    let dir = TempDir::new("probe-backing");
+    let dir = temp_dir("probe-backing");
     let (disk, secret) = attacked_disk(&dir);
     let ov = overlay_without_backing_format(&dir, "ov.qcow2", &disk);
     let qcow = Some(ImageFormat::Qcow2);
@@ -186,9 +186,9 @@ fn a_backing_file_of_unrecorded_format_may_not_name_another_file_either() {
 
     // Probing backing files is still fine where the probe cannot name anything: a raw file,
     // or a qcow2 image without a backing file.
-    let raw = dir.join("plain.raw");
+    let raw = dir.path().join("plain.raw");
     std::fs::write(&raw, vec![0x5au8; 1 << 20]).unwrap();
-    let plain = dir.join("plain.qcow2");
+    let plain = dir.path().join("plain.qcow2");
     create_qcow2(&plain, Some(1 << 20), Qcow2Version::V3, 65536, 16, None);
     for base in [&raw, &plain] {
         let ov = overlay_without_backing_format(&dir, "ov2.qcow2", base);
@@ -198,7 +198,7 @@ fn a_backing_file_of_unrecorded_format_may_not_name_another_file_either() {
 
 /// A writable image that probed as raw.
 fn probed_raw(dir: &TempDir, name: &str, direct: bool) -> Option<(PathBuf, Box<dyn DiskImage>)> {
-    let p = dir.join(name);
+    let p = dir.path().join(name);
     std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
     let o = OpenOptions {
         direct,
@@ -229,7 +229,7 @@ fn is_probe_refusal(r: block::Result<()>) -> bool {
 
 #[test]
 fn a_probed_raw_image_refuses_writes_that_would_make_it_qcow2() {
-    let dir = TempDir::new("probe-write");
+    let dir = temp_dir("probe-write");
     for direct in [false, true] {
         let Some((p, mut img)) = probed_raw(&dir, "w.raw", direct) else {
             eprintln!("no O_DIRECT on this file system: the direct variant is skipped");
@@ -314,8 +314,8 @@ fn a_probed_raw_image_refuses_writes_that_would_make_it_qcow2() {
 
 #[test]
 fn a_probed_raw_image_shorter_than_the_probe_is_guarded_too() {
-    let dir = TempDir::new("probe-short");
-    let p = dir.join("short.raw");
+    let dir = temp_dir("probe-short");
+    let p = dir.path().join("short.raw");
     std::fs::write(&p, [0u8; 6]).unwrap();
     let mut img = block::open(&p, &opts(false, None, ProbePolicy::Guest)).unwrap();
     assert!(is_probe_refusal(img.write_at(0, b"QFI\xfb")));
@@ -329,7 +329,7 @@ fn a_probed_raw_image_refuses_the_headers_of_formats_qemu_would_probe() {
     // thinvm only opens qcow2 and raw, but the disk may later go to qemu-img or QEMU without
     // a format: a VMDK descriptor or a QED header written by the guest could name host files
     // there.
-    let dir = TempDir::new("probe-foreign");
+    let dir = temp_dir("probe-foreign");
     let Some((p, mut img)) = probed_raw(&dir, "f.raw", false) else {
         unreachable!("buffered opens always work");
     };
@@ -366,7 +366,7 @@ fn a_probed_raw_image_writes_the_bytes_it_checked() {
     // A guest's vCPUs may change a request's buffer while the request is in flight (with
     // io_uring or the I/O threads, between planning and the data write): the bytes written
     // where the probe looks are the ones the check saw, not what the buffer holds later.
-    let dir = TempDir::new("probe-race");
+    let dir = temp_dir("probe-race");
     let Some((p, mut img)) = probed_raw(&dir, "r.raw", false) else {
         unreachable!("buffered opens always work");
     };
@@ -403,7 +403,7 @@ fn a_probed_raw_image_writes_the_bytes_it_checked() {
 fn a_probed_raw_image_refuses_zeroing_that_completes_a_signature() {
     // QED's magic ends in a zero byte: zeroing it after the guest wrote "QED\x01" would make
     // the image probe as QED as surely as writing it.
-    let dir = TempDir::new("probe-zero");
+    let dir = temp_dir("probe-zero");
     let Some((p, mut img)) = probed_raw(&dir, "z.raw", false) else {
         unreachable!("buffered opens always work");
     };

@@ -23,10 +23,10 @@ const FILL_AT: u64 = 4 << 20;
 
 fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
     let cs = 65536u64;
-    let dir = TempDir::new("reclaim");
-    let base = dir.join("base.raw");
+    let dir = temp_dir("reclaim");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, SIZE);
-    let img_path = dir.join("ov.qcow2");
+    let img_path = dir.path().join("ov.qcow2");
     create_qcow2(
         &img_path,
         Some(SIZE),
@@ -142,7 +142,7 @@ fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
         // contiguous host ranges only, so each 64k extent names the shared cluster).
         assert_eq!(shared.len(), 1, "{what}: {shared:?}");
     }
-    let reference = dir.join("model.raw");
+    let reference = dir.path().join("model.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_same(&img_path, &reference);
 }
@@ -168,10 +168,10 @@ kinds! {
 
 #[test]
 fn per_cluster_detection_inside_large_writes_and_partial_writes() {
-    let dir = TempDir::new("reclaim-detect");
-    let base = dir.join("base.raw");
+    let dir = temp_dir("reclaim-detect");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, 4 << 20);
-    let p = dir.join("ov.qcow2");
+    let p = dir.path().join("ov.qcow2");
     create_qcow2(
         &p,
         None,
@@ -216,10 +216,10 @@ fn per_cluster_detection_inside_large_writes_and_partial_writes() {
 
 #[test]
 fn v2_zero_cluster_copy_on_write_and_unsharing() {
-    let dir = TempDir::new("reclaim-v2");
-    let base = dir.join("base.raw");
+    let dir = temp_dir("reclaim-v2");
+    let base = dir.path().join("base.raw");
     let base_data = patterned_raw(&base, 1 << 20);
-    let p = dir.join("ov.qcow2");
+    let p = dir.path().join("ov.qcow2");
     create_qcow2(
         &p,
         None,
@@ -251,15 +251,15 @@ fn v2_zero_cluster_copy_on_write_and_unsharing() {
     assert_qemu_clean(&p);
     // QEMU reads the zero-mapped cluster as zeros too.
     ok("qemu-io", &["-c", "read -P 0 131072 65536", s(&p)]);
-    let reference = dir.join("model.raw");
+    let reference = dir.path().join("model.raw");
     std::fs::write(&reference, &model).unwrap();
     assert_same(&p, &reference);
 }
 
 #[test]
 fn compact_reclaims_zero_clusters_and_moves_the_tail() {
-    let dir = TempDir::new("reclaim-compact");
-    let p = dir.join("img.qcow2");
+    let dir = temp_dir("reclaim-compact");
+    let p = dir.path().join("img.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "64M"]);
     // QEMU writes explicit zeros (allocated), then data at the end of the file.
     ok(
@@ -312,8 +312,8 @@ fn vectored_writes_overwrite_in_place_and_still_detect_zero_clusters() {
         (ImageFormat::Qcow2, Some(Qcow2Version::V2)),
         (ImageFormat::Raw, None),
     ] {
-        let dir = TempDir::new("vectored");
-        let img_path = dir.join("disk.img");
+        let dir = temp_dir("vectored");
+        let img_path = dir.path().join("disk.img");
         match version {
             Some(v) => create_qcow2(&img_path, Some(4 << 20), v, 65536, 16, None),
             None => std::fs::write(&img_path, vec![0u8; 4 << 20]).unwrap(),

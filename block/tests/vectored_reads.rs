@@ -33,7 +33,7 @@ fn open(path: &std::path::Path, direct: bool) -> Box<dyn DiskImage> {
 
 /// What QEMU reads from `image`.
 fn qemu_reads(image: &std::path::Path, dir: &TempDir) -> Vec<u8> {
-    let out = dir.join("qemu.raw");
+    let out = dir.path().join("qemu.raw");
     ok("qemu-img", &["convert", "-O", "raw", s(image), s(&out)]);
     std::fs::read(out).unwrap()
 }
@@ -96,11 +96,11 @@ fn vectored_reads_match_qemu_on_every_kind_of_cluster() {
     let mut rng = Rng::seeded(0x7ec7_0ed5);
     for version in [Qcow2Version::V3, Qcow2Version::V2] {
         for compressed_base in [false, true] {
-            let dir = TempDir::new("vectored-reads");
-            let raw = dir.join("base.raw");
+            let dir = temp_dir("vectored-reads");
+            let raw = dir.path().join("base.raw");
             patterned_raw(&raw, BASE_SIZE);
             let (base, fmt) = base_image(&dir, &raw, compressed_base);
-            let overlay = dir.join("overlay.qcow2");
+            let overlay = dir.path().join("overlay.qcow2");
             create_qcow2(&overlay, Some(SIZE), version, CS, 16, Some((s(&base), fmt)));
             // Data clusters (two host-contiguous, one apart), zero clusters (v3), and a
             // discarded cluster; everything else comes from the backing file or past its end.

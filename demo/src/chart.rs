@@ -7,7 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::Sample;
+use crate::sample::Sample;
 
 /// One VMM's run: its size samples and when each step ended (ms since its own start).
 pub struct Series<'a> {
@@ -70,14 +70,18 @@ pub fn place_labels(
             }
         };
         ends[line] = x + l.width;
-        out.push((x, top + line as i32 * line_height));
+        let row = i32::try_from(line).unwrap_or(i32::MAX);
+        out.push((x, top.saturating_add(row.saturating_mul(line_height))));
     }
     out
 }
 
 /// Rough width of `text` in pixels for a sans-serif font of `size` pixels.
 fn text_width(text: &str, size: u32) -> i32 {
-    (text.chars().count() as f64 * f64::from(size) * 0.6).ceil() as i32
+    // `as` saturates: a width beyond i32::MAX pixels (never, for text) becomes i32::MAX.
+    #[allow(clippy::cast_possible_truncation)]
+    let width = (text.chars().count() as f64 * f64::from(size) * 0.6).ceil() as i32;
+    width
 }
 
 /// Splits the step key into lines that fit `width` pixels.
@@ -117,7 +121,21 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
     // Headroom above the highest line for the step numbers (one row per series).
     let y_max = y_top * (1.12 + 0.08 * series.len() as f64);
     let key = key_lines(steps, WIDTH as i32 - 40);
-    let height = PLOT_HEIGHT + KEY_LINE * (key.len() as u32 + 1);
+    // The key's lines and the series line below them, each KEY_LINE high.
+    let too_many = || err("too many steps for the key".into());
+    let height = u32::try_from(key.len() + 1)
+        .ok()
+        .and_then(|rows| KEY_LINE.checked_mul(rows))
+        .and_then(|h| PLOT_HEIGHT.checked_add(h))
+        .ok_or_else(too_many)?;
+    // The top of key line `i` (at most key.len(), which fits the height above).
+    let key_y = |i: usize| {
+        i32::try_from(i)
+            .ok()
+            .and_then(|i| i.checked_mul(KEY_LINE as i32))
+            .and_then(|y| y.checked_add(4))
+            .ok_or_else(too_many)
+    };
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let (plot, key_area) = root.split_vertically(PLOT_HEIGHT);
@@ -231,7 +249,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
         key_area
             .draw(&Text::new(
                 line.clone(),
-                (20, 4 + i as i32 * KEY_LINE as i32),
+                (20, key_y(i)?),
                 ("sans-serif", KEY_FONT).into_font().color(&BLACK),
             ))
             .map_err(|e| err(e.to_string()))?;
@@ -244,7 +262,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
         key_area
             .draw(&Text::new(
                 names.join(";  "),
-                (20, 4 + key.len() as i32 * KEY_LINE as i32),
+                (20, key_y(key.len())?),
                 ("sans-serif", KEY_FONT).into_font().color(&BLACK),
             ))
             .map_err(|e| err(e.to_string()))?;
@@ -321,9 +339,8 @@ mod tests {
 
     #[test]
     fn every_step_is_named_and_no_text_runs_off_the_chart() {
-        let dir = std::env::temp_dir().join(format!("thinvm-chart-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let svg = dir.join("c.svg");
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("c.svg");
         let sample = |t: u64, a: u64, p: u64| Sample {
             t_ms: t,
             allocated: a << 20,
@@ -366,7 +383,6 @@ mod tests {
         )
         .unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         let all = texts(&text);
         let key: String = all
             .iter()

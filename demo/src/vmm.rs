@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{DemoError, Result};
+use crate::error::{DemoError, Result};
 
 /// The QEMU binary.
 const QEMU: &str = "qemu-system-x86_64";

@@ -10,10 +10,11 @@ use std::time::Instant;
 use block::host_file::AlignedBuf;
 use block::pipeline::IoRequest;
 use block::IoBuf;
+use units::parse_size;
 
+use crate::args::{AioArg, CacheArg, DetectZeroesArg, FormatArg};
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
-use crate::{CacheArg, FormatArg};
+use crate::open::{open_image, pipeline, ImageAccess};
 
 /// Arguments of `thinvm image bench` (qemu-img bench's, plus `--random`).
 #[derive(Debug, clap::Args)]
@@ -26,7 +27,7 @@ pub struct BenchArgs {
     pub depth: u64,
     /// I/O engine (default: io_uring where the kernel allows it, else threads).
     #[arg(short = 'i', long = "aio", value_enum)]
-    pub aio: Option<crate::AioArg>,
+    pub aio: Option<AioArg>,
     /// Request size.
     #[arg(short = 's', default_value = "4k")]
     pub size: String,
@@ -60,7 +61,7 @@ pub struct BenchArgs {
     pub random: bool,
     /// Zero detection for writes.
     #[arg(long, value_enum, default_value = "off")]
-    pub detect_zeroes: crate::DetectZeroesArg,
+    pub detect_zeroes: DetectZeroesArg,
     /// Only print the summary line.
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -105,9 +106,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         None => 0,
     };
-    let mut img = crate::open_image(
+    let mut img = open_image(
         &a.file,
-        crate::ImageAccess {
+        ImageAccess {
             format: a.format,
             read_only: !a.write,
             direct: a.cache == CacheArg::None,
@@ -140,10 +141,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     // -d N: N requests in flight, each replaced as soon as it completes.
     let depth = a.depth.clamp(1, 1024) as usize;
-    let mut pipeline = crate::pipeline(a.aio)?;
-    let wbuf = aligned(size as usize, pattern);
+    let mut pipeline = pipeline(a.aio)?;
+    let buf_len = usize::try_from(size)
+        .map_err(|_| CliError::Usage(format!("request size {size} is too large")))?;
+    let wbuf = aligned(buf_len, pattern);
     let mut rbufs: Vec<AlignedBuf> = (0..if a.write { 0 } else { depth })
-        .map(|_| aligned(size as usize, pattern))
+        .map(|_| aligned(buf_len, pattern))
         .collect();
     let slots = vsize / size;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -200,7 +203,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let Err(e) = r {
                 first_error.get_or_insert(e);
             }
-            free.push(slot as usize);
+            free.push(slot_index(slot));
             done += 1;
             writes_since_flush += u64::from(a.write);
         }
@@ -213,7 +216,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let mut rest = Vec::new();
                 pipeline.drain(img, &mut rest);
                 done += rest.len() as u64;
-                free.extend(rest.into_iter().map(|(slot, _)| slot as usize));
+                free.extend(rest.into_iter().map(|(slot, _)| slot_index(slot)));
                 img.flush().map_err(err)?;
                 writes_since_flush = 0;
             }
@@ -236,6 +239,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ops * size as f64 / (1 << 20) as f64
     );
     Ok(())
+}
+
+/// The slot a completed request's tag names: the tags are the slot indices this file
+/// submitted (below the depth, at most 1024), so they fit a `usize`.
+#[allow(clippy::cast_possible_truncation)]
+fn slot_index(tag: u64) -> usize {
+    tag as usize
 }
 
 /// `len` bytes of `fill` at a 4 KiB-aligned address, as qemu-img bench allocates its

@@ -6,8 +6,8 @@ use std::path::Path;
 use block::inspect::{CheckReport, RepairMode};
 use serde_json::{json, Value};
 
+use crate::args::{OutputFormat, RepairArg};
 use crate::error::{CliError, Result};
-use crate::{OutputFormat, RepairArg};
 
 fn to_json(r: &CheckReport) -> Value {
     let mut v = json!({

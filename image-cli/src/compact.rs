@@ -3,11 +3,12 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
-use crate::error::{CliError, Result};
-use crate::size::human_size;
-use crate::OutputFormat;
+use units::human_size;
 
-pub fn run(file: &Path, format: Option<crate::FormatArg>, output: OutputFormat) -> Result<()> {
+use crate::args::{FormatArg, OutputFormat};
+use crate::error::{CliError, Result};
+
+pub fn run(file: &Path, format: Option<FormatArg>, output: OutputFormat) -> Result<()> {
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         if let Ok(style) = indicatif::ProgressStyle::with_template(

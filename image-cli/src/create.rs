@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use block::qcow2::{CreateOptions, Qcow2Version};
 use block::ImageFormat;
+use units::parse_size;
 
+use crate::args::FormatArg;
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
-use crate::FormatArg;
 
 pub struct CreateArgs {
     pub format: FormatArg,

@@ -13,6 +13,9 @@ pub enum CliError {
         #[source]
         source: block::Error,
     },
+    /// A size argument that is not a size.
+    #[error(transparent)]
+    Size(#[from] units::SizeError),
     /// A qemu-io style command failed (pattern mismatch and the like).
     #[error("{0}")]
     Command(String),

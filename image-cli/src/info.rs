@@ -4,10 +4,10 @@ use std::path::Path;
 
 use block::inspect::ImageInfo;
 use serde_json::{json, Value};
+use units::human_size;
 
+use crate::args::OutputFormat;
 use crate::error::{CliError, Result};
-use crate::size::human_size;
-use crate::OutputFormat;
 
 /// qemu-img's JSON for one image.
 pub fn to_json(i: &ImageInfo) -> Value {

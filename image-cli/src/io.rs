@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use block::pipeline::{IoRequest, Pipeline};
 use block::{DiskImage, IoBuf};
+use units::parse_size;
 
+use crate::args::{AioArg, DetectZeroesArg};
 use crate::error::{CliError, Result};
-use crate::size::parse_size;
-use crate::DetectZeroesArg;
+use crate::open::{open_image, pipeline, ImageAccess};
 
 /// One parsed command.
 #[derive(Debug, PartialEq, Eq)]
@@ -263,17 +264,17 @@ fn exec(img: &mut dyn DiskImage, io: &mut Io, file: &Path, cmd: &Cmd) -> Result<
 /// Runs the commands in order; returns the exit code (1 if a command failed).
 pub fn run(
     file: &Path,
-    access: crate::ImageAccess,
+    access: ImageAccess,
     detect_zeroes: DetectZeroesArg,
-    aio: Option<crate::AioArg>,
+    aio: Option<AioArg>,
     commands: &[String],
 ) -> Result<u8> {
     // Parse everything first: a typo should not leave a half-applied script.
     let cmds: Vec<Cmd> = commands.iter().map(|c| parse(c)).collect::<Result<_>>()?;
-    let mut img = crate::open_image(file, access)?;
+    let mut img = open_image(file, access)?;
     img.set_detect_zeroes(detect_zeroes.into());
     let mut io = Io {
-        pipeline: crate::pipeline(aio)?,
+        pipeline: pipeline(aio)?,
     };
     let mut failed = false;
     for (cmd, text) in cmds.iter().zip(commands) {

@@ -4,14 +4,15 @@ use std::path::{Path, PathBuf};
 
 use block::MapExtent;
 
+use crate::args::OutputFormat;
 use crate::error::{CliError, Result};
-use crate::OutputFormat;
+use crate::open::{open_image, ImageAccess};
 
 /// Every extent of the image, merged the way qemu-img merges them.
 pub fn extents(file: &Path, force_share: bool) -> Result<Vec<MapExtent>> {
-    let mut img = crate::open_image(
+    let mut img = open_image(
         file,
-        crate::ImageAccess {
+        ImageAccess {
             read_only: true,
             force_share,
             ..Default::default()

@@ -275,7 +275,7 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig> {
 
 /// Parses the memory size (K/M/G suffixes) and checks its bounds.
 pub fn parse_memory(s: &str) -> Result<u64> {
-    let v = image_cli::size::parse_size(s)
+    let v = units::parse_size(s)
         .map_err(|_| bad(format!("--memory {s}: not a size (examples: 256M, 1G)")))?;
     if v < MIN_MEMORY {
         return Err(bad(format!(

@@ -10,7 +10,7 @@ use block::{DetectZeroes, DiskImage, HostUsage, ImageFormat, OpenOptions, ProbeP
 use devices::bus::Bus;
 use devices::virtio::block::{serial_bytes, Block, BlockConfig, BlockStats, ThreadInit};
 use devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use image_cli::size::human_size;
+use units::human_size;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 

@@ -14,120 +14,22 @@
 //! those at once on the calling thread, one after another, so two of them never race on a
 //! shared block.
 
+mod api;
+mod eventfd;
 pub mod sync;
 pub mod threads;
 pub mod uring;
 
 use std::io;
-use std::os::unix::io::RawFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use crate::host_file::{direct_ready, HostFile};
-use crate::iobuf::IoBuf;
-use crate::{Error, Result};
-
-/// Which engine runs data I/O (`aio=` on the command line, QEMU's names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Aio {
-    IoUring,
-    Threads,
-    Sync,
-}
-
-impl Aio {
-    pub fn name(self) -> &'static str {
-        match self {
-            Aio::IoUring => "io_uring",
-            Aio::Threads => "threads",
-            Aio::Sync => "sync",
-        }
-    }
-}
-
-impl std::str::FromStr for Aio {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "io_uring" => Ok(Aio::IoUring),
-            "threads" => Ok(Aio::Threads),
-            "sync" => Ok(Aio::Sync),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown aio engine '{other}' (expected io_uring, threads or sync)"
-            ))),
-        }
-    }
-}
-
-/// One data read or write: the concatenation of `bufs` at byte `offset` of `file`. A read
-/// past the end of the file fills the rest with zeros.
-#[derive(Clone, Debug)]
-pub struct DataOp {
-    pub file: Arc<HostFile>,
-    pub write: bool,
-    pub offset: u64,
-    pub bufs: Vec<IoBuf>,
-}
-
-impl DataOp {
-    pub fn len(&self) -> u64 {
-        crate::iobuf::total_len(&self.bufs)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the operation must go through a bounce buffer (O_DIRECT, not aligned).
-    pub fn needs_bounce(&self) -> bool {
-        self.file.is_direct() && !direct_ready(&self.bufs, self.offset)
-    }
-}
-
-/// A finished operation: its tag and result.
-pub type Completion = (u64, io::Result<()>);
-
-/// Runs data operations.
-pub trait Engine: Send {
-    fn aio(&self) -> Aio;
-
-    /// Starts `op`; its completion is later returned by [`Engine::reap`] with `tag`.
-    ///
-    /// # Safety
-    /// The memory of `op.bufs` must stay valid (see [`IoBuf::new`]) until the completion
-    /// with `tag` has been reaped.
-    unsafe fn submit(&mut self, tag: u64, op: DataOp);
-
-    /// Hands submitted operations to the kernel (one system call for many on io_uring).
-    fn kick(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-
-    /// Appends finished operations to `out`; with `wait`, blocks until at least one has
-    /// finished (unless none is in flight).
-    fn reap(&mut self, wait: bool, out: &mut Vec<Completion>);
-
-    /// A file descriptor that becomes readable when completions are waiting to be reaped
-    /// (`None`: operations complete inside [`Engine::submit`]).
-    fn notifier(&self) -> Option<RawFd>;
-
-    /// Operations submitted and not yet reaped.
-    fn in_flight(&self) -> usize;
-}
-
-/// Runs `op` on the calling thread.
-pub fn run_sync(op: &DataOp) -> io::Result<()> {
-    if op.write {
-        op.file.write_vectored_all_at(&op.bufs, op.offset)
-    } else {
-        op.file.read_vectored_or_zeros(&op.bufs, op.offset)
-    }
-}
+pub use api::{run_sync, Aio, Completion, DataOp, Engine};
 
 /// The engine for `aio`, or an error saying why it cannot run here.
 pub fn new_engine(aio: Aio) -> io::Result<Box<dyn Engine>> {
     Ok(match aio {
         Aio::IoUring => Box::new(uring::UringEngine::new(uring::RING_ENTRIES)?),
-        Aio::Threads => Box::new(threads::ThreadEngine::new(crate::MAX_IO_THREADS)?),
+        Aio::Threads => Box::new(threads::ThreadEngine::new(crate::parallel::MAX_THREADS)?),
         Aio::Sync => Box::new(sync::SyncEngine::default()),
     })
 }
@@ -154,46 +56,21 @@ pub fn default_aio() -> (Aio, Option<String>) {
     }
 }
 
-/// An eventfd (non-blocking, close-on-exec) for completion notices.
-pub(crate) fn new_eventfd() -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adds one to an eventfd's counter (wakes whoever polls it).
-pub(crate) fn signal(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to a descriptor the caller keeps open; an
-    // error (the counter is saturated, which cannot happen here) only loses a wake-up that
-    // is already pending.
-    let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-}
-
-/// Resets an eventfd's counter (so it polls readable only for new completions).
-pub(crate) fn drain_eventfd(fd: RawFd) {
-    let mut v: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64 from a non-blocking descriptor the caller keeps
-    // open; EAGAIN (nothing pending) is fine.
-    let _ = unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cast::usize_from;
+    use crate::host_file::HostFile;
+    use crate::iobuf::IoBuf;
+    use std::sync::Arc;
 
     /// The same mix of reads and writes through every engine, buffered and O_DIRECT, with
     /// unaligned 512-byte writes sharing blocks (a read-modify-write each): every byte lands
     /// where it was asked, reads past the end of the file read zeros.
     #[test]
     fn every_engine_reads_and_writes_where_asked() {
-        let dir = std::env::temp_dir().join(format!("thinvm-engine-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         for aio in [Aio::Sync, Aio::Threads, Aio::IoUring] {
             for direct in [false, true] {
                 let p = dir.join(format!("f-{}-{direct}", aio.name()));
@@ -213,13 +90,13 @@ mod tests {
                 let mut store = crate::host_file::AlignedBuf::new(64 * 4096 + 64 * 512);
                 let bytes = store.as_mut_slice();
                 for (i, b) in bytes.iter_mut().enumerate() {
-                    *b = (i / 512) as u8 ^ 0x5a;
+                    *b = u8::try_from(i / 512 % 256).unwrap() ^ 0x5a;
                 }
                 // SAFETY: `store` outlives every operation (all reaped below).
                 let whole = unsafe { IoBuf::from_mut_slice(bytes) };
                 // 32 whole blocks in reverse order, each in two pieces; 64 small writes.
                 for i in 0..32u64 {
-                    let b = whole.sub(i as usize * 4096, 4096);
+                    let b = whole.sub(usize_from(i) * 4096, 4096);
                     let op = DataOp {
                         file: file.clone(),
                         write: true,
@@ -234,7 +111,7 @@ mod tests {
                         file: file.clone(),
                         write: true,
                         offset: i * 512,
-                        bufs: vec![whole.sub(64 * 4096 + i as usize * 512, 512)],
+                        bufs: vec![whole.sub(64 * 4096 + usize_from(i) * 512, 512)],
                     };
                     // SAFETY: as above.
                     unsafe { engine.submit(100 + i, op) };
@@ -283,6 +160,5 @@ mod tests {
                 assert_eq!(&got[8192..], &back[4096..8192], "{aio:?} {direct}");
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::os::unix::io::RawFd;
 
-use super::{run_sync, Aio, Completion, DataOp, Engine};
+use super::api::{run_sync, Aio, Completion, DataOp, Engine};
 
 /// Runs each operation at once; completions wait in a list until reaped.
 #[derive(Default)]

@@ -1,5 +1,5 @@
 //! The thread-pool engine (`aio=threads`, QEMU's thread-pool AIO): operations run on the
-//! crate's pool of I/O threads ([`crate::parallel`]), at most a set number at a time;
+//! crate's pool of I/O threads (`crate::parallel`), at most a set number at a time;
 //! finished ones come back on a channel and wake an eventfd.
 
 use std::collections::VecDeque;
@@ -9,7 +9,8 @@ use std::os::unix::io::RawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use super::{drain_eventfd, new_eventfd, run_sync, signal, Aio, Completion, DataOp, Engine};
+use super::api::{run_sync, Aio, Completion, DataOp, Engine};
+use super::eventfd::{drain_eventfd, new_eventfd, signal};
 
 /// Operations on the I/O threads.
 pub struct ThreadEngine {
@@ -32,7 +33,7 @@ impl ThreadEngine {
         }
         let (tx, rx) = channel();
         Ok(ThreadEngine {
-            max: max.clamp(1, crate::MAX_IO_THREADS),
+            max: max.clamp(1, crate::parallel::MAX_THREADS),
             running: 0,
             backlog: VecDeque::new(),
             ready: Vec::new(),

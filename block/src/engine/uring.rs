@@ -11,7 +11,9 @@ use std::os::unix::io::RawFd;
 use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 
-use super::{drain_eventfd, new_eventfd, run_sync, signal, Aio, Completion, DataOp, Engine};
+use super::api::{run_sync, Aio, Completion, DataOp, Engine};
+use super::eventfd::{drain_eventfd, new_eventfd, signal};
+use crate::cast::usize_from;
 use crate::host_file::DIRECT_ALIGN;
 
 /// Submission queue entries of a ring (the completion queue has twice as many; the kernel
@@ -84,12 +86,15 @@ impl UringEngine {
         let at = slot.op.offset + slot.done;
         slot.iov = remaining_iovecs(&slot.op, slot.done);
         let fd = types::Fd(slot.op.file.as_raw_fd());
+        // At most MAX_IOVECS (checked in `submit`).
+        let iovecs = u32::try_from(slot.iov.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let entry = if slot.op.write {
-            opcode::Writev::new(fd, slot.iov.as_ptr(), slot.iov.len() as u32)
+            opcode::Writev::new(fd, slot.iov.as_ptr(), iovecs)
                 .offset(at)
                 .build()
         } else {
-            opcode::Readv::new(fd, slot.iov.as_ptr(), slot.iov.len() as u32)
+            opcode::Readv::new(fd, slot.iov.as_ptr(), iovecs)
                 .offset(at)
                 .build()
         }
@@ -130,7 +135,8 @@ impl UringEngine {
             }
             return;
         }
-        slot.done += res as u64;
+        // `res` is not negative here.
+        slot.done += u64::from(res.unsigned_abs());
         if slot.done >= slot.total {
             self.finish(idx, Ok(()));
             return;
@@ -253,7 +259,7 @@ impl Engine for UringEngine {
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
             for (idx, res) in cqes {
-                self.complete(idx as usize, res);
+                self.complete(usize_from(idx), res);
             }
             // A resubmitted rest may still be on its way: wait for it too.
             if !(wait && self.ready.len() == before && self.in_kernel > 0) {

@@ -1,15 +1,16 @@
-//! Guest-to-host mapping through the L1 and L2 tables: reads, allocating writes with
-//! copy-on-write, zeroing / discarding, zero detection and block status (QEMU's
-//! `qcow2-cluster.c`).
+//! Guest-to-host mapping through the L1 and L2 tables (QEMU's `qcow2-cluster.c`): L2 tables
+//! loaded, allocated and written back, entries decoded and validated, cluster contents read
+//! (backing file, compressed), whether a cluster can be written in place, and block status.
+//! Zeroing is in `zeroing`, reads and writes as data operations in the planner.
 
 use super::compressed::{decompress, CompressedExtent};
-use super::refcount::FreeReason;
-use super::{
-    Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
-    RESERVED_HIGH,
-};
-use crate::zero::is_zero;
-use crate::{DetectZeroes, Error, MapExtent, Result};
+use super::entry::{l1_reserved_bits, read_l2, write_l2, L2Entry, ReservedBits};
+use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::image::Qcow2Image;
+use super::pending::FreeReason;
+use crate::cast::usize_from;
+use crate::error::{Error, Result};
+use crate::status::MapExtent;
 
 /// How one guest cluster is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,25 +23,6 @@ pub enum Mapping {
     Data { host: u64, copied: bool },
     /// Compressed data.
     Compressed(CompressedExtent),
-}
-
-/// A shared all-zero cluster of a v2 overlay (the 2008 RFC's zero-cluster dedup).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ZeroCluster {
-    pub host: u64,
-    /// While the cluster has exactly one reference, that reference's guest cluster (its L2
-    /// entry carries COPIED; a second reference moves both to a fresh shared cluster).
-    pub single_ref: Option<u64>,
-}
-
-pub(crate) fn read_l2(table: &[u8], i: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&table[i * 8..i * 8 + 8]);
-    u64::from_be_bytes(b)
-}
-
-pub(crate) fn write_l2(table: &mut [u8], i: usize, v: u64) {
-    table[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
 }
 
 /// Largest number of clusters handled by one allocation / one host I/O.
@@ -59,12 +41,12 @@ impl Qcow2Image {
             self.write_l2_slot(slot)?;
         }
         self.l2_cache.install(slot, off);
-        super::read_exact_or_eof(&self.file, self.l2_cache.data_mut(slot), off)?;
+        super::table_read::read_exact_or_eof(&self.file, self.l2_cache.data_mut(slot), off)?;
         Ok(slot)
     }
 
     /// Writes back the dirty parts of one cached L2 table, after the refcounts it depends on.
-    fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
+    pub(crate) fn write_l2_slot(&mut self, slot: usize) -> Result<()> {
         let Some(base) = self.l2_cache.offset_of(slot) else {
             return Ok(());
         };
@@ -107,7 +89,7 @@ impl Qcow2Image {
     pub(crate) fn check_l2_offset(&mut self, l1_idx: usize, entry: u64) -> Result<u64> {
         let off = entry & L1E_OFFSET_MASK;
         let cs = self.cluster_size;
-        if entry & RESERVED_HIGH != 0 || entry & 0x1ff != 0 {
+        if l1_reserved_bits(entry) {
             return Err(self.corruption(format!(
                 "L1 entry {l1_idx} has reserved bits set ({entry:#x})"
             )));
@@ -136,7 +118,7 @@ impl Qcow2Image {
     /// The cache slot of the L2 table covering guest cluster `gc`; with `allocate`, a
     /// missing table is created and a shared one is copied, so the slot can be modified.
     pub(super) fn l2_slot(&mut self, gc: u64, allocate: bool) -> Result<Option<usize>> {
-        let l1_idx = (gc / self.l2_entries) as usize;
+        let l1_idx = usize_from(gc / self.l2_entries);
         let Some(&entry) = self.l1.get(l1_idx) else {
             return Err(self.corruption(format!(
                 "guest cluster {gc} beyond the L1 table ({} entries)",
@@ -163,13 +145,13 @@ impl Qcow2Image {
     }
 
     /// Creates the L2 table for L1 entry `l1_idx`: empty, or a copy of the table at `from`.
-    fn alloc_l2_table(&mut self, l1_idx: usize, from: Option<u64>) -> Result<usize> {
+    pub(crate) fn alloc_l2_table(&mut self, l1_idx: usize, from: Option<u64>) -> Result<usize> {
         let content = match from {
             Some(src) => {
                 let slot = self.load_l2(src)?;
                 self.l2_cache.data(slot).to_vec()
             }
-            None => vec![0u8; self.cluster_size as usize],
+            None => vec![0u8; usize_from(self.cluster_size)],
         };
         let (c, _) = self.alloc_clusters(1)?;
         let off = c * self.cluster_size;
@@ -197,7 +179,7 @@ impl Qcow2Image {
             None => Ok(0),
             Some(slot) => Ok(read_l2(
                 self.l2_cache.data(slot),
-                (gc % self.l2_entries) as usize,
+                usize_from(gc % self.l2_entries),
             )),
         }
     }
@@ -207,7 +189,7 @@ impl Qcow2Image {
         let Some(slot) = self.l2_slot(gc, true)? else {
             return Err(Error::InvalidImage("L2 table allocation failed".into()));
         };
-        let i = (gc % self.l2_entries) as usize;
+        let i = usize_from(gc % self.l2_entries);
         write_l2(self.l2_cache.data_mut(slot), i, value);
         self.l2_cache.mark_dirty(slot, i * 8, 8);
         Ok(())
@@ -216,30 +198,30 @@ impl Qcow2Image {
     /// Decodes and validates an L2 entry.
     pub(crate) fn classify(&mut self, gc: u64, e: u64) -> Result<Mapping> {
         let cs = self.cluster_size;
-        if e & OFLAG_COMPRESSED != 0 {
-            let ext =
-                CompressedExtent::decode(e & !(OFLAG_COMPRESSED | OFLAG_COPIED), self.cluster_bits);
-            if ext.offset < cs || ext.offset >= self.file_len {
+        let (host, copied, zero) = match L2Entry::decode(e) {
+            Ok(L2Entry::Compressed { descriptor }) => {
+                let ext = CompressedExtent::decode(descriptor, self.cluster_bits);
+                if ext.offset < cs || ext.offset >= self.file_len {
+                    return Err(self.corruption(format!(
+                        "compressed cluster {gc} at invalid offset {:#x}",
+                        ext.offset
+                    )));
+                }
+                if self.meta.contains(&(ext.offset / cs)) {
+                    return Err(self.corruption(format!(
+                        "compressed cluster {gc} at {:#x} overlaps metadata",
+                        ext.offset
+                    )));
+                }
+                return Ok(Mapping::Compressed(ext));
+            }
+            Ok(L2Entry::Standard { host, copied, zero }) => (host, copied, zero),
+            Err(ReservedBits) => {
                 return Err(self.corruption(format!(
-                    "compressed cluster {gc} at invalid offset {:#x}",
-                    ext.offset
+                    "L2 entry for guest cluster {gc} points beyond 2^56 ({e:#x})"
                 )));
             }
-            if self.meta.contains(&(ext.offset / cs)) {
-                return Err(self.corruption(format!(
-                    "compressed cluster {gc} at {:#x} overlaps metadata",
-                    ext.offset
-                )));
-            }
-            return Ok(Mapping::Compressed(ext));
-        }
-        let host = e & L2E_OFFSET_MASK;
-        let copied = e & OFLAG_COPIED != 0;
-        if e & RESERVED_HIGH != 0 {
-            return Err(self.corruption(format!(
-                "L2 entry for guest cluster {gc} points beyond 2^56 ({e:#x})"
-            )));
-        }
+        };
         if host != 0 {
             if host % cs != 0 {
                 return Err(self.corruption(format!(
@@ -251,13 +233,13 @@ impl Qcow2Image {
                     "L2 entry for guest cluster {gc} points at metadata ({host:#x})"
                 )));
             }
-            if host >= self.file_len && e & OFLAG_ZERO == 0 {
+            if host >= self.file_len && !zero {
                 return Err(self.corruption(format!(
                     "L2 entry for guest cluster {gc} points beyond the end of the file ({host:#x})"
                 )));
             }
         }
-        if e & OFLAG_ZERO != 0 {
+        if zero {
             return Ok(Mapping::Zero {
                 host: (host != 0).then_some(host),
                 copied,
@@ -267,6 +249,36 @@ impl Qcow2Image {
             return Ok(Mapping::Unallocated);
         }
         Ok(Mapping::Data { host, copied })
+    }
+
+    /// Active L2 entries that map host offset `host` as uncompressed data, as (guest
+    /// cluster, entry): only from L2 tables exclusively owned by the active L1 table (the
+    /// ones that may be modified in place), each read once however many L1 entries name it.
+    /// With `first_only`, stops at the first.
+    pub(crate) fn active_data_references(
+        &mut self,
+        host: u64,
+        first_only: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for l1_idx in 0..self.l1.len() {
+            let l2_off = self.l1[l1_idx] & L1E_OFFSET_MASK;
+            if l2_off == 0 || self.l1[l1_idx] & OFLAG_COPIED == 0 || !seen.insert(l2_off) {
+                continue;
+            }
+            let slot = self.load_l2(l2_off)?;
+            for i in 0..usize_from(self.l2_entries) {
+                let e = read_l2(self.l2_cache.data(slot), i);
+                if e & OFLAG_COMPRESSED == 0 && e & L2E_OFFSET_MASK == host {
+                    out.push((l1_idx as u64 * self.l2_entries + i as u64, e));
+                    if first_only {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The mapping of guest cluster `gc`.
@@ -284,7 +296,7 @@ impl Qcow2Image {
             return Ok(());
         };
         let bsize = b.virtual_size();
-        let avail = bsize.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let avail = usize_from(bsize.saturating_sub(offset).min(buf.len() as u64));
         if avail > 0 {
             b.read_at(offset, &mut buf[..avail])?;
         }
@@ -292,7 +304,12 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn read_compressed(&mut self, gc: u64, ext: CompressedExtent, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_compressed(
+        &mut self,
+        gc: u64,
+        ext: CompressedExtent,
+        out: &mut [u8],
+    ) -> Result<()> {
         let key = ext.offset ^ (ext.len << 56);
         if let Some((k, data)) = &self.compressed_cache {
             if *k == key {
@@ -300,9 +317,9 @@ impl Qcow2Image {
                 return Ok(());
             }
         }
-        let len = ext.len.min(self.file_len.saturating_sub(ext.offset)) as usize;
+        let len = usize_from(ext.len.min(self.file_len.saturating_sub(ext.offset)));
         let mut input = vec![0u8; len];
-        super::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
+        super::table_read::read_exact_or_eof(&self.file, &mut input, ext.offset)?;
         if let Err(e) = decompress(self.header.compression_type, &input, out) {
             return Err(self.corruption(format!("guest cluster {gc}: {e}")));
         }
@@ -313,7 +330,9 @@ impl Qcow2Image {
     /// The current contents of guest cluster `gc` as a whole cluster.
     pub(crate) fn read_cluster(&mut self, gc: u64, m: Mapping, out: &mut [u8]) -> Result<()> {
         match m {
-            Mapping::Data { host, .. } => super::read_exact_or_eof(&self.file, out, host),
+            Mapping::Data { host, .. } => {
+                super::table_read::read_exact_or_eof(&self.file, out, host)
+            }
             Mapping::Zero { .. } => {
                 out.fill(0);
                 Ok(())
@@ -333,34 +352,13 @@ impl Qcow2Image {
                 host,
                 copied: false,
             } => {
-                if self.zero_clusters.iter().any(|z| z.host == host) {
+                if self.zero_clusters.contains(host) {
                     return Ok(false);
                 }
                 Ok(self.refcount(host / self.cluster_size)? == 1)
             }
             _ => Ok(false),
         }
-    }
-
-    /// A write of `len` zero bytes at `offset` that zero detection caught (detection on):
-    /// whole clusters become zero clusters (unmapped under `unmap`), partial ones are zeroed.
-    pub(crate) fn detected_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
-        let cs = self.cluster_size;
-        let unmap = self.detect_zeroes == DetectZeroes::Unmap;
-        let mut pos = 0u64;
-        while pos < len {
-            let goff = offset + pos;
-            let gc = goff / cs;
-            let in_off = goff % cs;
-            let n = (cs - in_off).min(len - pos);
-            if n == cs {
-                self.make_cluster_zero(gc, unmap, FreeReason::ZeroDetect)?;
-            } else {
-                self.zero_cluster_part(gc, in_off, n, unmap, FreeReason::ZeroDetect)?;
-            }
-            pos += n;
-        }
-        Ok(())
     }
 
     /// Queues the release of whatever host clusters mapping `m` referenced.
@@ -378,219 +376,6 @@ impl Qcow2Image {
             }
             Mapping::Zero { host: None, .. } | Mapping::Unallocated => {}
         }
-    }
-
-    // ----- zeroing ---------------------------------------------------------------------
-
-    /// Whether the backing file reads as zeros over guest cluster `gc`.
-    fn backing_reads_zero(&mut self, gc: u64) -> Result<bool> {
-        let cs = self.cluster_size;
-        let Some(b) = self.backing.as_mut() else {
-            // No backing file, or one that was not opened: only the former reads as zeros.
-            return Ok(!self.has_backing());
-        };
-        let bsize = b.virtual_size();
-        let start = gc * cs;
-        if start >= bsize {
-            return Ok(true);
-        }
-        let len = cs.min(bsize - start);
-        let st = b.block_status(start, len)?;
-        if st.zero && st.length >= len {
-            return Ok(true);
-        }
-        let mut buf = vec![0u8; len as usize];
-        b.read_at(start, &mut buf)?;
-        Ok(is_zero(&buf))
-    }
-
-    /// Whether mapping `m` of cluster `gc` already reads as zeros everywhere.
-    fn reads_as_zero(&mut self, gc: u64, m: Mapping) -> Result<bool> {
-        Ok(match m {
-            Mapping::Zero { .. } => true,
-            Mapping::Unallocated => !self.has_backing() || self.backing_reads_zero(gc)?,
-            Mapping::Data { host, .. } => self.zero_clusters.iter().any(|z| z.host == host),
-            Mapping::Compressed(_) => false,
-        })
-    }
-
-    /// A shared zero cluster to map one more guest cluster to (v2 images with a backing
-    /// file), allocating one when none is usable. Returns the L2 entry for `gc`.
-    ///
-    /// `qemu-img check` calls COPIED on a shared cluster, or a lone reference without it, a
-    /// corruption, and no order of the L2 and refcount writes keeps a cluster consistent
-    /// across a crash while it goes from one reference to two. So a zero cluster with one
-    /// reference (COPIED) is never shared: when a second guest cluster needs zeros, both move
-    /// to a fresh zero cluster whose refcount starts at 2 (refcount before L2, as for any
-    /// allocation), and the old one is freed once the L2 change is on disk.
-    fn zero_cluster_for(&mut self, gc: u64) -> Result<u64> {
-        let cs = self.cluster_size;
-        let mut i = 0;
-        while i < self.zero_clusters.len() {
-            let z = self.zero_clusters[i];
-            let rc = self.refcount(z.host / cs)?;
-            if rc == 0 {
-                self.zero_clusters.remove(i);
-                continue;
-            }
-            match z.single_ref {
-                Some(prev) => {
-                    if rc == 1 && self.l2_entry(prev)? == z.host | OFLAG_COPIED {
-                        let fresh = self.new_zero_cluster(2)?;
-                        self.set_l2_entry(prev, fresh)?;
-                        self.queue_free(z.host / cs, true, FreeReason::Internal);
-                        self.zero_clusters[i] = ZeroCluster {
-                            host: fresh,
-                            single_ref: None,
-                        };
-                        return Ok(fresh);
-                    }
-                    // Not in the state recorded: stop using it as a zero cluster.
-                    self.zero_clusters.remove(i);
-                    continue;
-                }
-                None if rc >= 2 && rc < self.rc_max => {
-                    self.set_refcount(z.host / cs, rc + 1)?;
-                    return Ok(z.host);
-                }
-                None => i += 1,
-            }
-        }
-        let host = self.new_zero_cluster(1)?;
-        self.zero_clusters.push(ZeroCluster {
-            host,
-            single_ref: Some(gc),
-        });
-        Ok(host | OFLAG_COPIED)
-    }
-
-    /// Allocates an all-zero cluster with refcount `refs`.
-    pub(crate) fn new_zero_cluster(&mut self, refs: u64) -> Result<u64> {
-        let (c, _) = self.alloc_clusters(1)?;
-        let host = c * self.cluster_size;
-        self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
-        if refs != 1 {
-            self.set_refcount(c, refs)?;
-        }
-        Ok(host)
-    }
-
-    /// Makes guest cluster `gc` read as zeros, releasing its host cluster.
-    pub(crate) fn make_cluster_zero(
-        &mut self,
-        gc: u64,
-        unmap: bool,
-        reason: FreeReason,
-    ) -> Result<()> {
-        let m = self.mapping(gc)?;
-        let v3 = self.header.version >= 3;
-        let backing = self.has_backing();
-        match m {
-            Mapping::Zero { host: None, .. } => return Ok(()),
-            Mapping::Unallocated if !backing => return Ok(()),
-            Mapping::Data { host, .. } if self.zero_clusters.iter().any(|z| z.host == host) => {
-                return Ok(())
-            }
-            _ => {}
-        }
-        let new_entry = if !backing {
-            0
-        } else if v3 {
-            OFLAG_ZERO
-        } else if self.backing_reads_zero(gc)? {
-            0
-        } else if let (true, Mapping::Data { host, copied: true }) =
-            (self.zero_clusters.is_empty(), m)
-        {
-            // No shared zero cluster yet: the cluster being zeroed becomes it, in place
-            // (it is exclusively ours), so no new cluster is allocated at the file's end.
-            self.pwrite(&vec![0u8; self.cluster_size as usize], host, "zero cluster")?;
-            self.zero_clusters.push(ZeroCluster {
-                host,
-                single_ref: Some(gc),
-            });
-            return Ok(());
-        } else {
-            self.zero_cluster_for(gc)?
-        };
-        if new_entry == 0 && m == Mapping::Unallocated {
-            return Ok(());
-        }
-        self.set_l2_entry(gc, new_entry)?;
-        self.release_mapping(m, unmap, reason);
-        Ok(())
-    }
-
-    /// Zeroes `n` bytes at `in_off` inside guest cluster `gc`; the cluster is released when
-    /// it ends up all zero.
-    pub(crate) fn zero_cluster_part(
-        &mut self,
-        gc: u64,
-        in_off: u64,
-        n: u64,
-        unmap: bool,
-        reason: FreeReason,
-    ) -> Result<()> {
-        let cs = self.cluster_size;
-        let m = self.mapping(gc)?;
-        if self.reads_as_zero(gc, m)? {
-            return Ok(());
-        }
-        let mut cluster = vec![0u8; cs as usize];
-        self.read_cluster(gc, m, &mut cluster)?;
-        cluster[in_off as usize..(in_off + n) as usize].fill(0);
-        if is_zero(&cluster) {
-            return self.make_cluster_zero(gc, unmap, reason);
-        }
-        if self.writable_in_place(m)? {
-            if let Mapping::Data { host, copied } = m {
-                if !copied {
-                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
-                }
-                let zeros = vec![0u8; n as usize];
-                return self.pwrite(&zeros, host + in_off, "guest data");
-            }
-        }
-        self.write_sync_inner(gc * cs, &cluster)
-    }
-
-    /// Makes `[offset, offset + len)` read as zeros; whole clusters are released.
-    pub(crate) fn zero_guest(
-        &mut self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        reason: FreeReason,
-    ) -> Result<()> {
-        let cs = self.cluster_size;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let gc = pos / cs;
-            let in_off = pos % cs;
-            let n = (cs - in_off).min(end - pos);
-            if n == cs {
-                // Skip whole L2 ranges that have no table and need none.
-                let l1_idx = (gc / self.l2_entries) as usize;
-                let no_table = self
-                    .l1
-                    .get(l1_idx)
-                    .is_some_and(|&e| e & L1E_OFFSET_MASK == 0);
-                if no_table && !self.has_backing() {
-                    let next = (gc / self.l2_entries + 1) * self.l2_entries * cs;
-                    pos = next.min(end / cs * cs);
-                    continue;
-                }
-                self.make_cluster_zero(gc, unmap, reason)?;
-            } else {
-                self.zero_cluster_part(gc, in_off, n, unmap, reason)?;
-            }
-            pos += n;
-            if self.pending_free_bytes() >= super::PENDING_FREE_BYTES {
-                self.commit_frees()?;
-            }
-        }
-        Ok(())
     }
 
     // ----- block status ----------------------------------------------------------------
@@ -650,5 +435,122 @@ impl Qcow2Image {
                 }
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::disk::DiskImage;
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::entry::L1E_OFFSET_MASK;
+    use crate::qcow2::header::incompat;
+
+    /// A 1 MiB v3 image whose guest cluster 0 holds 0xab: (path, L1 table offset, L2 table
+    /// offset, data cluster offset).
+    fn image_with_one_cluster(dir: &Path) -> (PathBuf, u64, u64, u64) {
+        let path = dir.join("t.qcow2");
+        let opts = CreateOptions {
+            size: Some(1 << 20),
+            ..CreateOptions::default()
+        };
+        create(&path, &opts).unwrap();
+        let mut img = Qcow2Image::open(&path, false).unwrap();
+        img.write_at(0, &[0xab; 65536]).unwrap();
+        img.flush().unwrap();
+        let l1 = img.header.l1_table_offset;
+        let l2 = img.l1[0] & L1E_OFFSET_MASK;
+        let Mapping::Data { host, copied: true } = img.mapping(0).unwrap() else {
+            panic!("guest cluster 0 is not plain data");
+        };
+        (path, l1, l2, host)
+    }
+
+    fn poke(path: &Path, offset: u64, value: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&value.to_be_bytes(), offset).unwrap();
+    }
+
+    fn incompatible_features(path: &Path) -> u64 {
+        let mut b = [0u8; 8];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut b, 72)
+            .unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    /// L2 and L1 entries written by hand into an image: each is refused with its own error
+    /// (no panic, no data from the wrong place), and the image is marked corrupt.
+    #[test]
+    fn hand_corrupted_entries_are_refused_and_mark_the_image_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, l1, l2, data) = image_with_one_cluster(dir.path());
+        let mut buf = vec![0u8; 65536];
+        Qcow2Image::open(&path, true)
+            .unwrap()
+            .read_at(0, &mut buf)
+            .unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0xab),
+            "the untouched image reads back"
+        );
+        std::fs::copy(&path, dir.path().join("good.qcow2")).unwrap();
+
+        let cases: [(&str, u64, u64, &str); 5] = [
+            (
+                "reserved bit 56",
+                l2,
+                data | OFLAG_COPIED | 1 << 56,
+                "L2 entry for guest cluster 0 points beyond 2^56",
+            ),
+            (
+                "mid-cluster offset",
+                l2,
+                (data + 512) | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 has unaligned offset",
+            ),
+            (
+                "the L2 table itself",
+                l2,
+                l2 | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 points at metadata",
+            ),
+            (
+                "past the end of the file",
+                l2,
+                (1 << 40) | OFLAG_COPIED,
+                "L2 entry for guest cluster 0 points beyond the end of the file",
+            ),
+            (
+                "L1 entry with a reserved low bit",
+                l1,
+                l2 | OFLAG_COPIED | 1,
+                "L1 entry 0 has reserved bits set",
+            ),
+        ];
+        for (what, at, value, want) in cases {
+            std::fs::copy(dir.path().join("good.qcow2"), &path).unwrap();
+            poke(&path, at, value);
+            let mut img = Qcow2Image::open(&path, false).unwrap();
+            buf.fill(0x11);
+            match img.read_at(0, &mut buf) {
+                Err(Error::Corrupt(msg)) => assert!(msg.contains(want), "{what}: {msg}"),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert!(
+                img.is_read_only(),
+                "{what}: a corrupt image stops taking writes"
+            );
+            drop(img);
+            assert_ne!(
+                incompatible_features(&path) & incompat::CORRUPT,
+                0,
+                "{what}: corrupt bit on disk"
+            );
+        }
     }
 }

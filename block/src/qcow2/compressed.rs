@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use super::header::CompressionType;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Location of a compressed cluster's data in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,40 +4,12 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+pub use super::header::Qcow2Version;
 use super::header::{self, CompressionType, Header};
-use super::refcount::set_entry;
-use crate::{Error, ImageFormat, Result};
-
-/// qcow2 format versions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub enum Qcow2Version {
-    /// Version 2, `compat=0.10`.
-    V2,
-    /// Version 3, `compat=1.1` (QEMU's default).
-    #[default]
-    V3,
-}
-
-impl Qcow2Version {
-    /// QEMU's `compat=` name of the version.
-    pub fn compat_name(self) -> &'static str {
-        match self {
-            Qcow2Version::V2 => "0.10",
-            Qcow2Version::V3 => "1.1",
-        }
-    }
-
-    /// Parses QEMU's `compat=` values (`0.10`, `v2`, `1.1`, `v3`).
-    pub fn from_compat(s: &str) -> Result<Self> {
-        match s {
-            "0.10" | "v2" => Ok(Qcow2Version::V2),
-            "1.1" | "v3" => Ok(Qcow2Version::V3),
-            other => Err(Error::InvalidArgument(format!(
-                "invalid compat level '{other}' (expected 0.10 or 1.1)"
-            ))),
-        }
-    }
-}
+use super::refblock::set_entry;
+use crate::cast::usize_from;
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 
 /// Options for [`create`], with `qemu-img create -f qcow2 -o ...` meanings.
 #[derive(Clone, Debug)]
@@ -106,12 +78,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         let bpath = super::resolve_backing_path(path, name);
         // A probed format is recorded, and so trusted from then on: the probe follows the
         // guest's rules (a probed qcow2 naming another file is refused, see `probe`).
-        let img = crate::open(
+        let img = crate::open::open(
             &bpath,
-            &crate::OpenOptions {
+            &crate::options::OpenOptions {
                 read_only: true,
                 format: backing_format,
-                probe: crate::ProbePolicy::Guest,
+                probe: crate::probe::ProbePolicy::Guest,
                 // Only its size is read, as `qemu-img create` does (which force-shares).
                 force_share: true,
                 ..Default::default()
@@ -186,10 +158,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         cluster_bits,
         size,
         crypt_method: 0,
-        l1_size: l1_entries as u32,
+        l1_size: u32::try_from(l1_entries)
+            .map_err(|_| Error::InvalidArgument("L1 table too large".into()))?,
         l1_table_offset: l1_off,
         refcount_table_offset: rt_off,
-        refcount_table_clusters: rt_clusters as u32,
+        refcount_table_clusters: u32::try_from(rt_clusters)
+            .map_err(|_| Error::InvalidArgument("refcount table too large".into()))?,
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: 0,
@@ -227,17 +201,17 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let _lock = crate::lock::acquire(&file, path, crate::lock::LockMode::Create)?;
     let io = |e| Error::io(format!("write {}", path.display()), e);
     file.set_len(0).map_err(io)?;
-    let mut image = vec![0u8; (total_clusters * cs) as usize];
+    let mut image = vec![0u8; usize_from(total_clusters * cs)];
     image[..hdr.len()].copy_from_slice(&hdr);
     for i in 0..rb_count {
         let e = (rb_off + i * cs).to_be_bytes();
-        let p = (rt_off + i * 8) as usize;
+        let p = usize_from(rt_off + i * 8);
         image[p..p + 8].copy_from_slice(&e);
     }
     for c in 0..total_clusters {
-        let block = (c / rb_entries) as usize;
-        let start = (rb_off as usize) + block * cs as usize;
-        let blk = &mut image[start..start + cs as usize];
+        let block = usize_from(c / rb_entries);
+        let start = usize_from(rb_off) + block * usize_from(cs);
+        let blk = &mut image[start..start + usize_from(cs)];
         set_entry(blk, c % rb_entries, refcount_order, 1);
     }
     file.write_all_at(&image, 0).map_err(io)?;

@@ -1,9 +1,43 @@
 //! The qcow2 header: parsing with validation, serialisation, header extensions and feature
 //! bits (QEMU's `docs/interop/qcow2.rst`).
 
-use crate::{Error, ImageFormat, Result};
+use crate::cast::usize_from;
+use crate::error::{Error, Result};
+use crate::format::ImageFormat;
 
-use super::MAGIC;
+/// The qcow2 magic, `QFI\xfb`.
+pub const MAGIC: [u8; 4] = [b'Q', b'F', b'I', 0xfb];
+
+/// qcow2 format versions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Qcow2Version {
+    /// Version 2, `compat=0.10`.
+    V2,
+    /// Version 3, `compat=1.1` (QEMU's default).
+    #[default]
+    V3,
+}
+
+impl Qcow2Version {
+    /// QEMU's `compat=` name of the version.
+    pub fn compat_name(self) -> &'static str {
+        match self {
+            Qcow2Version::V2 => "0.10",
+            Qcow2Version::V3 => "1.1",
+        }
+    }
+
+    /// Parses QEMU's `compat=` values (`0.10`, `v2`, `1.1`, `v3`).
+    pub fn from_compat(s: &str) -> Result<Self> {
+        match s {
+            "0.10" | "v2" => Ok(Qcow2Version::V2),
+            "1.1" | "v3" => Ok(Qcow2Version::V3),
+            other => Err(Error::InvalidArgument(format!(
+                "invalid compat level '{other}' (expected 0.10 or 1.1)"
+            ))),
+        }
+    }
+}
 
 /// Size of a version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;
@@ -443,9 +477,9 @@ impl Header {
     fn parse_extensions(&mut self, buf: &[u8], cluster_size: u64) -> Result<()> {
         let mut off = self.header_length as usize;
         let limit = if self.backing_file_offset > 0 && self.backing_file_offset < cluster_size {
-            (self.backing_file_offset as usize).min(buf.len())
+            usize_from(self.backing_file_offset).min(buf.len())
         } else {
-            (cluster_size as usize).min(buf.len())
+            usize_from(cluster_size).min(buf.len())
         };
         loop {
             if off.saturating_add(8) > limit {
@@ -545,32 +579,39 @@ impl Header {
             b.resize(header_length as usize, 0);
             self.header_length = header_length;
         }
-        let ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
+        let ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| -> Result<()> {
+            let len = u32::try_from(data.len())
+                .map_err(|_| Error::InvalidImage(format!("header extension {kind:#x} too long")))?;
             b.extend_from_slice(&kind.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
             b.extend_from_slice(data);
             let pad = data.len().div_ceil(8) * 8 - data.len();
             b.extend(std::iter::repeat_n(0u8, pad));
+            Ok(())
         };
         if let (Some(fmt), Some(_)) = (self.backing_format, &self.backing_file) {
-            ext(&mut b, ext::BACKING_FORMAT, fmt.name().as_bytes());
+            ext(&mut b, ext::BACKING_FORMAT, fmt.name().as_bytes())?;
         }
         if self.version >= 3 {
-            ext(&mut b, ext::FEATURE_TABLE, &feature_table());
+            ext(&mut b, ext::FEATURE_TABLE, &feature_table())?;
         }
         for u in &self.unknown_extensions {
-            ext(&mut b, u.kind, &u.data);
+            ext(&mut b, u.kind, &u.data)?;
         }
-        ext(&mut b, ext::END, &[]);
+        ext(&mut b, ext::END, &[])?;
         if let Some(name) = &self.backing_file {
-            if name.len() > MAX_BACKING_NAME as usize {
-                return Err(Error::InvalidArgument(format!(
+            let too_long = || {
+                Error::InvalidArgument(format!(
                     "backing file name too long ({} bytes, limit {MAX_BACKING_NAME})",
                     name.len()
-                )));
+                ))
+            };
+            let size = u32::try_from(name.len()).map_err(|_| too_long())?;
+            if size > MAX_BACKING_NAME {
+                return Err(too_long());
             }
             self.backing_file_offset = b.len() as u64;
-            self.backing_file_size = name.len() as u32;
+            self.backing_file_size = size;
             b.extend_from_slice(name.as_bytes());
         } else {
             self.backing_file_offset = 0;

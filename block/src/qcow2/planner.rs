@@ -22,13 +22,16 @@
 use std::sync::Arc;
 
 use super::cluster::{Mapping, MAX_RUN};
-use super::refcount::FreeReason;
-use super::{Qcow2Image, OFLAG_COPIED};
+use super::entry::owned_data;
+use super::image::Qcow2Image;
+use super::pending::FreeReason;
+use crate::cast::usize_from;
 use crate::engine::DataOp;
+use crate::error::{Error, Result};
 use crate::host_file::AlignedBuf;
 use crate::iobuf::{self, IoBuf};
 use crate::plan::{Action, Plan};
-use crate::{DetectZeroes, Error, Result};
+use crate::zero::DetectZeroes;
 
 /// Stage of a plan's copy-on-write reads (and of plain reads and in-place writes).
 const READ_STAGE: usize = 0;
@@ -85,9 +88,13 @@ impl Qcow2Image {
                 Mapping::Zero { .. } => iobuf::zero_range(&parts, 0..n),
                 Mapping::Unallocated => self.plan_backing_read(goff, &parts, plan, stage)?,
                 Mapping::Compressed(_) => {
-                    scratch.resize(cs as usize, 0);
+                    scratch.resize(usize_from(cs), 0);
                     self.read_cluster(gc, m, &mut scratch)?;
-                    iobuf::copy_into(&parts, 0, &scratch[in_off as usize..(in_off + n) as usize]);
+                    iobuf::copy_into(
+                        &parts,
+                        0,
+                        &scratch[usize_from(in_off)..usize_from(in_off + n)],
+                    );
                 }
             }
             pos += n;
@@ -97,7 +104,7 @@ impl Qcow2Image {
 
     /// Reads of guest bytes `offset..` (into `parts`) from the backing file, zeros past its
     /// end or without one.
-    fn plan_backing_read(
+    pub(crate) fn plan_backing_read(
         &mut self,
         offset: u64,
         parts: &[IoBuf],
@@ -139,7 +146,7 @@ impl Qcow2Image {
         };
         // Zero detection, once per cluster.
         let zero: Vec<bool> = if self.detect_zeroes == DetectZeroes::Off {
-            vec![false; (last - first + 1) as usize]
+            vec![false; usize_from(last - first + 1)]
         } else {
             (first..=last)
                 .map(|gc| {
@@ -153,14 +160,14 @@ impl Qcow2Image {
         let mut gc = first;
         while gc <= last {
             let table_end = ((gc / self.l2_entries + 1) * self.l2_entries).min(last + 1);
-            if (gc..table_end).any(|g| !zero[(g - first) as usize]) {
+            if (gc..table_end).any(|g| !zero[usize_from(g - first)]) {
                 self.l2_slot(gc, true)?;
             }
             gc = table_end;
         }
         let mut gc = first;
         while gc <= last {
-            let i = (gc - first) as usize;
+            let i = usize_from(gc - first);
             let (s, e) = piece(gc);
             if zero[i] {
                 plan.actions.push(Action::Zeroes {
@@ -176,19 +183,19 @@ impl Qcow2Image {
                     return Err(Error::InvalidImage("unexpected mapping".into()));
                 };
                 if !copied {
-                    self.set_l2_entry(gc, host | OFLAG_COPIED)?;
+                    self.set_l2_entry(gc, owned_data(host))?;
                 }
                 // A v2 zero cluster written in place is no longer a zero cluster.
-                self.zero_clusters.retain(|z| z.host != host);
+                self.zero_clusters.remove(host);
                 // Extend over following clusters also writable in place and contiguous.
                 let mut k = 1;
-                while gc + k <= last && !zero[i + k as usize] && k < MAX_RUN {
+                while gc + k <= last && !zero[i + usize_from(k)] && k < MAX_RUN {
                     match self.mapping(gc + k)? {
                         Mapping::Data {
                             host: h,
                             copied: true,
                         } if h == host + k * cs => {
-                            self.zero_clusters.retain(|z| z.host != h);
+                            self.zero_clusters.remove(h);
                             k += 1;
                         }
                         _ => break,
@@ -209,7 +216,7 @@ impl Qcow2Image {
             }
             // A run of clusters that all need new clusters.
             let mut k = 1;
-            while gc + k <= last && !zero[i + k as usize] && k < MAX_RUN {
+            while gc + k <= last && !zero[i + usize_from(k)] && k < MAX_RUN {
                 let nm = self.mapping(gc + k)?;
                 if self.writable_in_place(nm)? {
                     break;
@@ -224,7 +231,7 @@ impl Qcow2Image {
 
     /// New clusters for guest clusters `gc..gc + k` of a write of `bufs` at `offset`: one
     /// write per contiguous host run, with the copy-on-write head and tail.
-    fn plan_allocation(
+    pub(crate) fn plan_allocation(
         &mut self,
         plan: &mut Plan,
         gc: u64,
@@ -263,7 +270,7 @@ impl Qcow2Image {
             for i in 0..got {
                 plan.actions.push(Action::Map {
                     gc: g0 + i,
-                    entry: (host + i * cs) | OFLAG_COPIED,
+                    entry: owned_data(host + i * cs),
                 });
             }
             done += got;
@@ -273,15 +280,21 @@ impl Qcow2Image {
 
     /// A bounce buffer with the current contents of guest bytes `from..to` (inside cluster
     /// `gc`): read in the plan's read stage, or filled in now.
-    fn plan_cow_part(&mut self, plan: &mut Plan, gc: u64, from: u64, to: u64) -> Result<IoBuf> {
+    pub(crate) fn plan_cow_part(
+        &mut self,
+        plan: &mut Plan,
+        gc: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<IoBuf> {
         let cs = self.cluster_size;
-        let mut buf = AlignedBuf::new((to - from) as usize);
+        let mut buf = AlignedBuf::new(usize_from(to - from));
         // SAFETY: the buffer's heap memory is kept in `plan.bounce` (below) until the plan
         // is dropped, after all its operations; it does not move with the AlignedBuf.
         let b = unsafe { IoBuf::from_mut_slice(buf.as_mut_slice()) };
         // The part of the last cluster past the virtual size stays zero.
         let readable = to.min(self.header.size).saturating_sub(from);
-        let parts = [b.sub(0, readable as usize)];
+        let parts = [b.sub(0, usize_from(readable))];
         if readable > 0 {
             match self.mapping(gc)? {
                 Mapping::Data { host, .. } => {
@@ -298,10 +311,10 @@ impl Qcow2Image {
                     self.plan_backing_read(from, &parts, plan, READ_STAGE)?;
                 }
                 m @ Mapping::Compressed(_) => {
-                    let mut cluster = vec![0u8; cs as usize];
+                    let mut cluster = vec![0u8; usize_from(cs)];
                     self.read_cluster(gc, m, &mut cluster)?;
-                    let at = (from % cs) as usize;
-                    iobuf::copy_into(&parts, 0, &cluster[at..at + readable as usize]);
+                    let at = usize_from(from % cs);
+                    iobuf::copy_into(&parts, 0, &cluster[at..at + usize_from(readable)]);
                 }
             }
         }
@@ -318,16 +331,16 @@ impl Qcow2Image {
     /// Space allocated past the last cluster in use is cut off when the file's tail is
     /// truncated (on flush, or when the guest goes quiet). Best effort: a file system without
     /// `fallocate` just gets the writes.
-    fn preallocate(&mut self, host: u64, len: u64) {
+    pub(crate) fn preallocate(&mut self, host: u64, len: u64) {
         let end = host + len;
         if !self.prealloc_supported || end <= self.file_len {
             return;
         }
         let want = len.max(PREALLOC_CHUNK);
-        match crate::raw::fallocate(&self.file, 0, host, want) {
+        match self.file.preallocate(host, want) {
             Ok(()) => self.file_len = self.file_len.max(host + want),
             Err(e) => {
-                if crate::raw::is_unsupported(&e) {
+                if crate::host_file::is_unsupported(&e) {
                     self.prealloc_supported = false;
                 }
                 // Otherwise (e.g. ENOSPC): the writes report what is wrong.
@@ -353,7 +366,7 @@ impl Qcow2Image {
         for action in plan.actions {
             match action {
                 Action::Map { gc, entry } => {
-                    let host = entry & super::L2E_OFFSET_MASK;
+                    let host = entry & super::entry::L2E_OFFSET_MASK;
                     self.file_len = self.file_len.max(host + cs);
                     let old = self.mapping(gc)?;
                     self.set_l2_entry(gc, entry)?;

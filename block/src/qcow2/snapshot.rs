@@ -8,9 +8,10 @@ use super::header::{
     table_end, Header, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES,
     SNAPSHOT_ENTRY_FIXED,
 };
-use super::read_exact_or_eof;
+use super::table_read::read_exact_or_eof;
+use crate::cast::usize_from;
+use crate::error::{Error, Result};
 use crate::host_file::HostFile;
-use crate::{Error, Result};
 
 /// The L1 table of one internal snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +68,7 @@ impl Window<'_> {
             self.buf.resize(want as usize, 0);
             read_exact_or_eof(self.file, &mut self.buf[old..], self.start + old as u64)?;
         }
-        Ok(&self.buf[pos as usize..end as usize])
+        Ok(&self.buf[usize_from(pos)..usize_from(end)])
     }
 }
 

@@ -1,4 +1,4 @@
-//! Shared helpers of the block crate's integration tests: temporary directories, QEMU's tools
+//! Shared helpers of the block crate's integration tests: temporary directories (tempfile), QEMU's tools
 //! as oracles, a seeded RNG and an in-memory model disk.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,42 +8,24 @@ use std::process::Command;
 use block::qcow2::{CreateOptions, Qcow2Version};
 use block::{DiskImage, ImageFormat, OpenOptions};
 
-/// A self-deleting temporary directory.
-pub struct TempDir(PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        let base = std::env::var_os("THINVM_TEST_TMP")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        Self::new_in(&base, tag)
-    }
-    /// A temporary directory under `base` (e.g. a tmpfs for very large sparse files).
-    pub fn new_in(base: &Path, tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = base.join(format!(
-            "thinvm-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+/// A self-deleting temporary directory for a test (`tag` names it), under
+/// `$THINVM_TEST_TMP` if set; kept after the test when `$THINVM_KEEP_TMP` is set.
+pub fn temp_dir(tag: &str) -> TempDir {
+    let base = std::env::var_os("THINVM_TEST_TMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    temp_dir_in(&base, tag)
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("THINVM_KEEP_TMP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+/// A temporary directory under `base` (e.g. a tmpfs for very large sparse files).
+pub fn temp_dir_in(base: &Path, tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("thinvm-{tag}-"))
+        .disable_cleanup(std::env::var_os("THINVM_KEEP_TMP").is_some())
+        .tempdir_in(base)
+        .unwrap()
 }
 
 /// Runs a command, returning (exit code, stdout, stderr).
@@ -183,7 +165,7 @@ pub fn patterned_raw(path: &Path, size: u64) -> Vec<u8> {
 /// qcow2 copy of it made by `qemu-img convert -c` in `dir`.
 pub fn base_image(dir: &TempDir, raw: &Path, compressed: bool) -> (PathBuf, ImageFormat) {
     if compressed {
-        let q = dir.join("base.qcow2");
+        let q = dir.path().join("base.qcow2");
         ok("qemu-img", &["convert", "-c", "-O", "qcow2", s(raw), s(&q)]);
         (q, ImageFormat::Qcow2)
     } else {

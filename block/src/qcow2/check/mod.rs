@@ -1,7 +1,7 @@
 //! Consistency check, leak repair and refcount rebuild (QEMU's `qcow2_check_refcounts`).
 //!
-//! References are counted by walking every structure ([`walk`]) and compared with the
-//! stored refcounts ([`stored`]): a stored refcount below the number of references is a
+//! References are counted by walking every structure (`walk`) and compared with the
+//! stored refcounts (`stored`): a stored refcount below the number of references is a
 //! corruption, above it a leak. COPIED flags are checked against the refcounts as QEMU does.
 //!
 //! A hostile image bounds none of this by itself, so the work is bounded here by what the
@@ -11,16 +11,19 @@
 //! says how many lines were left out).
 
 mod refs;
+pub mod report;
 mod stored;
 mod walk;
 
 use stored::{compare, Item, StoredReader};
 use walk::{walk, Walk};
 
+use super::entry::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use super::free_map::FreeMap;
-use super::{Qcow2Image, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use crate::inspect::{CheckReport, RepairMode};
-use crate::{Error, Result};
+use super::image::Qcow2Image;
+use crate::cast::usize_from;
+use crate::error::{Error, Result};
+use report::{CheckReport, RepairMode};
 
 /// Repairs give at most this many clusters of metadata tables a refcount they lack (each is
 /// one refcount update; a hostile snapshot table can claim 2^32 such clusters).
@@ -310,7 +313,7 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     let refblocks: std::collections::HashSet<u64> = img
         .reftable
         .iter()
-        .map(|e| (e & super::REFT_OFFSET_MASK) / cs)
+        .map(|e| (e & super::entry::REFT_OFFSET_MASK) / cs)
         .filter(|&c| c != 0)
         .collect();
     let fixed = img.fixed_metadata();
@@ -323,13 +326,13 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     let mut tables: Vec<u64> = l1.iter().map(|&(c, _)| c * cs).collect();
     tables.sort_unstable();
     tables.dedup();
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf = vec![0u8; usize_from(cs)];
     for &off in &tables {
         if conflicts(off) || !reader.read(&img.file, img.file_len, &mut buf, off)? {
             continue;
         }
         for j in 0..(cs / 8) as usize {
-            let e = super::cluster::read_l2(&buf, j);
+            let e = super::entry::read_l2(&buf, j);
             let host = e & L2E_OFFSET_MASK;
             if e & OFLAG_COMPRESSED != 0 || host == 0 || host % cs != 0 || host >= img.file_len {
                 continue;
@@ -364,14 +367,14 @@ fn fix_copied_flags(img: &mut Qcow2Image) -> Result<u64> {
     l2_want.sort_unstable();
     for (off, j, copied) in l2_want {
         let slot = img.load_l2(off)?;
-        let e = super::cluster::read_l2(img.l2_cache.data(slot), j);
+        let e = super::entry::read_l2(img.l2_cache.data(slot), j);
         let want = if copied {
             e | OFLAG_COPIED
         } else {
             e & !OFLAG_COPIED
         };
         if want != e {
-            super::cluster::write_l2(img.l2_cache.data_mut(slot), j, want);
+            super::entry::write_l2(img.l2_cache.data_mut(slot), j, want);
             img.l2_cache.mark_dirty(slot, j * 8, 8);
             fixed += 1;
         }
@@ -429,4 +432,14 @@ pub fn rebuild_refcounts(img: &mut Qcow2Image) -> Result<()> {
     img.rc_unsynced = false;
     img.free_map = None;
     Ok(())
+}
+
+impl Qcow2Image {
+    /// Consistency check (and repair), as `qemu-img check [-r]`.
+    pub fn check(
+        &mut self,
+        repair: Option<crate::inspect::RepairMode>,
+    ) -> Result<crate::inspect::CheckReport> {
+        check(self, repair)
+    }
 }

@@ -2,6 +2,7 @@
 //! cluster (dense for files that really hold their length, a map for sparse ones), metadata
 //! tables as ranges of clusters, and a capped list of messages.
 
+use crate::cast::usize_from;
 use std::collections::HashMap;
 
 /// Messages kept per check (every problem is counted; the list stops growing here).
@@ -48,7 +49,7 @@ impl Refs {
         let holds_its_length = allocated_bytes >= file_len / DENSE_MIN_ALLOCATED_FRACTION
             && nb_clusters <= DENSE_MAX_CLUSTERS;
         if nb_clusters <= DENSE_CLUSTERS || holds_its_length {
-            Refs::Dense(vec![0; nb_clusters as usize])
+            Refs::Dense(vec![0; usize_from(nb_clusters)])
         } else {
             Refs::Sparse(HashMap::new())
         }
@@ -58,7 +59,7 @@ impl Refs {
     pub fn add(&mut self, c: u64, n: u64) {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let r = match self {
-            Refs::Dense(v) => match v.get_mut(c as usize) {
+            Refs::Dense(v) => match v.get_mut(usize_from(c)) {
                 Some(r) => r,
                 None => return,
             },

@@ -2,9 +2,11 @@
 //! of the file), and their comparison with the references a walk counted.
 
 use super::refs::{Range, SortedRefs};
-use crate::qcow2::refcount::get_entry;
-use crate::qcow2::{Qcow2Image, TableReader};
-use crate::Result;
+use crate::cast::usize_from;
+use crate::error::Result;
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::refblock::get_entry;
+use crate::qcow2::table_read::TableReader;
 
 /// One step of the comparison, in cluster order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +44,7 @@ impl StoredStream<'_> {
             if self.loaded {
                 while self.pos < self.n {
                     if self.pos % group == 0 {
-                        let bytes = (8usize << order) * (self.pos / group) as usize;
+                        let bytes = (8usize << order) * usize_from(self.pos / group);
                         let end = (bytes + (8usize << order)).min(self.block.len());
                         if self.block[bytes..end].iter().all(|&b| b == 0) {
                             self.pos += group;
@@ -96,7 +98,7 @@ impl<'a> StoredReader<'a> {
             reader,
             ti: None,
             present: false,
-            block: vec![0u8; img.cluster_size as usize],
+            block: vec![0u8; usize_from(img.cluster_size)],
         }
     }
 
@@ -146,7 +148,7 @@ pub fn compare(
         reader,
         nb_clusters,
         next_ti: usize::try_from(from / rb).unwrap_or(usize::MAX),
-        block: vec![0u8; img.cluster_size as usize],
+        block: vec![0u8; usize_from(img.cluster_size)],
         loaded: false,
         base: 0,
         n: 0,

@@ -11,12 +11,16 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::refs::{Messages, Range, Refs, SortedRefs};
+use crate::cast::usize_from;
+use crate::error::Result;
 use crate::qcow2::compressed::CompressedExtent;
-use crate::qcow2::{
-    Qcow2Image, TableReader, L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO, REFT_OFFSET_MASK, RESERVED_HIGH,
+use crate::qcow2::entry::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, REFT_OFFSET_MASK,
+    RESERVED_HIGH,
 };
-use crate::{HostUsage, Result};
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::table_read::TableReader;
+use crate::status::HostUsage;
 
 /// What the walk found.
 pub struct Walk {
@@ -204,7 +208,7 @@ pub fn walk(img: &Qcow2Image) -> Result<Walk> {
     let mut tables: Vec<(u64, L2Use)> = l2.into_iter().collect();
     tables.sort_unstable_by_key(|t| t.0);
     let mut summaries: HashMap<u64, Summary> = HashMap::new();
-    let mut buf = vec![0u8; cs as usize];
+    let mut buf = vec![0u8; usize_from(cs)];
     for (off, u) in tables {
         w.inc(off >> cb, u.refs, "L2 table");
         if off >= img.file_len {
@@ -342,7 +346,7 @@ fn walk_snapshot_l1_tables(
         let what = format!("L1 table of snapshot {k}");
         taken.insert(start, (end, what.clone()));
         w.add_range(t.offset, t.bytes(), cb, what);
-        buf.resize(t.bytes() as usize, 0);
+        buf.resize(usize_from(t.bytes()), 0);
         if !w.reader.read(&img.file, img.file_len, &mut buf, t.offset)? {
             continue;
         }

@@ -1,15 +1,24 @@
-//! Size parsing (`64k`, `1M`, `2G`, ...) and human-readable sizes the way QEMU prints them.
+//! Byte sizes the way QEMU writes them: parsing `512`, `64k`, `1M`, `1.5G` (qemu-img's
+//! size syntax, used by `thinvm image` and `thinvm run --memory`) and printing `324 KiB`,
+//! `1.5 GiB` (QEMU's `size_to_str`). A leaf crate so the image tool and the VMM share it
+//! without depending on each other.
 
-use crate::error::{CliError, Result};
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+/// A string that is not a size.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size '{input}' (expected e.g. 512, 64k, 1M, 2G)")]
+pub struct SizeError {
+    /// The string as given.
+    pub input: String,
+}
 
 /// Parses a size with an optional binary suffix (k/K, m/M, g/G, t/T, p/P, e/E; `b`/`B`
 /// alone means bytes). Plain numbers are bytes.
-pub fn parse_size(s: &str) -> Result<u64> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
-    let bad = || {
-        CliError::Usage(format!(
-            "invalid size '{s}' (expected e.g. 512, 64k, 1M, 2G)"
-        ))
+    let bad = || SizeError {
+        input: s.to_string(),
     };
     if t.is_empty() {
         return Err(bad());
@@ -45,7 +54,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
     if v >= u64::MAX as f64 {
         return Err(bad());
     }
-    Ok(v as u64)
+    // `v` is finite, at least 0 and below 2^64 (checked above): the cast only drops the
+    // fraction of a byte, as QEMU does.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let bytes = v as u64;
+    Ok(bytes)
 }
 
 /// QEMU's `size_to_str`: three significant digits and a binary unit, e.g. `324 KiB`,

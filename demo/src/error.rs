@@ -1,0 +1,29 @@
+//! The demo's error type, and a helper that names what an I/O error was doing.
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Guest(#[from] guest_rig::RigError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Step(String),
+    #[error("{0}")]
+    Image(#[from] block::Error),
+    #[error("stopped (Ctrl-C)")]
+    Interrupted,
+}
+
+/// Result alias of the demo.
+pub type Result<T> = std::result::Result<T, DemoError>;
+
+/// Wraps an I/O error with what was being done (for `map_err`).
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
