@@ -19,6 +19,8 @@ use crate::lifecycle::{ExitReason, ExitState};
 
 /// How long to wait between attempts while the agent is not up yet.
 const RETRY: Duration = Duration::from_millis(50);
+/// How long the agent may take to say hello once the guest accepted the connection.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
 /// How many connections may end before the agent's hello (about 10 s of retries).
 const HELLO_ATTEMPTS: u32 = 200;
 /// How long one attempt waits for the device's answer to `CONNECT` (no answer while the
@@ -53,7 +55,9 @@ fn connect(uds: &PathBuf) -> Option<UnixStream> {
     if !line.starts_with(b"OK ") {
         return None;
     }
-    s.set_read_timeout(None).ok()?;
+    // The agent says hello as soon as it accepts; a connection that stays silent (reset in
+    // the guest without the device hearing of it) is given up and tried again.
+    s.set_read_timeout(Some(HELLO_WAIT)).ok()?;
     Some(s)
 }
 
@@ -111,7 +115,8 @@ impl ExecClient {
             // device's transport-reset event), which can take a new one that raced it.
             match read_frame(&mut s) {
                 Ok(Some(hello)) => match check_hello(&hello) {
-                    Ok(()) => break s,
+                    Ok(()) if s.set_read_timeout(None).is_ok() => break s,
+                    Ok(()) => std::thread::sleep(RETRY),
                     Err(e) => {
                         self.exit
                             .set(ExitReason::CommandNotStarted(format!("the agent: {e}")));
