@@ -3,12 +3,18 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify) |
+#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
+#       | agent (serve the test agent until the VM is stopped) | count[:SECS] (THINVM-COUNT n
+#       lines forever) | writes:N[:PAUSE] (N synced 1 MiB files, each announced, PAUSE
+#       seconds apart, then all checked) | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server) |
 #       raw-header | sector0 | peek | crash:SEED | crash-verify   (guest-images/crash-trials)
 # Each step prints a machine-readable line:
 #   THINVM-RESULT step=NAME ms=ELAPSED [key=value...]
 # and failures print THINVM-ERROR step=NAME msg=... . At the end the guest prints
-# THINVM-DONE and reboots itself (reboot=k: thinvm sees the i8042 reset and exits 0).
+# THINVM-DONE status=N (N: steps that failed, at most 127) and writes N to the debug-exit port
+# (thinvm --debug-exit then exits with (N << 1) | 1); without that device it reboots itself
+# (reboot=k: thinvm sees the i8042 reset and exits 0). The test agent (thinvm-agent serve,
+# vsock port 1025) runs in the background throughout; the step `agent` just waits for it.
 export PATH=/usr/sbin:/sbin:/usr/bin:/bin
 [ -e /proc/self ] || mount -t proc proc /proc
 [ -d /sys/block ] || mount -t sysfs sys /sys
@@ -19,7 +25,18 @@ param() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 now_ms() { read up _ < /proc/uptime; echo "$up" | awk '{ printf "%d", $1 * 1000 }'; }
 result() { echo "THINVM-RESULT step=$1 ms=$2 $3"; }
 error() { echo "THINVM-ERROR step=$1 msg=$2"; }
-finish() { sync; echo "THINVM-DONE"; sleep 0.2; reboot -f; }
+failed=0
+AGENT=$(command -v thinvm-agent || true)
+finish() {
+  sync
+  status=$((failed > 127 ? 127 : failed))
+  echo "THINVM-DONE status=$status"
+  sleep 0.2
+  # Without the device the agent says so (and fails): then the reset ends the VM.
+  [ -n "$AGENT" ] && "$AGENT" debug-exit "$status" 2>&1 | sed 's/^/THINVM-DEBUG-EXIT /'
+  reboot -f
+}
+[ -n "$AGENT" ] && "$AGENT" serve &
 
 # util-linux's blkdiscard (it has -z). By absolute path: busybox's shell prefers its own
 # applets over $PATH.
@@ -172,6 +189,32 @@ ARGS
     printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
 }
 
+# N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, PAUSE seconds apart
+# (default 0), then all checked against the chunk they were copied from (snapshots taken while
+# it writes: the pause keeps the writes going while a snapshot is taken on a fast host).
+step_writes() {
+  n=${1%%:*}
+  pause=${1#*:}
+  [ "$pause" = "$1" ] && pause=0
+  chunk
+  want=$(md5sum < /tmp/chunk | cut -c1-32)
+  k=1
+  while [ "$k" -le "$n" ]; do
+    cp /tmp/chunk "$DATA/w$k.bin" && sync || return 1
+    echo "THINVM-IO $k" > /dev/console
+    sleep "$pause"
+    k=$((k + 1))
+  done
+  bad=0
+  k=1
+  while [ "$k" -le "$n" ]; do
+    [ "$(md5sum < "$DATA/w$k.bin" | cut -c1-32)" = "$want" ] || bad=$((bad + 1))
+    k=$((k + 1))
+  done
+  [ "$bad" = 0 ] && echo "THINVM-CHECK writes ok" || echo "THINVM-CHECK writes FAIL bad=$bad"
+  echo "files=$n"
+}
+
 # crash:SEED (guest-images/crash-trials kills thinvm while this runs; it never ends by itself):
 # in a loop, writes files of pseudo-random sizes into $DATA/crash, each fsynced with its
 # directory and then announced as `THINVM-FLUSHED NAME MD5`, and after each an unflushed
@@ -264,7 +307,11 @@ run_step() {
     crash) step_crash "$arg"; out= ;;
     crash-verify) out=$(step_crash_verify) ;;
     sleep) sleep "${arg:-1}"; out= ;;
-    *) error "$name" "unknown-step"; return ;;
+    agent) echo "THINVM-AGENT-READY"; while :; do sleep 3600; done ;;
+    count) i=0; while :; do i=$((i + 1)); echo "THINVM-COUNT $i"; sleep "${arg:-0.5}"; done ;;
+    writes) out=$(step_writes "${arg:-20}") ;;
+    bench-server) echo "THINVM-BENCH-SERVER"; "$AGENT" bench-server --port "${arg:-5201}" ;;
+    *) failed=$((failed + 1)); error "$name" "unknown-step"; return ;;
   esac
   rc=$?
   t1=$(now_ms)
@@ -277,6 +324,7 @@ run_step() {
   if [ $rc -eq 0 ]; then
     result "$name" $((t1 - t0)) "$extra"
   else
+    failed=$((failed + 1))
     error "$name" "exit-$rc:$(echo "$extra" | tr ' ' '_')"
   fi
 }

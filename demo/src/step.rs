@@ -75,7 +75,7 @@ pub fn run_step(
                 }
             } else if line.starts_with("THINVM-ERROR") {
                 errors.push(line.trim_end().to_string());
-            } else if line.trim_end() == "THINVM-DONE" {
+            } else if line.trim_end() == "THINVM-DONE" || line.starts_with("THINVM-DONE ") {
                 done_seen = true;
                 if vmm.stop_after_done() {
                     // QEMU microvm does not end when its guest resets (inside the rig):

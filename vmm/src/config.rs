@@ -26,8 +26,10 @@ pub enum OnOff {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Guest kernel: a bzImage, or an ELF vmlinux (PVH entry when it has the note).
+    /// Without it, the default guest (built and cached on first use; its root disk is the
+    /// cached base image, so --ephemeral or --disk is needed).
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -53,9 +55,9 @@ pub struct RunArgs {
     /// Run every disk on a temporary overlay that is deleted when the VM ends.
     #[arg(long)]
     pub ephemeral: bool,
-    /// Serial console: stdio, file=PATH or none.
-    #[arg(long, default_value = "stdio")]
-    pub serial: String,
+    /// Serial console: stdio, file=PATH or none (default stdio; none with --exec).
+    #[arg(long)]
+    pub serial: Option<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
@@ -70,6 +72,8 @@ pub struct RunArgs {
     /// Print disk statistics every N seconds (they are always printed on exit and SIGUSR1).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
+    #[command(flatten)]
+    pub testvm: crate::testvm_config::TestVmArgs,
 }
 
 /// `discard=` with QEMU's meanings.
@@ -122,6 +126,8 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub seccomp: bool,
     pub stats_interval: Option<Duration>,
+    /// Options of disposable test VMs (debug exit, ...).
+    pub testvm: crate::testvm_config::TestVmConfig,
     /// Write ACPI tables for the guest.
     pub acpi: bool,
 }
@@ -290,8 +296,12 @@ pub fn parse_memory(s: &str) -> Result<u64> {
 impl RunArgs {
     /// Validates the arguments (without touching KVM).
     pub fn validate(&self) -> Result<VmConfig> {
-        check_readable(&self.kernel, "kernel")?;
-        crate::arch::boot::probe_kernel(&self.kernel)?;
+        let kernel = self
+            .kernel
+            .clone()
+            .ok_or_else(|| bad("--kernel: no kernel (and no default guest)"))?;
+        check_readable(&kernel, "kernel")?;
+        crate::arch::boot::probe_kernel(&kernel)?;
         if let Some(i) = &self.initrd {
             check_readable(i, "initrd")?;
         }
@@ -319,12 +329,18 @@ impl RunArgs {
         for d in &disks {
             check_readable(&d.path, "disk")?;
         }
-        let serial = parse_serial(&self.serial)?;
+        let serial = parse_serial(self.serial.as_deref().unwrap_or(
+            if self.testvm.exec.is_some() {
+                "none"
+            } else {
+                "stdio"
+            },
+        ))?;
         if let Some(0) = self.stats_interval {
             return Err(bad("--stats-interval 0: must be at least 1 second"));
         }
         Ok(VmConfig {
-            kernel: self.kernel.clone(),
+            kernel,
             initrd: self.initrd.clone(),
             cmdline: self
                 .cmdline
@@ -337,6 +353,7 @@ impl RunArgs {
             serial,
             seccomp: self.seccomp == OnOff::On,
             stats_interval: self.stats_interval.map(Duration::from_secs),
+            testvm: self.testvm.validate()?,
             acpi: self.acpi == OnOff::On,
         })
     }

@@ -41,6 +41,21 @@ struct Disk {
     stats: Arc<BlockStats>,
     before: HostUsage,
     _overlay: Option<TempOverlay>,
+    /// What a snapshot needs.
+    handle: DiskHandle,
+}
+
+/// A disk as snapshots see it: its slot, options, the image file the device runs on, and
+/// the means to pause the device and work on its image.
+#[derive(Clone)]
+pub struct DiskHandle {
+    pub slot: usize,
+    pub config: DiskConfig,
+    /// The image the device runs on (the temporary overlay with --ephemeral).
+    pub path: PathBuf,
+    pub format: ImageFormat,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub jobs: devices::virtio::block::ImageJobs,
 }
 
 /// The VM's disks.
@@ -165,6 +180,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             (m, _) => m,
         });
         let before = image.host_usage().unwrap_or_default();
+        let image_format = image.format();
         let thread_init: Option<ThreadInit> = if cfg.seccomp {
             let prog = seccomp::filter(ThreadKind::Block)?;
             Some(Box::new(move || {
@@ -195,6 +211,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         )
         .map_err(|e| derr(format!("cannot start the device: {e}")))?;
         let stats = block.stats();
+        let jobs = block.image_jobs();
         let (base, gsi) = virtio_mmio_slot(i);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         vm.register_irqfd(&irq, gsi)?;
@@ -212,6 +229,14 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             shown_path: match &overlay {
                 Some(o) => format!("{} (ephemeral overlay {})", d.path.display(), o.0.display()),
                 None => d.path.display().to_string(),
+            },
+            handle: DiskHandle {
+                slot: i,
+                config: d.clone(),
+                path: path.clone(),
+                format: image_format,
+                transport: transport.clone(),
+                jobs,
             },
             transport,
             stats,
@@ -260,6 +285,11 @@ fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)], mem: Option<&G
 }
 
 impl DiskSet {
+    /// The disks, for snapshots.
+    pub fn handles(&self) -> Vec<DiskHandle> {
+        self.disks.iter().map(|d| d.handle.clone()).collect()
+    }
+
     fn summary(&self) -> Vec<(String, String, Arc<BlockStats>, HostUsage)> {
         self.disks
             .iter()

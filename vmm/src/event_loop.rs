@@ -58,13 +58,15 @@ pub struct Controller {
     stdin: Option<RawFd>,
     signals: OwnedFd,
     halt_timer: TimerFd,
-    kick: Box<dyn Fn() + Send>,
+    kick: Arc<dyn Fn() + Send + Sync>,
     vcpu_state: Arc<Vec<AtomicU8>>,
     halted_ticks: u32,
     stats: Box<dyn FnMut() + Send>,
     stats_timer: Option<TimerFd>,
     escape_pending: bool,
     pending_input: Vec<u8>,
+    /// Parked vCPUs (a pause) are not halted: no halt detection meanwhile.
+    pause: Arc<crate::vstate::vcpu::PauseControl>,
 }
 
 impl Controller {
@@ -75,10 +77,11 @@ impl Controller {
         serial: Option<Arc<Mutex<SerialDevice>>>,
         read_stdin: bool,
         signals: OwnedFd,
-        kick: Box<dyn Fn() + Send>,
+        kick: Arc<dyn Fn() + Send + Sync>,
         vcpu_state: Arc<Vec<AtomicU8>>,
         stats: Box<dyn FnMut() + Send>,
         stats_interval: Option<Duration>,
+        pause: Arc<crate::vstate::vcpu::PauseControl>,
     ) -> Result<Self> {
         let mut halt_timer = TimerFd::new().map_err(|e| VmmError::io("timerfd", e.into()))?;
         let tick = Duration::from_millis(250);
@@ -108,6 +111,7 @@ impl Controller {
             stats_timer,
             escape_pending: false,
             pending_input: Vec::new(),
+            pause,
         })
     }
 
@@ -191,6 +195,10 @@ impl Controller {
 
     fn handle_halt_tick(&mut self) {
         let _ = self.halt_timer.wait();
+        if self.pause.is_paused() {
+            self.halted_ticks = 0;
+            return;
+        }
         // The states were published after the previous kick.
         let all_halted = self
             .vcpu_state

@@ -5,7 +5,12 @@
 //! * 1: thinvm could not start or run the VM (bad arguments, missing kernel, KVM errors);
 //! * 2: the guest crashed: triple fault (KVM shutdown exit) or a KVM crash event;
 //! * 3: KVM could not run the guest's code (emulation failure / internal error);
-//! * 128 + N: stopped by signal N (130 for SIGINT, 143 for SIGTERM); 130 for Ctrl-A x.
+//! * 128 + N: stopped by signal N (130 for SIGINT, 143 for SIGTERM); 130 for Ctrl-A x;
+//! * `(v << 1) | 1` (low 8 bits): the guest wrote v to the debug-exit port (`--debug-exit`,
+//!   QEMU's isa-debug-exit semantics);
+//! * with `--exec`: the command's status (128 + N when a signal N killed it); 126 the agent
+//!   could not start it; 124 `--timeout` ran out (also without `--exec`); 125 the VM ended
+//!   (any other way) before the command's status came back, or the agent's connection did.
 
 use std::sync::Mutex;
 
@@ -34,7 +39,21 @@ pub enum ExitReason {
     Signal(i32),
     /// The user pressed Ctrl-A x on the console.
     UserQuit,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u64),
+    /// `--exec`: the command ended with this exit status.
+    CommandExited(u8),
+    /// `--exec`: the guest's agent could not start the command.
+    CommandNotStarted(String),
+    /// `--exec`: the agent's connection ended without the command's status (or never said
+    /// hello); the VM was stopped.
+    AgentLost(String),
+    /// `--timeout` ran out.
+    Timeout(u64),
 }
+
+/// Exit code of `--exec` when the VM ended before the command's status came back.
+pub const EXEC_VM_ENDED: u8 = 125;
 
 impl ExitReason {
     pub fn exit_code(&self) -> u8 {
@@ -47,6 +66,23 @@ impl ExitReason {
             | ExitReason::Fatal { .. } => 3,
             ExitReason::Signal(s) => (128 + *s).clamp(0, 255) as u8,
             ExitReason::UserQuit => 130,
+            ExitReason::DebugExit(v) => devices::legacy::DebugExit::exit_status(*v),
+            ExitReason::CommandExited(c) => *c,
+            ExitReason::CommandNotStarted(_) => 126,
+            ExitReason::AgentLost(_) => EXEC_VM_ENDED,
+            ExitReason::Timeout(_) => 124,
+        }
+    }
+
+    /// The exit code in `--exec` mode: the command's status, or 124 / 125 / 126 / signals.
+    pub fn exec_exit_code(&self) -> u8 {
+        match self {
+            ExitReason::CommandExited(_)
+            | ExitReason::CommandNotStarted(_)
+            | ExitReason::Timeout(_)
+            | ExitReason::Signal(_)
+            | ExitReason::UserQuit => self.exit_code(),
+            _ => EXEC_VM_ENDED,
         }
     }
 
@@ -75,6 +111,18 @@ impl ExitReason {
             }
             ExitReason::Fatal { vcpu, msg } => format!("vCPU {vcpu}: {msg}"),
             ExitReason::UserQuit => "stopped from the console (Ctrl-A x)".into(),
+            ExitReason::DebugExit(v) => format!(
+                "guest wrote {v:#x} to the debug-exit port (exit status {})",
+                self.exit_code()
+            ),
+            ExitReason::CommandExited(c) => format!("the command exited with status {c}"),
+            ExitReason::CommandNotStarted(m) => {
+                format!("the guest's agent could not run the command: {m}")
+            }
+            ExitReason::AgentLost(m) => {
+                format!("--exec: lost the guest's agent before the command's status: {m}")
+            }
+            ExitReason::Timeout(s) => format!("stopped: --timeout of {s} s ran out"),
             ExitReason::Signal(s) => format!(
                 "stopped by signal {s} ({})",
                 match *s {
@@ -91,6 +139,8 @@ impl ExitReason {
 /// The first exit reason reported wins; `evt` wakes the event loop.
 pub struct ExitState {
     reason: Mutex<Option<ExitReason>>,
+    /// Set with the reason: a cheap check for the vCPU threads.
+    ended: std::sync::atomic::AtomicBool,
     pub evt: EventFd,
 }
 
@@ -98,6 +148,7 @@ impl ExitState {
     pub fn new() -> std::io::Result<Self> {
         Ok(ExitState {
             reason: Mutex::new(None),
+            ended: std::sync::atomic::AtomicBool::new(false),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
@@ -110,8 +161,14 @@ impl ExitState {
         if g.is_none() {
             *g = Some(r);
         }
+        self.ended.store(true, std::sync::atomic::Ordering::Release);
         drop(g);
         let _ = self.evt.write(1);
+    }
+
+    /// Whether the VM is ending (a reason was set).
+    pub fn is_set(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn get(&self) -> Option<ExitReason> {
@@ -134,6 +191,7 @@ mod tests {
         assert_eq!(s.get(), Some(ExitReason::Reset));
         assert_eq!(ExitReason::Signal(libc::SIGINT).exit_code(), 130);
         assert_eq!(ExitReason::TripleFault { vcpu: 0 }.exit_code(), 2);
+        assert_eq!(ExitReason::DebugExit(0x2a).exit_code(), 85);
         let d = ExitReason::EmulationFailure {
             vcpu: 0,
             rip: 0x1000,

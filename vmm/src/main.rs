@@ -1,15 +1,24 @@
 //! `thinvm`: command-line entry point.
 
+mod api;
 mod arch;
 mod config;
+mod ctl;
+mod default_guest;
 mod disks;
 mod error;
 mod event_loop;
+mod exec;
 mod host;
 mod lifecycle;
+mod restore;
 mod runner;
 mod seccomp;
+mod snapshot;
 mod terminal;
+mod testvm_config;
+mod vm_control;
+mod vsock;
 mod vstate;
 
 use std::io::Write;
@@ -32,11 +41,18 @@ enum Command {
     ///
     /// Exit codes: 0 guest powered off or reset itself, 1 thinvm error, 2 guest crashed
     /// (triple fault), 3 KVM could not run the guest (emulation failure), 128+N stopped by
-    /// signal N (130 also for Ctrl-A x).
+    /// signal N (130 also for Ctrl-A x), (v << 1) | 1 the guest wrote v to the debug-exit
+    /// port.
     Run(config::RunArgs),
     /// Boot the default Linux guest on a fresh overlay, fill / delete / zero-wipe / trim, and
     /// show the overlay shrinking (table + chart). Builds the guest on first use.
     Demo(demo::DemoArgs),
+    /// Start a clone of a snapshot (`thinvm ctl PATH snapshot DIR`): memory mapped
+    /// copy-on-write from the snapshot, each disk on a fresh overlay over its frozen layer.
+    /// Exit codes as `run`.
+    Restore(restore::RestoreArgs),
+    /// Control a running VM through its --api-socket: pause, resume, status, snapshot DIR.
+    Ctl(ctl::CtlArgs),
     /// Disk image tools (qemu-img / qemu-io style).
     Image {
         #[command(subcommand)]
@@ -65,11 +81,46 @@ fn init_logging(level: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn run(args: config::RunArgs) -> ExitCode {
+/// The process exit code for how the VM ended (`--exec`: the command's status, or one of
+/// its own codes).
+fn finish(result: error::Result<lifecycle::ExitReason>, exec_mode: bool) -> ExitCode {
+    match result {
+        Ok(reason) => {
+            // (Not eprintln!: it panics when stderr cannot be written, e.g. a full disk.)
+            let _ = writeln!(std::io::stderr(), "thinvm: {}", reason.describe());
+            if exec_mode {
+                let code = reason.exec_exit_code();
+                if code == lifecycle::EXEC_VM_ENDED {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "thinvm: the VM ended before the command's status came back (exit {code})"
+                    );
+                }
+                return ExitCode::from(code);
+            }
+            ExitCode::from(reason.exit_code())
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "thinvm: {e}");
+            ExitCode::from(if exec_mode {
+                lifecycle::EXEC_VM_ENDED
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn run(mut args: config::RunArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         eprintln!("thinvm: {e}");
         return ExitCode::from(1);
     }
+    if let Err(e) = default_guest::fill_in(&mut args) {
+        eprintln!("thinvm: {e}");
+        return ExitCode::from(1);
+    }
+    let exec_mode = args.testvm.exec.is_some();
     let cfg = match args.validate() {
         Ok(c) => c,
         Err(e) => {
@@ -77,20 +128,30 @@ fn run(args: config::RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runner::run(cfg) {
-        Ok(reason) => {
-            // (Not eprintln!: it panics when stderr cannot be written, e.g. a full disk.)
-            let _ = writeln!(std::io::stderr(), "thinvm: {}", reason.describe());
-            ExitCode::from(reason.exit_code())
-        }
-        Err(e) => {
+    finish(runner::run(cfg), exec_mode)
+}
+
+fn restore(args: restore::RestoreArgs) -> ExitCode {
+    if let Err(e) = init_logging(&args.log_level) {
+        eprintln!("thinvm: {e}");
+        return ExitCode::from(1);
+    }
+    let exec_mode = args.testvm.exec.is_some();
+    match restore::restore(&args) {
+        // A snapshot refused, bad options: nothing ran.
+        Err(e @ error::VmmError::Config(_)) => {
             eprintln!("thinvm: {e}");
             ExitCode::from(1)
         }
+        other => finish(other, exec_mode),
     }
 }
 
+/// When the process started (for `THINVM_TIMING`).
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    PROCESS_START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
@@ -104,5 +165,7 @@ fn main() -> ExitCode {
             image_cli::run(cmd)
         }
         Command::Demo(args) => demo::run(args),
+        Command::Restore(args) => restore(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }

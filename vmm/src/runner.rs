@@ -1,13 +1,17 @@
-//! Builds a VM from a [`VmConfig`], runs it until it ends, and tears it down.
+//! Builds a VM from a [`VmConfig`] (a boot) — or, with [`crate::restore`], from a snapshot —
+//! runs it until it ends, and tears it down. Both paths share the devices ([`attach_devices`])
+//! and everything from starting the vCPUs on ([`launch`]).
 
+use std::os::unix::io::OwnedFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
-use devices::legacy::{SerialDevice, SerialOutput, I8042};
+use devices::legacy::{DebugExit, SerialDevice, SerialOutput, SerialSnapshot, I8042};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, KernelFormat};
@@ -15,14 +19,16 @@ use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::arch::regs::EntryMode;
 use crate::arch::{acpi, mptable, regs};
 use crate::config::{SerialConfig, VmConfig};
-use crate::disks;
+use crate::disks::{self, DiskSet};
 use crate::error::{Result, VmmError};
 use crate::event_loop::{self, Controller};
 use crate::host;
 use crate::lifecycle::{ExitReason, ExitState};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal;
-use crate::vstate::vcpu::{self, Vcpu, VcpuShared, RUNNING};
+use crate::vm_control::{VmControl, VsockHandle};
+use crate::vsock::VsockDevice;
+use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
 
 const SERIAL_PORT: u64 = 0x3f8;
@@ -33,25 +39,45 @@ fn eventfd() -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))
 }
 
-/// Runs a VM to its end.
-pub fn run(cfg: VmConfig) -> Result<ExitReason> {
-    // Before any thread exists, so every thread inherits the blocked mask.
+/// The VM's devices, attached.
+pub struct Devices {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub reset_evt: EventFd,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub disk_set: DiskSet,
+    pub vsock_dev: Option<VsockDevice>,
+    /// The kernel command line with the virtio-mmio announcements.
+    pub cmdline: String,
+}
+
+/// Blocks the handled signals (before any thread exists, so every thread inherits the mask)
+/// and opens KVM, checking it allows `cpus` vCPUs.
+pub fn open_kvm(cpus: u32, seccomp_on: bool) -> Result<(OwnedFd, Kvm)> {
     let signals = event_loop::signal_fd()?;
     // Before the first thread is confined (disk workers are, as they start).
-    if cfg.seccomp {
+    if seccomp_on {
         seccomp::prepare_process()?;
     }
     let kvm = host::open_kvm()?;
     let max = kvm.get_max_vcpus() as u32;
-    if cfg.cpus > max {
+    if cpus > max {
         return Err(VmmError::Config(format!(
-            "--cpus {}: this host's KVM allows at most {max}",
-            cfg.cpus
+            "--cpus {cpus}: this host's KVM allows at most {max}"
         )));
     }
-    let nested = host::software_nested_kvm();
-    let vm = Vm::new(&kvm, cfg.mem_size)?;
-    let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
+    Ok((signals, kvm))
+}
+
+/// Attaches the serial port (in `serial_state` for a restored VM), the i8042, the debug-exit
+/// port, the disks and the vsock device (which `announce_reset`s for a restored VM).
+pub fn attach_devices(
+    vm: &Vm,
+    cfg: &VmConfig,
+    exit: &Arc<ExitState>,
+    serial_state: Option<&SerialSnapshot>,
+    announce_reset: bool,
+) -> Result<Devices> {
     let reset_evt = eventfd()?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -67,7 +93,11 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
                 .map_err(|e| VmmError::io(format!("serial output {}", p.display()), e))?,
         ),
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    let serial = match serial_state {
+        None => SerialDevice::new(serial_irq, out),
+        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::Device)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, 8)
         .map_err(|e| VmmError::Device(e.to_string()))?;
     let reset_clone = reset_evt
@@ -75,19 +105,66 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         .map_err(|e| VmmError::io("eventfd", e))?;
     pio.insert(Arc::new(Mutex::new(I8042::new(reset_clone))), I8042_PORT, 5)
         .map_err(|e| VmmError::Device(e.to_string()))?;
+    if let Some(d) = cfg.testvm.debug_exit {
+        let exit = exit.clone();
+        let dev = DebugExit::new(Box::new(move |v| exit.set(ExitReason::DebugExit(v))));
+        pio.insert(
+            Arc::new(Mutex::new(dev)),
+            u64::from(d.port),
+            u64::from(d.size),
+        )
+        .map_err(|_| {
+            VmmError::Config(format!(
+                "--debug-exit port={:#x},size={}: overlaps another device's ports",
+                d.port, d.size
+            ))
+        })?;
+    }
 
-    // Disks (virtio-mmio), announced on the command line (for kernels without ACPI; with
-    // ACPI a kernel that also has VIRTIO_MMIO_CMDLINE_DEVICES registers each device once: the
-    // second registration of the same MMIO range is refused).
+    // Disks and the vsock device (virtio-mmio), announced on the command line (for kernels
+    // without ACPI; with ACPI a kernel that also has VIRTIO_MMIO_CMDLINE_DEVICES registers each
+    // device once: the second registration of the same MMIO range is refused).
     let mut cmdline = cfg.cmdline.clone();
-    let mut disk_set = disks::attach(&vm, &mut mmio, &cfg, &mut cmdline)?;
+    let disk_set = disks::attach(vm, &mut mmio, cfg, &mut cmdline)?;
+    let vsock_dev = match &cfg.testvm.vsock {
+        Some(opts) => Some(crate::vsock::attach(
+            vm,
+            &mut mmio,
+            opts,
+            cfg.disks.len(),
+            cfg.seccomp,
+            announce_reset,
+            &mut cmdline,
+        )?),
+        None => None,
+    };
+    Ok(Devices {
+        pio,
+        mmio,
+        reset_evt,
+        serial,
+        disk_set,
+        vsock_dev,
+        cmdline,
+    })
+}
+
+/// Boots a VM and runs it to its end.
+pub fn run(cfg: VmConfig) -> Result<ExitReason> {
+    let (signals, kvm) = open_kvm(cfg.cpus, cfg.seccomp)?;
+    let nested = host::software_nested_kvm();
+    let vm = Arc::new(Vm::new(&kvm, cfg.mem_size)?);
+    let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
+    let devs = attach_devices(&vm, &cfg, &exit, None, false)?;
 
     // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
     // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
     // run Linux user space.
     // ACPI tables (distribution kernels find the disks only there).
     let rsdp = if cfg.acpi {
-        let slots: Vec<acpi::VirtioMmioSlot> = (0..cfg.disks.len())
+        // The disks, then the vsock device in the slot after them.
+        let devices = cfg.disks.len() + usize::from(cfg.testvm.vsock.is_some());
+        let slots: Vec<acpi::VirtioMmioSlot> = (0..devices)
             .map(|i| {
                 let (base, gsi) = virtio_mmio_slot(i);
                 acpi::VirtioMmioSlot {
@@ -110,7 +187,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         cfg.mem_size,
         &cfg.kernel,
         cfg.initrd.as_deref(),
-        &cmdline,
+        &devs.cmdline,
         rsdp,
     )?;
     let is_linux =
@@ -121,7 +198,6 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     mptable::setup(&vm.memory, cfg.cpus)?;
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
 
-    vcpu::install_kick_handler()?;
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         vcpus.push(Vcpu::new(&kvm, &vm.fd, id, cfg.cpus, nested.is_some())?);
@@ -129,7 +205,60 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     if let Some(boot_cpu) = vcpus.first() {
         boot_cpu.setup_boot_state(&gdt, loaded.entry)?;
     }
+    launch(Launch {
+        kvm,
+        vm,
+        exit,
+        devs,
+        vcpus,
+        signals,
+        cfg,
+    })
+}
 
+/// A VM ready to run: memory, devices and vCPUs in their first state.
+pub struct Launch {
+    pub kvm: Kvm,
+    pub vm: Arc<Vm>,
+    pub exit: Arc<ExitState>,
+    pub devs: Devices,
+    pub vcpus: Vec<Vcpu>,
+    pub signals: OwnedFd,
+    pub cfg: VmConfig,
+}
+
+/// Runs the vCPUs, the event loop (with the API socket and the `--exec` client) until the VM
+/// ends, then stops everything.
+pub fn launch(l: Launch) -> Result<ExitReason> {
+    let Launch {
+        kvm,
+        vm,
+        exit,
+        devs,
+        mut vcpus,
+        signals,
+        cfg,
+    } = l;
+    let Devices {
+        pio,
+        mmio,
+        reset_evt,
+        serial,
+        mut disk_set,
+        vsock_dev,
+        cmdline: _,
+    } = devs;
+    // What a snapshot saves of each vCPU; parking for pause and snapshot.
+    let msr_list = match vcpus.first() {
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::Kvm)?,
+        None => Vec::new(),
+    };
+    let (pause, requests) = PauseControl::new(vcpus.len());
+    for (v, r) in vcpus.iter_mut().zip(requests) {
+        v.set_pause(r, msr_list.clone());
+    }
+
+    vcpu::install_kick_handler()?;
     let stop = Arc::new(AtomicBool::new(false));
     let state: Arc<Vec<AtomicU8>> =
         Arc::new((0..cfg.cpus).map(|_| AtomicU8::new(RUNNING)).collect());
@@ -139,14 +268,19 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
         exit: exit.clone(),
         stop: stop.clone(),
         state: state.clone(),
+        pause: pause.clone(),
     };
+    // With an API socket, the main thread serves snapshots and the vCPUs save their state.
+    let api = cfg.testvm.api_socket.is_some();
+    let vcpu_kind = ThreadKind::vcpu_thread(api);
+    let vmm_kind = ThreadKind::main_thread(api);
     let vcpu_filter = if cfg.seccomp {
-        Some(seccomp::filter(ThreadKind::Vcpu)?)
+        Some((vcpu_kind, seccomp::filter(vcpu_kind)?))
     } else {
         None
     };
     let vmm_filter = if cfg.seccomp {
-        Some(seccomp::filter(ThreadKind::Vmm)?)
+        Some(seccomp::filter(vmm_kind)?)
     } else {
         None
     };
@@ -156,13 +290,23 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     } else {
         None
     };
+    // THINVM_TIMING=1: when the vCPUs are about to enter the guest, from the process start
+    // (benchmarks: restore to the first guest instruction).
+    if std::env::var_os("THINVM_TIMING").is_some() {
+        if let Some(t0) = crate::PROCESS_START.get() {
+            eprintln!(
+                "thinvm-timing: vcpus-start-ms={:.1}",
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start(shared.clone(), vcpu_filter.clone())?);
     }
     let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
     let kick_threads = threads.clone();
-    let kick = Box::new(move || {
+    let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
         for t in &kick_threads {
             // SAFETY: the vCPU threads are joined only after the event loop (and this
             // closure) is done; signalling an exited but unjoined thread is allowed.
@@ -173,30 +317,89 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     let controller = Controller::new(
         exit.clone(),
         reset_evt,
-        Some(serial),
+        Some(serial.clone()),
         cfg.serial == SerialConfig::Stdio,
         signals,
-        kick,
+        kick.clone(),
         state,
         stats,
         cfg.stats_interval,
+        pause.clone(),
     )?;
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| VmmError::Device(format!("event manager: {e:?}")))?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
-    if let Some(f) = &vmm_filter {
-        seccomp::apply(ThreadKind::Vmm, f)?;
+    // `--api-socket`: pause, resume, snapshot.
+    if let Some(path) = &cfg.testvm.api_socket {
+        let control = VmControl::new(
+            vm.clone(),
+            pause.clone(),
+            kick.clone(),
+            serial.clone(),
+            disk_set.handles(),
+            match (&vsock_dev, &cfg.testvm.vsock) {
+                (Some(d), Some(o)) => Some(VsockHandle {
+                    transport: d.transport.clone(),
+                    slot: cfg.disks.len(),
+                    cid: o.cid,
+                }),
+                _ => None,
+            },
+            cfg.testvm.debug_exit.map(|d| (d.port, d.size)),
+            cfg.mem_size,
+            cfg.cpus,
+        );
+        let api = crate::api::ApiServer::bind(path, control)?;
+        em.add_subscriber(Arc::new(Mutex::new(api)));
     }
+
+    // `--exec`: the agent's client, started before the main thread confines itself (threads
+    // inherit the filter of the thread that starts them) under its own filter.
+    if let (Some(command), Some(v)) = (&cfg.testvm.exec, &cfg.testvm.vsock) {
+        let client = crate::exec::ExecClient {
+            uds: v.uds.clone(),
+            command: command.clone(),
+            exit: exit.clone(),
+            forward_stdin: cfg.serial != SerialConfig::Stdio,
+        };
+        let filter = if cfg.seccomp {
+            Some(seccomp::filter(ThreadKind::Exec)?)
+        } else {
+            None
+        };
+        // Detached: it ends with the VM (its socket closes) or with the process.
+        drop(client.start(filter)?);
+    }
+    if let Some(f) = &vmm_filter {
+        seccomp::apply(vmm_kind, f)?;
+    }
+    let deadline = cfg
+        .testvm
+        .timeout
+        .map(|t| (Instant::now() + t, t.as_secs()));
     while exit.get().is_none() {
-        if let Err(e) = em.run_with_timeout(500) {
+        let wait = match deadline {
+            Some((at, secs)) => {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    exit.set(ExitReason::Timeout(secs));
+                    break;
+                }
+                left.as_millis().min(500) as i32
+            }
+            None => 500,
+        };
+        if let Err(e) = em.run_with_timeout(wait.max(1)) {
             tracing::warn!("event loop: {e:?}");
         }
     }
     let reason = exit.get().unwrap_or(ExitReason::Poweroff);
 
-    // Stop the vCPUs: set the flag, then kick until every thread has left KVM_RUN.
+    // Stop the vCPUs: set the flag, let parked ones go, then kick until every thread has left
+    // KVM_RUN.
     stop.store(true, Ordering::Release);
+    pause.resume_all();
     let deadline = Instant::now() + Duration::from_secs(10);
     for (h, t) in handles.into_iter().zip(threads) {
         while !h.is_finished() && Instant::now() < deadline {
@@ -210,7 +413,12 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
             tracing::error!("a vCPU thread did not stop");
         }
     }
+    // The API socket goes first (no more requests), then the devices stop.
+    drop(em);
     disk_set.shutdown();
+    if let Some(v) = &vsock_dev {
+        v.shutdown();
+    }
     drop(raw_guard);
     Ok(reason)
 }

@@ -287,6 +287,206 @@ umount small; rm -rf "$d"
     assert_eq!(num(&fields(&out, "FSCK ")[0], "rc"), 0, "{out}");
 }
 
+/// `thinvm run --exec` on the default guest (no --kernel: built and cached on first use, its
+/// base image under --ephemeral), two boots: the command's stdout, stderr and exit status come
+/// back (and thinvm's stdin reaches it, the console does not reach stdout); a command that
+/// hangs is ended by --timeout with exit code 124 and the message saying so, after its first
+/// output arrived (so the timeout stopped a running command, not a boot).
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn exec_runs_a_command_in_the_default_guest() {
+    guest();
+    let script = format!(
+        r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/exec.XXXXXX"); cd "$d"
+printf 'abc\ndef\nghi\n' | {thinvm} run --ephemeral --exec 'echo "out-line $(wc -l)"; echo err-line >&2; exit 7' >o1 2>e1
+echo "EXEC1 code=$? out=$(grep -c '^out-line 3$' o1) err=$(grep -c '^err-line$' e1) lines=$(wc -l <o1)"
+{thinvm} run --ephemeral --timeout 100 --exec 'echo started; sleep 1000' </dev/null >o2 2>e2
+echo "EXEC2 code=$? started=$(grep -c '^started$' o2) said=$(grep -c 'timeout of 100 s' e2)"
+cat e1 e2 | grep -v '^thinvm: disk' | head -20
+cd /; rm -rf "$d"
+"#,
+        thinvm = thinvm()
+    );
+    let out = linux(&script, 900);
+    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    let e1 = f("EXEC1");
+    assert_eq!(num(&e1, "code"), 7, "{out}");
+    assert_eq!(num(&e1, "out"), 1, "stdout, with stdin counted: {out}");
+    assert_eq!(num(&e1, "err"), 1, "{out}");
+    assert_eq!(
+        num(&e1, "lines"),
+        1,
+        "only the command's output on stdout: {out}"
+    );
+    let e2 = f("EXEC2");
+    assert_eq!(
+        (num(&e2, "code"), num(&e2, "started"), num(&e2, "said")),
+        (124, 1, 1),
+        "{out}"
+    );
+}
+
+/// Snapshot a running Linux guest, restore it: the clone's counter goes on from where the
+/// snapshot was taken (not from 1), and a snapshot from another thinvm version is refused.
+/// (`--exec` into a restored clone, i.e. the guest agent answering after the vsock transport
+/// reset, did not answer in the rig when this was written: not asserted here.)
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn a_restored_linux_guest_goes_on_counting() {
+    let g = guest();
+    let script = format!(
+        r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/snap.XXXXXX"); cd "$d"
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path={base} --ephemeral --vsock cid=3,uds=$d/v.sock --api-socket $d/api --serial file=orig.log --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=count:0.3" </dev/null 2>orig.err &
+pid=$!
+until tr -d '\r' <orig.log 2>/dev/null | grep -q '^THINVM-COUNT 5$' || [ $SECONDS -gt 900 ]; do sleep 0.5; done
+{thinvm} ctl $d/api snapshot snap >ctl.out 2>&1; echo "SNAP code=$?"
+at=$(grep -c THINVM-COUNT orig.log)
+sleep 3
+after=$(grep -c THINVM-COUNT orig.log)
+kill $pid; wait $pid
+echo "ORIG at=$at after=$after"
+{thinvm} restore snap --ephemeral --serial file=clone.log --timeout 8 </dev/null 2>clone.err
+echo "CLONE code=$? first=$(tr -d '\r' <clone.log | grep THINVM-COUNT | head -1 | cut -d' ' -f2) last=$(tr -d '\r' <clone.log | grep THINVM-COUNT | tail -1 | cut -d' ' -f2)"
+sed -i 's/"thinvm_version":"[^"]*"/"thinvm_version":"0.0.0"/' snap/state.json
+{thinvm} restore snap --ephemeral --serial file=never.log </dev/null 2>refused.err
+echo "REFUSED code=$? said=$(grep -c 'taken by thinvm 0.0.0\|by thinvm 0.0.0' refused.err) started=$(test -e never.log && echo 1 || echo 0)"
+cat ctl.out refused.err clone.err | head -20
+cd /; rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        k = g.vmlinux.display(),
+        i = g.initrd.display(),
+        base = g.base_qcow2.display(),
+    );
+    let out = linux(&script, 1800);
+    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    assert_eq!(num(&f("SNAP"), "code"), 0, "{out}");
+    let orig = f("ORIG");
+    let at = num(&orig, "at");
+    assert!(
+        num(&orig, "after") > at,
+        "the original stopped counting: {out}"
+    );
+    let clone = f("CLONE");
+    assert_eq!(num(&clone, "code"), 124, "{out}");
+    // The snapshot was taken after COUNT 5 and before `thinvm ctl` returned (`at` lines
+    // then; the guest is paused while the snapshot is written, which takes seconds here).
+    let first = num(&clone, "first");
+    assert!(
+        first > 5 && first <= at + 1,
+        "the clone started at {first}, the snapshot was between 5 and {at}: {out}"
+    );
+    assert!(num(&clone, "last") > first, "{out}");
+    let refused = f("REFUSED");
+    assert_eq!(num(&refused, "code"), 1, "{out}");
+    assert_eq!(num(&refused, "said"), 1, "{out}");
+    assert_eq!(num(&refused, "started"), 0, "{out}");
+}
+
+/// A snapshot taken while the guest writes to its root disk (each write synced): the
+/// original and a clone both finish the writes and find every file intact, the clone's
+/// overlay and the snapshot's layer check clean and so does the clone's ext4; the clone keeps
+/// the debug-exit device (both end with the workload's status through it). Isolation between
+/// clones: `exec_into_restored_clones_each_on_its_own_disk`.
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn a_snapshot_taken_mid_io_restores_consistent_and_clones_are_isolated() {
+    let g = guest();
+    let script = format!(
+        r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/midio.XXXXXX"); cd "$d"
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path={base} --ephemeral --debug-exit --vsock cid=3,uds=$d/v.sock --api-socket $d/api --serial file=orig.log --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=writes:24:0.3" </dev/null 2>orig.err &
+pid=$!
+until {{ [ -f orig.log ] && tr -d '\r' <orig.log | grep -q '^THINVM-IO 4$'; }} || [ $SECONDS -gt 900 ]; do sleep 0.2; done
+{thinvm} ctl $d/api snapshot snap >ctl.out 2>&1; echo "SNAP code=$? at=$(grep -c THINVM-IO orig.log)"
+wait $pid; echo "ORIG code=$? check=$(grep -c 'THINVM-CHECK writes ok' orig.log)"
+{thinvm} restore snap --serial file=clone.log </dev/null 2>clone.err
+echo "CLONE code=$? check=$(grep -c 'THINVM-CHECK writes ok' clone.log) first=$(tr -d '\r' <clone.log | grep THINVM-IO | head -1 | cut -d' ' -f2)"
+ov=$(ls snap/clone-*.qcow2 | head -1)
+qemu-img check "$ov" >/dev/null 2>&1; c1=$?
+qemu-img check snap/disk0.qcow2 >/dev/null 2>&1; c2=$?
+qemu-img convert -O raw "$ov" fs.raw && e2fsck -fn fs.raw >/dev/null 2>&1; c3=$?
+echo "IMAGES overlay=$c1 layer=$c2 fsck=$c3"
+rm -f fs.raw
+cat ctl.out; tail -3 clone.err
+cd /; rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        k = g.vmlinux.display(),
+        i = g.initrd.display(),
+        base = g.base_qcow2.display(),
+    );
+    let out = linux(&script, 2400);
+    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    let snap = f("SNAP");
+    assert_eq!(num(&snap, "code"), 0, "{out}");
+    assert!(
+        num(&snap, "at") < 24,
+        "the snapshot came after the writes: {out}"
+    );
+    // (v << 1) | 1 with v = 0 failed steps.
+    let orig = f("ORIG");
+    assert_eq!((num(&orig, "code"), num(&orig, "check")), (1, 1), "{out}");
+    let clone = f("CLONE");
+    assert_eq!((num(&clone, "code"), num(&clone, "check")), (1, 1), "{out}");
+    // The clone goes on after the snapshot's point (after IO 4, before `ctl` returned).
+    let first = num(&clone, "first");
+    assert!(first > 4 && first <= num(&snap, "at") + 1, "{out}");
+    let images = f("IMAGES");
+    for k in ["overlay", "layer", "fsck"] {
+        assert_eq!(num(&images, k), 0, "{k}: {out}");
+    }
+}
+
+/// `--exec` into clones of a snapshot of a Linux guest whose agent was listening: one clone
+/// writes a file on its own overlay of the frozen disk, then two more run at once (one with an
+/// overlay, one `--ephemeral`) and neither sees the file; each gets its command's output and
+/// status. The
+/// clones' overlays and the snapshot's layer check clean.
+#[test]
+#[ignore = "slow: Linux guest in the rig; run by scripts/test"]
+fn exec_into_restored_clones_each_on_its_own_disk() {
+    let g = guest();
+    let script = format!(
+        r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/execclone.XXXXXX"); cd "$d"
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path={base} --ephemeral --vsock cid=3,uds=$d/v.sock --api-socket $d/api --serial file=orig.log --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=agent" </dev/null 2>orig.err &
+pid=$!
+until {{ [ -f orig.log ] && grep -q THINVM-AGENT-READY orig.log; }} || [ $SECONDS -gt 900 ]; do sleep 0.2; done
+{thinvm} ctl $d/api snapshot snap >ctl.out 2>&1; echo "SNAP code=$?"
+kill $pid; wait $pid
+timeout 600 {thinvm} restore snap --exec 'echo clone-a > /mark && sync && cat /mark; exit 3' </dev/null >a.out 2>a.err
+echo "CLONEA code=$? mark=$(grep -c '^clone-a$' a.out)"
+timeout 600 {thinvm} restore snap --exec 'cat /mark 2>/dev/null || echo no-mark; exit 4' </dev/null >b.out 2>b.err & b=$!
+timeout 600 {thinvm} restore snap --ephemeral --exec 'cat /mark 2>/dev/null || echo no-mark; exit 5' </dev/null >c.out 2>c.err & c=$!
+wait $b; cb=$?; wait $c; cc=$?
+echo "CLONEB code=$cb nomark=$(grep -c '^no-mark$' b.out)"
+echo "CLONEC code=$cc nomark=$(grep -c '^no-mark$' c.out) overlays=$(ls snap/clone-*.qcow2 | wc -l)"
+bad=0; for f in snap/clone-*.qcow2 snap/disk0.qcow2; do qemu-img check "$f" >/dev/null 2>&1 || bad=$((bad + 1)); done
+echo "IMAGES bad=$bad"
+tail -3 a.err b.err c.err
+cd /; rm -rf "$d"
+"#,
+        thinvm = thinvm(),
+        k = g.vmlinux.display(),
+        i = g.initrd.display(),
+        base = g.base_qcow2.display(),
+    );
+    let out = linux(&script, 2400);
+    let f = |k: &str| {
+        fields(&out, &format!("{k} "))
+            .first()
+            .cloned()
+            .unwrap_or_else(|| panic!("no {k} line: {out}"))
+    };
+    assert_eq!(num(&f("SNAP"), "code"), 0, "{out}");
+    let (a, b, c) = (f("CLONEA"), f("CLONEB"), f("CLONEC"));
+    assert_eq!((num(&a, "code"), num(&a, "mark")), (3, 1), "{out}");
+    assert_eq!((num(&b, "code"), num(&b, "nomark")), (4, 1), "{out}");
+    assert_eq!((num(&c, "code"), num(&c, "nomark")), (5, 1), "{out}");
+    // Two clones with overlays of their own; the ephemeral one left none behind.
+    assert_eq!(num(&c, "overlays"), 2, "{out}");
+    assert_eq!(num(&f("IMAGES"), "bad"), 0, "{out}");
+}
+
 /// The format-probing attack (QEMU's CVE-2008-2004 class), end to end in a Linux guest.
 /// Boot 1: a raw data disk given without format=; the guest copies a qcow2 header that
 /// names a host file over its start with dd: the write fails in the guest, ordinary and zero

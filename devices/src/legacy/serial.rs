@@ -47,6 +47,21 @@ impl Write for SerialOutput {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 /// A 16550 UART at 8 consecutive ports.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialOutput>,
@@ -68,6 +83,51 @@ impl SerialDevice {
     /// Free space in the receive FIFO.
     pub fn input_capacity(&self) -> usize {
         self.serial.fifo_capacity()
+    }
+
+    /// The UART's state (a snapshot).
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state (a restored VM).
+    pub fn restored(
+        irq_evt: EventFd,
+        out: SerialOutput,
+        s: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(
+            &state,
+            EventFdTrigger(irq_evt),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(SerialDevice { serial })
     }
 }
 

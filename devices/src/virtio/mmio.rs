@@ -27,6 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ratelimited_warn, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 
+#[path = "mmio_state.rs"]
+mod state;
+pub use state::{QueueRegisters, TransportState};
+
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4e56_4854; // "THVN"
@@ -318,15 +322,26 @@ impl MmioTransport {
         true
     }
 
+    /// The queues an activation serves, in order: a driver may use fewer queues than a
+    /// multi-queue device offers (Linux uses one per vCPU at most), so a queue after the
+    /// first it never made ready is left out. (Readiness cannot change while the device is
+    /// active, so a snapshot's registers give the same list.)
+    fn activated_queues(&self) -> Vec<usize> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i == 0 || c.ready)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn activate(&mut self) {
         let mut queues = Vec::with_capacity(self.queues.len());
         let mut used = Vec::with_capacity(self.queues.len());
-        for (i, c) in self.queues.iter().enumerate() {
-            // A driver may use fewer queues than a multi-queue device offers (Linux uses
-            // one per vCPU at most): a queue after the first it never made ready is left out.
-            if i > 0 && !c.ready {
+        for i in self.activated_queues() {
+            let Some(c) = self.queues.get(i) else {
                 continue;
-            }
+            };
             match c.build(&self.mem) {
                 Ok(q) => {
                     queues.push(q);

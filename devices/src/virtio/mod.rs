@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -70,6 +71,12 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
+    /// Sets the interrupt status register (a restored VM), without raising the interrupt
+    /// (the restored interrupt controller holds what was pending).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+    }
+
     /// The irqfd to register with KVM.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
@@ -95,6 +102,25 @@ pub enum ActivateError {
     /// not wait for it): the driver must reset the device and try again later.
     #[error("the previous activation has not ended yet")]
     StillStopping,
+}
+
+/// Where a queue the device serves stands: the next available entry it will take and the
+/// next used entry it will fill (what a snapshot needs besides the driver's registers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueProgress {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// Why a device cannot be paused.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("this device cannot be paused")]
+    Unsupported,
+    #[error("{0}")]
+    Busy(String),
+    #[error("the device's thread did not stop within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// What the MMIO transport needs from a device.
@@ -123,4 +149,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> Option<Vec<EventFd>>;
     /// The VM is ending: stop processing and make everything durable.
     fn shutdown(&mut self) {}
+    /// Stops touching guest memory and the queues once every request already taken from a
+    /// queue is answered (a snapshot drains the device first); returns where each queue it
+    /// serves stands (none when it is not active). Until [`VirtioDevice::resume`] the device
+    /// takes nothing new.
+    fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
+        Err(PauseError::Unsupported)
+    }
+    /// Goes on after [`VirtioDevice::pause`].
+    fn resume(&mut self) {}
 }

@@ -30,6 +30,15 @@ pub enum ThreadKind {
     Vcpu,
     /// A block device worker or one of the image crate's I/O threads: image I/O.
     Block,
+    /// The main thread of a VM with `--api-socket`: also serves pause, resume and snapshot
+    /// requests (a snapshot writes its directory and swaps each disk's overlay).
+    VmmApi,
+    /// A vCPU thread of a VM with `--api-socket`: also saves its KVM state for a snapshot.
+    VcpuApi,
+    /// The virtio-vsock device's thread: its epoll loop over the VM's Unix sockets.
+    Vsock,
+    /// `--exec`'s agent client and its stdin forwarder.
+    Exec,
 }
 
 impl ThreadKind {
@@ -39,14 +48,42 @@ impl ThreadKind {
             ThreadKind::Vmm => "main (VMM)",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Block => "block I/O",
+            ThreadKind::VmmApi => "main (VMM, API socket)",
+            ThreadKind::VcpuApi => "vCPU (API socket)",
+            ThreadKind::Vsock => "vsock",
+            ThreadKind::Exec => "exec client",
         }
     }
 
-    fn table(self) -> rules::Table {
+    /// The kind of the main thread (`api`: the VM has an API socket).
+    pub fn main_thread(api: bool) -> ThreadKind {
+        if api {
+            ThreadKind::VmmApi
+        } else {
+            ThreadKind::Vmm
+        }
+    }
+
+    /// The kind of a vCPU thread (`api`: the VM has an API socket).
+    pub fn vcpu_thread(api: bool) -> ThreadKind {
+        if api {
+            ThreadKind::VcpuApi
+        } else {
+            ThreadKind::Vcpu
+        }
+    }
+
+    /// The kind's tables (besides [`rules::COMMON`]): a kind with an API socket adds the
+    /// snapshot's rules to those of its base kind.
+    fn tables(self) -> &'static [rules::Table] {
         match self {
-            ThreadKind::Vmm => rules::VMM,
-            ThreadKind::Vcpu => rules::VCPU,
-            ThreadKind::Block => rules::BLOCK,
+            ThreadKind::Vmm => &[rules::VMM],
+            ThreadKind::Vcpu => &[rules::VCPU],
+            ThreadKind::Block => &[rules::BLOCK],
+            ThreadKind::VmmApi => &[rules::VMM, rules::VMM_API],
+            ThreadKind::VcpuApi => &[rules::VCPU, rules::VCPU_SNAPSHOT],
+            ThreadKind::Vsock => &[rules::VSOCK],
+            ThreadKind::Exec => &[rules::EXEC],
         }
     }
 }
@@ -70,10 +107,11 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
 /// call allowed without conditions gets an empty chain, which seccompiler allows outright
 /// (whatever conditional rules the call also has).
 fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
-    let table = kind.table();
+    let tables = kind.tables();
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut outright = Vec::new();
-    for r in rules::COMMON.iter().chain(table.calls) {
+    let calls = tables.iter().flat_map(|t| t.calls.iter());
+    for r in rules::COMMON.iter().chain(calls) {
         let conds = r
             .args
             .iter()
@@ -88,9 +126,10 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
             })?);
         }
     }
-    if !table.ioctls.is_empty() {
+    let ioctls: Vec<&rules::Ioctl> = tables.iter().flat_map(|t| t.ioctls.iter()).collect();
+    if !ioctls.is_empty() {
         let chain = map.entry(libc::SYS_ioctl).or_default();
-        for i in table.ioctls {
+        for i in ioctls {
             let arg = Arg {
                 index: 1,
                 width: Width::Bits32,

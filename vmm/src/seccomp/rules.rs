@@ -298,3 +298,146 @@ pub const BLOCK: Table = Table {
     ],
     ioctls: &[],
 };
+
+/// `accept4` flags of a socket accepted by std (`UnixListener::accept`).
+const ACCEPT_STD: i64 = libc::SOCK_CLOEXEC as i64;
+/// `accept4` and `socket` flags of the vsock device's own sockets (`muxer.rs`).
+const SOCK_NB_CLOEXEC: i64 = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as i64;
+
+/// The main thread of a VM with `--api-socket` (`api.rs`, `vm_control.rs`, `snapshot/`), in
+/// addition to [`VMM`]: serving requests, and writing a snapshot. A snapshot creates files in
+/// the directory the request names (so `openat` is allowed here, and only here on the main
+/// thread): guest RAM, the state, and for each disk a new overlay that the running VM goes on
+/// with.
+pub const VMM_API: Table = Table {
+    calls: &[
+        allow!(SYS_accept4 [int(3, ACCEPT_STD)], "api.rs: accepts a `thinvm ctl` connection"),
+        allow!(SYS_setsockopt [int(1, libc::SOL_SOCKET as i64), int(2, libc::SO_RCVTIMEO as i64)],
+            "api.rs: a request line must come within 5 s (SO_RCVTIMEO on the connection)"),
+        allow!(SYS_recvfrom [int(3, 0)], "api.rs: reads the request line (std's socket read is recv)"),
+        allow!(SYS_sendto [int(3, libc::MSG_NOSIGNAL as i64)],
+            "api.rs: writes the reply (std's socket write is send with MSG_NOSIGNAL)"),
+        allow!(SYS_fcntl [int(1, libc::F_DUPFD_CLOEXEC as i64)],
+            "api.rs: a reader for the connection (UnixStream::try_clone)"),
+        allow!(SYS_mkdir, "snapshot: creates the snapshot directory"),
+        allow!(SYS_mkdirat, "snapshot: creates the snapshot directory (glibc's mkdir may use mkdirat)"),
+        allow!(SYS_openat,
+            "snapshot: creates DIR/memory, DIR/state.json and each disk's new overlay, opens the new overlay and its frozen layer, lists DIR (must be empty), reads a disk's header"),
+        allow!(SYS_getdents64, "snapshot: is the snapshot directory empty; removing a failed one"),
+        allow!(SYS_statx, "snapshot: file metadata (sizes, types) of images and the snapshot directory"),
+        allow!(SYS_newfstatat, "snapshot: file metadata where glibc uses fstatat"),
+        allow!(SYS_pread64, "snapshot: reads image headers and metadata (new overlay, its frozen layer)"),
+        allow!(SYS_pwrite64, "snapshot: writes guest RAM (zero pages skipped) and the new overlay's metadata"),
+        allow!(SYS_ftruncate, "snapshot: sets the memory file's length (zero pages at its end stay holes); qcow2 create"),
+        allow!(SYS_fsync, "snapshot: memory file, state file and new overlays reach the disk before state.json names them"),
+        allow!(SYS_fdatasync, "snapshot: the new overlay's metadata is synced as qcow2 create orders it"),
+        allow!(SYS_lseek, "snapshot: file positions while std writes and copies files"),
+        allow!(SYS_rename, "snapshot: the running overlay moves into DIR as its frozen layer; state.json lands atomically"),
+        allow!(SYS_renameat, "snapshot: as rename (glibc may use renameat)"),
+        allow!(SYS_renameat2, "snapshot: as rename (glibc may use renameat2)"),
+        allow!(SYS_unlinkat, "snapshot: a failed snapshot's directory is removed (remove_dir_all)"),
+        allow!(SYS_readlink, "snapshot: the frozen layer's absolute path for the overlay's backing name (realpath)"),
+        allow!(SYS_getcwd, "snapshot: a relative snapshot path is made absolute"),
+        allow!(SYS_copy_file_range, "snapshot: an overlay on another file system is copied into DIR"),
+        allow!(SYS_sendfile, "snapshot: the copy's fallback where copy_file_range is refused"),
+        allow!(SYS_fchmod, "snapshot: std's file copy gives the copy the original's permissions"),
+        allow!(SYS_fcntl [int(1, libc::F_OFD_SETLK as i64)],
+            "snapshot: the new overlay and its frozen layer are locked like every image (QEMU's lock bytes)"),
+        allow!(SYS_fcntl [int(1, libc::F_OFD_GETLK as i64)], "snapshot: image locks: who holds a lock"),
+        allow!(SYS_fcntl [int(1, libc::F_GETFL as i64)], "snapshot: image open flags (O_DIRECT)"),
+        allow!(SYS_fcntl [int(1, libc::F_SETFL as i64)], "snapshot: image open flags (O_DIRECT)"),
+        allow!(SYS_fallocate [int(1, 0)], "snapshot: qcow2 create allocates the new overlay's first clusters"),
+    ],
+    ioctls: &[
+        ioctl!(FIONBIO, "api.rs: a request connection is read blocking (with a timeout)"),
+        ioctl!(KVM_GET_IRQCHIP, "snapshot: the PICs and the IOAPIC"),
+        ioctl!(KVM_GET_PIT2, "snapshot: the PIT"),
+        ioctl!(KVM_GET_CLOCK, "snapshot: kvmclock"),
+    ],
+};
+
+/// A vCPU thread of a VM with `--api-socket`, in addition to [`VCPU`]: parked for a
+/// snapshot, it reads its own state (`snapshot/vcpu.rs`; read-only ioctls).
+pub const VCPU_SNAPSHOT: Table = Table {
+    calls: &[],
+    ioctls: &[
+        ioctl!(
+            KVM_GET_SREGS,
+            "snapshot: segment, control and table registers"
+        ),
+        ioctl!(KVM_GET_XSAVE, "snapshot: FPU and vector state"),
+        ioctl!(KVM_GET_XCRS, "snapshot: XCR0"),
+        ioctl!(KVM_GET_DEBUGREGS, "snapshot: debug registers"),
+        ioctl!(KVM_GET_LAPIC, "snapshot: the local APIC"),
+        ioctl!(
+            KVM_GET_TSC_KHZ,
+            "snapshot: the TSC frequency a clone must keep"
+        ),
+        ioctl!(KVM_GET_CPUID2, "snapshot: the CPUID the guest saw"),
+        ioctl!(KVM_GET_MSRS, "snapshot: the MSRs KVM lists"),
+        ioctl!(
+            KVM_GET_VCPU_EVENTS,
+            "snapshot: pending exceptions, interrupts and NMIs"
+        ),
+    ],
+};
+
+/// The virtio-vsock device's thread (`devices/src/virtio/vsock/`): an epoll loop over its
+/// queue-notify eventfds, the VM's listening Unix socket, and one stream per connection.
+pub const VSOCK: Table = Table {
+    calls: &[
+        allow!(SYS_read, "clears its eventfds (queue notify, wake)"),
+        allow!(SYS_epoll_wait, "the device's event loop waits"),
+        allow!(SYS_epoll_ctl, "watches and forgets connection streams as they come and go"),
+        allow!(SYS_accept4 [int(3, SOCK_NB_CLOEXEC)],
+            "muxer.rs: a host process connects to the VM's socket (to send CONNECT <port>)"),
+        allow!(SYS_socket [int(0, libc::AF_UNIX as i64), int(1, (libc::SOCK_STREAM as i64) | SOCK_NB_CLOEXEC)],
+            "muxer.rs: a guest connection to host port P opens a Unix stream to PATH_P (Firecracker's protocol); Unix sockets only"),
+        allow!(SYS_connect,
+            "muxer.rs: connects that stream to PATH_P (the path is the VM's --vsock uds plus _P, built by thinvm)"),
+        allow!(SYS_recvfrom [int(3, 0)], "reads a connection's stream (std's socket read is recv)"),
+        allow!(SYS_sendto [int(3, libc::MSG_NOSIGNAL as i64)],
+            "writes a connection's stream (std's socket write is send with MSG_NOSIGNAL)"),
+        allow!(SYS_recvfrom [int(3, (libc::MSG_PEEK | libc::MSG_DONTWAIT) as i64)],
+            "connection.rs: peeks at a host connection's CONNECT line without taking more"),
+        allow!(SYS_shutdown [int(1, libc::SHUT_WR as i64)],
+            "the guest shut its sending side down: the host stream's write side follows"),
+        allow!(SYS_unlink, "removes the VM's socket file when the device ends"),
+    ],
+    ioctls: &[ioctl!(FIONBIO, "streams are switched to non-blocking (set_nonblocking)")],
+};
+
+/// `--exec`'s agent client (`exec.rs`) and its stdin forwarder.
+pub const EXEC: Table = Table {
+    calls: &[
+        allow!(
+            SYS_read,
+            "reads thinvm's standard input (forwarded to the command)"
+        ),
+        allow!(SYS_socket [int(0, libc::AF_UNIX as i64), int(1, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as i64)],
+            "connects to the VM's own vsock Unix socket (UnixStream::connect), again while the agent is not up; Unix sockets only"),
+        allow!(
+            SYS_connect,
+            "connects to the VM's own vsock Unix socket (its --vsock uds path)"
+        ),
+        allow!(SYS_setsockopt [int(1, libc::SOL_SOCKET as i64), int(2, libc::SO_RCVTIMEO as i64)],
+            "waits at most 2 s for the device's answer to CONNECT"),
+        allow!(
+            SYS_recvfrom[int(3, 0)],
+            "reads the agent's frames (std's socket read is recv)"
+        ),
+        allow!(
+            SYS_sendto[int(3, libc::MSG_NOSIGNAL as i64)],
+            "sends CONNECT, the command and stdin (std's socket write is send with MSG_NOSIGNAL)"
+        ),
+        allow!(
+            SYS_fcntl[int(1, libc::F_DUPFD_CLOEXEC as i64)],
+            "one stream for reading, one for writing stdin (UnixStream::try_clone)"
+        ),
+        allow!(
+            SYS_clock_nanosleep,
+            "waits 50 ms between attempts to reach the agent"
+        ),
+    ],
+    ioctls: &[],
+};

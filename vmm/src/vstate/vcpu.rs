@@ -1,9 +1,11 @@
 //! vCPU threads: create and configure each vCPU, run it, dispatch its exits to the buses,
-//! and report why it stopped.
+//! report why it stopped, and park it on request (pause, snapshot) — see [`PauseControl`].
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -36,12 +38,116 @@ pub struct VcpuShared {
     pub exit: Arc<ExitState>,
     pub stop: Arc<AtomicBool>,
     pub state: Arc<Vec<AtomicU8>>,
+    pub pause: Arc<PauseControl>,
+}
+
+/// What a parked vCPU is asked to do.
+pub enum VcpuRequest {
+    /// Save its KVM state.
+    Save(Sender<std::result::Result<crate::snapshot::vcpu::VcpuState, String>>),
+    /// Run again.
+    Resume,
+}
+
+/// Parking the vCPUs: the controller sets `requested` and kicks them out of `KVM_RUN`; each
+/// completes any pending I/O (a `KVM_RUN` with `immediate_exit`, so its registers are
+/// consistent), reports itself parked and waits for requests.
+pub struct PauseControl {
+    pub requested: AtomicBool,
+    senders: Vec<Mutex<Sender<VcpuRequest>>>,
+    parked_tx: Mutex<Sender<u32>>,
+    parked_rx: Mutex<Receiver<u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl PauseControl {
+    /// The control for `vcpus` and each vCPU's end of its request channel.
+    pub fn new(vcpus: usize) -> (Arc<PauseControl>, Vec<Receiver<VcpuRequest>>) {
+        let (parked_tx, parked_rx) = channel();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..vcpus)
+            .map(|_| {
+                let (tx, rx) = channel();
+                (Mutex::new(tx), rx)
+            })
+            .unzip();
+        (
+            Arc::new(PauseControl {
+                requested: AtomicBool::new(false),
+                senders,
+                parked_tx: Mutex::new(parked_tx),
+                parked_rx: Mutex::new(parked_rx),
+            }),
+            receivers,
+        )
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Parks every vCPU (kicking them with `kick`); fails after `wait`.
+    pub fn pause_all(&self, kick: &dyn Fn(), wait: Duration) -> std::result::Result<(), String> {
+        let rx = lock(&self.parked_rx);
+        while rx.try_recv().is_ok() {}
+        self.requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + wait;
+        let mut parked = 0;
+        while parked < self.senders.len() {
+            kick();
+            match rx.recv_timeout(Duration::from_millis(5)) {
+                Ok(_) => parked += 1,
+                Err(_) if Instant::now() < deadline => {}
+                Err(_) => {
+                    drop(rx);
+                    self.resume_all();
+                    return Err(format!(
+                        "{parked} of {} vCPUs stopped within {wait:?}",
+                        self.senders.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves every parked vCPU's state, in vCPU order.
+    pub fn save_all(&self) -> std::result::Result<Vec<crate::snapshot::vcpu::VcpuState>, String> {
+        let mut out = Vec::with_capacity(self.senders.len());
+        for (id, s) in self.senders.iter().enumerate() {
+            let (tx, rx) = channel();
+            lock(s)
+                .send(VcpuRequest::Save(tx))
+                .map_err(|_| format!("vCPU {id} is gone"))?;
+            out.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .map_err(|_| format!("vCPU {id} did not answer"))?
+                    .map_err(|e| format!("vCPU {id}: {e}"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume_all(&self) {
+        self.requested.store(false, Ordering::Release);
+        for s in &self.senders {
+            let _ = lock(s).send(VcpuRequest::Resume);
+        }
+    }
 }
 
 /// One vCPU.
 pub struct Vcpu {
     fd: VcpuFd,
     id: u32,
+    requests: Option<Receiver<VcpuRequest>>,
+    msr_list: Vec<u32>,
 }
 
 /// The signal used to kick vCPUs out of KVM_RUN.
@@ -79,7 +185,42 @@ impl Vcpu {
         msr::setup_msrs(kvm, &fd, id)?;
         regs::setup_fpu(&fd, id)?;
         regs::setup_lapic(&fd, id)?;
-        Ok(Vcpu { fd, id })
+        Ok(Vcpu {
+            fd,
+            id,
+            requests: None,
+            msr_list: Vec::new(),
+        })
+    }
+
+    /// Creates vCPU `id` in a saved state (a restored VM).
+    pub fn restored(
+        vm: &kvm_ioctls::VmFd,
+        state: &crate::snapshot::vcpu::VcpuState,
+    ) -> Result<Vcpu> {
+        let id = state.id;
+        let verr = |msg: String| VmmError::Vcpu { id, msg };
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| verr(format!("KVM_CREATE_VCPU: {e}")))?;
+        crate::snapshot::vcpu::restore(&fd, state).map_err(verr)?;
+        Ok(Vcpu {
+            fd,
+            id,
+            requests: None,
+            msr_list: Vec::new(),
+        })
+    }
+
+    /// The vCPU's KVM file descriptor (to probe what it supports).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Where park requests come from, and the MSRs a saved state holds.
+    pub fn set_pause(&mut self, requests: Receiver<VcpuRequest>, msr_list: Vec<u32>) {
+        self.requests = Some(requests);
+        self.msr_list = msr_list;
     }
 
     /// Puts the boot vCPU at the kernel's entry point.
@@ -92,7 +233,7 @@ impl Vcpu {
     pub fn start(
         self,
         shared: VcpuShared,
-        seccomp: Option<seccompiler::BpfProgram>,
+        seccomp: Option<(crate::seccomp::ThreadKind, seccompiler::BpfProgram)>,
     ) -> Result<JoinHandle<()>> {
         let id = self.id;
         std::thread::Builder::new()
@@ -104,7 +245,11 @@ impl Vcpu {
             })
     }
 
-    fn run_loop(mut self, shared: VcpuShared, seccomp: Option<seccompiler::BpfProgram>) {
+    fn run_loop(
+        mut self,
+        shared: VcpuShared,
+        seccomp: Option<(crate::seccomp::ThreadKind, seccompiler::BpfProgram)>,
+    ) {
         let id = self.id;
         if let Err(e) = vmm_sys_util::signal::unblock_signal(kick_signal()) {
             shared.exit.set(ExitReason::Fatal {
@@ -113,8 +258,8 @@ impl Vcpu {
             });
             return;
         }
-        if let Some(prog) = seccomp {
-            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, &prog) {
+        if let Some((kind, prog)) = seccomp {
+            if let Err(e) = crate::seccomp::apply(kind, &prog) {
                 shared.exit.set(ExitReason::Fatal {
                     vcpu: id,
                     msg: format!("cannot install the seccomp filter: {e}"),
@@ -123,6 +268,12 @@ impl Vcpu {
             }
         }
         while !shared.stop.load(Ordering::Acquire) {
+            if shared.pause.is_paused() {
+                if !self.park(&shared) {
+                    return;
+                }
+                continue;
+            }
             match self.fd.run() {
                 Ok(exit) => {
                     if let Some(reason) = handle_exit(id, exit, &shared) {
@@ -131,6 +282,11 @@ impl Vcpu {
                             other => other,
                         };
                         shared.exit.set(reason);
+                        return;
+                    }
+                    // The exit ended the VM (a device said so, e.g. the debug-exit port):
+                    // the guest runs no further, as on QEMU.
+                    if shared.exit.is_set() {
                         return;
                     }
                     shared.state[id as usize].store(RUNNING, Ordering::Release);
@@ -146,6 +302,33 @@ impl Vcpu {
                     });
                     return;
                 }
+            }
+        }
+    }
+
+    /// Parks (see [`PauseControl`]); false when the vCPU must end.
+    fn park(&mut self, shared: &VcpuShared) -> bool {
+        // Complete the I/O of the last exit, so the registers are consistent.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let Some(requests) = &self.requests else {
+            return false;
+        };
+        // Requests left over from an earlier pause this vCPU missed (a pause that gave up).
+        while requests.try_recv().is_ok() {}
+        let _ = lock(&shared.pause.parked_tx).send(self.id);
+        loop {
+            match requests.recv() {
+                Ok(VcpuRequest::Save(reply)) => {
+                    let _ = reply.send(crate::snapshot::vcpu::save(
+                        &self.fd,
+                        self.id,
+                        &self.msr_list,
+                    ));
+                }
+                Ok(VcpuRequest::Resume) => return !shared.stop.load(Ordering::Acquire),
+                Err(_) => return false,
             }
         }
     }

@@ -15,17 +15,26 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// The guest RAM ranges (guest address, length) of `mem_size` bytes (with the MMIO hole).
+    pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
+        ram_regions(mem_size)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect()
+    }
+
     /// Creates the VM, its memory (with the MMIO hole), IRQ chip and PIT.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm> {
+        let memory = super::memory::create(&Self::ram_ranges(mem_size))
+            .map_err(|e| VmmError::Memory(format!("cannot allocate {mem_size} bytes: {e}")))?;
+        Self::with_memory(kvm, memory)
+    }
+
+    /// Creates the VM on existing guest memory (a snapshot's, mapped), its IRQ chip and PIT.
+    pub fn with_memory(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Vm> {
         let fd = kvm
             .create_vm()
             .map_err(|e| VmmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
-        let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
-            .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        let memory = super::memory::create(&ranges)
-            .map_err(|e| VmmError::Memory(format!("cannot allocate {mem_size} bytes: {e}")))?;
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,

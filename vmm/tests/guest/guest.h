@@ -60,6 +60,28 @@ static int has_word(const char *s, const char *w) {
     return 0;
 }
 
+/* The number after `key` (e.g. "exitval=") on the command line: decimal or 0x hex; `dflt` when
+   absent. */
+static u64 param_u64(const char *s, const char *key, u64 dflt) {
+    for (; *s; s++) {
+        const char *a = s, *b = key;
+        while (*b && *a == *b) { a++; b++; }
+        if (*b) continue;
+        u64 v = 0;
+        if (a[0] == '0' && a[1] == 'x') {
+            for (a += 2; *a && *a != ' '; a++)
+                v = v * 16 + (u64)(*a <= '9' ? *a - '0' : (*a | 0x20) - 'a' + 10);
+        } else {
+            for (; *a >= '0' && *a <= '9'; a++) v = v * 10 + (u64)(*a - '0');
+        }
+        return v;
+    }
+    return dflt;
+}
+
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+
 static void request_reset(void) {
     outb(0x64, 0xfe);
     for (;;) __asm__ volatile("hlt");

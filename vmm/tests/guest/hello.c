@@ -2,7 +2,9 @@
    ends the VM the way the kernel command line asks: `mode=reset` (i8042 reset, the default),
    `mode=halt` (cli; hlt on every CPU, what Linux does for halt without ACPI),
    `mode=triple` (triple fault), `mode=spin` (idle until stopped), `mode=cx16` (a cmpxchg16b right after an I/O exit, which
-   software-nested KVM hosts cannot emulate). */
+   software-nested KVM hosts cannot emulate), `mode=debug-exit` (writes `exitval=` with an
+   I/O write of `exitwidth=` bytes (1, 2, 4) to port `exitport=` (default 0x501), then, if the
+   VM is still running, says so and resets). */
 #include "guest.h"
 
 struct idt_gate {
@@ -85,6 +87,18 @@ void guest_main(const u8 *boot_params) {
         puts_serial("thinvm-test-guest: cmpxchg16b ok ");
         put_dec(pair[0]);
         puts_serial("\n");
+    }
+    if (has_word(cmdline, "mode=debug-exit")) {
+        u16 port = (u16)param_u64(cmdline, "exitport=", 0x501);
+        u64 val = param_u64(cmdline, "exitval=", 0);
+        u64 width = param_u64(cmdline, "exitwidth=", 2);
+        puts_serial("thinvm-test-guest: debug exit ");
+        put_dec(val);
+        puts_serial("\n");
+        if (width == 1) outb(port, (u8)val);
+        else if (width == 4) outl(port, (u32)val);
+        else outw(port, (u16)val);
+        puts_serial("thinvm-test-guest: still running after the debug-exit write\n");
     }
     puts_serial("thinvm-test-guest: requesting reset\n");
     request_reset();

@@ -360,6 +360,49 @@ impl Engine {
         answered
     }
 
+    /// Waits until every request in flight on every queue has completed and been answered
+    /// (its status written, its used-ring entry added, the interrupt raised if the driver
+    /// wants one): what a pause needs before the queues' positions are saved. Takes nothing
+    /// new from any queue. Stops early when `stop` says the activation is ending or a write
+    /// is held for lack of host space (it will not complete by waiting). Returns the
+    /// requests answered.
+    pub fn settle(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+        stop: &dyn Fn() -> bool,
+    ) -> usize {
+        let mut answered = 0;
+        while self.n_active > 0 && self.held.is_empty() && !stop() {
+            let mut done = std::mem::take(&mut self.completions);
+            // Blocks until at least one request completes (its I/O is the host's, bounded).
+            self.pipeline
+                .poll(self.disk.image.as_mut(), true, &mut done);
+            if done.is_empty() {
+                // A blocking poll returns nothing only when no I/O is running that could
+                // complete them (cannot happen; never spin: the pause is refused).
+                self.completions = done;
+                tracing::error!(
+                    "virtio-blk {}: {} requests in flight, {} in the pipeline, none running",
+                    self.name,
+                    self.n_active,
+                    self.pipeline.in_flight()
+                );
+                break;
+            }
+            for (tag, r) in done.drain(..) {
+                answered += self.step_done(queues, mem, tag as usize, r, stop);
+            }
+            self.completions = done;
+        }
+        if answered > 0 {
+            self.notify(queues, mem, interrupt);
+        }
+        self.publish();
+        answered
+    }
+
     /// Retries the held writes (when their timer is due): the first one now, the next ones
     /// each when the one before succeeded. Returns the requests answered.
     pub fn retry_held(

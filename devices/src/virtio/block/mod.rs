@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod execute;
 pub mod guest_ranges;
+pub mod pause;
 pub mod request;
 pub mod stats;
 pub mod worker;
@@ -25,7 +26,7 @@ use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{ActivateError, ActiveQueue, Interrupt, PauseError, QueueProgress, VirtioDevice};
 pub use execute::WriteErrorPolicy;
 pub use request::Limits;
 pub use stats::{BlockStats, QueueSnapshot, StatsSnapshot};
@@ -134,11 +135,25 @@ pub struct Block {
 }
 
 impl Block {
-    /// Creates the device and its worker thread (which owns `image` from now on).
+    /// Creates the device and its worker thread (which owns `image` from now on); data I/O
+    /// runs on the engine `cfg.aio` names.
     pub fn new(
         image: Box<dyn DiskImage>,
         cfg: BlockConfig,
         thread_init: Option<ThreadInit>,
+    ) -> std::io::Result<Self> {
+        let aio = cfg.aio.unwrap_or_else(|| block::engine::default_aio().0);
+        let io = block::engine::new_engine(aio)?;
+        Self::with_io_engine(image, cfg, thread_init, io)
+    }
+
+    /// [`Block::new`] with data I/O on `io` (tests hold completions back with their own
+    /// engine to have requests in flight for as long as they need).
+    pub fn with_io_engine(
+        image: Box<dyn DiskImage>,
+        cfg: BlockConfig,
+        thread_init: Option<ThreadInit>,
+        io: Box<dyn block::engine::Engine>,
     ) -> std::io::Result<Self> {
         let capacity = image.virtual_size() / request::SECTOR;
         let granularity = (image.discard_granularity() / request::SECTOR).max(1) as u32;
@@ -188,6 +203,7 @@ impl Block {
         let control = Arc::new(Control {
             epoch: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause: pause::PauseGate::default(),
         });
         let disk = execute::Disk::new(
             image,
@@ -196,8 +212,6 @@ impl Block {
             cfg.werror,
             cfg.discard_unmap,
         );
-        let aio = cfg.aio.unwrap_or_else(|| block::engine::default_aio().0);
-        let io = block::engine::new_engine(aio)?;
         let worker = worker::Worker {
             engine: engine::Engine::new(disk, limits, cfg.name.clone()).with_io_engine(io),
             control: control.clone(),
@@ -241,6 +255,12 @@ impl Block {
     /// Whether the device is read-only.
     pub fn read_only(&self) -> bool {
         self.limits.read_only
+    }
+
+    /// A handle that runs jobs on the worker's image while the device is paused
+    /// ([`VirtioDevice::pause`]): flushing it, or switching to another image.
+    pub fn image_jobs(&self) -> ImageJobs {
+        ImageJobs(self.control.clone())
     }
 
     /// Ends the activation being served: moves the epoch on, wakes the worker.
@@ -389,6 +409,35 @@ impl VirtioDevice for Block {
 
     fn shutdown(&mut self) {
         self.stop_thread();
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
+        let control = self.control.clone();
+        let commands = self.commands.clone();
+        self.control.pause.request(
+            move || {
+                let _ = control.wake.write(1);
+                if let Some(c) = &commands {
+                    let _ = c.send(Command::Pause);
+                }
+            },
+            self.reset_wait,
+        )
+    }
+
+    fn resume(&mut self) {
+        self.control.pause.release();
+    }
+}
+
+/// Runs jobs on a paused disk's image (see [`Block::image_jobs`]).
+#[derive(Clone)]
+pub struct ImageJobs(Arc<Control>);
+
+impl ImageJobs {
+    /// Runs `job` on the image of the paused worker and waits for it.
+    pub fn run(&self, job: pause::ImageJob) -> Result<(), PauseError> {
+        self.0.pause.run_job(job, SHUTDOWN_WAIT)
     }
 }
 

@@ -23,7 +23,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::engine::Engine;
-use crate::virtio::{ratelimited_warn, Interrupt};
+use super::pause::PauseGate;
+use crate::virtio::{ratelimited_warn, Interrupt, QueueProgress};
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
@@ -34,6 +35,8 @@ pub struct Control {
     pub epoch: AtomicU64,
     /// Written whenever `epoch` moves, to wake the worker.
     pub wake: EventFd,
+    /// Pausing for a snapshot.
+    pub pause: PauseGate,
 }
 
 /// Commands from the device to its worker thread.
@@ -42,6 +45,8 @@ pub enum Command {
     Activate(Activation),
     /// The VM is ending: flush and exit.
     Shutdown,
+    /// A pause was asked for while no activation was served (see [`PauseGate`]).
+    Pause,
 }
 
 /// What the worker needs to serve a queue.
@@ -82,6 +87,10 @@ impl Worker {
                     self.idle();
                 }
                 Command::Shutdown => break,
+                Command::Pause => self
+                    .control
+                    .pause
+                    .park(Vec::new(), &mut self.engine.disk.image),
             }
         }
         if let Err(e) = self.engine.disk.image.flush() {
@@ -103,6 +112,39 @@ impl Worker {
         loop {
             if stop() {
                 return;
+            }
+            if self.control.pause.requested() {
+                // Nothing new is taken from any queue; what is in flight completes first.
+                if self.engine.held() == 0 && self.engine.in_flight() > 0 {
+                    self.engine
+                        .settle(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                    if stop() {
+                        return;
+                    }
+                }
+                if self.engine.held() > 0 {
+                    self.control
+                        .pause
+                        .refuse(format!("{} writes wait for host space", self.engine.held()));
+                } else if self.engine.in_flight() > 0 {
+                    self.control.pause.refuse(format!(
+                        "{} requests did not complete",
+                        self.engine.in_flight()
+                    ));
+                } else {
+                    let at = a
+                        .queues
+                        .iter()
+                        .map(|q| QueueProgress {
+                            next_avail: virtio_queue::QueueT::next_avail(q),
+                            next_used: virtio_queue::QueueT::next_used(q),
+                        })
+                        .collect();
+                    self.control.pause.park(at, &mut self.engine.disk.image);
+                    // Chains the driver queued meanwhile, on any queue.
+                    more.iter_mut().for_each(|m| *m = true);
+                    continue;
+                }
             }
             let now = Instant::now();
             let timeout = if more.iter().any(|&m| m) {

@@ -1,0 +1,168 @@
+//! Snapshots of a virtio-mmio transport: everything the driver wrote (status, features,
+//! selectors, each queue's size, readiness and ring addresses), the interrupt status, and,
+//! for an active device, where each queue stands, taken once the device is paused (drained:
+//! every chain it took from any queue is answered, its used-ring entry written). A
+//! multi-queue device serves the first queue and those the driver made ready; the others
+//! keep position zero and are left out again at restore. Restoring sets the same registers and, for an active
+//! device, activates it with queues that continue from those positions.
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueT;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{MmioTransport, QueueConfig};
+use crate::virtio::{ActiveQueue, PauseError, QueueProgress};
+
+/// One queue's registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegisters {
+    pub size: u32,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// A transport and its device, as saved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub unoffered_features: bool,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueRegisters>,
+    pub active: bool,
+    /// Where each queue stands (active devices).
+    pub progress: Vec<QueueProgress>,
+}
+
+impl MmioTransport {
+    /// Pauses the device (it drains what it took) and returns the transport's state. The
+    /// device stays paused until [`MmioTransport::resume`].
+    pub fn pause(&mut self) -> Result<TransportState, PauseError> {
+        let reported = self.device.pause()?;
+        // The device reports the queues its activation serves (see `activated_queues`);
+        // the state holds one position per transport queue (a queue the driver left unused
+        // stays at zero).
+        let served = self.activated_queues();
+        if self.active && reported.len() != served.len() {
+            self.device.resume();
+            return Err(PauseError::Busy(format!(
+                "the device reported {} queues; it serves {}",
+                reported.len(),
+                served.len()
+            )));
+        }
+        let mut progress = vec![QueueProgress::default(); self.queues.len()];
+        for (&i, p) in served.iter().zip(reported) {
+            if let Some(slot) = progress.get_mut(i) {
+                *slot = p;
+            }
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            unoffered_features: self.unoffered_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRegisters {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                })
+                .collect(),
+            active: self.active,
+            progress: if self.active { progress } else { Vec::new() },
+        })
+    }
+
+    /// Lets the device go on after [`MmioTransport::pause`].
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
+    /// Puts a fresh transport (its device never activated) in the saved state; an active
+    /// device is activated with its queues where they stood.
+    pub fn restore(&mut self, st: &TransportState) -> Result<(), String> {
+        if st.device_type != self.device.device_type() {
+            return Err(format!(
+                "saved device type {} is not this device's {}",
+                st.device_type,
+                self.device.device_type()
+            ));
+        }
+        if st.queues.len() != self.queues.len() {
+            return Err(format!(
+                "{} saved queues, the device has {}",
+                st.queues.len(),
+                self.queues.len()
+            ));
+        }
+        if self.active {
+            return Err("the device is already active".into());
+        }
+        if st.driver_features & !self.device.features() != 0 {
+            return Err(format!(
+                "saved driver features {:#x} include some this device does not offer ({:#x})",
+                st.driver_features,
+                self.device.features()
+            ));
+        }
+        for (q, r) in self.queues.iter_mut().zip(&st.queues) {
+            *q = QueueConfig {
+                max_size: q.max_size,
+                size: r.size,
+                ready: r.ready,
+                desc: r.desc,
+                avail: r.avail,
+                used: r.used,
+            };
+        }
+        self.status = st.status;
+        self.driver_features = st.driver_features;
+        self.unoffered_features = st.unoffered_features;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.queue_sel = st.queue_sel;
+        self.interrupt.set_status(st.interrupt_status);
+        if st.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            self.device.ack_features(st.driver_features);
+        }
+        if !st.active {
+            return Ok(());
+        }
+        if st.progress.len() != self.queues.len() {
+            return Err("an active device saved without its queues' positions".into());
+        }
+        let mut active = Vec::with_capacity(self.queues.len());
+        for i in self.activated_queues() {
+            let (Some(c), Some(p)) = (self.queues.get(i), st.progress.get(i)) else {
+                return Err(format!("queue {i}: no saved position"));
+            };
+            let mut q = c.build(&self.mem).map_err(|e| format!("queue {i}: {e}"))?;
+            q.set_next_avail(p.next_avail);
+            q.set_next_used(p.next_used);
+            let notify: EventFd = self.notify[i]
+                .try_clone()
+                .map_err(|e| format!("eventfd: {e}"))?;
+            active.push(ActiveQueue { queue: q, notify });
+        }
+        self.device
+            .activate(self.mem.clone(), self.interrupt.clone(), active)
+            .map_err(|e| format!("activation: {e}"))?;
+        self.active = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! `thinvm ctl PATH pause|resume|status|snapshot DIR`: one request to a VM's `--api-socket`
+//! (see [`crate::api`]); prints the answer; exit 0 when it succeeded, 1 otherwise.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// `thinvm ctl` arguments.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The VM's --api-socket.
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Stop the vCPUs.
+    Pause,
+    /// Let them run again.
+    Resume,
+    /// Whether the VM runs or is paused.
+    Status,
+    /// Take a snapshot into DIR (new or empty); the VM goes on (on new disk overlays).
+    Snapshot { dir: String },
+}
+
+pub fn run(args: CtlArgs) -> ExitCode {
+    let req = match &args.cmd {
+        CtlCommand::Pause => serde_json::json!({ "cmd": "pause" }),
+        CtlCommand::Resume => serde_json::json!({ "cmd": "resume" }),
+        CtlCommand::Status => serde_json::json!({ "cmd": "status" }),
+        CtlCommand::Snapshot { dir } => serde_json::json!({
+            "cmd": "snapshot",
+            "dir": crate::vm_control::absolute(dir).display().to_string(),
+        }),
+    };
+    let answer = (|| -> Result<serde_json::Value, String> {
+        let mut s = UnixStream::connect(&args.socket)
+            .map_err(|e| format!("{}: {e}", args.socket.display()))?;
+        writeln!(s, "{req}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad answer '{}': {e}", line.trim()))
+    })();
+    match answer {
+        Ok(v) => {
+            println!("{v}");
+            if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                    eprintln!("thinvm ctl: {e}");
+                }
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("thinvm ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The snapshot directory's `state.json`: a versioned description of the VM (serde). A
+//! snapshot is only restored by the thinvm version and state format that wrote it, on the
+//! CPU model it was taken on; anything else is refused before a VM is created.
+//!
+//! A snapshot directory holds `state.json` (written last: a directory without it is not a
+//! snapshot), `memory` (guest RAM, zero pages as holes) and `diskN.qcow2` (each writable
+//! disk's frozen layer, read-only from then on).
+
+use std::path::Path;
+
+use devices::legacy::SerialSnapshot;
+use devices::virtio::mmio::TransportState;
+use serde::{Deserialize, Serialize};
+
+use super::vcpu::VcpuState;
+use super::vm::VmKvmState;
+
+/// The state format this thinvm writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const STATE_FILE: &str = "state.json";
+pub const MEMORY_FILE: &str = "memory";
+
+/// The host CPU a snapshot was taken on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuModel {
+    pub vendor: String,
+    /// CPUID leaf 1 EAX: family, model, stepping.
+    pub signature: u32,
+    pub brand: String,
+}
+
+impl CpuModel {
+    /// This host's CPU.
+    pub fn host() -> CpuModel {
+        use std::arch::x86_64::__cpuid;
+        // (CPUID is safe to call on x86_64: it exists on every such CPU, no side effects.)
+        let l0 = __cpuid(0);
+        let mut vendor = Vec::with_capacity(12);
+        for r in [l0.ebx, l0.edx, l0.ecx] {
+            vendor.extend_from_slice(&r.to_le_bytes());
+        }
+        let signature = __cpuid(1).eax;
+        let mut brand = Vec::with_capacity(48);
+        // Leaf 0x8000_0000 says whether the brand leaves exist.
+        if __cpuid(0x8000_0000).eax >= 0x8000_0004 {
+            for leaf in 0x8000_0002u32..=0x8000_0004 {
+                let r = __cpuid(leaf);
+                for v in [r.eax, r.ebx, r.ecx, r.edx] {
+                    brand.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        CpuModel {
+            vendor: String::from_utf8_lossy(&vendor).into_owned(),
+            signature,
+            brand: String::from_utf8_lossy(&brand)
+                .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .to_string(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let s = self.signature;
+        let family = ((s >> 8) & 0xf)
+            + if (s >> 8) & 0xf == 0xf {
+                (s >> 20) & 0xff
+            } else {
+                0
+            };
+        let model = ((s >> 4) & 0xf) | (((s >> 16) & 0xf) << 4);
+        format!(
+            "'{}' ({}, family {family} model {model} stepping {})",
+            self.brand,
+            self.vendor,
+            s & 0xf
+        )
+    }
+}
+
+/// A disk of the snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedDisk {
+    /// Its virtio-mmio slot.
+    pub slot: usize,
+    /// The frozen layer (a file of the snapshot directory), or, for a read-only disk, the
+    /// image itself (an absolute path).
+    pub image: String,
+    /// Whether `image` lies in the snapshot directory.
+    pub in_snapshot: bool,
+    /// The disk's options as `--disk` takes them, without `path=`.
+    pub options: String,
+    pub transport: TransportState,
+}
+
+/// The vsock device of the snapshot (its connections are not kept: the clone's guest is told
+/// they were reset).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedVsock {
+    pub slot: usize,
+    pub cid: u64,
+    pub transport: TransportState,
+}
+
+/// Everything a snapshot holds besides guest RAM and disk layers.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub format: u32,
+    pub thinvm_version: String,
+    pub cpu: CpuModel,
+    pub mem_size: u64,
+    pub cpus: u32,
+    pub vm: VmKvmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    /// The debug-exit device: (port, size).
+    pub debug_exit: Option<(u16, u16)>,
+    pub disks: Vec<SavedDisk>,
+    pub vsock: Option<SavedVsock>,
+}
+
+/// Why a snapshot cannot be restored here.
+pub fn incompatibility(s: &SnapshotState) -> Option<String> {
+    if s.format != FORMAT_VERSION {
+        return Some(format!(
+            "it was written in state format {} by thinvm {}; this thinvm reads format {FORMAT_VERSION} only",
+            s.format, s.thinvm_version
+        ));
+    }
+    let here = env!("CARGO_PKG_VERSION");
+    if s.thinvm_version != here {
+        return Some(format!(
+            "it was taken by thinvm {}; this is thinvm {here} (snapshots are restored by the version that took them)",
+            s.thinvm_version
+        ));
+    }
+    let cpu = CpuModel::host();
+    if s.cpu.vendor != cpu.vendor || s.cpu.signature != cpu.signature {
+        return Some(format!(
+            "it was taken on CPU {}; this host's CPU is {} (a guest's CPU features must not change under it)",
+            s.cpu.describe(),
+            cpu.describe()
+        ));
+    }
+    if s.vcpus.len() != s.cpus as usize || s.cpus == 0 {
+        return Some(format!(
+            "it describes {} vCPUs but holds the state of {}",
+            s.cpus,
+            s.vcpus.len()
+        ));
+    }
+    None
+}
+
+/// Reads `DIR/state.json`: parsed, and refused (with the reason) when it cannot be restored
+/// here.
+pub fn load(dir: &Path) -> Result<SnapshotState, String> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The version fields first, so a state from another version is refused for that (its
+    // other fields may well not parse).
+    #[derive(Deserialize)]
+    struct Version {
+        format: u32,
+        thinvm_version: String,
+    }
+    let v: Version = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a thinvm snapshot ({e})", path.display()))?;
+    if v.format != FORMAT_VERSION || v.thinvm_version != env!("CARGO_PKG_VERSION") {
+        return Err(format!(
+            "snapshot {} cannot be restored: it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
+            dir.display(),
+            v.format,
+            v.thinvm_version,
+            env!("CARGO_PKG_VERSION")
+        ));
+    }
+    let s: SnapshotState = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: damaged snapshot state ({e})", path.display()))?;
+    if let Some(why) = incompatibility(&s) {
+        return Err(format!(
+            "snapshot {} cannot be restored: {why}",
+            dir.display()
+        ));
+    }
+    Ok(s)
+}
+
+/// Writes `DIR/state.json` (through a temporary file, so it appears whole or not at all).
+pub fn store(dir: &Path, s: &SnapshotState) -> Result<(), String> {
+    let text = serde_json::to_vec(s).map_err(|e| format!("snapshot state: {e}"))?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_cpu_is_described() {
+        let c = CpuModel::host();
+        assert_eq!(c.vendor.len(), 12);
+        assert!(c.describe().contains("family"));
+    }
+}
