@@ -131,20 +131,24 @@ impl SerialDevice {
     }
 }
 
+/// The 16550 register at `offset`, if there is one (offsets 0 to 7).
+fn register(offset: u64) -> Option<u8> {
+    u8::try_from(offset).ok().filter(|&r| r <= 7)
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset > 7 {
-            data.fill(0xff);
-            return;
+        match (register(offset), &mut *data) {
+            (Some(reg), [byte]) => *byte = self.serial.read(reg),
+            _ => data.fill(0xff),
         }
-        data[0] = self.serial.read(offset as u8);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 1 || offset > 7 {
+        let (Some(reg), [byte]) = (register(offset), data) else {
             return;
-        }
-        if let Err(e) = self.serial.write(offset as u8, data[0]) {
+        };
+        if let Err(e) = self.serial.write(reg, *byte) {
             tracing::warn!("serial: write failed: {e:?}");
         }
     }
