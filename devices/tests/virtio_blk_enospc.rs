@@ -169,12 +169,12 @@ fn on_small_fs(name: &str, size: &str) -> Option<PathBuf> {
     let dir = TempDir::new("smallfs");
     let script = format!(
         "mount -t tmpfs -o size={size} thinvm-test '{}' || exit 77; exec \"$0\" --exact {name} --nocapture --test-threads=1",
-        dir.0.display()
+        dir.path().display()
     );
     let out = Command::new("unshare")
         .args(["-rm", "sh", "-c", &script])
         .arg(std::env::current_exe().unwrap())
-        .env("THINVM_TEST_FS", &dir.0)
+        .env("THINVM_TEST_FS", dir.path())
         .output();
     let out = match out {
         Ok(o) => o,

@@ -161,14 +161,13 @@ mod tests {
     #[test]
     fn output_and_input() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dir = std::env::temp_dir().join(format!("thinvm-serial-{}", std::process::id()));
-        let f = std::fs::File::create(&dir).unwrap();
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let f = out.reopen().unwrap();
         let mut dev = SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::File(f));
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(std::fs::read(&dir).unwrap(), b"hi\n");
-        let _ = std::fs::remove_file(&dir);
+        assert_eq!(std::fs::read(out.path()).unwrap(), b"hi\n");
         // Enable the receive interrupt, then feed input.
         dev.write(1, &[1]);
         assert_eq!(dev.enqueue_input(b"ab"), 2);
