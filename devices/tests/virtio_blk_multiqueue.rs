@@ -31,14 +31,7 @@ fn mq_vm(queues: u16) -> Vm {
 /// Sets up queue `index` for `ring` and makes it ready.
 fn setup_queue_n(vm: &mut Vm, index: u32, ring: &Ring) {
     ring.clear(&vm.mem);
-    let t = &mut vm.t;
-    w(t, 0x30, index);
-    w(t, 0x38, u32::from(ring.size));
-    for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
-        w(t, off, a as u32);
-        w(t, off + 4, (a >> 32) as u32);
-    }
-    w(t, 0x44, 1);
+    setup_queue_at(&mut vm.t, index, ring);
 }
 
 /// Queues a write of `len` bytes of `byte` at `sector` on `ring` (descriptors from `slot`).

@@ -146,15 +146,9 @@ fn init(t: &mut MmioTransport, mem: &GuestMemoryMmap, rings: &[Ring]) {
     w(t, 0x24, 1);
     w(t, 0x20, (accept >> 32) as u32);
     w(t, 0x70, 1 | 2 | 8);
-    for (i, ring) in rings.iter().enumerate() {
+    for (i, ring) in (0u32..).zip(rings) {
         ring.clear(mem);
-        w(t, 0x30, i as u32);
-        w(t, 0x38, u32::from(ring.size));
-        for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
-            w(t, off, a as u32);
-            w(t, off + 4, (a >> 32) as u32);
-        }
-        w(t, 0x44, 1);
+        setup_queue_at(t, i, ring);
     }
     w(t, 0x70, 1 | 2 | 8 | 4);
     assert_eq!(r(t, 0x70) & 0x40, 0, "no NEEDS_RESET");

@@ -280,7 +280,12 @@ pub fn driver_init(vm: &mut Vm, ring: &Ring, features: u64) -> u32 {
 
 /// Writes queue 0's registers for `ring` and makes it ready (the ring is not cleared).
 pub fn setup_queue(t: &mut MmioTransport, ring: &Ring) {
-    w(t, 0x30, 0);
+    setup_queue_at(t, 0, ring);
+}
+
+/// Writes queue `index`'s registers for `ring` and makes it ready (the ring is not cleared).
+pub fn setup_queue_at(t: &mut MmioTransport, index: u32, ring: &Ring) {
+    w(t, 0x30, index);
     w(t, 0x38, u32::from(ring.size));
     for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
         w(t, off, a as u32);
