@@ -299,6 +299,38 @@ pub fn kick(vm: &mut Vm) {
     w(&mut vm.t, 0x50, 0);
 }
 
+/// Queues the chain of a one-buffer request for `slot` and publishes it: the header at
+/// `HDR + 16 * slot`, `len` bytes of data at `DATA + 64 KiB * slot` (device-writable for a
+/// read), the status byte at `STATUS + slot` (set to 0xff first); descriptors from
+/// `3 * desc`. The caller fills a write's data. Returns the head.
+pub fn queue_request(
+    mem: &GuestMemoryMmap,
+    ring: &Ring,
+    desc: u16,
+    slot: u16,
+    kind: u32,
+    sector: u64,
+    len: u32,
+) -> u16 {
+    let hdr = HDR + 16 * u64::from(slot);
+    let data = DATA + 0x1_0000 * u64::from(slot);
+    let status = STATUS + u64::from(slot);
+    header(mem, hdr, kind, sector);
+    fill(mem, status, 1, 0xff);
+    let head = write_chain(
+        mem,
+        ring,
+        3 * desc,
+        &[
+            (hdr, 16, false),
+            (data, len, kind == T_IN),
+            (status, 1, true),
+        ],
+    );
+    ring.publish(mem, head);
+    head
+}
+
 /// The status byte at `at`.
 pub fn status_at(mem: &GuestMemoryMmap, at: u64) -> u8 {
     mem.read_obj(GuestAddress(at)).unwrap()
