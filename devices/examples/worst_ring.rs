@@ -80,9 +80,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let variant = args.get(1).map(String::as_str).unwrap_or("zero");
     let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
-    let dir = std::env::temp_dir().join(format!("thinvm-worst-ring-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("disk.raw");
+    let dir = tempfile::Builder::new()
+        .prefix("thinvm-worst-ring-")
+        .tempdir()
+        .unwrap();
+    let p = dir.path().join("disk.raw");
     // Sparse: reads come from the page cache's zero pages, so the device's own cost shows.
     std::fs::File::create(&p).unwrap().set_len(1 << 30).unwrap();
     let block = Block::new(
@@ -213,5 +215,4 @@ fn main() {
         s.reads,
         s.dropped,
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

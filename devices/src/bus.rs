@@ -93,7 +93,7 @@ mod tests {
     struct Dummy(Vec<(u64, u8)>);
     impl BusDevice for Dummy {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data[0]));

@@ -6,6 +6,8 @@
 //! Devices are reached through [`bus`]: port I/O and MMIO exits from the vCPUs are routed to
 //! the device registered for the address.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod bus;
 pub mod legacy;
 pub mod virtio;

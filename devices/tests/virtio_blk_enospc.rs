@@ -28,40 +28,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// Writes `len` bytes of `byte` at `sector` through chain slots `3 * slot ..`; status at
 /// `STATUS + slot`.
 fn queue_write(vm: &Vm, ring: &Ring, slot: u16, sector: u64, byte: u8, len: u32) {
-    let hdr = HDR + 16 * u64::from(slot);
-    let data = DATA + 0x1_0000 * u64::from(slot);
-    header(&vm.mem, hdr, T_OUT, sector);
-    fill(&vm.mem, data, len as usize, byte);
-    fill(&vm.mem, STATUS + u64::from(slot), 1, 0xff);
-    let head = write_chain(
+    fill(
         &vm.mem,
-        ring,
-        3 * slot,
-        &[
-            (hdr, 16, false),
-            (data, len, false),
-            (STATUS + u64::from(slot), 1, true),
-        ],
+        DATA + 0x1_0000 * u64::from(slot),
+        len as usize,
+        byte,
     );
-    ring.publish(&vm.mem, head);
+    queue_request(&vm.mem, ring, slot, slot, T_OUT, sector, len);
 }
 
 fn queue_read(vm: &Vm, ring: &Ring, slot: u16, sector: u64, len: u32) {
-    let hdr = HDR + 16 * u64::from(slot);
-    let data = DATA + 0x1_0000 * u64::from(slot);
-    header(&vm.mem, hdr, T_IN, sector);
-    fill(&vm.mem, STATUS + u64::from(slot), 1, 0xff);
-    let head = write_chain(
-        &vm.mem,
-        ring,
-        3 * slot,
-        &[
-            (hdr, 16, false),
-            (data, len, true),
-            (STATUS + u64::from(slot), 1, true),
-        ],
-    );
-    ring.publish(&vm.mem, head);
+    queue_request(&vm.mem, ring, slot, slot, T_IN, sector, len);
 }
 
 #[test]
@@ -169,12 +146,12 @@ fn on_small_fs(name: &str, size: &str) -> Option<PathBuf> {
     let dir = TempDir::new("smallfs");
     let script = format!(
         "mount -t tmpfs -o size={size} thinvm-test '{}' || exit 77; exec \"$0\" --exact {name} --nocapture --test-threads=1",
-        dir.0.display()
+        dir.path().display()
     );
     let out = Command::new("unshare")
         .args(["-rm", "sh", "-c", &script])
         .arg(std::env::current_exe().unwrap())
-        .env("THINVM_TEST_FS", &dir.0)
+        .env("THINVM_TEST_FS", dir.path())
         .output();
     let out = match out {
         Ok(o) => o,

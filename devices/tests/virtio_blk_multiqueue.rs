@@ -31,32 +31,14 @@ fn mq_vm(queues: u16) -> Vm {
 /// Sets up queue `index` for `ring` and makes it ready.
 fn setup_queue_n(vm: &mut Vm, index: u32, ring: &Ring) {
     ring.clear(&vm.mem);
-    let t = &mut vm.t;
-    w(t, 0x30, index);
-    w(t, 0x38, u32::from(ring.size));
-    for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
-        w(t, off, a as u32);
-        w(t, off + 4, (a >> 32) as u32);
-    }
-    w(t, 0x44, 1);
+    setup_queue_at(&mut vm.t, index, ring);
 }
 
 /// Queues a write of `len` bytes of `byte` at `sector` on `ring` (descriptors from `slot`).
 fn queue_write(vm: &Vm, ring: &Ring, slot: u16, sector: u64, byte: u8) -> u64 {
-    let hdr = HDR + 16 * u64::from(slot);
-    let data = DATA + 0x1_0000 * u64::from(slot);
-    let status = STATUS + u64::from(slot);
-    header(&vm.mem, hdr, T_OUT, sector);
-    fill(&vm.mem, data, 4096, byte);
-    fill(&vm.mem, status, 1, 0xff);
-    let head = write_chain(
-        &vm.mem,
-        ring,
-        3 * slot,
-        &[(hdr, 16, false), (data, 4096, false), (status, 1, true)],
-    );
-    ring.publish(&vm.mem, head);
-    status
+    fill(&vm.mem, DATA + 0x1_0000 * u64::from(slot), 4096, byte);
+    queue_request(&vm.mem, ring, slot, slot, T_OUT, sector, 4096);
+    STATUS + u64::from(slot)
 }
 
 #[test]

@@ -35,37 +35,27 @@ struct Fixture {
     stats: std::sync::Arc<devices::virtio::block::BlockStats>,
     t: MmioTransport,
     irq: EventFd,
-    _dir: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
-
-fn test_dir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    // One directory per fixture: tests run in parallel threads of one process.
-    let dir = std::env::temp_dir().join(format!(
-        "thinvm-mmio-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory per fixture (tests run in parallel threads of one process), removed on
+/// drop.
+fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("thinvm-mmio-")
+        .tempdir()
+        .unwrap()
 }
 
 fn fixture() -> Fixture {
     let dir = test_dir();
-    let p = dir.join("disk.raw");
+    let p = dir.path().join("disk.raw");
     std::fs::write(&p, vec![0x22u8; 1 << 20]).unwrap();
     let image = RawImage::open(&p, false).unwrap();
     fixture_with(Box::new(image), dir)
 }
 
-fn fixture_with(image: Box<dyn DiskImage>, dir: std::path::PathBuf) -> Fixture {
+fn fixture_with(image: Box<dyn DiskImage>, dir: tempfile::TempDir) -> Fixture {
     let block = Block::new(
         image,
         BlockConfig {
@@ -224,14 +214,8 @@ fn features_without_version_1_are_refused() {
 fn queued_writes_run_as_a_batch_in_order() {
     // Status bytes past the data buffers (64 KiB apart from DATA on).
     const BATCH_STATUS: u64 = 0x30_0000;
-    struct RemoveOnDrop(std::path::PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let dir = RemoveOnDrop(test_dir());
-    let p = dir.0.join("disk.qcow2");
+    let dir = test_dir();
+    let p = dir.path().join("disk.qcow2");
     block::qcow2::create(
         &p,
         &block::qcow2::CreateOptions {

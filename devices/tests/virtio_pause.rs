@@ -22,22 +22,8 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 /// A 4 KiB write of `byte` at `sector` through chain slot `slot`.
 fn queue_write(vm: &Vm, ring: &Ring, slot: u16, sector: u64, byte: u8) {
-    let hdr = HDR + 16 * u64::from(slot);
-    let data = DATA + 0x1_0000 * u64::from(slot);
-    header(&vm.mem, hdr, T_OUT, sector);
-    fill(&vm.mem, data, 4096, byte);
-    fill(&vm.mem, STATUS + u64::from(slot), 1, 0xff);
-    let head = write_chain(
-        &vm.mem,
-        ring,
-        3 * slot,
-        &[
-            (hdr, 16, false),
-            (data, 4096, false),
-            (STATUS + u64::from(slot), 1, true),
-        ],
-    );
-    ring.publish(&vm.mem, head);
+    fill(&vm.mem, DATA + 0x1_0000 * u64::from(slot), 4096, byte);
+    queue_request(&vm.mem, ring, slot, slot, T_OUT, sector, 4096);
 }
 
 #[test]

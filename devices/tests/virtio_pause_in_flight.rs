@@ -146,15 +146,9 @@ fn init(t: &mut MmioTransport, mem: &GuestMemoryMmap, rings: &[Ring]) {
     w(t, 0x24, 1);
     w(t, 0x20, (accept >> 32) as u32);
     w(t, 0x70, 1 | 2 | 8);
-    for (i, ring) in rings.iter().enumerate() {
+    for (i, ring) in (0u32..).zip(rings) {
         ring.clear(mem);
-        w(t, 0x30, i as u32);
-        w(t, 0x38, u32::from(ring.size));
-        for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
-            w(t, off, a as u32);
-            w(t, off + 4, (a >> 32) as u32);
-        }
-        w(t, 0x44, 1);
+        setup_queue_at(t, i, ring);
     }
     w(t, 0x70, 1 | 2 | 8 | 4);
     assert_eq!(r(t, 0x70) & 0x40, 0, "no NEEDS_RESET");
@@ -163,23 +157,8 @@ fn init(t: &mut MmioTransport, mem: &GuestMemoryMmap, rings: &[Ring]) {
 /// A 4 KiB write of `slot`'s byte at sector `slot * 8`, with descriptors from `3 * desc`
 /// of `ring`; returns its head.
 fn queue_write(mem: &GuestMemoryMmap, ring: &Ring, desc: u16, slot: u16) -> u16 {
-    let hdr = HDR + 16 * u64::from(slot);
-    let data = DATA + 0x1_0000 * u64::from(slot);
-    header(mem, hdr, T_OUT, u64::from(slot) * 8);
-    fill(mem, data, 4096, byte_of(slot));
-    fill(mem, STATUS + u64::from(slot), 1, 0xff);
-    let head = write_chain(
-        mem,
-        ring,
-        3 * desc,
-        &[
-            (hdr, 16, false),
-            (data, 4096, false),
-            (STATUS + u64::from(slot), 1, true),
-        ],
-    );
-    ring.publish(mem, head);
-    head
+    fill(mem, DATA + 0x1_0000 * u64::from(slot), 4096, byte_of(slot));
+    queue_request(mem, ring, desc, slot, T_OUT, u64::from(slot) * 8, 4096)
 }
 
 fn byte_of(slot: u16) -> u8 {

@@ -351,7 +351,7 @@ qemu-io -c 'read -P 1 1M 64k' -c 'read -P 2 1088k 64k' $M/ov.qcow2 | grep -c 've
 cat $L/vmm.log
 "#,
         mnt = mnt.display(),
-        logs = dir.0.display(),
+        logs = dir.path().display(),
         base = base,
         thinvm = thinvm(),
         kernel = guest("blk").display(),

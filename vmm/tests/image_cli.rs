@@ -484,7 +484,10 @@ fn direct_io_cache_none_writes_what_qemu_reads() {
     .code()
         != Some(0)
     {
-        eprintln!("SKIPPED: O_DIRECT is not supported in {}", d.0.display());
+        eprintln!(
+            "SKIPPED: O_DIRECT is not supported in {}",
+            d.path().display()
+        );
         return;
     }
     let base = d.join("base.raw");

@@ -603,7 +603,7 @@ fn sigkill_while_the_guest_writes_wipes_and_trims_loses_no_flushed_data() {
     let script = format!(
         "{trials} --here --trials 3 --seed 2026 --max-delay 15 --out {out} --thinvm {thinvm} --kernel {k} --initrd {i} --base {base}",
         trials = guest_rig::images_dir().join("crash-trials").display(),
-        out = results.0.display(),
+        out = results.path().display(),
         thinvm = thinvm(),
         k = g.bzimage.display(),
         i = g.initrd.display(),

@@ -307,7 +307,7 @@ fn validation_errors_are_one_clear_line() {
             "cannot read",
         ),
         (
-            vec!["--kernel".into(), dir.0.display().to_string()],
+            vec!["--kernel".into(), dir.path().display().to_string()],
             "not a regular file",
         ),
         (

@@ -63,7 +63,7 @@ fn guest_and_host_connections_with_data_both_ways() {
             Ok(c) => c,
             Err(e) => panic!(
                 "{e}: {:?}",
-                std::fs::read_dir(&dir.0).unwrap().collect::<Vec<_>>()
+                std::fs::read_dir(dir.path()).unwrap().collect::<Vec<_>>()
             ),
         };
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -31,7 +31,8 @@ impl DebugExit {
     /// The process exit status for a written value: `(v << 1) | 1`, keeping the 8 bits a
     /// process status has.
     pub fn exit_status(value: u64) -> u8 {
-        ((value << 1) | 1) as u8
+        let [low, ..] = ((value << 1) | 1).to_le_bytes();
+        low
     }
 }
 

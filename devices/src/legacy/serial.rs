@@ -131,20 +131,24 @@ impl SerialDevice {
     }
 }
 
+/// The 16550 register at `offset`, if there is one (offsets 0 to 7).
+fn register(offset: u64) -> Option<u8> {
+    u8::try_from(offset).ok().filter(|&r| r <= 7)
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset > 7 {
-            data.fill(0xff);
-            return;
+        match (register(offset), &mut *data) {
+            (Some(reg), [byte]) => *byte = self.serial.read(reg),
+            _ => data.fill(0xff),
         }
-        data[0] = self.serial.read(offset as u8);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() != 1 || offset > 7 {
+        let (Some(reg), [byte]) = (register(offset), data) else {
             return;
-        }
-        if let Err(e) = self.serial.write(offset as u8, data[0]) {
+        };
+        if let Err(e) = self.serial.write(reg, *byte) {
             tracing::warn!("serial: write failed: {e:?}");
         }
     }
@@ -157,14 +161,13 @@ mod tests {
     #[test]
     fn output_and_input() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let dir = std::env::temp_dir().join(format!("thinvm-serial-{}", std::process::id()));
-        let f = std::fs::File::create(&dir).unwrap();
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let f = out.reopen().unwrap();
         let mut dev = SerialDevice::new(irq.try_clone().unwrap(), SerialOutput::File(f));
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
-        assert_eq!(std::fs::read(&dir).unwrap(), b"hi\n");
-        let _ = std::fs::remove_file(&dir);
+        assert_eq!(std::fs::read(out.path()).unwrap(), b"hi\n");
         // Enable the receive interrupt, then feed input.
         dev.write(1, &[1]);
         assert_eq!(dev.enqueue_input(b"ab"), 2);

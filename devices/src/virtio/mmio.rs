@@ -45,6 +45,17 @@ const DRIVER_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_DRIVER_OK
     | VIRTIO_CONFIG_S_FAILED;
 
+/// The 32-bit word `sel` of a 64-bit feature set (§4.2.2: 0 the low, 1 the high half), 0
+/// beyond.
+fn feature_word(features: u64, sel: u32) -> u32 {
+    #[allow(clippy::cast_possible_truncation)] // keeping one 32-bit half is the point
+    match sel {
+        0 => features as u32,
+        1 => (features >> 32) as u32,
+        _ => 0,
+    }
+}
+
 /// What the driver wrote for one queue, applied at `DRIVER_OK`.
 #[derive(Clone, Copy, Debug)]
 struct QueueConfig {
@@ -94,13 +105,11 @@ impl QueueConfig {
             ("available ring", self.avail, 6 + 2 * n),
             ("used ring", self.used, 6 + 8 * n),
         ] {
-            if start.checked_add(len).is_none()
-                || !vm_memory::GuestMemoryBackend::check_range(
-                    mem,
-                    GuestAddress(start),
-                    len as usize,
-                )
-            {
+            let in_ram = start.checked_add(len).is_some()
+                && usize::try_from(len).is_ok_and(|len| {
+                    vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(start), len)
+                });
+            if !in_ram {
                 return Err(format!("{what} {start:#x}+{len:#x} not in guest RAM"));
             }
         }
@@ -160,11 +169,7 @@ impl MmioTransport {
 
     /// The queue notification eventfds with their queue index (the ioeventfd datamatch).
     pub fn notify_eventfds(&self) -> Vec<(u32, &EventFd)> {
-        self.notify
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (i as u32, e))
-            .collect()
+        (0u32..).zip(self.notify.iter()).collect()
     }
 
     /// The interrupt eventfd (to register as an irqfd).
@@ -386,11 +391,9 @@ impl MmioTransport {
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
             VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
             VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                feature_word(self.device.features(), self.device_features_sel)
+            }
             // 0 for a queue that does not exist (§4.2.2).
             VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
@@ -484,9 +487,9 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers: 32-bit aligned accesses only (§4.2.2.2); anything else reads zeros.
-        match <[u8; 4]>::try_from(&mut *data) {
-            Ok(_) if offset % 4 == 0 => {
-                let v = self.read_reg(offset as u32);
+        match (<[u8; 4]>::try_from(&mut *data), u32::try_from(offset)) {
+            (Ok(_), Ok(offset)) if offset % 4 == 0 => {
+                let v = self.read_reg(offset);
                 data.copy_from_slice(&v.to_le_bytes());
             }
             _ => {
@@ -505,8 +508,8 @@ impl BusDevice for MmioTransport {
                 .write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        match <[u8; 4]>::try_from(data) {
-            Ok(b) if offset % 4 == 0 => self.write_reg(offset as u32, u32::from_le_bytes(b)),
+        match (<[u8; 4]>::try_from(data), u32::try_from(offset)) {
+            (Ok(b), Ok(reg)) if reg % 4 == 0 => self.write_reg(reg, u32::from_le_bytes(b)),
             _ => ratelimited_warn(&format!(
                 "virtio-mmio: bad register write at {offset:#x} ({} bytes)",
                 data.len()

@@ -52,28 +52,22 @@ pub fn r(t: &mut MmioTransport, off: u64) -> u32 {
 }
 
 /// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A temporary directory (`tempfile`'s, named `thinvm-dev-TAG-*`), removed on drop.
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "thinvm-dev-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("thinvm-dev-{tag}-"))
+            .tempdir()
+            .unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        self.0.path()
     }
     pub fn join(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(n)
     }
 }
 
@@ -286,7 +280,12 @@ pub fn driver_init(vm: &mut Vm, ring: &Ring, features: u64) -> u32 {
 
 /// Writes queue 0's registers for `ring` and makes it ready (the ring is not cleared).
 pub fn setup_queue(t: &mut MmioTransport, ring: &Ring) {
-    w(t, 0x30, 0);
+    setup_queue_at(t, 0, ring);
+}
+
+/// Writes queue `index`'s registers for `ring` and makes it ready (the ring is not cleared).
+pub fn setup_queue_at(t: &mut MmioTransport, index: u32, ring: &Ring) {
+    w(t, 0x30, index);
     w(t, 0x38, u32::from(ring.size));
     for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
         w(t, off, a as u32);
@@ -298,6 +297,38 @@ pub fn setup_queue(t: &mut MmioTransport, ring: &Ring) {
 /// Notifies queue 0 (what the ioeventfd would catch).
 pub fn kick(vm: &mut Vm) {
     w(&mut vm.t, 0x50, 0);
+}
+
+/// Queues the chain of a one-buffer request for `slot` and publishes it: the header at
+/// `HDR + 16 * slot`, `len` bytes of data at `DATA + 64 KiB * slot` (device-writable for a
+/// read), the status byte at `STATUS + slot` (set to 0xff first); descriptors from
+/// `3 * desc`. The caller fills a write's data. Returns the head.
+pub fn queue_request(
+    mem: &GuestMemoryMmap,
+    ring: &Ring,
+    desc: u16,
+    slot: u16,
+    kind: u32,
+    sector: u64,
+    len: u32,
+) -> u16 {
+    let hdr = HDR + 16 * u64::from(slot);
+    let data = DATA + 0x1_0000 * u64::from(slot);
+    let status = STATUS + u64::from(slot);
+    header(mem, hdr, kind, sector);
+    fill(mem, status, 1, 0xff);
+    let head = write_chain(
+        mem,
+        ring,
+        3 * desc,
+        &[
+            (hdr, 16, false),
+            (data, len, kind == T_IN),
+            (status, 1, true),
+        ],
+    );
+    ring.publish(mem, head);
+    head
 }
 
 /// The status byte at `at`.

@@ -13,7 +13,7 @@ use devices::virtio::vsock::{Vsock, VsockConfig};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::common::{r, w, write_desc, Ring, TempDir, F_NEXT, F_WRITE, MEM_SIZE};
+use crate::common::{r, setup_queue_at, w, write_desc, Ring, TempDir, F_NEXT, F_WRITE, MEM_SIZE};
 
 pub const GUEST_CID: u64 = 3;
 /// Receive buffers the driver keeps posted, each a header and 4 KiB (as Linux 6.1).
@@ -104,15 +104,9 @@ impl VsockVm {
         w(t, 0x20, 1);
         w(t, 0x70, 1 | 2 | 8);
         assert_eq!(r(t, 0x70) & 8, 8, "FEATURES_OK");
-        for (i, ring) in [self.rx, self.tx, self.ev].iter().enumerate() {
+        for (i, ring) in (0u32..).zip([self.rx, self.tx, self.ev].iter()) {
             ring.clear(&self.mem);
-            w(t, 0x30, i as u32);
-            w(t, 0x38, u32::from(ring.size));
-            for (off, a) in [(0x80, ring.desc), (0x90, ring.avail), (0xa0, ring.used)] {
-                w(t, off, a as u32);
-                w(t, off + 4, (a >> 32) as u32);
-            }
-            w(t, 0x44, 1);
+            setup_queue_at(t, i, ring);
         }
         self.rx_seen = 0;
         self.tx_next = 0;

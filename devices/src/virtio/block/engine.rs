@@ -21,8 +21,6 @@ use std::time::{Duration, Instant};
 
 use block::engine::sync::SyncEngine;
 use block::pipeline::Pipeline;
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -392,7 +390,10 @@ impl Engine {
                 break;
             }
             for (tag, r) in done.drain(..) {
-                answered += self.step_done(queues, mem, tag as usize, r, stop);
+                // Tags are slot indices this engine gave out: one that is not is ignored.
+                if let Ok(idx) = usize::try_from(tag) {
+                    answered += self.step_done(queues, mem, idx, r, stop);
+                }
             }
             self.completions = done;
         }
@@ -519,7 +520,10 @@ impl Engine {
                 return answered;
             }
             for (tag, r) in done.drain(..) {
-                answered += self.step_done(q, mem, tag as usize, r, stop);
+                // Tags are slot indices this engine gave out: one that is not is ignored.
+                if let Ok(idx) = usize::try_from(tag) {
+                    answered += self.step_done(q, mem, idx, r, stop);
+                }
             }
             self.completions = done;
         }
@@ -630,7 +634,7 @@ impl Engine {
         };
         self.activity.answered += 1;
         self.activity.last_completion = Some(Instant::now());
-        if out.status == VIRTIO_BLK_S_IOERR as u8 {
+        if out.status == request::STATUS_IOERR {
             BlockStats::add(&self.disk.stats.errors, 1);
         }
         let used = if vm_memory::Bytes::write_obj(mem, out.status, status).is_ok() {
@@ -654,7 +658,7 @@ impl Engine {
         match invalid {
             Invalid::Status { status, code, msg } => {
                 ratelimited_warn(&format!("virtio-blk: {msg}"));
-                if u32::from(code) == VIRTIO_BLK_S_UNSUPP {
+                if code == request::STATUS_UNSUPP {
                     BlockStats::add(&stats.unsupported, 1);
                 } else {
                     BlockStats::add(&stats.errors, 1);

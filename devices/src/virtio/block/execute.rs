@@ -10,10 +10,9 @@ use std::sync::Arc;
 use block::host_file::AlignedBuf;
 use block::pipeline::IoRequest;
 use block::{DiskImage, IoBuf};
-use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::request::{Request, RequestKind};
+use super::request::{Request, RequestKind, STATUS_IOERR, STATUS_OK};
 use super::stats::BlockStats;
 use crate::virtio::ratelimited_warn;
 
@@ -59,7 +58,7 @@ pub enum Failed {
 
 fn ok(written: u32) -> Outcome {
     Outcome {
-        status: VIRTIO_BLK_S_OK as u8,
+        status: STATUS_OK,
         written,
     }
 }
@@ -67,7 +66,7 @@ fn ok(written: u32) -> Outcome {
 fn ioerr(msg: String) -> Outcome {
     ratelimited_warn(&format!("virtio-blk: {msg}"));
     Outcome {
-        status: VIRTIO_BLK_S_IOERR as u8,
+        status: STATUS_IOERR,
         written: 0,
     }
 }
@@ -193,14 +192,19 @@ impl Disk {
                 Next::Done(ok(0))
             }
             RequestKind::GetId { buf } => {
-                let n = (buf.len() as usize).min(self.serial.len());
-                Next::Done(match buf.write_from(mem, &self.serial[..n]) {
-                    Ok(n) => {
-                        BlockStats::add(&self.stats.get_ids, 1);
-                        ok(n as u32)
-                    }
-                    Err(e) => ioerr(format!("get-id: {e}")),
-                })
+                // A buffer too long for a usize is longer than the serial.
+                let n = usize::try_from(buf.len())
+                    .map_or(self.serial.len(), |l| l.min(self.serial.len()));
+                Next::Done(
+                    match buf.write_from(mem, &self.serial[..n]).map(u32::try_from) {
+                        Ok(Ok(n)) => {
+                            BlockStats::add(&self.stats.get_ids, 1);
+                            ok(n)
+                        }
+                        Ok(Err(e)) => ioerr(format!("get-id: {e}")),
+                        Err(e) => ioerr(format!("get-id: {e}")),
+                    },
+                )
             }
             RequestKind::Discard(segs) => {
                 let Some(s) = usize::try_from(step).ok().and_then(|i| segs.get(i)) else {

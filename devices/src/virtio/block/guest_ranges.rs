@@ -82,20 +82,22 @@ impl GuestRanges {
             if left == 0 {
                 break;
             }
-            if u64::from(r.len) <= left {
-                left -= u64::from(r.len);
-                head.push(*r);
-                taken += 1;
-            } else {
-                // `left` < r.len: a u32.
-                let k = left as u32;
-                head.push(GuestRange {
-                    addr: r.addr,
-                    len: k,
-                });
-                r.addr = GuestAddress(r.addr.0 + u64::from(k));
-                r.len -= k;
-                left = 0;
+            match u32::try_from(left) {
+                Ok(k) if k < r.len => {
+                    head.push(GuestRange {
+                        addr: r.addr,
+                        len: k,
+                    });
+                    r.addr = GuestAddress(r.addr.0 + u64::from(k));
+                    r.len -= k;
+                    left = 0;
+                }
+                // `left` >= r.len (a u32 or more): the whole range.
+                _ => {
+                    left -= u64::from(r.len);
+                    head.push(*r);
+                    taken += 1;
+                }
             }
         }
         self.ranges.drain(..taken);
@@ -124,8 +126,13 @@ impl GuestRanges {
             let (start, stop) = (pos, pos + u64::from(r.len));
             pos = stop;
             let (a, b) = (start.max(offset), stop.min(end));
-            // Within one range: both fit in a u32.
-            (a < b).then(|| (GuestAddress(r.addr.0 + (a - start)), (b - a) as u32))
+            // Within one range: start <= a < b <= stop = start + r.len, so b - a <= r.len.
+            if a >= b {
+                return None;
+            }
+            #[allow(clippy::cast_possible_truncation)] // b - a <= r.len, a u32
+            let len = (b - a) as u32;
+            Some((GuestAddress(r.addr.0 + (a - start)), len))
         })
     }
 
@@ -216,7 +223,8 @@ fn for_each_host_piece(
             return false;
         };
         let off = at.0 - region.start_addr().0;
-        let take = left.min((region.len() - off) as usize);
+        // A region longer than a usize holds all of `left`.
+        let take = usize::try_from(region.len() - off).map_or(left, |room| left.min(room));
         let Ok(vs) = region.get_slice(MemoryRegionAddress(off), take) else {
             return false;
         };

@@ -156,7 +156,13 @@ impl Block {
         io: Box<dyn block::engine::Engine>,
     ) -> std::io::Result<Self> {
         let capacity = image.virtual_size() / request::SECTOR;
-        let granularity = (image.discard_granularity() / request::SECTOR).max(1) as u32;
+        let granularity = u32::try_from((image.discard_granularity() / request::SECTOR).max(1))
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "discard granularity does not fit virtio-blk's 32-bit sector count",
+                )
+            })?;
         let read_only = cfg.read_only || image.is_read_only();
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)

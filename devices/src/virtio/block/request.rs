@@ -22,6 +22,19 @@ const HEADER_LEN: u64 = std::mem::size_of::<virtio_blk_outhdr>() as u64;
 /// Bytes of one discard / write-zeroes segment.
 const SEGMENT_LEN: u64 = std::mem::size_of::<virtio_blk_discard_write_zeroes>() as u64;
 
+/// `code` as the status byte the device writes, checked to fit when the constant is built.
+const fn status_byte(code: u32) -> u8 {
+    assert!(code <= 0xff);
+    #[allow(clippy::cast_possible_truncation)] // checked just above: code <= 0xff
+    {
+        code as u8
+    }
+}
+/// The status bytes the device writes (`VIRTIO_BLK_S_*`).
+pub const STATUS_OK: u8 = status_byte(VIRTIO_BLK_S_OK);
+pub const STATUS_IOERR: u8 = status_byte(VIRTIO_BLK_S_IOERR);
+pub const STATUS_UNSUPP: u8 = status_byte(VIRTIO_BLK_S_UNSUPP);
+
 /// The request header (`virtio_blk_outhdr`), readable from guest bytes.
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(transparent)]
@@ -149,12 +162,8 @@ pub fn parse(
             status.0
         )));
     }
-    let fail = |code: u32, msg: String| Invalid::Status {
-        status,
-        code: code as u8,
-        msg,
-    };
-    let ioerr = |msg: String| fail(VIRTIO_BLK_S_IOERR, msg);
+    let fail = |code: u8, msg: String| Invalid::Status { status, code, msg };
+    let ioerr = |msg: String| fail(STATUS_IOERR, msg);
     match shape {
         Shape::Ok => {}
         Shape::Wrapping => {
@@ -254,7 +263,7 @@ pub fn parse(
                 return Err(ioerr(format!("{what} on a read-only disk")));
             }
             let segs = segments(&readable, mem, limits, discard).map_err(|e| match e {
-                SegmentError::Unsupported(m) => fail(VIRTIO_BLK_S_UNSUPP, format!("{what}: {m}")),
+                SegmentError::Unsupported(m) => fail(STATUS_UNSUPP, format!("{what}: {m}")),
                 SegmentError::Invalid(m) => ioerr(format!("{what}: {m}")),
             })?;
             if discard {
@@ -265,7 +274,7 @@ pub fn parse(
         }
         other => {
             return Err(fail(
-                VIRTIO_BLK_S_UNSUPP,
+                STATUS_UNSUPP,
                 format!("unsupported request type {other}"),
             ))
         }

@@ -256,7 +256,11 @@ impl Connection {
                 };
                 match (&self.stream).write_volatile(&slice) {
                     Ok(n) => {
-                        off = n as u32;
+                        // `n` <= `plen`, a u32; anything else is a broken stream.
+                        let Ok(n) = u32::try_from(n) else {
+                            return Verdict::Reset;
+                        };
+                        off = n;
                         self.fwd_cnt += Wrapping(off);
                     }
                     Err(vm_memory::VolatileMemoryError::IOError(e))
@@ -305,8 +309,12 @@ impl Connection {
             match (&self.stream).write(a) {
                 Ok(0) => return Verdict::Reset,
                 Ok(n) => {
+                    // `n` <= the buffer, which credit bounds by CONN_BUF (a u32).
+                    let Ok(n32) = u32::try_from(n) else {
+                        return Verdict::Reset;
+                    };
                     self.tx_buf.drain(..n);
-                    self.fwd_cnt += Wrapping(n as u32);
+                    self.fwd_cnt += Wrapping(n32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => return Verdict::Reset,
@@ -379,7 +387,7 @@ impl Connection {
         let hdr_only = |c: &mut Connection, op: Op, flags: u32| {
             let h = c.header(guest_cid, op).with_flags(flags);
             match buf.write_header(mem, &h) {
-                Ok(()) => (Some(super::header::HEADER_LEN as u32), Verdict::Keep),
+                Ok(()) => (Some(super::header::HEADER_LEN_U32), Verdict::Keep),
                 Err(_) => (None, Verdict::Reset),
             }
         };
@@ -440,8 +448,12 @@ impl Connection {
                     break;
                 }
                 Ok(k) => {
-                    got += k as u32;
-                    if (k as u32) < n {
+                    // `k` <= the slice's `n` bytes, a u32.
+                    let Ok(k) = u32::try_from(k) else {
+                        return Some((None, Verdict::Reset));
+                    };
+                    got += k;
+                    if k < n {
                         break;
                     }
                 }
@@ -466,7 +478,7 @@ impl Connection {
             }
             // More may be waiting: keep pumping while the guest has room.
             self.refresh_rw();
-            return Some((Some(super::header::HEADER_LEN as u32 + got), Verdict::Keep));
+            return Some((Some(super::header::HEADER_LEN_U32 + got), Verdict::Keep));
         }
         if eof {
             // The host will send nothing more: tell the guest in this very buffer.
@@ -498,7 +510,7 @@ fn hdr_shutdown(
         .header(guest_cid, Op::Shutdown)
         .with_flags(c.local_shutdown);
     match buf.write_header(mem, &h) {
-        Ok(()) => (Some(super::header::HEADER_LEN as u32), Verdict::Keep),
+        Ok(()) => (Some(super::header::HEADER_LEN_U32), Verdict::Keep),
         Err(_) => (None, Verdict::Reset),
     }
 }
@@ -547,7 +559,9 @@ pub fn peek_connect_line(stream: &UnixStream) -> std::io::Result<Option<u32>> {
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let n = n as usize;
+    let Ok(n) = usize::try_from(n) else {
+        return Err(std::io::Error::last_os_error());
+    };
     if n == 0 {
         return Err(std::io::Error::from(ErrorKind::UnexpectedEof));
     }

@@ -27,6 +27,9 @@ unsafe impl ByteValued for Header {}
 /// Bytes of a header.
 pub const HEADER_LEN: usize = std::mem::size_of::<Header>();
 const _: () = assert!(HEADER_LEN == 44);
+/// [`HEADER_LEN`] as the `u32` a used-ring length is.
+pub const HEADER_LEN_U32: u32 = 44;
+const _: () = assert!(HEADER_LEN == HEADER_LEN_U32 as usize);
 
 /// The host's context id (`VMADDR_CID_HOST`).
 pub const HOST_CID: u64 = 2;

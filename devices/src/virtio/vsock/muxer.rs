@@ -112,7 +112,8 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
             "socket path too long",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| std::io::Error::from(ErrorKind::Unsupported))?;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
@@ -129,13 +130,14 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     }
     // SAFETY: `fd` is a new descriptor nobody else owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1)
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidInput, "socket path too long"))?;
     // SAFETY: `addr` is a valid sockaddr_un and `len` covers the family and the path.
     let rc = unsafe {
         libc::connect(
             owned.as_raw_fd(),
             &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            len as libc::socklen_t,
+            len,
         )
     };
     if rc < 0 {
@@ -460,7 +462,7 @@ impl Muxer {
     pub fn fill_rx(&mut self, buf: &RxBuffer, mem: &GuestMemoryMmap) -> Option<u32> {
         if let Some(h) = self.rst.pop_front() {
             return match buf.write_header(mem, &h) {
-                Ok(()) => Some(super::header::HEADER_LEN as u32),
+                Ok(()) => Some(super::header::HEADER_LEN_U32),
                 Err(_) => None,
             };
         }

@@ -104,16 +104,19 @@ fn split_front(pieces: &mut Vec<Piece>, mut n: u64) -> Vec<Piece> {
         if n == 0 {
             break;
         }
-        if u64::from(p.1) <= n {
-            n -= u64::from(p.1);
-            head.push(*p);
-            taken += 1;
-        } else {
-            // n < p.1: fits in a u32, and p.0 + n stays inside the checked range.
-            let k = n as u32;
-            head.push((p.0, k));
-            *p = (GuestAddress(p.0 .0 + u64::from(k)), p.1 - k);
-            n = 0;
+        match u32::try_from(n) {
+            // k < p.1: p.0 + k stays inside the checked range.
+            Ok(k) if k < p.1 => {
+                head.push((p.0, k));
+                *p = (GuestAddress(p.0 .0 + u64::from(k)), p.1 - k);
+                n = 0;
+            }
+            // n >= p.1 (a u32 or more): the whole piece.
+            _ => {
+                n -= u64::from(p.1);
+                head.push(*p);
+                taken += 1;
+            }
         }
     }
     pieces.drain(..taken);

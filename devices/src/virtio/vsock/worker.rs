@@ -89,7 +89,7 @@ impl Worker {
             let timeout = if more {
                 0
             } else if self.muxer.has_deadlines() {
-                SWEEP_EVERY.as_millis() as i32
+                i32::try_from(SWEEP_EVERY.as_millis()).unwrap_or(i32::MAX)
             } else {
                 -1
             };
