@@ -18,6 +18,8 @@ use crate::arch::{cpuid, msr, regs};
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
 
+pub use super::kick::{install_kick_handler, kick_signal};
+
 /// Per-vCPU state published for halt detection.
 pub const RUNNING: u8 = 0;
 /// Halted with interrupts disabled (what Linux does in `halt` without ACPI).
@@ -148,19 +150,6 @@ pub struct Vcpu {
     id: u32,
     requests: Option<Receiver<VcpuRequest>>,
     msr_list: Vec<u32>,
-}
-
-/// The signal used to kick vCPUs out of KVM_RUN.
-pub fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the (empty) kick signal handler; KVM_RUN returns EINTR when it arrives.
-pub fn install_kick_handler() -> Result<()> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-        .map_err(|e| VmmError::Kvm(format!("cannot install the vCPU kick handler: {e}")))
 }
 
 impl Vcpu {
