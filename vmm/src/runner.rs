@@ -293,7 +293,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
     // THINVM_TIMING=1: when the vCPUs are about to enter the guest, from the process start
     // (benchmarks: restore to the first guest instruction).
     if std::env::var_os("THINVM_TIMING").is_some() {
-        if let Some(t0) = crate::PROCESS_START.get() {
+        if let Some(t0) = crate::lifecycle::PROCESS_START.get() {
             eprintln!(
                 "thinvm-timing: vcpus-start-ms={:.1}",
                 t0.elapsed().as_secs_f64() * 1000.0
