@@ -173,8 +173,14 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
     })
 }
 
-/// Restores and runs the clone.
+/// Restores and runs the clone: [`build`], [`Launch::run`].
 pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+    build(args)?.run()
+}
+
+/// Builds the clone: its memory mapped from the snapshot, devices and vCPUs in their saved
+/// state. Nothing runs yet.
+pub fn build(args: &RestoreArgs) -> Result<Launch> {
     let dir = std::fs::canonicalize(&args.dir)
         .map_err(|e| bad(format!("snapshot {}: {e}", args.dir.display())))?;
     let s = state::load(&dir).map_err(VmmError::Config)?;
@@ -205,7 +211,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
     for v in &s.vcpus {
         vcpus.push(Vcpu::restored(&vm.fd, v)?);
     }
-    runner::launch(Launch {
+    Ok(Launch {
         kvm,
         vm,
         exit,
