@@ -190,7 +190,7 @@ pub fn build(args: &RestoreArgs) -> Result<Launch> {
         .map_err(|e| bad(format!("memory file: {e}")))?;
     let memory = memory::map(&mem_file, &Vm::ram_ranges(s.mem_size)).map_err(VmmError::Memory)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
-    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::Kvm)?;
+    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::KvmState)?;
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {

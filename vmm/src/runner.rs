@@ -99,12 +99,12 @@ pub fn attach_devices(
     };
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, 8)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::bus("serial port"))?;
     let reset_clone = reset_evt
         .try_clone()
         .map_err(|e| VmmError::io("eventfd", e))?;
     pio.insert(Arc::new(Mutex::new(I8042::new(reset_clone))), I8042_PORT, 5)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::bus("i8042"))?;
     if let Some(d) = cfg.testvm.debug_exit {
         let exit = exit.clone();
         let dev = DebugExit::new(Box::new(move |v| exit.set(ExitReason::DebugExit(v))));
@@ -271,7 +271,7 @@ fn start(l: Launch) -> Result<RunningVm> {
     } = devs;
     // What a snapshot saves of each vCPU; parking for pause and snapshot.
     let msr_list = match vcpus.first() {
-        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::Kvm)?,
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::KvmState)?,
         None => Vec::new(),
     };
     let (pause, requests) = PauseControl::new(vcpus.len());

@@ -35,8 +35,10 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
         Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
         Test::KickSignal => (SeccompCmpOp::Eq, kick_signal as u64),
     };
-    SeccompCondition::new(a.index, len, op, value)
-        .map_err(|e| VmmError::Seccomp(format!("argument {}: {e}", a.index)))
+    SeccompCondition::new(a.index, len, op, value).map_err(|source| VmmError::SeccompFilter {
+        what: format!("argument {}", a.index),
+        source,
+    })
 }
 
 /// The rules of `kind` (common ones included) as seccompiler rule chains per call number. A
@@ -57,9 +59,12 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
         if conds.is_empty() {
             outright.push(r.call.nr);
         } else {
-            chain.push(SeccompRule::new(conds).map_err(|e| {
-                VmmError::Seccomp(format!("{:?} rule for {}: {e}", kind, r.call.name()))
-            })?);
+            chain.push(
+                SeccompRule::new(conds).map_err(|source| VmmError::SeccompFilter {
+                    what: format!("{:?} rule for {}", kind, r.call.name()),
+                    source,
+                })?,
+            );
         }
     }
     let ioctls: Vec<&rules::Ioctl> = tables.iter().flat_map(|t| t.ioctls.iter()).collect();
@@ -72,8 +77,12 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
                 test: Test::Eq(i.request),
             };
             chain.push(
-                SeccompRule::new(vec![condition(&arg, kick_signal)?])
-                    .map_err(|e| VmmError::Seccomp(format!("ioctl {}: {e}", i.name)))?,
+                SeccompRule::new(vec![condition(&arg, kick_signal)?]).map_err(|source| {
+                    VmmError::SeccompFilter {
+                        what: format!("ioctl {}", i.name),
+                        source,
+                    }
+                })?,
             );
         }
     }
@@ -92,14 +101,24 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|e| VmmError::Seccomp(format!("{kind:?} filter: {e}")))?;
-    f.try_into()
-        .map_err(|e: seccompiler::BackendError| VmmError::Seccomp(format!("{kind:?} filter: {e}")))
+    .map_err(|source| VmmError::SeccompFilter {
+        what: format!("{kind:?} filter"),
+        source,
+    })?;
+    f.try_into().map_err(
+        |source: seccompiler::BackendError| VmmError::SeccompFilter {
+            what: format!("{kind:?} filter"),
+            source,
+        },
+    )
 }
 
 /// Installs `kind`'s compiled filter on the calling thread.
 pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
-    seccompiler::apply_filter(prog).map_err(|e| VmmError::Seccomp(format!("{e}")))?;
+    seccompiler::apply_filter(prog).map_err(|source| VmmError::SeccompApply {
+        kind: kind.name(),
+        source,
+    })?;
     report::set_thread_kind(kind);
     Ok(())
 }

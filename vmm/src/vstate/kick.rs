@@ -13,5 +13,5 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// Installs the (empty) kick signal handler; KVM_RUN returns EINTR when it arrives.
 pub fn install_kick_handler() -> Result<()> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-        .map_err(|e| VmmError::Kvm(format!("cannot install the vCPU kick handler: {e}")))
+        .map_err(VmmError::kvm("cannot install the vCPU kick handler"))
 }
