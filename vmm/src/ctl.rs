@@ -1,10 +1,10 @@
 //! `thinvm ctl PATH pause|resume|status|snapshot DIR`: one request to a VM's `--api-socket`
-//! (see [`crate::api`]); prints the answer; exit 0 when it succeeded, 1 otherwise.
+//! (see [`crate::api`]); the binary prints the answer
+//! and exits 0 when it succeeded, 1 otherwise.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
 
 /// `thinvm ctl` arguments.
 #[derive(Debug, clap::Args)]
@@ -27,8 +27,10 @@ pub enum CtlCommand {
     Snapshot { dir: String },
 }
 
-pub fn run(args: CtlArgs) -> ExitCode {
-    let req = match &args.cmd {
+/// Sends `cmd` to the VM at `socket` and returns its answer (`{"ok": true, ...}` or
+/// `{"ok": false, "error": ...}`), or why no answer came.
+pub fn request(socket: &Path, cmd: &CtlCommand) -> Result<serde_json::Value, String> {
+    let req = match cmd {
         CtlCommand::Pause => serde_json::json!({ "cmd": "pause" }),
         CtlCommand::Resume => serde_json::json!({ "cmd": "resume" }),
         CtlCommand::Status => serde_json::json!({ "cmd": "status" }),
@@ -37,31 +39,11 @@ pub fn run(args: CtlArgs) -> ExitCode {
             "dir": crate::vm_control::absolute(dir).display().to_string(),
         }),
     };
-    let answer = (|| -> Result<serde_json::Value, String> {
-        let mut s = UnixStream::connect(&args.socket)
-            .map_err(|e| format!("{}: {e}", args.socket.display()))?;
-        writeln!(s, "{req}").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(s)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        serde_json::from_str(line.trim()).map_err(|e| format!("bad answer '{}': {e}", line.trim()))
-    })();
-    match answer {
-        Ok(v) => {
-            println!("{v}");
-            if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
-                ExitCode::SUCCESS
-            } else {
-                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-                    eprintln!("thinvm ctl: {e}");
-                }
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("thinvm ctl: {e}");
-            ExitCode::from(1)
-        }
-    }
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("bad answer '{}': {e}", line.trim()))
 }

@@ -222,7 +222,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)
-            .map_err(|e| VmmError::Device(e.to_string()))?;
+            .map_err(VmmError::bus("virtio-blk virtio-mmio"))?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
         set.disks.push(Disk {
             name,

@@ -179,6 +179,9 @@ impl ExitState {
     }
 }
 
+/// When the process started (for `THINVM_TIMING`; the binary sets it first thing).
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 #[cfg(test)]
 mod tests {
     use super::*;

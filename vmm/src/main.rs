@@ -1,30 +1,11 @@
-//! `thinvm`: command-line entry point.
-
-mod api;
-mod arch;
-mod config;
-mod ctl;
-mod default_guest;
-mod disks;
-mod error;
-mod event_loop;
-mod exec;
-mod host;
-mod lifecycle;
-mod restore;
-mod runner;
-mod seccomp;
-mod snapshot;
-mod terminal;
-mod testvm_config;
-mod vm_control;
-mod vsock;
-mod vstate;
+//! `thinvm`: the command line (run, restore, ctl, image, demo) over the `vmm` library; the
+//! one place that turns how a VM ended into the process's exit code.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vmm::{config, ctl, default_guest, error, lifecycle, restore, runner};
 
 /// thinvm: a small KVM virtual machine monitor whose qcow2 overlays shrink when the guest
 /// wipes free space with zeros, trims or writes zeroes.
@@ -147,11 +128,29 @@ fn restore(args: restore::RestoreArgs) -> ExitCode {
     }
 }
 
-/// When the process started (for `THINVM_TIMING`).
-pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+/// `thinvm ctl`: prints the VM's answer; exit 0 when it succeeded, 1 otherwise.
+fn control(args: &ctl::CtlArgs) -> ExitCode {
+    match ctl::request(&args.socket, &args.cmd) {
+        Ok(v) => {
+            println!("{v}");
+            if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                    eprintln!("thinvm ctl: {e}");
+                }
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("thinvm ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
 fn main() -> ExitCode {
-    PROCESS_START.get_or_init(std::time::Instant::now);
+    lifecycle::PROCESS_START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
@@ -166,6 +165,6 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => demo::run(args),
         Command::Restore(args) => restore(args),
-        Command::Ctl(args) => ctl::run(args),
+        Command::Ctl(args) => control(&args),
     }
 }

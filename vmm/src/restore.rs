@@ -173,8 +173,14 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
     })
 }
 
-/// Restores and runs the clone.
+/// Restores and runs the clone: [`build`], [`Launch::run`].
 pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+    build(args)?.run()
+}
+
+/// Builds the clone: its memory mapped from the snapshot, devices and vCPUs in their saved
+/// state. Nothing runs yet.
+pub fn build(args: &RestoreArgs) -> Result<Launch> {
     let dir = std::fs::canonicalize(&args.dir)
         .map_err(|e| bad(format!("snapshot {}: {e}", args.dir.display())))?;
     let s = state::load(&dir).map_err(VmmError::Config)?;
@@ -184,7 +190,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
         .map_err(|e| bad(format!("memory file: {e}")))?;
     let memory = memory::map(&mem_file, &Vm::ram_ranges(s.mem_size)).map_err(VmmError::Memory)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
-    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::Kvm)?;
+    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::KvmState)?;
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {
@@ -205,7 +211,7 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
     for v in &s.vcpus {
         vcpus.push(Vcpu::restored(&vm.fd, v)?);
     }
-    runner::launch(Launch {
+    Ok(Launch {
         kvm,
         vm,
         exit,

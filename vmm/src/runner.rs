@@ -99,12 +99,12 @@ pub fn attach_devices(
     };
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT, 8)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::bus("serial port"))?;
     let reset_clone = reset_evt
         .try_clone()
         .map_err(|e| VmmError::io("eventfd", e))?;
     pio.insert(Arc::new(Mutex::new(I8042::new(reset_clone))), I8042_PORT, 5)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::bus("i8042"))?;
     if let Some(d) = cfg.testvm.debug_exit {
         let exit = exit.clone();
         let dev = DebugExit::new(Box::new(move |v| exit.set(ExitReason::DebugExit(v))));
@@ -149,8 +149,14 @@ pub fn attach_devices(
     })
 }
 
-/// Boots a VM and runs it to its end.
+/// Boots a VM and runs it to its end: [`build`], [`Launch::run`].
 pub fn run(cfg: VmConfig) -> Result<ExitReason> {
+    build(cfg)?.run()
+}
+
+/// Builds the VM `cfg` describes: KVM, memory, devices, the kernel loaded, vCPUs at its entry
+/// point. Nothing runs yet.
+pub fn build(cfg: VmConfig) -> Result<Launch> {
     let (signals, kvm) = open_kvm(cfg.cpus, cfg.seccomp)?;
     let nested = host::software_nested_kvm();
     let vm = Arc::new(Vm::new(&kvm, cfg.mem_size)?);
@@ -205,7 +211,7 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
     if let Some(boot_cpu) = vcpus.first() {
         boot_cpu.setup_boot_state(&gdt, loaded.entry)?;
     }
-    launch(Launch {
+    Ok(Launch {
         kvm,
         vm,
         exit,
@@ -227,9 +233,24 @@ pub struct Launch {
     pub cfg: VmConfig,
 }
 
-/// Runs the vCPUs, the event loop (with the API socket and the `--exec` client) until the VM
-/// ends, then stops everything.
-pub fn launch(l: Launch) -> Result<ExitReason> {
+impl Launch {
+    /// Runs the VM to its end and tears it down: [`Launch::start`], [`RunningVm::wait`],
+    /// [`RunningVm::tear_down`].
+    pub fn run(self) -> Result<ExitReason> {
+        let mut running = self.start()?;
+        let reason = running.wait();
+        running.tear_down();
+        Ok(reason)
+    }
+
+    /// Starts the vCPUs and the event loop (with the API socket and the `--exec` client);
+    /// from here on the calling thread is confined by the VMM's seccomp filter.
+    pub fn start(self) -> Result<RunningVm> {
+        start(self)
+    }
+}
+
+fn start(l: Launch) -> Result<RunningVm> {
     let Launch {
         kvm,
         vm,
@@ -244,13 +265,13 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
         mmio,
         reset_evt,
         serial,
-        mut disk_set,
+        disk_set,
         vsock_dev,
         cmdline: _,
     } = devs;
     // What a snapshot saves of each vCPU; parking for pause and snapshot.
     let msr_list = match vcpus.first() {
-        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::Kvm)?,
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::KvmState)?,
         None => Vec::new(),
     };
     let (pause, requests) = PauseControl::new(vcpus.len());
@@ -293,7 +314,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
     // THINVM_TIMING=1: when the vCPUs are about to enter the guest, from the process start
     // (benchmarks: restore to the first guest instruction).
     if std::env::var_os("THINVM_TIMING").is_some() {
-        if let Some(t0) = crate::PROCESS_START.get() {
+        if let Some(t0) = crate::lifecycle::PROCESS_START.get() {
             eprintln!(
                 "thinvm-timing: vcpus-start-ms={:.1}",
                 t0.elapsed().as_secs_f64() * 1000.0
@@ -326,7 +347,7 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
         cfg.stats_interval,
         pause.clone(),
     )?;
-    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+    let mut em: Events =
         EventManager::new().map_err(|e| VmmError::Device(format!("event manager: {e:?}")))?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
@@ -378,47 +399,112 @@ pub fn launch(l: Launch) -> Result<ExitReason> {
         .testvm
         .timeout
         .map(|t| (Instant::now() + t, t.as_secs()));
-    while exit.get().is_none() {
-        let wait = match deadline {
-            Some((at, secs)) => {
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    exit.set(ExitReason::Timeout(secs));
-                    break;
-                }
-                left.as_millis().min(500) as i32
-            }
-            None => 500,
-        };
-        if let Err(e) = em.run_with_timeout(wait.max(1)) {
-            tracing::warn!("event loop: {e:?}");
-        }
-    }
-    let reason = exit.get().unwrap_or(ExitReason::Poweroff);
+    Ok(RunningVm {
+        em: Some(em),
+        exit,
+        deadline,
+        stop,
+        pause,
+        handles,
+        threads,
+        disk_set,
+        vsock_dev,
+        raw_guard,
+        torn_down: false,
+        _vm: vm,
+        _kvm: kvm,
+    })
+}
 
-    // Stop the vCPUs: set the flag, let parked ones go, then kick until every thread has left
-    // KVM_RUN.
-    stop.store(true, Ordering::Release);
-    pause.resume_all();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for (h, t) in handles.into_iter().zip(threads) {
-        while !h.is_finished() && Instant::now() < deadline {
-            // SAFETY: `t` belongs to `h`, which has not been joined yet.
-            unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
-            std::thread::sleep(Duration::from_millis(5));
+/// The event manager of the main thread.
+type Events = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// A VM whose vCPUs and event loop run: [`RunningVm::wait`] for its end, then
+/// [`RunningVm::tear_down`] (dropping it tears it down too).
+pub struct RunningVm {
+    /// `None` once torn down.
+    em: Option<Events>,
+    exit: Arc<ExitState>,
+    /// `--timeout`: when, and its length in seconds (for the exit reason).
+    deadline: Option<(Instant, u64)>,
+    stop: Arc<AtomicBool>,
+    pause: Arc<PauseControl>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    threads: Vec<libc::pthread_t>,
+    disk_set: DiskSet,
+    vsock_dev: Option<VsockDevice>,
+    raw_guard: Option<terminal::RawModeGuard>,
+    torn_down: bool,
+    /// Kept until the vCPU threads are gone (guest memory, the VM and KVM descriptors).
+    _vm: Arc<Vm>,
+    _kvm: Kvm,
+}
+
+impl RunningVm {
+    /// Serves the event loop until the VM ends (the guest, a signal, `--timeout`, `--exec`)
+    /// and says how it ended.
+    pub fn wait(&mut self) -> ExitReason {
+        if let Some(em) = self.em.as_mut() {
+            while self.exit.get().is_none() {
+                let wait = match self.deadline {
+                    Some((at, secs)) => {
+                        let left = at.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            self.exit.set(ExitReason::Timeout(secs));
+                            break;
+                        }
+                        // At most 500 (ms), so it fits.
+                        i32::try_from(left.as_millis().min(500)).unwrap_or(500)
+                    }
+                    None => 500,
+                };
+                if let Err(e) = em.run_with_timeout(wait.max(1)) {
+                    tracing::warn!("event loop: {e:?}");
+                }
+            }
         }
-        if h.is_finished() {
-            let _ = h.join();
-        } else {
-            tracing::error!("a vCPU thread did not stop");
+        self.exit.get().unwrap_or(ExitReason::Poweroff)
+    }
+
+    /// Stops the vCPUs, then the API socket and the devices, and gives the terminal back.
+    pub fn tear_down(mut self) {
+        self.stop_everything();
+    }
+
+    fn stop_everything(&mut self) {
+        if self.torn_down {
+            return;
         }
+        self.torn_down = true;
+        // Stop the vCPUs: set the flag, let parked ones go, then kick until every thread has
+        // left KVM_RUN.
+        self.stop.store(true, Ordering::Release);
+        self.pause.resume_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for (h, t) in self.handles.drain(..).zip(self.threads.drain(..)) {
+            while !h.is_finished() && Instant::now() < deadline {
+                // SAFETY: `t` belongs to `h`, which has not been joined yet.
+                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                tracing::error!("a vCPU thread did not stop");
+            }
+        }
+        // The API socket goes first (no more requests), then the devices stop.
+        self.em = None;
+        self.disk_set.shutdown();
+        if let Some(v) = &self.vsock_dev {
+            v.shutdown();
+        }
+        self.raw_guard = None;
     }
-    // The API socket goes first (no more requests), then the devices stop.
-    drop(em);
-    disk_set.shutdown();
-    if let Some(v) = &vsock_dev {
-        v.shutdown();
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.stop_everything();
     }
-    drop(raw_guard);
-    Ok(reason)
 }

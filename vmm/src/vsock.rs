@@ -73,7 +73,7 @@ pub fn attach(
     }
     let transport = Arc::new(Mutex::new(transport));
     mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)
-        .map_err(|e| VmmError::Device(e.to_string()))?;
+        .map_err(VmmError::bus("vsock virtio-mmio"))?;
     cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
     Ok(VsockDevice { transport })
 }

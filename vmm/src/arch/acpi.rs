@@ -242,7 +242,7 @@ pub fn setup(
     let tables = build(cpus, serial, devices)?;
     for (addr, bytes) in &tables.blobs {
         mem.write_slice(bytes, GuestAddress(*addr))
-            .map_err(|e| VmmError::Memory(format!("ACPI table at {addr:#x}: {e}")))?;
+            .map_err(VmmError::guest_memory(format!("ACPI table at {addr:#x}")))?;
     }
     Ok(tables.rsdp_addr)
 }

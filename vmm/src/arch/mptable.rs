@@ -94,7 +94,7 @@ pub fn setup(mem: &GuestMemoryMmap, cpus: u32) -> Result<()> {
         return Err(VmmError::Config(format!("{cpus} CPUs: MP table too large")));
     }
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
-        .map_err(|e| VmmError::Memory(format!("MP table: {e}")))
+        .map_err(VmmError::guest_memory("MP table"))
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ fn boot_msrs() -> Vec<(u32, u64)> {
 pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd, id: u32) -> Result<()> {
     let supported = kvm
         .get_msr_index_list()
-        .map_err(|e| VmmError::Kvm(format!("KVM_GET_MSR_INDEX_LIST: {e}")))?;
+        .map_err(VmmError::kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let list = supported.as_slice();
     let wanted: Vec<(u32, u64)> = boot_msrs()
         .into_iter()

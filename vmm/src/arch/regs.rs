@@ -59,7 +59,7 @@ fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
 
 fn write_mem<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, val: T, addr: u64) -> Result<()> {
     mem.write_obj(val, GuestAddress(addr))
-        .map_err(|e| VmmError::Memory(format!("write at {addr:#x}: {e}")))
+        .map_err(VmmError::guest_memory(format!("write at {addr:#x}")))
 }
 
 /// Writes the GDT and identity page tables (first 4 GiB, 2 MiB pages) into guest memory.
@@ -92,10 +92,7 @@ pub fn setup_tables(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<[u64; 4]> 
 
 /// Sets segment, control and descriptor-table registers for the entry mode.
 pub fn setup_sregs(vcpu: &VcpuFd, gdt: &[u64; 4], mode: EntryMode) -> Result<()> {
-    let err = |e: kvm_ioctls::Error| VmmError::Vcpu {
-        id: 0,
-        msg: format!("sregs: {e}"),
-    };
+    let err = |e| VmmError::vcpu(0, "sregs")(e);
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(err)?;
     let code = segment_from_gdt(gdt[1], 1);
     let data = segment_from_gdt(gdt[2], 2);
@@ -146,10 +143,7 @@ pub fn setup_regs(vcpu: &VcpuFd, mode: EntryMode) -> Result<()> {
             regs.rbx = PVH_INFO_ADDR;
         }
     }
-    vcpu.set_regs(&regs).map_err(|e| VmmError::Vcpu {
-        id: 0,
-        msg: format!("regs: {e}"),
-    })
+    vcpu.set_regs(&regs).map_err(VmmError::vcpu(0, "regs"))
 }
 
 /// Default x87/SSE state.
@@ -159,10 +153,7 @@ pub fn setup_fpu(vcpu: &VcpuFd, id: u32) -> Result<()> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(|e| VmmError::Vcpu {
-        id,
-        msg: format!("fpu: {e}"),
-    })
+    vcpu.set_fpu(&fpu).map_err(VmmError::vcpu(id, "fpu"))
 }
 
 /// LINT0 = ExtINT (the PIC), LINT1 = NMI, as a BIOS would leave them.
@@ -171,10 +162,7 @@ pub fn setup_lapic(vcpu: &VcpuFd, id: u32) -> Result<()> {
     const APIC_LVT1: usize = 0x360;
     const MODE_EXTINT: u32 = 0x7;
     const MODE_NMI: u32 = 0x4;
-    let err = |e: kvm_ioctls::Error| VmmError::Vcpu {
-        id,
-        msg: format!("lapic: {e}"),
-    };
+    let err = |e| VmmError::vcpu(id, "lapic")(e);
     let mut lapic = vcpu.get_lapic().map_err(err)?;
     for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
         let bytes: [u8; 4] = [

@@ -10,6 +10,7 @@
 mod ioctls;
 mod report;
 mod rules;
+mod thread_kind;
 
 use std::collections::BTreeMap;
 
@@ -21,72 +22,7 @@ use seccompiler::{
 use crate::error::{Result, VmmError};
 use rules::{Arg, Test, Width};
 
-/// Thread kinds with their own filter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// The main thread: event loop, shutdown, statistics, clean-up.
-    Vmm,
-    /// A vCPU thread: KVM_RUN and device emulation on exits.
-    Vcpu,
-    /// A block device worker or one of the image crate's I/O threads: image I/O.
-    Block,
-    /// The main thread of a VM with `--api-socket`: also serves pause, resume and snapshot
-    /// requests (a snapshot writes its directory and swaps each disk's overlay).
-    VmmApi,
-    /// A vCPU thread of a VM with `--api-socket`: also saves its KVM state for a snapshot.
-    VcpuApi,
-    /// The virtio-vsock device's thread: its epoll loop over the VM's Unix sockets.
-    Vsock,
-    /// `--exec`'s agent client and its stdin forwarder.
-    Exec,
-}
-
-impl ThreadKind {
-    /// The kind's name in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Vmm => "main (VMM)",
-            ThreadKind::Vcpu => "vCPU",
-            ThreadKind::Block => "block I/O",
-            ThreadKind::VmmApi => "main (VMM, API socket)",
-            ThreadKind::VcpuApi => "vCPU (API socket)",
-            ThreadKind::Vsock => "vsock",
-            ThreadKind::Exec => "exec client",
-        }
-    }
-
-    /// The kind of the main thread (`api`: the VM has an API socket).
-    pub fn main_thread(api: bool) -> ThreadKind {
-        if api {
-            ThreadKind::VmmApi
-        } else {
-            ThreadKind::Vmm
-        }
-    }
-
-    /// The kind of a vCPU thread (`api`: the VM has an API socket).
-    pub fn vcpu_thread(api: bool) -> ThreadKind {
-        if api {
-            ThreadKind::VcpuApi
-        } else {
-            ThreadKind::Vcpu
-        }
-    }
-
-    /// The kind's tables (besides [`rules::COMMON`]): a kind with an API socket adds the
-    /// snapshot's rules to those of its base kind.
-    fn tables(self) -> &'static [rules::Table] {
-        match self {
-            ThreadKind::Vmm => &[rules::VMM],
-            ThreadKind::Vcpu => &[rules::VCPU],
-            ThreadKind::Block => &[rules::BLOCK],
-            ThreadKind::VmmApi => &[rules::VMM, rules::VMM_API],
-            ThreadKind::VcpuApi => &[rules::VCPU, rules::VCPU_SNAPSHOT],
-            ThreadKind::Vsock => &[rules::VSOCK],
-            ThreadKind::Exec => &[rules::EXEC],
-        }
-    }
-}
+pub use thread_kind::ThreadKind;
 
 /// One argument condition in seccompiler's terms.
 fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
@@ -99,8 +35,10 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
         Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
         Test::KickSignal => (SeccompCmpOp::Eq, kick_signal as u64),
     };
-    SeccompCondition::new(a.index, len, op, value)
-        .map_err(|e| VmmError::Seccomp(format!("argument {}: {e}", a.index)))
+    SeccompCondition::new(a.index, len, op, value).map_err(|source| VmmError::SeccompFilter {
+        what: format!("argument {}", a.index),
+        source,
+    })
 }
 
 /// The rules of `kind` (common ones included) as seccompiler rule chains per call number. A
@@ -121,9 +59,12 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
         if conds.is_empty() {
             outright.push(r.call.nr);
         } else {
-            chain.push(SeccompRule::new(conds).map_err(|e| {
-                VmmError::Seccomp(format!("{:?} rule for {}: {e}", kind, r.call.name()))
-            })?);
+            chain.push(
+                SeccompRule::new(conds).map_err(|source| VmmError::SeccompFilter {
+                    what: format!("{:?} rule for {}", kind, r.call.name()),
+                    source,
+                })?,
+            );
         }
     }
     let ioctls: Vec<&rules::Ioctl> = tables.iter().flat_map(|t| t.ioctls.iter()).collect();
@@ -136,8 +77,12 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
                 test: Test::Eq(i.request),
             };
             chain.push(
-                SeccompRule::new(vec![condition(&arg, kick_signal)?])
-                    .map_err(|e| VmmError::Seccomp(format!("ioctl {}: {e}", i.name)))?,
+                SeccompRule::new(vec![condition(&arg, kick_signal)?]).map_err(|source| {
+                    VmmError::SeccompFilter {
+                        what: format!("ioctl {}", i.name),
+                        source,
+                    }
+                })?,
             );
         }
     }
@@ -149,21 +94,31 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
 
 /// The compiled filter for a thread kind: allowed calls pass, anything else traps (SIGSYS).
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
-    let kick = crate::vstate::vcpu::kick_signal();
+    let kick = crate::vstate::kick::kick_signal();
     let f = SeccompFilter::new(
         rule_map(kind, kick)?,
         SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
-    .map_err(|e| VmmError::Seccomp(format!("{kind:?} filter: {e}")))?;
-    f.try_into()
-        .map_err(|e: seccompiler::BackendError| VmmError::Seccomp(format!("{kind:?} filter: {e}")))
+    .map_err(|source| VmmError::SeccompFilter {
+        what: format!("{kind:?} filter"),
+        source,
+    })?;
+    f.try_into().map_err(
+        |source: seccompiler::BackendError| VmmError::SeccompFilter {
+            what: format!("{kind:?} filter"),
+            source,
+        },
+    )
 }
 
 /// Installs `kind`'s compiled filter on the calling thread.
 pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
-    seccompiler::apply_filter(prog).map_err(|e| VmmError::Seccomp(format!("{e}")))?;
+    seccompiler::apply_filter(prog).map_err(|source| VmmError::SeccompApply {
+        kind: kind.name(),
+        source,
+    })?;
     report::set_thread_kind(kind);
     Ok(())
 }

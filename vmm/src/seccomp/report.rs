@@ -7,7 +7,8 @@
 use std::cell::Cell;
 use std::fmt::Write as _;
 
-use super::{rules, ThreadKind};
+use super::rules;
+use super::thread_kind::ThreadKind;
 use crate::error::{Result, VmmError};
 
 thread_local! {

@@ -3,6 +3,7 @@
 //! ties them together ([`state`]). Taken by [`crate::vm_control`], restored by
 //! [`crate::restore`].
 
+pub mod cpu_model;
 pub mod disks;
 pub mod memory;
 pub mod state;

@@ -187,7 +187,7 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     vcpu.set_mp_state(s.mp_state)
         .map_err(e("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&s.regs).map_err(e("KVM_SET_REGS"))?;
-    let amd = super::state::CpuModel::host().vendor == "AuthenticAMD";
+    let amd = super::cpu_model::CpuModel::host().vendor == "AuthenticAMD";
     let sregs = kvm_sregs {
         tr: restored_tr(s.sregs.tr, amd),
         ..s.sregs

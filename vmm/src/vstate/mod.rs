@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory, IRQ chip, PIT) and its vCPUs.
 
+pub mod kick;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

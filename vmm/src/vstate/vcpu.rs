@@ -18,6 +18,8 @@ use crate::arch::{cpuid, msr, regs};
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
 
+pub use super::kick::{install_kick_handler, kick_signal};
+
 /// Per-vCPU state published for halt detection.
 pub const RUNNING: u8 = 0;
 /// Halted with interrupts disabled (what Linux does in `halt` without ACPI).
@@ -150,19 +152,6 @@ pub struct Vcpu {
     msr_list: Vec<u32>,
 }
 
-/// The signal used to kick vCPUs out of KVM_RUN.
-pub fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the (empty) kick signal handler; KVM_RUN returns EINTR when it arrives.
-pub fn install_kick_handler() -> Result<()> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-        .map_err(|e| VmmError::Kvm(format!("cannot install the vCPU kick handler: {e}")))
-}
-
 impl Vcpu {
     /// Creates vCPU `id` of `cpus` and sets CPUID, MSRs, FPU and LAPIC.
     pub fn new(
@@ -172,16 +161,15 @@ impl Vcpu {
         cpus: u32,
         conservative: bool,
     ) -> Result<Vcpu> {
-        let verr = |msg: String| VmmError::Vcpu { id, msg };
         let fd = vm
             .create_vcpu(u64::from(id))
-            .map_err(|e| verr(format!("KVM_CREATE_VCPU: {e}")))?;
+            .map_err(VmmError::vcpu(id, "KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| verr(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+            .map_err(VmmError::vcpu(id, "KVM_GET_SUPPORTED_CPUID"))?;
         cpuid::filter(&mut cpuid, id, cpus, conservative);
         fd.set_cpuid2(&cpuid)
-            .map_err(|e| verr(format!("KVM_SET_CPUID2: {e}")))?;
+            .map_err(VmmError::vcpu(id, "KVM_SET_CPUID2"))?;
         msr::setup_msrs(kvm, &fd, id)?;
         regs::setup_fpu(&fd, id)?;
         regs::setup_lapic(&fd, id)?;
@@ -199,11 +187,10 @@ impl Vcpu {
         state: &crate::snapshot::vcpu::VcpuState,
     ) -> Result<Vcpu> {
         let id = state.id;
-        let verr = |msg: String| VmmError::Vcpu { id, msg };
         let fd = vm
             .create_vcpu(u64::from(id))
-            .map_err(|e| verr(format!("KVM_CREATE_VCPU: {e}")))?;
-        crate::snapshot::vcpu::restore(&fd, state).map_err(verr)?;
+            .map_err(VmmError::vcpu(id, "KVM_CREATE_VCPU"))?;
+        crate::snapshot::vcpu::restore(&fd, state).map_err(|msg| VmmError::Vcpu { id, msg })?;
         Ok(Vcpu {
             fd,
             id,
@@ -239,10 +226,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || self.run_loop(shared, seccomp))
-            .map_err(|e| VmmError::Vcpu {
-                id,
-                msg: format!("cannot start thread: {e}"),
-            })
+            .map_err(|source| VmmError::VcpuThread { id, source })
     }
 
     fn run_loop(

@@ -32,9 +32,7 @@ impl Vm {
 
     /// Creates the VM on existing guest memory (a snapshot's, mapped), its IRQ chip and PIT.
     pub fn with_memory(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Vm> {
-        let fd = kvm
-            .create_vm()
-            .map_err(|e| VmmError::Kvm(format!("KVM_CREATE_VM: {e}")))?;
+        let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         for (slot, region) in memory.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -46,18 +44,18 @@ impl Vm {
             // SAFETY: the region's host mapping stays alive as long as `memory`, which the
             // Vm owns and outlives the VM fd's use of it (vCPUs are joined before drop).
             unsafe { fd.set_user_memory_region(r) }
-                .map_err(|e| VmmError::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+                .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
         fd.set_tss_address(TSS_ADDR as usize)
-            .map_err(|e| VmmError::Kvm(format!("KVM_SET_TSS_ADDR: {e}")))?;
+            .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
-            .map_err(|e| VmmError::Kvm(format!("KVM_CREATE_IRQCHIP: {e}")))?;
+            .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         fd.create_pit2(pit)
-            .map_err(|e| VmmError::Kvm(format!("KVM_CREATE_PIT2: {e}")))?;
+            .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
         Ok(Vm { fd, memory })
     }
 
@@ -65,13 +63,13 @@ impl Vm {
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .register_irqfd(evt, gsi)
-            .map_err(|e| VmmError::Kvm(format!("KVM_IRQFD (gsi {gsi}): {e}")))
+            .map_err(VmmError::kvm(format!("KVM_IRQFD (gsi {gsi})")))
     }
 
     /// Turns guest writes of `datamatch` to MMIO address `addr` into `evt` signals.
     pub fn register_mmio_ioevent(&self, evt: &EventFd, addr: u64, datamatch: u32) -> Result<()> {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
-            .map_err(|e| VmmError::Kvm(format!("KVM_IOEVENTFD at {addr:#x}: {e}")))
+            .map_err(VmmError::kvm(format!("KVM_IOEVENTFD at {addr:#x}")))
     }
 }
