@@ -162,3 +162,131 @@ cd /; rm -rf "$d"
     assert_eq!(num(&fields(&out, "QEMUCHECK ")[0], "rc"), 0, "{out}");
     assert_eq!(num(&fields(&out, "FSCK ")[0], "rc"), 0, "{out}");
 }
+
+/// The file systems of the matrix and the reclamation route the rig test takes on each (the
+/// full matrix, every route on every file system and QEMU beside thinvm, is
+/// `guest-images/bench-debian matrix`, docs/benchmarks.md): ext4 cleaned offline by
+/// zerofree, XFS trimmed by fstrim, btrfs wiped by sfill -z (secure-delete), NTFS (ntfs-3g)
+/// zero-filled with dd -- the 2008 RFC's case.
+const MATRIX_CELLS: [(&str, &str); 4] = [
+    ("ext4", "zerofree"),
+    ("xfs", "fstrim"),
+    ("btrfs", "sfill"),
+    ("ntfs", "zero"),
+];
+
+/// Per file system a 512 MiB data disk, a fresh overlay over a base image that already holds
+/// data (pattern bytes all over, so every reclaimed cluster lies over backing data and must
+/// read back as zeros, not as the base). In one boot, the guest makes on each disk a GPT with
+/// the file system (mkfs, 32 MiB of files) -- the overlay's size then is the reference --,
+/// fills 64 MiB more, deletes them and reclaims by the route of MATRIX_CELLS, unmounts and
+/// checks the file system with its own checker (e2fsck -fn, xfs_repair -n, btrfs check
+/// --readonly, ntfsfix -n). Every overlay ends at most 8 MiB above the reference, allocated
+/// and apparent, and checks clean with qemu-img.
+#[test]
+#[ignore = "slow: stock Debian guest in the rig; run by scripts/test"]
+fn debian_file_system_matrix_each_file_system_gives_a_deleted_fill_back() {
+    let g = debian();
+    let disks: Vec<String> = MATRIX_CELLS
+        .iter()
+        .map(|(fs, _)| format!("--disk path=m-{fs}.qcow2,format=qcow2,serial=m-{fs}"))
+        .collect();
+    let mut workload = vec!["boot".to_string()];
+    workload.extend(
+        MATRIX_CELLS
+            .iter()
+            .map(|(fs, _)| format!("mkbase:m-{fs}:{fs}:32")),
+    );
+    workload.extend(
+        MATRIX_CELLS
+            .iter()
+            .map(|(fs, route)| format!("cell:m-{fs}:{fs}:{route}:64")),
+    );
+    let watch: Vec<String> = MATRIX_CELLS
+        .iter()
+        .map(|(fs, _)| format!("m-{fs}.qcow2"))
+        .collect();
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/debian-matrix.XXXXXX"); cd "$d"
+qemu-img create -q -f qcow2 -b {base} -F qcow2 root.qcow2
+qemu-img create -q -f qcow2 data-base.qcow2 512M
+qemu-io -c 'write -P 0x5a 0 512M' data-base.qcow2 >/dev/null
+for f in {watch}; do qemu-img create -q -f qcow2 -b data-base.qcow2 -F qcow2 $f; done
+{boot}
+for f in {watch}; do
+  qemu-img check $f >/dev/null && echo "QEMUCHECK file=$f rc=0" || echo "QEMUCHECK file=$f rc=$?"
+done
+cd /; rm -rf "$d"
+"#,
+        base = g.base_qcow2.display(),
+        watch = watch.join(" "),
+        boot = boot_fragment(&g, &disks.join(" "), &workload.join(","), &watch.join(" ")),
+    );
+    let out = linux(&script, 3600);
+    eprintln!("{out}");
+    assert!(!out.contains("EXIT code"), "thinvm failed: {out}");
+    assert!(!out.contains("THINVM-ERROR"), "{out}");
+    assert!(out.contains("VMM thinvm: guest powered off"), "{out}");
+    let results = fields(&out, "THINVM-RESULT ");
+    let steps: Vec<&str> = results.iter().map(|r| r["step"].as_str()).collect();
+    assert_eq!(steps.len(), 1 + 2 * MATRIX_CELLS.len(), "{out}");
+    // After each step one SIZE line per disk, and once more at the end.
+    let sizes = fields(&out, "SIZE ");
+    assert_eq!(sizes.len(), (steps.len() + 1) * watch.len(), "{out}");
+    let size_after = |step: usize, file: &str, k: &str| -> u64 {
+        let s = sizes[step * watch.len()..(step + 1) * watch.len()]
+            .iter()
+            .find(|s| s["file"] == file)
+            .unwrap_or_else(|| panic!("no size of {file} after step {step}: {out}"));
+        num(s, k)
+    };
+    for (i, (fs, route)) in MATRIX_CELLS.iter().enumerate() {
+        let made = &results[1 + i];
+        assert_eq!(made["step"], "mkbase", "{out}");
+        assert_eq!(made["fs"], *fs, "{out}");
+        assert_eq!(
+            num(made, "fsck"),
+            0,
+            "{fs}: the new file system does not check clean: {out}"
+        );
+        let cell = &results[1 + MATRIX_CELLS.len() + i];
+        assert_eq!(cell["step"], "cell", "{out}");
+        assert_eq!(
+            (cell["fs"].as_str(), cell["route"].as_str()),
+            (*fs, *route),
+            "{out}"
+        );
+        assert_eq!(num(cell, "route_rc"), 0, "{fs}: {route} failed: {out}");
+        assert_eq!(
+            num(cell, "fsck"),
+            0,
+            "{fs}: the file system does not check clean after {route}: {out}"
+        );
+        let file = format!("m-{fs}.qcow2");
+        let final_step = steps.len();
+        for k in ["alloc", "apparent"] {
+            let reference = size_after(1 + i, &file, k);
+            assert!(
+                reference >= 32 << 20,
+                "{fs}: the base's 32 MiB of files are not in the overlay ({k} {reference}): {out}"
+            );
+            for (when, step) in [
+                ("after the step", 1 + MATRIX_CELLS.len() + i),
+                ("at the end", final_step),
+            ] {
+                let now = size_after(step, &file, k);
+                assert!(
+                    now <= reference + (8 << 20),
+                    "{fs}, {route}: {k} {now} {when}, {reference} with the file system made: the deleted 64 MiB were not given back\n{out}"
+                );
+            }
+        }
+        let check = fields(&out, "QEMUCHECK ");
+        let c = check
+            .iter()
+            .find(|c| c["file"] == file)
+            .unwrap_or_else(|| panic!("no qemu-img check of {file}: {out}"));
+        assert_eq!(num(c, "rc"), 0, "{fs}: qemu-img check: {out}");
+    }
+}
