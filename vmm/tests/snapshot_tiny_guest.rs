@@ -62,6 +62,26 @@ fn spawn(args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// Starts the counting guest with `cmdline`, an API socket at `api`, its console in `log`,
+/// and `extra` options.
+fn spawn_counter(cmdline: &str, api: &Path, log: &Path, extra: &[&str]) -> Child {
+    let kernel = counter();
+    let serial = format!("file={}", log.display());
+    let mut args = vec![
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        cmdline,
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--serial",
+        &serial,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
 fn stop(mut c: Child) {
     // SAFETY: signalling our child.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -87,17 +107,7 @@ fn ctl(api: &Path, args: &[&str]) -> (i32, String, String) {
 fn take_snapshot(dir: &TempDir, snap: &Path, after: u64) -> Vec<(u64, u64)> {
     let api = dir.join("api.sock");
     let log = dir.join("orig.txt");
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        &counter(),
-        "--cmdline",
-        "every=5",
-        "--api-socket",
-        api.to_str().unwrap(),
-        "--serial",
-        &format!("file={}", log.display()),
-    ]);
+    let mut vm = spawn_counter("every=5", &api, &log, &[]);
     wait_count(&log, 5, &mut vm);
     let (code, out, err) = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(code, 0, "{out} {err}");
@@ -173,18 +183,12 @@ fn a_clone_keeps_the_debug_exit_device() {
     let api = dir.join("api.sock");
     let snap = dir.join("snap");
     let (orig_log, clone_log) = (dir.join("orig.txt"), dir.join("clone.txt"));
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        &counter(),
-        "--cmdline",
+    let mut vm = spawn_counter(
         "every=2 limit=40 exitval=3",
-        "--debug-exit",
-        "--api-socket",
-        api.to_str().unwrap(),
-        "--serial",
-        &format!("file={}", orig_log.display()),
-    ]);
+        &api,
+        &orig_log,
+        &["--debug-exit"],
+    );
     wait_count(&orig_log, 5, &mut vm);
     let (code, out, err) = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(code, 0, "{out} {err}");
@@ -216,17 +220,7 @@ fn pause_and_resume_stop_and_restart_the_guest() {
     let dir = TempDir::new("pause");
     let api = dir.join("api.sock");
     let log = dir.join("log.txt");
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        &counter(),
-        "--cmdline",
-        "every=2",
-        "--api-socket",
-        api.to_str().unwrap(),
-        "--serial",
-        &format!("file={}", log.display()),
-    ]);
+    let mut vm = spawn_counter("every=2", &api, &log, &[]);
     wait_count(&log, 3, &mut vm);
     assert_eq!(ctl(&api, &["pause"]).0, 0);
     assert!(ctl(&api, &["status"]).1.contains("paused"));
@@ -355,19 +349,12 @@ fn a_disk_is_frozen_into_the_snapshot_and_clones_get_overlays_of_their_own() {
     assert_eq!(qemu(&["qemu-io", "-c", "write -P 0xab 0 64k", o]).0, 0);
     let api = dir.join("api.sock");
     let log = dir.join("log.txt");
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        &counter(),
-        "--cmdline",
+    let mut vm = spawn_counter(
         "every=5",
-        "--disk",
-        &format!("path={o},format=qcow2"),
-        "--api-socket",
-        api.to_str().unwrap(),
-        "--serial",
-        &format!("file={}", log.display()),
-    ]);
+        &api,
+        &log,
+        &["--disk", &format!("path={o},format=qcow2")],
+    );
     wait_count(&log, 2, &mut vm);
     let snap = dir.join("snap");
     let (code, out, err) = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
