@@ -308,7 +308,7 @@ cd /; rm -rf "$d"
         thinvm = thinvm()
     );
     let out = linux(&script, 900);
-    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    let f = |k: &str| first_line(&out, k);
     let e1 = f("EXEC1");
     assert_eq!(num(&e1, "code"), 7, "{out}");
     assert_eq!(num(&e1, "out"), 1, "stdout, with stdin counted: {out}");
@@ -359,7 +359,7 @@ cd /; rm -rf "$d"
         base = g.base_qcow2.display(),
     );
     let out = linux(&script, 1800);
-    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    let f = |k: &str| first_line(&out, k);
     assert_eq!(num(&f("SNAP"), "code"), 0, "{out}");
     let orig = f("ORIG");
     let at = num(&orig, "at");
@@ -416,7 +416,7 @@ cd /; rm -rf "$d"
         base = g.base_qcow2.display(),
     );
     let out = linux(&script, 2400);
-    let f = |k: &str| fields(&out, &format!("{k} "))[0].clone();
+    let f = |k: &str| first_line(&out, k);
     let snap = f("SNAP");
     assert_eq!(num(&snap, "code"), 0, "{out}");
     assert!(
@@ -471,12 +471,7 @@ cd /; rm -rf "$d"
         base = g.base_qcow2.display(),
     );
     let out = linux(&script, 2400);
-    let f = |k: &str| {
-        fields(&out, &format!("{k} "))
-            .first()
-            .cloned()
-            .unwrap_or_else(|| panic!("no {k} line: {out}"))
-    };
+    let f = |k: &str| first_line(&out, k);
     assert_eq!(num(&f("SNAP"), "code"), 0, "{out}");
     let (a, b, c) = (f("CLONEA"), f("CLONEB"), f("CLONEC"));
     assert_eq!((num(&a, "code"), num(&a, "mark")), (3, 1), "{out}");

@@ -168,6 +168,15 @@ pub fn fields(out: &str, prefix: &str) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+/// The fields of the first line `KEY k=v ...` in `out`; panics with the whole output when
+/// there is none.
+pub fn first_line(out: &str, key: &str) -> HashMap<String, String> {
+    fields(out, &format!("{key} "))
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no {key} line: {out}"))
+}
+
 pub fn num(m: &HashMap<String, String>, k: &str) -> u64 {
     m.get(k)
         .and_then(|v| v.parse().ok())
