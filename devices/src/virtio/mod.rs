@@ -124,6 +124,18 @@ pub enum PauseError {
 }
 
 /// What the MMIO transport needs from a device.
+/// Reads a device's config space `cfg` at a driver-chosen `offset` into `data`: the bytes in
+/// range are copied, everything past the end of the space reads as zero.
+pub fn read_config_space(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Ok(start) = usize::try_from(offset) {
+        if start < cfg.len() {
+            let n = data.len().min(cfg.len() - start);
+            data[..n].copy_from_slice(&cfg[start..start + n]);
+        }
+    }
+}
+
 pub trait VirtioDevice: Send {
     /// virtio device id (2 = block).
     fn device_type(&self) -> u32;
@@ -158,4 +170,22 @@ pub trait VirtioDevice: Send {
     }
     /// Goes on after [`VirtioDevice::pause`].
     fn resume(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_config_space;
+
+    #[test]
+    fn config_reads_past_the_end_are_zeros_at_any_offset() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 4];
+        read_config_space(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        for off in [4, 5, u64::from(u32::MAX), u64::MAX] {
+            let mut d = [0xffu8; 8];
+            read_config_space(&cfg, off, &mut d);
+            assert_eq!(d, [0; 8], "offset {off}");
+        }
+    }
 }

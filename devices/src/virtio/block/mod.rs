@@ -341,15 +341,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // Bytes past the end of the config space read as zeros.
-        data.fill(0);
-        let cfg = self.config.as_slice();
-        if let Ok(start) = usize::try_from(offset) {
-            if start < cfg.len() {
-                let n = data.len().min(cfg.len() - start);
-                data[..n].copy_from_slice(&cfg[start..start + n]);
-            }
-        }
+        super::read_config_space(self.config.as_slice(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {

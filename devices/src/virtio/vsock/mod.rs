@@ -156,15 +156,8 @@ impl VirtioDevice for Vsock {
     fn ack_features(&mut self, _features: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // The config space: le64 guest_cid; bytes past it read as zeros.
-        data.fill(0);
-        let cfg = self.cfg.guest_cid.to_le_bytes();
-        if let Ok(start) = usize::try_from(offset) {
-            if start < cfg.len() {
-                let n = data.len().min(cfg.len() - start);
-                data[..n].copy_from_slice(&cfg[start..start + n]);
-            }
-        }
+        // The config space: le64 guest_cid.
+        super::read_config_space(&self.cfg.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
