@@ -93,4 +93,44 @@ static void *memset_(void *p, int c, u64 n) {
     return p;
 }
 
+/* Interrupts: a 64-bit IDT gate, loading a table, and the LAPIC timer (the guests that take
+   timer interrupts keep their own table and handler). */
+struct idt_gate {
+    u16 off_lo, sel;
+    u8 ist, attr;
+    u16 off_mid;
+    u32 off_hi, zero;
+} __attribute__((packed));
+
+struct idt_ptr { u16 limit; u64 base; } __attribute__((packed));
+
+struct interrupt_frame;
+
+#define LAPIC 0xfee00000UL
+
+static inline void idt_set_gate(struct idt_gate *idt, int vec, void (*h)(struct interrupt_frame *)) {
+    u64 a = (u64)h;
+    idt[vec].off_lo = a & 0xffff;
+    idt[vec].sel = 0x08;
+    idt[vec].ist = 0;
+    idt[vec].attr = 0x8e;
+    idt[vec].off_mid = (a >> 16) & 0xffff;
+    idt[vec].off_hi = a >> 32;
+    idt[vec].zero = 0;
+}
+
+static inline void idt_load(struct idt_gate *idt, u16 entries) {
+    struct idt_ptr p = { (u16)(entries * sizeof(struct idt_gate) - 1), (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(p));
+}
+
+/* Software-enables the LAPIC and starts its timer on `vector` (divide by 1), one-shot or
+   periodic, counting down from `count`. */
+static inline void lapic_timer_start(u32 vector, u32 count, int periodic) {
+    mmio_write32(LAPIC + 0xf0, 0x1ff);
+    mmio_write32(LAPIC + 0x3e0, 0xb);
+    mmio_write32(LAPIC + 0x320, vector | (periodic ? (1u << 17) : 0));
+    mmio_write32(LAPIC + 0x380, count);
+}
+
 #endif

@@ -7,37 +7,13 @@
    VM is still running, says so and resets). */
 #include "guest.h"
 
-struct idt_gate {
-    u16 off_lo, sel;
-    u8 ist, attr;
-    u16 off_mid;
-    u32 off_hi, zero;
-} __attribute__((packed));
-
-struct idt_ptr { u16 limit; u64 base; } __attribute__((packed));
-
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 static volatile int ticks;
-
-#define LAPIC 0xfee00000UL
-
-struct interrupt_frame;
 
 __attribute__((interrupt)) static void timer_isr(struct interrupt_frame *f) {
     (void)f;
     ticks++;
     mmio_write32(LAPIC + 0xb0, 0); /* EOI */
-}
-
-static void set_gate(int vec, void (*h)(struct interrupt_frame *)) {
-    u64 a = (u64)h;
-    idt[vec].off_lo = a & 0xffff;
-    idt[vec].sel = 0x08;
-    idt[vec].ist = 0;
-    idt[vec].attr = 0x8e;
-    idt[vec].off_mid = (a >> 16) & 0xffff;
-    idt[vec].off_hi = a >> 32;
-    idt[vec].zero = 0;
 }
 
 void guest_main(const u8 *boot_params) {
@@ -47,14 +23,9 @@ void guest_main(const u8 *boot_params) {
     puts_serial(cmdline);
     puts_serial("\n");
 
-    set_gate(0x40, timer_isr);
-    struct idt_ptr p = { sizeof(idt) - 1, (u64)idt };
-    __asm__ volatile("lidt %0" : : "m"(p));
-    /* Software-enable the LAPIC, one-shot timer on vector 0x40. */
-    mmio_write32(LAPIC + 0xf0, 0x1ff);
-    mmio_write32(LAPIC + 0x3e0, 0xb);
-    mmio_write32(LAPIC + 0x320, 0x40);
-    mmio_write32(LAPIC + 0x380, 200000);
+    idt_set_gate(idt, 0x40, timer_isr);
+    idt_load(idt, 256);
+    lapic_timer_start(0x40, 200000, 0); /* one-shot */
     /* "sti; hlt" back to back: sti's interrupt shadow guarantees the interrupt is taken
        only once hlt is waiting, so it cannot slip in between the check and the hlt. */
     while (!ticks) __asm__ volatile("sti; hlt; cli");
