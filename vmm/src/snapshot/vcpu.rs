@@ -43,6 +43,23 @@ fn msrs(entries: &[kvm_msr_entry]) -> Result<Msrs, String> {
     Msrs::from_entries(entries).map_err(|e| format!("MSR list: {e:?}"))
 }
 
+/// `KVM_GET_MSRS` of `indices` (at most [`MSR_CHUNK`]): the entries and how many KVM read
+/// (it stops at the first it cannot read).
+fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Msrs, usize), String> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut m = msrs(&entries)?;
+    let read = vcpu
+        .get_msrs(&mut m)
+        .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+    Ok((m, read))
+}
+
 /// The MSRs worth saving: KVM's list, minus the ones it cannot read back on this vCPU
 /// (found by reading: `KVM_GET_MSRS` stops at the first it cannot read).
 pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
@@ -58,17 +75,7 @@ pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
     let mut ok = Vec::with_capacity(wanted.len());
     while !wanted.is_empty() {
         let n = wanted.len().min(MSR_CHUNK);
-        let entries: Vec<kvm_msr_entry> = wanted[..n]
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut m = msrs(&entries)?;
-        let read = vcpu
-            .get_msrs(&mut m)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        let (_, read) = read_msrs(vcpu, &wanted[..n])?;
         ok.extend_from_slice(&wanted[..read.min(n)]);
         // Skip the one that failed (if any) and go on after it.
         let next = if read < n { read + 1 } else { n };
@@ -80,17 +87,7 @@ pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
 fn get_msrs(vcpu: &VcpuFd, which: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
     let mut out = Vec::with_capacity(which.len());
     for chunk in which.chunks(MSR_CHUNK) {
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut m = msrs(&entries)?;
-        let read = vcpu
-            .get_msrs(&mut m)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        let (m, read) = read_msrs(vcpu, chunk)?;
         if read != chunk.len() {
             return Err(format!(
                 "KVM_GET_MSRS read {read} of {} MSRs (MSR {:#x} refused)",
