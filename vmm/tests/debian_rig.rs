@@ -175,14 +175,19 @@ const MATRIX_CELLS: [(&str, &str); 4] = [
     ("ntfs", "zero"),
 ];
 
+/// MiB each matrix cell writes, deletes and reclaims.
+const MATRIX_FILL_MIB: u64 = 64;
+
 /// Per file system a 512 MiB data disk, a fresh overlay over a base image that already holds
 /// data (pattern bytes all over, so every reclaimed cluster lies over backing data and must
 /// read back as zeros, not as the base). In one boot, the guest makes on each disk a GPT with
 /// the file system (mkfs, 32 MiB of files) -- the overlay's size then is the reference --,
 /// fills 64 MiB more, deletes them and reclaims by the route of MATRIX_CELLS, unmounts and
 /// checks the file system with its own checker (e2fsck -fn, xfs_repair -n, btrfs check
-/// --readonly, ntfsfix -n). Every overlay ends at most 8 MiB above the reference, allocated
-/// and apparent, and checks clean with qemu-img.
+/// --readonly, ntfsfix -n). Every overlay ends less than a quarter of the fill (16 MiB) above
+/// the reference, allocated and apparent -- without reclamation it would grow by the whole
+/// fill; file systems that copy their metadata on write (btrfs writes it twice, to new places)
+/// keep a few MiB of it -- and checks clean with qemu-img.
 #[test]
 #[ignore = "slow: stock Debian guest in the rig; run by scripts/test"]
 fn debian_file_system_matrix_each_file_system_gives_a_deleted_fill_back() {
@@ -200,7 +205,7 @@ fn debian_file_system_matrix_each_file_system_gives_a_deleted_fill_back() {
     workload.extend(
         MATRIX_CELLS
             .iter()
-            .map(|(fs, route)| format!("cell:m-{fs}:{fs}:{route}:64")),
+            .map(|(fs, route)| format!("cell:m-{fs}:{fs}:{route}:{MATRIX_FILL_MIB}")),
     );
     let watch: Vec<String> = MATRIX_CELLS
         .iter()
@@ -277,8 +282,8 @@ cd /; rm -rf "$d"
             ] {
                 let now = size_after(step, &file, k);
                 assert!(
-                    now <= reference + (8 << 20),
-                    "{fs}, {route}: {k} {now} {when}, {reference} with the file system made: the deleted 64 MiB were not given back\n{out}"
+                    now < reference + (MATRIX_FILL_MIB << 20) / 4,
+                    "{fs}, {route}: {k} {now} {when}, {reference} with the file system made: the deleted {MATRIX_FILL_MIB} MiB were not given back\n{out}"
                 );
             }
         }
