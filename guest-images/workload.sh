@@ -3,7 +3,7 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS]  (RW: randread randwrite read write verify)
+#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS[:JOBS]]  (RW: randread randwrite read write verify)
 #       | agent (serve the test agent until the VM is stopped) | count[:SECS] (THINVM-COUNT n
 #       lines forever) | writes:N[:PAUSE] (N synced 1 MiB files, each announced, PAUSE
 #       seconds apart, then all checked) | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server) |
@@ -164,15 +164,18 @@ ARGS
   /bin/blkbench /dev/vda "${mode:-randread}" "${bs:-4096}" "${secs:-5}" 256
 }
 
-# fio:RW[:SECS] (root file system only): fio on a 64 MiB file there, O_DIRECT, libaio, 32
-# requests in flight, SECS seconds (default 5). RW is fio's rw: randread and randwrite use
+# fio:RW[:SECS[:JOBS]] (root file system only): fio on a 64 MiB file there, O_DIRECT, libaio,
+# 32 requests in flight per job, SECS seconds (default 5), JOBS fio jobs (threads, default 1;
+# with more, each job has its own file and the result is their sum). RW is fio's rw:
+# randread and randwrite use
 # 4 KiB blocks, read and write 1 MiB; "verify" writes 64 MiB at random offsets in 4-64 KiB
 # blocks, then reads every block back and checks its crc32c (fails on any mismatch).
 step_fio() {
-  IFS=: read -r rw secs <<ARGS
+  IFS=: read -r rw secs jobs <<ARGS
 $1
 ARGS
   rw=${rw:-randread}
+  jobs=${jobs:-1}
   case "$rw" in
     randread | randwrite) set -- --rw="$rw" --bs=4k --runtime="${secs:-5}" --time_based ;;
     read | write) set -- --rw="$rw" --bs=1M --runtime="${secs:-5}" --time_based ;;
@@ -180,13 +183,14 @@ ARGS
     *) echo "unknown-rw-$rw"; return 1 ;;
   esac
   [ -x /usr/bin/fio ] || { echo "no-fio-here"; return 1; }
-  out=$(/usr/bin/fio --name=thinvm --filename="$DATA/fio.bin" --size=64M --direct=1 \
-    --ioengine=libaio --iodepth=32 --thread --output-format=terse --terse-version=3 "$@" 2>&1) ||
+  out=$(/usr/bin/fio --name=thinvm --directory="$DATA" --size=64M --direct=1 \
+    --ioengine=libaio --iodepth=32 --thread --numjobs="$jobs" --group_reporting \
+    --output-format=terse --terse-version=3 "$@" 2>&1) ||
     { echo "fio-failed: $(echo "$out" | tail -1)"; return 1; }
-  rm -f "$DATA/fio.bin"
+  rm -f "$DATA"/thinvm.*
   # Terse v3: field 5 error, 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
-  echo "$out" | awk -F';' -v rw="$rw" '$1 == 3 {
-    printf "rw=%s error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, $5, $8, $7, $49, $48 }'
+  echo "$out" | awk -F';' -v rw="$rw" -v jobs="$jobs" '$1 == 3 {
+    printf "rw=%s jobs=%d error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, jobs, $5, $8, $7, $49, $48 }'
 }
 
 # N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, PAUSE seconds apart

@@ -83,8 +83,9 @@ rm -rf "$d"
 
 /// fio in the guest on the overlay's ext4 root, 32 requests in flight (so the device runs
 /// batches of writes, data in parallel): a verify run (random writes of 4-64 KiB, every
-/// block read back and checked by crc32c), then short random-write and sequential-read runs
-/// that must report throughput. The image checks clean afterwards.
+/// block read back and checked by crc32c), then a short random-write run of two fio jobs on
+/// two vCPUs (two request queues, one per vCPU) and a sequential-read run, which must
+/// report throughput. The image checks clean afterwards.
 #[test]
 #[ignore = "slow: Linux guest in the rig; run by scripts/test"]
 fn fio_verifies_its_writes_in_the_guest_on_an_overlay() {
@@ -93,7 +94,7 @@ fn fio_verifies_its_writes_in_the_guest_on_an_overlay() {
         r#"set -e
 d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/fio.XXXXXX"); cd "$d"
 qemu-img create -q -f qcow2 -b {base} -F qcow2 ov.qcow2
-{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path=ov.qcow2,format=qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fio:verify,fio:randwrite:2,fio:read:2" </dev/null 2>vmm.log | grep '^THINVM' || true
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --cpus 2 --disk path=ov.qcow2,format=qcow2 --serial stdio --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=fio:verify,fio:randwrite:2:2,fio:read:2" </dev/null 2>vmm.log | grep '^THINVM' || true
 grep 'in batches' vmm.log | sed 's/.*writes \([0-9]*\) ([^,]*, \([0-9]*\) in batches.*/BATCHES writes=\1 batched=\2/'
 qemu-img check ov.qcow2 >/dev/null && echo "QEMUCHECK rc=0" || echo "QEMUCHECK rc=$?"
 rm -rf "$d"
@@ -116,6 +117,7 @@ rm -rf "$d"
         "{out}"
     );
     assert!(num(&runs[1], "write_iops") > 0, "{out}");
+    assert_eq!(num(&runs[1], "jobs"), 2, "{out}");
     assert!(num(&runs[2], "read_kib_s") > 0, "{out}");
     let b = &fields(&out, "BATCHES ")[0];
     assert!(num(b, "batched") > 0, "no write ran in a batch: {out}");
