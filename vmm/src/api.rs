@@ -79,7 +79,7 @@ impl ApiServer {
                         Ok(()) => serde_json::json!({
                             "ok": true,
                             "dir": d,
-                            "ms": t0.elapsed().as_millis() as u64,
+                            "ms": u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                         }),
                         Err(e) => serde_json::json!({ "ok": false, "error": e }),
                     }

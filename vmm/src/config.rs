@@ -13,7 +13,7 @@ use crate::error::{Result, VmmError};
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// Largest number of disks (one IOAPIC pin each, from IRQ 5 to 23).
-pub const MAX_DISKS: usize = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize;
+pub const MAX_DISKS: usize = IOAPIC_PINS as usize - VIRTIO_IRQ_BASE as usize;
 
 /// On/off switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -66,6 +66,15 @@ pub struct DiskSet {
     mem: Option<GuestMemoryMmap>,
 }
 
+/// The guest's name of disk `index`: vda, vdb, ... (thinvm attaches fewer than 26 disks,
+/// `MAX_DISKS`; a larger index is named by its number).
+fn guest_disk_name(index: usize) -> String {
+    match u8::try_from(index).ok().filter(|&i| i < 26) {
+        Some(i) => format!("vd{}", char::from(b'a' + i)),
+        None => format!("disk {index}"),
+    }
+}
+
 /// A stable 20-byte serial derived from the image path (or `serial=`).
 fn disk_serial(d: &DiskConfig) -> [u8; 20] {
     if let Some(s) = &d.serial {
@@ -189,7 +198,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         } else {
             None
         };
-        let name = format!("vd{}", (b'a' + i as u8) as char);
+        let name = guest_disk_name(i);
         let block = Block::new(
             image,
             BlockConfig {
@@ -212,7 +221,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         .map_err(|e| derr(format!("cannot start the device: {e}")))?;
         let stats = block.stats();
         let jobs = block.image_jobs();
-        let (base, gsi) = virtio_mmio_slot(i);
+        let (base, gsi) = virtio_mmio_slot(i).ok_or(VmmError::NoVirtioSlot { index: i })?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         vm.register_irqfd(&irq, gsi)?;
         let transport = MmioTransport::new(Box::new(block), vm.memory.clone(), irq)
@@ -340,4 +349,17 @@ fn start_confined_io_pool() -> Result<()> {
         })
         .clone()
         .map_err(|msg| VmmError::Seccomp(format!("block I/O threads: {msg}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_disk_names_follow_linux_order() {
+        assert_eq!(guest_disk_name(0), "vda");
+        assert_eq!(guest_disk_name(crate::config::MAX_DISKS - 1), "vds");
+        assert_eq!(guest_disk_name(25), "vdz");
+        assert_eq!(guest_disk_name(256), "disk 256");
+    }
 }

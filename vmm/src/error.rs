@@ -60,6 +60,12 @@ pub enum VmmError {
     },
     #[error("device setup: {0}")]
     Device(String),
+    /// More virtio-mmio devices than the IOAPIC has pins for.
+    #[error(
+        "device setup: no virtio-mmio slot for device {index} ({} devices at most, disks included)",
+        crate::config::MAX_DISKS
+    )]
+    NoVirtioSlot { index: usize },
     #[error("disk {path}: {msg}")]
     Disk { path: String, msg: String },
     #[error("{context}: {source}")]

@@ -2,6 +2,8 @@
 //! [`restore`]), run it to its [`lifecycle::ExitReason`], tear it down ([`runner`]). The
 //! `thinvm` binary (`main.rs`) owns the command line and the process's exit code.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod api;
 mod arch;
 pub mod config;

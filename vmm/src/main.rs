@@ -1,6 +1,8 @@
 //! `thinvm`: the command line (run, restore, ctl, image, demo) over the `vmm` library; the
 //! one place that turns how a VM ended into the process's exit code.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

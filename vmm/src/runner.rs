@@ -31,7 +31,7 @@ use crate::vsock::VsockDevice;
 use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
 
-const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 
@@ -60,7 +60,8 @@ pub fn open_kvm(cpus: u32, seccomp_on: bool) -> Result<(OwnedFd, Kvm)> {
         seccomp::prepare_process()?;
     }
     let kvm = host::open_kvm()?;
-    let max = kvm.get_max_vcpus() as u32;
+    // A limit beyond u32 allows every u32 count.
+    let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cpus > max {
         return Err(VmmError::Config(format!(
             "--cpus {cpus}: this host's KVM allows at most {max}"
@@ -98,7 +99,7 @@ pub fn attach_devices(
         Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::Device)?,
     };
     let serial = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), SERIAL_PORT, 8)
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
         .map_err(VmmError::bus("serial port"))?;
     let reset_clone = reset_evt
         .try_clone()
@@ -170,18 +171,18 @@ pub fn build(cfg: VmConfig) -> Result<Launch> {
     let rsdp = if cfg.acpi {
         // The disks, then the vsock device in the slot after them.
         let devices = cfg.disks.len() + usize::from(cfg.testvm.vsock.is_some());
-        let slots: Vec<acpi::VirtioMmioSlot> = (0..devices)
+        let slots = (0..devices)
             .map(|i| {
-                let (base, gsi) = virtio_mmio_slot(i);
-                acpi::VirtioMmioSlot {
+                let (base, gsi) = virtio_mmio_slot(i).ok_or(VmmError::NoVirtioSlot { index: i })?;
+                Ok(acpi::VirtioMmioSlot {
                     base,
                     size: VIRTIO_MMIO_SIZE,
                     gsi,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let serial = acpi::SerialPort {
-            port: SERIAL_PORT as u16,
+            port: SERIAL_PORT,
             irq: SERIAL_IRQ,
         };
         Some(acpi::setup(&vm.memory, cfg.cpus, serial, &slots)?)

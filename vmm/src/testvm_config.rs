@@ -105,7 +105,9 @@ pub fn parse_debug_exit(s: &str) -> Result<DebugExitConfig> {
             }
             "size" | "iosize" => {
                 c.size = match parse_int(v) {
-                    Some(n @ (1 | 2 | 4)) => n as u16,
+                    Some(1) => 1,
+                    Some(2) => 2,
+                    Some(4) => 4,
                     _ => return Err(bad(format!("--debug-exit size={v}: expected 1, 2 or 4"))),
                 }
             }

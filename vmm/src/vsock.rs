@@ -63,7 +63,7 @@ pub fn attach(
         thread_init,
     )
     .map_err(|e| VmmError::Device(format!("vsock: {e}")))?;
-    let (base, gsi) = virtio_mmio_slot(slot);
+    let (base, gsi) = virtio_mmio_slot(slot).ok_or(VmmError::NoVirtioSlot { index: slot })?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
     vm.register_irqfd(&irq, gsi)?;
     let transport = MmioTransport::new(Box::new(dev), vm.memory.clone(), irq)

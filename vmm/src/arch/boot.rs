@@ -124,9 +124,11 @@ pub fn load(
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| VmmError::Config(format!("{e}")))?;
     cl.insert_str(cmdline)
         .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
+    load_cmdline(mem, GuestAddress(u64::from(CMDLINE_ADDR)), &cl)
         .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
-    let cmdline_len = cmdline.len() as u32 + 1;
+    // With its NUL; at most CMDLINE_MAX, which `insert_str` enforced.
+    let cmdline_len = u32::try_from(cmdline.len() + 1)
+        .map_err(|_| VmmError::Config("kernel command line: too long".into()))?;
 
     // Initrd: as high as possible in low memory, page aligned, above the kernel.
     let initrd_info = match initrd {
@@ -157,8 +159,10 @@ pub fn load(
                         "{size} bytes do not fit in guest RAM above the kernel; give the VM more memory"
                     ))
                 })?;
+            let len = usize::try_from(size)
+                .map_err(|_| ierr(format!("{size} bytes do not fit in this host's memory")))?;
             let mut slice = mem
-                .get_slice(GuestAddress(addr), size as usize)
+                .get_slice(GuestAddress(addr), len)
                 .map_err(|e| ierr(format!("{e}")))?;
             file.read_exact_volatile(&mut slice)
                 .map_err(|e| ierr(format!("cannot read: {e}")))?;
@@ -180,24 +184,41 @@ pub fn load(
             params.acpi_rsdp_addr = rsdp.unwrap_or(0);
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
-            params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+            params.hdr.cmd_line_ptr = CMDLINE_ADDR;
             params.hdr.cmdline_size = cmdline_len;
             if params.hdr.kernel_alignment == 0 {
                 params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
             }
             if let Some((addr, size)) = initrd_info {
-                params.hdr.ramdisk_image = addr as u32;
-                params.hdr.ramdisk_size = size as u32;
+                // The initrd lies below the MMIO hole (placed so above), within 32 bits.
+                let below_4g = |v: u64| {
+                    u32::try_from(v).map_err(|_| {
+                        VmmError::Config(format!(
+                            "initrd at {addr:#x} (+{size:#x}) is not below 4 GiB"
+                        ))
+                    })
+                };
+                params.hdr.ramdisk_image = below_4g(addr)?;
+                params.hdr.ramdisk_size = below_4g(size)?;
             }
             let map = e820_map(mem_size);
-            for (i, (addr, size, t)) in map.iter().enumerate() {
-                params.e820_table[i] = boot_e820_entry {
-                    addr: *addr,
-                    size: *size,
-                    r#type: *t,
+            params.e820_entries = u8::try_from(map.len())
+                .ok()
+                .filter(|&n| usize::from(n) <= params.e820_table.len())
+                .ok_or_else(|| {
+                    VmmError::Config(format!(
+                        "{} memory map entries, the zero page holds {}",
+                        map.len(),
+                        params.e820_table.len()
+                    ))
+                })?;
+            for (entry, &(addr, size, t)) in params.e820_table.iter_mut().zip(&map) {
+                *entry = boot_e820_entry {
+                    addr,
+                    size,
+                    r#type: t,
                 };
             }
-            params.e820_entries = map.len() as u8;
             LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
                 &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
                 mem,
@@ -229,12 +250,14 @@ fn write_pvh(
             reserved: 0,
         })
         .collect();
+    let memmap_entries = u32::try_from(map.len())
+        .map_err(|_| VmmError::Config(format!("{} memory map entries", map.len())))?;
     let mut info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
-        cmdline_paddr: CMDLINE_ADDR,
+        cmdline_paddr: u64::from(CMDLINE_ADDR),
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: map.len() as u32,
+        memmap_entries,
         rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };

@@ -33,7 +33,12 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
     let (op, value) = match a.test {
         Test::Eq(v) => (SeccompCmpOp::Eq, v),
         Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
-        Test::KickSignal => (SeccompCmpOp::Eq, kick_signal as u64),
+        Test::KickSignal => (
+            SeccompCmpOp::Eq,
+            u64::try_from(kick_signal).map_err(|_| {
+                VmmError::Seccomp(format!("kick signal {kick_signal}: not a signal number"))
+            })?,
+        ),
     };
     SeccompCondition::new(a.index, len, op, value).map_err(|source| VmmError::SeccompFilter {
         what: format!("argument {}", a.index),

@@ -26,7 +26,7 @@ pub fn write(mem: &GuestMemoryMmap, file: &File) -> io::Result<u64> {
         let len = region.len();
         let mut at = 0u64;
         while at < len {
-            let n = (len - at).min(CHUNK as u64) as usize;
+            let n = usize::try_from(len - at).map_or(CHUNK, |left| left.min(CHUNK));
             // A volatile copy: the vCPUs are parked, but guest memory is never a Rust slice.
             region
                 .read_slice(&mut buf[..n], MemoryRegionAddress(at))
@@ -48,7 +48,10 @@ pub fn write(mem: &GuestMemoryMmap, file: &File) -> io::Result<u64> {
 /// Maps `file` copy-on-write as guest memory of `ranges` (guest address, length), laid out
 /// as [`write`] writes it.
 pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, String> {
-    let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    let total = ranges
+        .iter()
+        .try_fold(0u64, |t, r| t.checked_add(r.1 as u64))
+        .ok_or("guest RAM size overflows")?;
     let size = file
         .metadata()
         .map_err(|e| format!("memory file: {e}"))?
@@ -59,7 +62,7 @@ pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryM
         ));
     }
     let mut regions = Vec::with_capacity(ranges.len());
-    let mut offset = 0i64;
+    let mut offset: libc::off_t = 0;
     for &(addr, len) in ranges {
         // SAFETY: a new private mapping of `len` bytes of our open file at `offset` (a
         // multiple of the page size: regions are whole MiBs); no existing memory is touched.
@@ -90,7 +93,10 @@ pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryM
             GuestRegionMmap::new(region, addr)
                 .ok_or_else(|| format!("guest region at {:#x} overflows", addr.0))?,
         );
-        offset += len as i64;
+        offset = libc::off_t::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .ok_or_else(|| format!("guest region at {:#x}: too large", addr.0))?;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use super::cpu_model::CpuModel;
 use super::vcpu::VcpuState;
 use super::vm::VmKvmState;
+use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY};
 
 /// The state format this thinvm writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -83,6 +84,14 @@ pub fn incompatibility(s: &SnapshotState) -> Option<String> {
             "it was taken on CPU {}; this host's CPU is {} (a guest's CPU features must not change under it)",
             s.cpu.describe(),
             cpu.describe()
+        ));
+    }
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&s.mem_size) || s.mem_size % 4096 != 0 {
+        return Some(format!(
+            "its guest RAM size {} is not whole pages from {} MiB to {} GiB",
+            s.mem_size,
+            MIN_MEMORY >> 20,
+            MAX_MEMORY >> 30
         ));
     }
     if s.vcpus.len() != s.cpus as usize || s.cpus == 0 {
