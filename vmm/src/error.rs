@@ -1,6 +1,8 @@
 //! The VMM's error type: one variant per kind of failure, each naming the operation that
 //! failed and carrying the error that made it fail as its source.
 
+use std::path::PathBuf;
+
 /// Everything that can stop thinvm from starting or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -20,10 +22,88 @@ pub enum VmmError {
     /// Saving or restoring the VM's KVM state (a snapshot).
     #[error("/dev/kvm: {0}")]
     KvmState(String),
-    #[error("kernel {path}: {msg}")]
-    Kernel { path: String, msg: String },
-    #[error("initrd {path}: {msg}")]
-    Initrd { path: String, msg: String },
+    /// The kernel file could not be opened or read (`op`: which).
+    #[error("kernel {}: cannot {op}: {source}", path.display())]
+    KernelFile {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel file is neither a bzImage nor an ELF file.
+    #[error(
+        "kernel {}: not a Linux kernel: neither a bzImage (no 'HdrS' boot header) nor an ELF file",
+        path.display()
+    )]
+    KernelFormat { path: PathBuf },
+    /// linux-loader refused the kernel.
+    #[error("kernel {}: cannot load: {source}", path.display())]
+    KernelLoad {
+        path: PathBuf,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The kernel, loaded, reaches past guest RAM below the MMIO hole.
+    #[error(
+        "kernel {}: ends at {end:#x}, beyond guest RAM ({ram_end:#x}); give the VM more memory",
+        path.display()
+    )]
+    KernelTooLarge {
+        path: PathBuf,
+        end: u64,
+        ram_end: u64,
+    },
+    /// The kernel command line is refused (too long, a NUL, not printable ASCII).
+    #[error("kernel command line: {source}")]
+    Cmdline {
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    /// The kernel command line could not be written into guest memory.
+    #[error("kernel command line: {source}")]
+    CmdlineWrite {
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The initrd file could not be opened or read (`op`: which).
+    #[error("initrd {}: cannot {op}: {source}", path.display())]
+    InitrdFile {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the initrd into guest RAM.
+    #[error("initrd {}: cannot read: {source}", path.display())]
+    InitrdRead {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::VolatileMemoryError,
+    },
+    /// The initrd does not fit in guest RAM between the kernel and the MMIO hole (or the
+    /// kernel's `initrd_addr_max`).
+    #[error(
+        "initrd {}: {size} bytes do not fit in guest RAM above the kernel; give the VM more memory",
+        path.display()
+    )]
+    InitrdTooLarge { path: PathBuf, size: u64 },
+    /// The guest RAM the initrd was to be read into.
+    #[error("initrd {}: {source}", path.display())]
+    InitrdMemory {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// Writing the boot information (`what`: the zero page or the PVH start info).
+    #[error("guest memory: {what}: {source}")]
+    BootInfo {
+        what: &'static str,
+        #[source]
+        source: linux_loader::configurator::Error,
+    },
+    /// More e820 entries than the boot protocol holds (thinvm's map has at most five).
+    #[error("guest memory: {entries} memory map entries, more than the boot protocol holds")]
+    MemoryMap { entries: usize },
     /// Writing boot structures into guest memory (`what`: which, and where).
     #[error("guest memory: {what}: {source}")]
     GuestMemory {
