@@ -103,7 +103,7 @@ pub enum VmmError {
     },
     /// More e820 entries than the boot protocol holds (thinvm's map has at most five).
     #[error("guest memory: {entries} memory map entries, more than the boot protocol holds")]
-    MemoryMap { entries: usize },
+    E820Entries { entries: usize },
     /// Writing boot structures into guest memory (`what`: which, and where).
     #[error("guest memory: {what}: {source}")]
     GuestMemory {
@@ -111,9 +111,44 @@ pub enum VmmError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-    /// Allocating or mapping guest memory.
+    /// A guest RAM size this host cannot address.
+    #[error("guest memory: {mem_size} bytes: more than this host addresses")]
+    MemorySize { mem_size: u64 },
+    /// Mapping `len` bytes of guest RAM at guest address `addr` (anonymous memory, or a
+    /// snapshot's memory file).
+    #[error("guest memory: cannot map {len} bytes at {addr:#x}: {source}")]
+    MemoryMmap {
+        addr: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    /// vm-memory refused a mapping as a guest region.
+    #[error("guest memory: region at {addr:#x}: {source}")]
+    MemoryRegion {
+        addr: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A region reaching past the end of the guest address space.
+    #[error("guest memory: region at {addr:#x} (+{len:#x}) overflows the address space")]
+    MemoryRegionOverflow { addr: u64, len: usize },
+    /// A snapshot's memory file could not be opened or examined.
+    #[error("snapshot memory file {}: {source}", path.display())]
+    SnapshotMemoryFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's memory file whose size is not the snapshot's guest RAM.
+    #[error(
+        "snapshot memory file {}: {size} bytes, the snapshot's guest RAM is {ram}",
+        path.display()
+    )]
+    SnapshotMemorySize { path: PathBuf, size: u64, ram: u64 },
+    /// vm-memory refused the set of regions (overlapping, unordered).
     #[error("guest memory: {0}")]
-    Memory(String),
+    MemoryRegions(#[source] vm_memory::GuestRegionCollectionError),
     /// A vCPU ioctl (`op`: which).
     #[error("vCPU {id}: {op}: {source}")]
     VcpuIoctl {
@@ -138,16 +173,66 @@ pub enum VmmError {
         #[source]
         source: devices::bus::BusError,
     },
-    #[error("device setup: {0}")]
-    Device(String),
+    /// The virtio-vsock device could not be created.
+    #[error("device setup: vsock: {0}")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
+    /// A virtio-mmio transport could not be created (`what`: for which device).
+    #[error("device setup: {what} virtio-mmio: {source}")]
+    Transport {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's serial port state was refused.
+    #[error("device setup: serial port state: {0}")]
+    SerialState(#[source] devices::legacy::SerialStateError),
+    /// The event loop's epoll set could not be created.
+    #[error("device setup: event manager: {0}")]
+    EventManager(#[source] event_manager::Error),
     /// More virtio-mmio devices than the IOAPIC has pins for.
     #[error(
         "device setup: no virtio-mmio slot for device {index} ({} devices at most, disks included)",
         crate::config::MAX_DISKS
     )]
     NoVirtioSlot { index: usize },
-    #[error("disk {path}: {msg}")]
-    Disk { path: String, msg: String },
+    /// A disk image could not be opened (`path`: as given to `--disk`).
+    #[error("disk {}: {source}", path.display())]
+    DiskOpen {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// A `cache=none` disk on a file system without O_DIRECT.
+    #[error(
+        "disk {}: {source}: the file system does not support O_DIRECT (cache=none); use cache=writeback",
+        path.display()
+    )]
+    DiskDirectIo {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// `--ephemeral`: the overlay over `path` could not be created.
+    #[error("disk {}: cannot create the ephemeral overlay: {source}", path.display())]
+    DiskOverlay {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// A disk's path could not be made absolute (for an overlay's backing file name).
+    #[error("disk {}: {source}", path.display())]
+    DiskPath {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The virtio-blk device of a disk could not start (its I/O engine, its threads).
+    #[error("disk {}: cannot start the device: {source}", path.display())]
+    DiskDevice {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -186,9 +186,7 @@ pub fn build(args: &RestoreArgs) -> Result<Launch> {
     let s = state::load(&dir).map_err(VmmError::Config)?;
     let cfg = configure(args, &dir, &s)?;
     let (signals, kvm) = runner::open_kvm(cfg.cpus, cfg.seccomp)?;
-    let mem_file = std::fs::File::open(dir.join(state::MEMORY_FILE))
-        .map_err(|e| bad(format!("memory file: {e}")))?;
-    let memory = memory::map(&mem_file, &Vm::ram_ranges(s.mem_size)?).map_err(VmmError::Memory)?;
+    let memory = memory::map(&dir.join(state::MEMORY_FILE), &Vm::ram_ranges(s.mem_size)?)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
     vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::KvmState)?;
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);

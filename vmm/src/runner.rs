@@ -96,7 +96,7 @@ pub fn attach_devices(
     };
     let serial = match serial_state {
         None => SerialDevice::new(serial_irq, out),
-        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::Device)?,
+        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::SerialState)?,
     };
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
@@ -348,8 +348,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         cfg.stats_interval,
         pause.clone(),
     )?;
-    let mut em: Events =
-        EventManager::new().map_err(|e| VmmError::Device(format!("event manager: {e:?}")))?;
+    let mut em: Events = EventManager::new().map_err(VmmError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
     // `--api-socket`: pause, resume, snapshot.

@@ -216,7 +216,7 @@ pub fn load(
             params.e820_entries = u8::try_from(map.len())
                 .ok()
                 .filter(|&n| usize::from(n) <= params.e820_table.len())
-                .ok_or(VmmError::MemoryMap { entries: map.len() })?;
+                .ok_or(VmmError::E820Entries { entries: map.len() })?;
             for (entry, &(addr, size, t)) in params.e820_table.iter_mut().zip(&map) {
                 *entry = boot_e820_entry {
                     addr,
@@ -259,7 +259,7 @@ fn write_pvh(
         })
         .collect();
     let memmap_entries =
-        u32::try_from(map.len()).map_err(|_| VmmError::MemoryMap { entries: map.len() })?;
+        u32::try_from(map.len()).map_err(|_| VmmError::E820Entries { entries: map.len() })?;
     let mut info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,

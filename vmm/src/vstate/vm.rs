@@ -20,9 +20,7 @@ impl Vm {
         ram_regions(mem_size)
             .into_iter()
             .map(|(a, l)| {
-                let len = usize::try_from(l).map_err(|_| {
-                    VmmError::Memory(format!("{mem_size} bytes: more than this host addresses"))
-                })?;
+                let len = usize::try_from(l).map_err(|_| VmmError::MemorySize { mem_size })?;
                 Ok((GuestAddress(a), len))
             })
             .collect()
@@ -30,8 +28,7 @@ impl Vm {
 
     /// Creates the VM, its memory (with the MMIO hole), IRQ chip and PIT.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm> {
-        let memory = super::memory::create(&Self::ram_ranges(mem_size)?)
-            .map_err(|e| VmmError::Memory(format!("cannot allocate {mem_size} bytes: {e}")))?;
+        let memory = super::memory::create(&Self::ram_ranges(mem_size)?)?;
         Self::with_memory(kvm, memory)
     }
 
