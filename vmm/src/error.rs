@@ -133,6 +133,65 @@ pub enum VmmError {
     /// A region reaching past the end of the guest address space.
     #[error("guest memory: region at {addr:#x} (+{len:#x}) overflows the address space")]
     MemoryRegionOverflow { addr: u64, len: usize },
+    /// The snapshot directory could not be resolved.
+    #[error("snapshot {}: {source}", dir.display())]
+    SnapshotDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot's state file could not be read.
+    #[error("{}: {source}", path.display())]
+    SnapshotStateRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file lacks even the version fields: not a thinvm snapshot.
+    #[error("{}: not a thinvm snapshot ({source})", path.display())]
+    SnapshotNotThinvm {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A state file of this version that does not parse.
+    #[error("{}: damaged snapshot state ({source})", path.display())]
+    SnapshotStateDamaged {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A snapshot of another thinvm version, state format or CPU model, or whose state
+    /// contradicts itself (`reason` says which).
+    #[error("snapshot {} cannot be restored: {reason}", dir.display())]
+    SnapshotRefused { dir: PathBuf, reason: String },
+    /// A file the snapshot's state names (`what`: the memory file, a disk image) is missing.
+    #[error("snapshot {}: {what} {} is missing", dir.display(), file.display())]
+    SnapshotFileMissing {
+        dir: PathBuf,
+        what: &'static str,
+        file: PathBuf,
+    },
+    /// The state's devices are not in the order thinvm saves them.
+    #[error("snapshot {}: state: {problem}", dir.display())]
+    SnapshotStateInvalid { dir: PathBuf, problem: &'static str },
+    /// A device refused its saved virtio-mmio transport state (the device says why).
+    #[error("snapshot {}: {device}: {reason}", dir.display())]
+    SnapshotDevice {
+        dir: PathBuf,
+        device: String,
+        reason: String,
+    },
+    /// A clone's disk overlay could not be created.
+    #[error("clone overlay {}: {source}", path.display())]
+    CloneOverlay {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// A lock whose holder panicked (`what`: which).
+    #[error("{what}: a thread panicked while holding its lock")]
+    Poisoned { what: &'static str },
     /// A snapshot's memory file could not be opened or examined.
     #[error("snapshot memory file {}: {source}", path.display())]
     SnapshotMemoryFile {
@@ -164,8 +223,22 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("vCPU {id}: {msg}")]
-    Vcpu { id: u32, msg: String },
+    /// A KVM list (CPUID entries, MSRs) too long for its FAM wrapper (`what`: which).
+    #[error("vCPU {id}: {what}: {source}")]
+    VcpuList {
+        id: u32,
+        what: &'static str,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// KVM_SET_MSRS stopped at MSR `index`: it set `set` of `total`.
+    #[error("vCPU {id}: KVM_SET_MSRS took {set} of {total} MSRs (MSR {index:#x} refused)")]
+    VcpuMsrRefused {
+        id: u32,
+        set: usize,
+        total: usize,
+        index: u32,
+    },
     /// Placing a device on the port or MMIO bus (`what`: which device).
     #[error("device setup: {what}: {source}")]
     Bus {
@@ -258,6 +331,26 @@ pub enum VmmError {
 }
 
 impl VmmError {
+    /// Bad options or a snapshot refused before its guest ran (`thinvm restore` exits 1
+    /// for these even with `--exec`).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            VmmError::Config(_)
+                | VmmError::SnapshotDir { .. }
+                | VmmError::SnapshotStateRead { .. }
+                | VmmError::SnapshotNotThinvm { .. }
+                | VmmError::SnapshotStateDamaged { .. }
+                | VmmError::SnapshotRefused { .. }
+                | VmmError::SnapshotFileMissing { .. }
+                | VmmError::SnapshotStateInvalid { .. }
+                | VmmError::SnapshotDevice { .. }
+                | VmmError::SnapshotMemoryFile { .. }
+                | VmmError::SnapshotMemorySize { .. }
+                | VmmError::CloneOverlay { .. }
+        )
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         VmmError::Io {
             context: context.into(),

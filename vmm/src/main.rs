@@ -122,7 +122,7 @@ fn restore(args: restore::RestoreArgs) -> ExitCode {
     let exec_mode = args.testvm.exec.is_some();
     match restore::restore(&args) {
         // A snapshot refused, bad options: nothing ran.
-        Err(e @ error::VmmError::Config(_)) => {
+        Err(e) if e.is_refusal() => {
             eprintln!("thinvm: {e}");
             ExitCode::from(1)
         }

@@ -66,7 +66,10 @@ fn clone_overlay(dir: &Path, layer: &Path, slot: usize) -> Result<PathBuf> {
             ..Default::default()
         },
     )
-    .map_err(|e| bad(format!("clone overlay {}: {e}", path.display())))?;
+    .map_err(|source| VmmError::CloneOverlay {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 
@@ -79,13 +82,22 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
         ));
     }
     let mem = dir.join(state::MEMORY_FILE);
+    let missing = |what, file| VmmError::SnapshotFileMissing {
+        dir: dir.to_path_buf(),
+        what,
+        file,
+    };
+    let invalid = |problem| VmmError::SnapshotStateInvalid {
+        dir: dir.to_path_buf(),
+        problem,
+    };
     if !mem.is_file() {
-        return Err(bad(format!("{}: missing", mem.display())));
+        return Err(missing("memory file", mem));
     }
     let mut images = Vec::new();
     for (i, d) in s.disks.iter().enumerate() {
         if d.slot != i {
-            return Err(bad("snapshot state: disks out of order"));
+            return Err(invalid("disks out of order"));
         }
         let image = if d.in_snapshot {
             dir.join(&d.image)
@@ -93,16 +105,14 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
             PathBuf::from(&d.image)
         };
         if !image.is_file() {
-            return Err(bad(format!("disk image {}: missing", image.display())));
+            return Err(missing("disk image", image));
         }
         images.push(image);
     }
     let mut testvm = args.testvm.validate()?;
     if let Some(v) = &s.vsock {
         if v.slot != s.disks.len() {
-            return Err(bad(
-                "snapshot state: the vsock device is not after the disks",
-            ));
+            return Err(invalid("the vsock device is not after the disks"));
         }
     }
     match (&s.vsock, &args.testvm.vsock) {
@@ -181,29 +191,43 @@ pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
 /// Builds the clone: its memory mapped from the snapshot, devices and vCPUs in their saved
 /// state. Nothing runs yet.
 pub fn build(args: &RestoreArgs) -> Result<Launch> {
-    let dir = std::fs::canonicalize(&args.dir)
-        .map_err(|e| bad(format!("snapshot {}: {e}", args.dir.display())))?;
-    let s = state::load(&dir).map_err(VmmError::Config)?;
+    let dir = std::fs::canonicalize(&args.dir).map_err(|source| VmmError::SnapshotDir {
+        dir: args.dir.clone(),
+        source,
+    })?;
+    let s = state::load(&dir)?;
     let cfg = configure(args, &dir, &s)?;
     let (signals, kvm) = runner::open_kvm(cfg.cpus, cfg.seccomp)?;
     let memory = memory::map(&dir.join(state::MEMORY_FILE), &Vm::ram_ranges(s.mem_size)?)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
-    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::KvmState)?;
+    vm_state::restore(&vm.fd, &s.vm)?;
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
+    let device_err = |device: String| {
+        let dir = dir.clone();
+        move |reason| VmmError::SnapshotDevice {
+            dir,
+            device,
+            reason,
+        }
+    };
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {
         h.transport
             .lock()
-            .map_err(|_| bad("disk transport"))?
+            .map_err(|_| VmmError::Poisoned {
+                what: "disk transport",
+            })?
             .restore(&d.transport)
-            .map_err(|e| bad(format!("disk {}: {e}", d.slot)))?;
+            .map_err(device_err(format!("disk {}", d.slot)))?;
     }
     if let (Some(dev), Some(v)) = (&devs.vsock_dev, &s.vsock) {
         dev.transport
             .lock()
-            .map_err(|_| bad("vsock transport"))?
+            .map_err(|_| VmmError::Poisoned {
+                what: "vsock transport",
+            })?
             .restore(&v.transport)
-            .map_err(|e| bad(format!("vsock: {e}")))?;
+            .map_err(device_err("vsock".into()))?;
     }
     let mut vcpus = Vec::new();
     for v in &s.vcpus {

@@ -16,6 +16,7 @@ pub use super::cpu_model::CpuModel;
 use super::vcpu::VcpuState;
 use super::vm::VmKvmState;
 use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY};
+use crate::error::VmmError;
 
 /// The state format this thinvm writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -106,9 +107,12 @@ pub fn incompatibility(s: &SnapshotState) -> Option<String> {
 
 /// Reads `DIR/state.json`: parsed, and refused (with the reason) when it cannot be restored
 /// here.
-pub fn load(dir: &Path) -> Result<SnapshotState, String> {
+pub fn load(dir: &Path) -> Result<SnapshotState, VmmError> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read(&path).map_err(|source| VmmError::SnapshotStateRead {
+        path: path.clone(),
+        source,
+    })?;
     // The version fields first, so a state from another version is refused for that (its
     // other fields may well not parse).
     #[derive(Deserialize)]
@@ -116,24 +120,32 @@ pub fn load(dir: &Path) -> Result<SnapshotState, String> {
         format: u32,
         thinvm_version: String,
     }
-    let v: Version = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: not a thinvm snapshot ({e})", path.display()))?;
+    let v: Version =
+        serde_json::from_slice(&text).map_err(|source| VmmError::SnapshotNotThinvm {
+            path: path.clone(),
+            source,
+        })?;
     if v.format != FORMAT_VERSION || v.thinvm_version != env!("CARGO_PKG_VERSION") {
-        return Err(format!(
-            "snapshot {} cannot be restored: it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
-            dir.display(),
-            v.format,
-            v.thinvm_version,
-            env!("CARGO_PKG_VERSION")
-        ));
+        return Err(VmmError::SnapshotRefused {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
+                v.format,
+                v.thinvm_version,
+                env!("CARGO_PKG_VERSION")
+            ),
+        });
     }
-    let s: SnapshotState = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: damaged snapshot state ({e})", path.display()))?;
-    if let Some(why) = incompatibility(&s) {
-        return Err(format!(
-            "snapshot {} cannot be restored: {why}",
-            dir.display()
-        ));
+    let s: SnapshotState =
+        serde_json::from_slice(&text).map_err(|source| VmmError::SnapshotStateDamaged {
+            path: path.clone(),
+            source,
+        })?;
+    if let Some(reason) = incompatibility(&s) {
+        return Err(VmmError::SnapshotRefused {
+            dir: dir.to_path_buf(),
+            reason,
+        });
     }
     Ok(s)
 }

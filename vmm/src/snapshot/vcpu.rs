@@ -167,13 +167,15 @@ fn restored_tr(tr: kvm_segment, amd: bool) -> kvm_segment {
     }
 }
 
-/// Restores a saved state into a fresh vCPU (created, nothing set yet).
-pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |err: kvm_ioctls::Error| format!("{what}: {err}")
-    };
-    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|err| format!("CPUID: {err:?}"))?;
+/// Restores a saved state into fresh vCPU `id` (created, nothing set yet).
+pub fn restore(vcpu: &VcpuFd, id: u32, s: &VcpuState) -> crate::error::Result<()> {
+    use crate::error::VmmError;
+    let e = |op: &'static str| VmmError::vcpu(id, op);
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|source| VmmError::VcpuList {
+        id,
+        what: "CPUID entries",
+        source,
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
     if let Some(khz) = s.tsc_khz {
         if vcpu.get_tsc_khz().ok() != Some(khz) {
@@ -205,14 +207,19 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
         .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
     for part in [early, late] {
         for chunk in part.chunks(MSR_CHUNK) {
-            let m = msrs(chunk)?;
+            let m = Msrs::from_entries(chunk).map_err(|source| VmmError::VcpuList {
+                id,
+                what: "MSRs",
+                source,
+            })?;
             let n = vcpu.set_msrs(&m).map_err(e("KVM_SET_MSRS"))?;
             if n != chunk.len() {
-                return Err(format!(
-                    "KVM_SET_MSRS took {n} of {} MSRs (MSR {:#x} refused)",
-                    chunk.len(),
-                    chunk.get(n).map_or(0, |m| m.index)
-                ));
+                return Err(VmmError::VcpuMsrRefused {
+                    id,
+                    set: n,
+                    total: chunk.len(),
+                    index: chunk.get(n).map_or(0, |m| m.index),
+                });
             }
         }
     }

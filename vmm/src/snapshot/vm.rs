@@ -40,19 +40,19 @@ pub fn save(vm: &VmFd) -> Result<VmKvmState, String> {
 }
 
 /// Restores it into a fresh VM (IRQ chip and PIT created).
-pub fn restore(vm: &VmFd, s: &VmKvmState) -> Result<(), String> {
-    vm.set_pit2(&s.pit)
-        .map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
+pub fn restore(vm: &VmFd, s: &VmKvmState) -> crate::error::Result<()> {
+    use crate::error::VmmError;
+    vm.set_pit2(&s.pit).map_err(VmmError::kvm("KVM_SET_PIT2"))?;
     // The clock goes on from the saved value (flags: only what KVM_SET_CLOCK accepts).
     let clock = kvm_clock_data {
         clock: s.clock.clock,
         ..Default::default()
     };
     vm.set_clock(&clock)
-        .map_err(|e| format!("KVM_SET_CLOCK: {e}"))?;
+        .map_err(VmmError::kvm("KVM_SET_CLOCK"))?;
     for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
         vm.set_irqchip(c)
-            .map_err(|e| format!("KVM_SET_IRQCHIP {}: {e}", c.chip_id))?;
+            .map_err(VmmError::kvm(format!("KVM_SET_IRQCHIP {}", c.chip_id)))?;
     }
     Ok(())
 }

@@ -190,7 +190,7 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(VmmError::vcpu(id, "KVM_CREATE_VCPU"))?;
-        crate::snapshot::vcpu::restore(&fd, state).map_err(|msg| VmmError::Vcpu { id, msg })?;
+        crate::snapshot::vcpu::restore(&fd, id, state)?;
         Ok(Vcpu {
             fd,
             id,
