@@ -356,7 +356,7 @@ fn start_confined_io_pool() -> Result<()> {
             }))
         })
         .clone()
-        .map_err(|msg| VmmError::Seccomp(format!("block I/O threads: {msg}")))
+        .map_err(|reason| VmmError::ConfinedIoPool { reason })
 }
 
 #[cfg(test)]

@@ -9,9 +9,22 @@ pub enum VmmError {
     /// Bad options or a refused snapshot: nothing ran.
     #[error("{0}")]
     Config(String),
-    /// This host has no KVM thinvm can use (what to do is in the message).
-    #[error("/dev/kvm: {0}")]
-    KvmUnavailable(String),
+    /// This host has no KVM device (what to do is in the message).
+    #[error(
+        "/dev/kvm: does not exist: this host has no KVM (enable virtualization in the firmware, load kvm_intel or kvm_amd, or run inside a VM with nested virtualization)"
+    )]
+    KvmMissing,
+    /// This user may not open the KVM device (what to do is in the message).
+    #[error(
+        "/dev/kvm: permission denied: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root ({0})"
+    )]
+    KvmPermission(#[source] kvm_ioctls::Error),
+    /// A KVM whose API version is not 12.
+    #[error("/dev/kvm: unsupported KVM API version {0}")]
+    KvmApiVersion(i32),
+    /// A KVM without a capability thinvm needs (which).
+    #[error("/dev/kvm: KVM lacks a required capability: {0}")]
+    KvmCapability(&'static str),
     /// A KVM system or VM ioctl (`op`: which, and on what).
     #[error("/dev/kvm: {op}: {source}")]
     Kvm {
@@ -19,9 +32,6 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Saving or restoring the VM's KVM state (a snapshot).
-    #[error("/dev/kvm: {0}")]
-    KvmState(String),
     /// The kernel file could not be opened or read (`op`: which).
     #[error("kernel {}: cannot {op}: {source}", path.display())]
     KernelFile {
@@ -231,11 +241,12 @@ pub enum VmmError {
         #[source]
         source: vmm_sys_util::fam::Error,
     },
-    /// KVM_SET_MSRS stopped at MSR `index`: it set `set` of `total`.
-    #[error("vCPU {id}: KVM_SET_MSRS took {set} of {total} MSRs (MSR {index:#x} refused)")]
+    /// KVM_GET_MSRS or KVM_SET_MSRS (`op`) stopped at MSR `index`, after `done` of `total`.
+    #[error("vCPU {id}: {op} took {done} of {total} MSRs (MSR {index:#x} refused)")]
     VcpuMsrRefused {
         id: u32,
-        set: usize,
+        op: &'static str,
+        done: usize,
         total: usize,
         index: u32,
     },
@@ -326,8 +337,18 @@ pub enum VmmError {
         #[source]
         source: seccompiler::Error,
     },
-    #[error("seccomp: {0}")]
-    Seccomp(String),
+    /// The vCPU kick signal is not a signal number (SIGRTMIN is negative?).
+    #[error("seccomp: the vCPU kick signal {0} is not a signal number")]
+    KickSignal(i32),
+    /// glibc refused the malloc tuning confined threads need (see `seccomp::prepare_process`).
+    #[error("seccomp: cannot set malloc's trim threshold")]
+    MallocTrim,
+    /// The handler that reports a forbidden system call could not be installed.
+    #[error("seccomp: SIGSYS handler: {0}")]
+    SigsysHandler(#[source] vmm_sys_util::errno::Error),
+    /// The block crate's I/O threads could not start confined (the block crate says why).
+    #[error("seccomp: block I/O threads: {reason}")]
+    ConfinedIoPool { reason: String },
 }
 
 impl VmmError {

@@ -272,7 +272,7 @@ fn start(l: Launch) -> Result<RunningVm> {
     } = devs;
     // What a snapshot saves of each vCPU; parking for pause and snapshot.
     let msr_list = match vcpus.first() {
-        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::KvmState)?,
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd(), v.id())?,
         None => Vec::new(),
     };
     let (pause, requests) = PauseControl::new(vcpus.len());

@@ -161,7 +161,7 @@ impl VmControl {
 
     /// Saves everything while the VM is parked and its devices paused.
     fn write_snapshot(&self, dir: &Path, mut saved: Vec<TransportState>) -> Result<(), String> {
-        let vm_state = vm::save(&self.vm.fd)?;
+        let vm_state = vm::save(&self.vm.fd).map_err(|e| e.to_string())?;
         let vcpus = self.pause.save_all()?;
         let serial = lock(&self.serial).snapshot();
         let mem_path = dir.join(state::MEMORY_FILE);

@@ -35,9 +35,7 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
         Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
         Test::KickSignal => (
             SeccompCmpOp::Eq,
-            u64::try_from(kick_signal).map_err(|_| {
-                VmmError::Seccomp(format!("kick signal {kick_signal}: not a signal number"))
-            })?,
+            u64::try_from(kick_signal).map_err(|_| VmmError::KickSignal(kick_signal))?,
         ),
     };
     SeccompCondition::new(a.index, len, op, value).map_err(|source| VmmError::SeccompFilter {
@@ -136,9 +134,7 @@ pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
 pub fn prepare_process() -> Result<()> {
     // SAFETY: mallopt only changes malloc's tuning parameters.
     if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
-        return Err(VmmError::Seccomp(
-            "cannot set malloc's trim threshold".into(),
-        ));
+        return Err(VmmError::MallocTrim);
     }
     report::install()
 }

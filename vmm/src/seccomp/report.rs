@@ -129,5 +129,5 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 /// Installs the SIGSYS handler that reports a forbidden call and stops thinvm.
 pub fn install() -> Result<()> {
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
-        .map_err(|e| VmmError::Seccomp(format!("SIGSYS handler: {e}")))
+        .map_err(VmmError::SigsysHandler)
 }

@@ -204,6 +204,11 @@ impl Vcpu {
         &self.fd
     }
 
+    /// The vCPU's id (its local APIC id).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Where park requests come from, and the MSRs a saved state holds.
     pub fn set_pause(&mut self, requests: Receiver<VcpuRequest>, msr_list: Vec<u32>) {
         self.requests = Some(requests);
@@ -305,11 +310,8 @@ impl Vcpu {
         loop {
             match requests.recv() {
                 Ok(VcpuRequest::Save(reply)) => {
-                    let _ = reply.send(crate::snapshot::vcpu::save(
-                        &self.fd,
-                        self.id,
-                        &self.msr_list,
-                    ));
+                    let saved = crate::snapshot::vcpu::save(&self.fd, self.id, &self.msr_list);
+                    let _ = reply.send(saved.map_err(|e| e.to_string()));
                 }
                 Ok(VcpuRequest::Resume) => return !shared.stop.load(Ordering::Acquire),
                 Err(_) => return false,
