@@ -42,10 +42,9 @@ impl ApiServer {
             if m.file_type().is_socket() {
                 let _ = std::fs::remove_file(path);
             } else {
-                return Err(VmmError::Config(format!(
-                    "--api-socket {}: exists and is not a socket",
-                    path.display()
-                )));
+                return Err(VmmError::ApiSocketNotSocket {
+                    path: path.to_path_buf(),
+                });
             }
         }
         let listener = UnixListener::bind(path)

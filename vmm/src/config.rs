@@ -244,17 +244,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
     Ok(d)
 }
 
-fn check_readable(path: &Path, what: &str) -> Result<()> {
-    std::fs::File::open(path)
-        .map(|_| ())
-        .map_err(|e| bad(format!("{what} {}: cannot read: {e}", path.display())))?;
-    let meta =
-        std::fs::metadata(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
+fn check_readable(path: &Path, what: &'static str) -> Result<()> {
+    let input_err = |source| VmmError::InputFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::File::open(path)
+        .and_then(|f| f.metadata())
+        .map_err(input_err)?;
     if !meta.is_file() {
-        return Err(bad(format!(
-            "{what} {}: not a regular file",
-            path.display()
-        )));
+        return Err(VmmError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }

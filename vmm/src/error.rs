@@ -6,9 +6,59 @@ use std::path::PathBuf;
 /// Everything that can stop thinvm from starting or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// Bad options or a refused snapshot: nothing ran.
+    /// A command-line option's value that is malformed or contradicts another option; the
+    /// message names the option and the value (there is no underlying error). Nothing ran.
     #[error("{0}")]
     Config(String),
+    /// A file given on the command line (`what`: kernel, initrd, disk) cannot be opened.
+    #[error("{what} {}: cannot read: {source}", path.display())]
+    InputFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file given on the command line is a directory, a device, ...
+    #[error("{what} {}: not a regular file", path.display())]
+    NotAFile { what: &'static str, path: PathBuf },
+    /// More vCPUs than this host's KVM allows.
+    #[error("--cpus {cpus}: this host's KVM allows at most {max}")]
+    TooManyVcpus { cpus: u32, max: u32 },
+    /// More vCPUs than a firmware table (`table`: the MP table, the MADT) can describe:
+    /// APIC ids are bytes, the IOAPIC's being `cpus`.
+    #[error("{cpus} vCPUs do not fit the {table} (1..=254)")]
+    VcpusForTable { cpus: u32, table: &'static str },
+    /// The MP table outgrew the EBDA.
+    #[error("{cpus} CPUs: MP table too large")]
+    MpTableTooLarge { cpus: u32 },
+    /// More virtio-mmio devices than the DSDT names (VR00..VR99).
+    #[error("ACPI tables: {count} virtio-mmio devices, at most 100 have a DSDT name")]
+    AcpiTooManyDevices { count: usize },
+    /// A virtio-mmio window a Memory32Fixed descriptor cannot describe.
+    #[error(
+        "ACPI tables: device {index} at {base:#x} (+{size:#x}) is above 4 GiB (Memory32Fixed)"
+    )]
+    AcpiDeviceAbove4G { index: u32, base: u64, size: u64 },
+    /// The tables do not fit their area of guest memory.
+    #[error("ACPI tables: they do not fit in {start:#x}..{end:#x}")]
+    AcpiSpace { start: u64, end: u64 },
+    /// `--vsock` with every virtio-mmio slot taken by disks.
+    #[error(
+        "--vsock: no virtio-mmio slot left ({} devices at most, disks included)",
+        crate::config::MAX_DISKS
+    )]
+    VsockNoSlot,
+    /// `--debug-exit` ports that overlap another device's.
+    #[error("--debug-exit port={port:#x},size={size}: overlaps another device's ports")]
+    DebugExitOverlap {
+        port: u16,
+        size: u16,
+        #[source]
+        source: devices::bus::BusError,
+    },
+    /// `--api-socket` names a file that is not a socket (thinvm replaces only stale sockets).
+    #[error("--api-socket {}: exists and is not a socket", path.display())]
+    ApiSocketNotSocket { path: PathBuf },
     /// This host has no KVM device (what to do is in the message).
     #[error(
         "/dev/kvm: does not exist: this host has no KVM (enable virtualization in the firmware, load kvm_intel or kvm_amd, or run inside a VM with nested virtualization)"
@@ -358,6 +408,9 @@ impl VmmError {
         matches!(
             self,
             VmmError::Config(_)
+                | VmmError::InputFile { .. }
+                | VmmError::NotAFile { .. }
+                | VmmError::VsockNoSlot
                 | VmmError::SnapshotDir { .. }
                 | VmmError::SnapshotStateRead { .. }
                 | VmmError::SnapshotNotThinvm { .. }

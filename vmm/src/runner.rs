@@ -63,9 +63,7 @@ pub fn open_kvm(cpus: u32, seccomp_on: bool) -> Result<(OwnedFd, Kvm)> {
     // A limit beyond u32 allows every u32 count.
     let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cpus > max {
-        return Err(VmmError::Config(format!(
-            "--cpus {cpus}: this host's KVM allows at most {max}"
-        )));
+        return Err(VmmError::TooManyVcpus { cpus, max });
     }
     Ok((signals, kvm))
 }
@@ -114,11 +112,10 @@ pub fn attach_devices(
             u64::from(d.port),
             u64::from(d.size),
         )
-        .map_err(|_| {
-            VmmError::Config(format!(
-                "--debug-exit port={:#x},size={}: overlaps another device's ports",
-                d.port, d.size
-            ))
+        .map_err(|source| VmmError::DebugExitOverlap {
+            port: d.port,
+            size: d.size,
+            source,
         })?;
     }
 

@@ -42,9 +42,7 @@ pub fn attach(
     cmdline: &mut String,
 ) -> Result<VsockDevice> {
     if slot >= MAX_DISKS {
-        return Err(VmmError::Config(format!(
-            "--vsock: no virtio-mmio slot left ({MAX_DISKS} devices at most, disks included)"
-        )));
+        return Err(VmmError::VsockNoSlot);
     }
     let thread_init: Option<ThreadInit> = if seccomp_on {
         let prog = seccomp::filter(ThreadKind::Vsock)?;

@@ -65,8 +65,12 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn acpi_err(msg: impl Into<String>) -> VmmError {
-    VmmError::Config(format!("ACPI tables: {}", msg.into()))
+/// The tables overflowed their area of guest memory.
+fn no_space() -> VmmError {
+    VmmError::AcpiSpace {
+        start: ACPI_START,
+        end: ACPI_END,
+    }
 }
 
 /// AML already serialized (a `Device` borrows its children; serializing each device on its
@@ -98,10 +102,9 @@ fn device_aml(name: &str, hid: &dyn Aml, uid: u32, coherent: bool, crs: &[&dyn A
 /// The DSDT body (AML): `\_SB_.COM1` and `\_SB_.VRnn` for each virtio-mmio device.
 fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
     if devices.len() > 100 {
-        return Err(acpi_err(format!(
-            "{} virtio-mmio devices, at most 100 have a DSDT name",
-            devices.len()
-        )));
+        return Err(VmmError::AcpiTooManyDevices {
+            count: devices.len(),
+        });
     }
     let mut body = device_aml(
         "COM1",
@@ -115,16 +118,12 @@ fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
     );
     let hid: &'static str = "LNRO0005";
     for (i, d) in (0u32..).zip(devices) {
-        let end = d
-            .base
-            .checked_add(d.size)
-            .ok_or_else(|| acpi_err(format!("device {i}: range overflows")))?;
-        let above_4g = || {
-            acpi_err(format!(
-                "device {i} at {:#x} (+{:#x}) is above 4 GiB (Memory32Fixed)",
-                d.base, d.size
-            ))
+        let above_4g = || VmmError::AcpiDeviceAbove4G {
+            index: i,
+            base: d.base,
+            size: d.size,
         };
+        let end = d.base.checked_add(d.size).ok_or_else(above_4g)?;
         if end > 1 << 32 {
             return Err(above_4g());
         }
@@ -149,7 +148,7 @@ fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
 fn align(addr: u64) -> Result<u64> {
     addr.checked_add(TABLE_ALIGN - 1)
         .map(|a| a & !(TABLE_ALIGN - 1))
-        .ok_or_else(|| acpi_err("address overflows"))
+        .ok_or_else(no_space)
 }
 
 /// Places tables one after the other from `next`.
@@ -164,9 +163,7 @@ impl Placer {
         let end = addr
             .checked_add(bytes.len() as u64)
             .filter(|&e| e <= ACPI_END)
-            .ok_or_else(|| {
-                acpi_err(format!("they do not fit in {ACPI_START:#x}..{ACPI_END:#x}"))
-            })?;
+            .ok_or_else(no_space)?;
         self.next = end;
         self.blobs.push((addr, bytes));
         Ok(addr)
@@ -179,12 +176,15 @@ pub fn build(cpus: u32, serial: SerialPort, devices: &[VirtioMmioSlot]) -> Resul
     let cpus = u8::try_from(cpus)
         .ok()
         .filter(|c| (1..=254).contains(c))
-        .ok_or_else(|| acpi_err(format!("{cpus} vCPUs do not fit the MADT (1..=254)")))?;
+        .ok_or(VmmError::VcpusForTable {
+            cpus,
+            table: "MADT",
+        })?;
     let rsdp_addr = ACPI_START;
     let mut placer = Placer {
         next: rsdp_addr
             .checked_add(Rsdp::len() as u64)
-            .ok_or_else(|| acpi_err("address overflows"))?,
+            .ok_or_else(no_space)?,
         blobs: Vec::new(),
     };
 

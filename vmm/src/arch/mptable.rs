@@ -24,7 +24,10 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     let ioapic_id = u8::try_from(cpus)
         .ok()
         .filter(|c| (1..=254).contains(c))
-        .ok_or_else(|| VmmError::Config(format!("{cpus} CPUs do not fit an MP table (1..=254)")))?;
+        .ok_or(VmmError::VcpusForTable {
+            cpus,
+            table: "MP table",
+        })?;
     let mut entries: Vec<u8> = Vec::new();
     let mut count = 0u16;
     for i in 0..ioapic_id {
@@ -63,8 +66,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     let table_len = 44 + entries.len();
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    let table_len = u16::try_from(table_len)
-        .map_err(|_| VmmError::Config(format!("{cpus} CPUs: MP table too large")))?;
+    let table_len = u16::try_from(table_len).map_err(|_| VmmError::MpTableTooLarge { cpus })?;
     table.extend_from_slice(&table_len.to_le_bytes());
     table.push(4); // spec revision 1.4
     table.push(0); // checksum, below
@@ -95,7 +97,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
 pub fn setup(mem: &GuestMemoryMmap, cpus: u32) -> Result<()> {
     let bytes = build(cpus)?;
     if EBDA_START + bytes.len() as u64 > 0xa0000 {
-        return Err(VmmError::Config(format!("{cpus} CPUs: MP table too large")));
+        return Err(VmmError::MpTableTooLarge { cpus });
     }
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
         .map_err(VmmError::guest_memory("MP table"))
