@@ -6,14 +6,14 @@ use std::time::Duration;
 use block::{DetectZeroes, ImageFormat};
 use devices::virtio::block::WriteErrorPolicy;
 
-use crate::arch::layout::{IOAPIC_PINS, MAX_MEMORY, MIN_MEMORY, VIRTIO_IRQ_BASE};
+use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY, VIRTIO_MMIO_SLOTS};
 use crate::error::{Result, VmmError};
 
 /// The kernel command line used when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// Largest number of disks (one IOAPIC pin each, from IRQ 5 to 23).
-pub const MAX_DISKS: usize = IOAPIC_PINS as usize - VIRTIO_IRQ_BASE as usize;
+pub const MAX_DISKS: usize = VIRTIO_MMIO_SLOTS;
 
 /// On/off switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

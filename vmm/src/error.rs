@@ -45,7 +45,7 @@ pub enum VmmError {
     /// `--vsock` with every virtio-mmio slot taken by disks.
     #[error(
         "--vsock: no virtio-mmio slot left ({} devices at most, disks included)",
-        crate::config::MAX_DISKS
+        crate::arch::layout::VIRTIO_MMIO_SLOTS
     )]
     VsockNoSlot,
     /// `--debug-exit` ports that overlap another device's.
@@ -326,7 +326,7 @@ pub enum VmmError {
     /// More virtio-mmio devices than the IOAPIC has pins for.
     #[error(
         "device setup: no virtio-mmio slot for device {index} ({} devices at most, disks included)",
-        crate::config::MAX_DISKS
+        crate::arch::layout::VIRTIO_MMIO_SLOTS
     )]
     NoVirtioSlot { index: usize },
     /// A disk image could not be opened (`path`: as given to `--disk`).

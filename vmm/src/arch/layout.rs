@@ -40,6 +40,8 @@ pub const TSS_ADDR: usize = 0xfffb_d000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IRQs the IOAPIC routes (0..=23); an IRQ is a byte in the MP table.
 pub const IOAPIC_PINS: u8 = 24;
+/// virtio-mmio devices a VM can have: one IOAPIC pin each, from VIRTIO_IRQ_BASE to the last.
+pub const VIRTIO_MMIO_SLOTS: usize = IOAPIC_PINS as usize - VIRTIO_IRQ_BASE as usize;
 /// Smallest and largest guest RAM accepted.
 pub const MIN_MEMORY: u64 = 16 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
