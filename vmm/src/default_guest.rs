@@ -3,14 +3,14 @@
 //! root disk, which is shared and so only ever used under a throw-away overlay
 //! (`--ephemeral`). Its init serves the test agent (`thinvm.workload=agent`).
 
-use crate::config::RunArgs;
+use crate::config::RunOptions;
 
 /// The default guest's kernel command line.
 pub const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off quiet thinvm.root=vda thinvm.workload=agent";
 
 /// Fills in the default guest where `args` names no kernel.
-pub fn fill_in(args: &mut RunArgs) -> Result<(), String> {
+pub fn fill_in(args: &mut RunOptions) -> Result<(), String> {
     if args.kernel.is_some() {
         return Ok(());
     }

@@ -20,7 +20,7 @@ pub mod runner;
 mod seccomp;
 mod snapshot;
 mod terminal;
-mod testvm_config;
+pub mod testvm_config;
 mod vm_control;
 mod vsock;
 mod vstate;

@@ -15,33 +15,25 @@ use crate::lifecycle::{ExitReason, ExitState};
 use crate::runner::{self, Launch};
 use crate::snapshot::state::{self, SnapshotState};
 use crate::snapshot::{memory, vm as vm_state};
-use crate::testvm_config::{DebugExitConfig, TestVmArgs, VsockOptions};
+use crate::testvm_config::{DebugExitConfig, TestVmOptions, VsockOptions};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 
-/// `thinvm restore` arguments.
-#[derive(Debug, clap::Args)]
-pub struct RestoreArgs {
+/// `thinvm restore`'s options, as given.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
     /// The snapshot directory (from `thinvm ctl PATH snapshot DIR`).
     pub dir: PathBuf,
-    /// Run each disk on a temporary overlay, deleted when the clone ends.
-    #[arg(long)]
+    /// Each disk on a temporary overlay, deleted when the clone ends.
     pub ephemeral: bool,
-    /// Where the clone's disk overlays go without --ephemeral (default: the snapshot
+    /// Where the clone's disk overlays go without `ephemeral` (`None`: the snapshot
     /// directory).
-    #[arg(long, value_name = "DIR")]
     pub overlay_dir: Option<PathBuf>,
-    /// Serial console: stdio, file=PATH or none (default stdio; none with --exec).
-    #[arg(long)]
+    /// `--serial` (`None`: stdio, or none with `--exec`).
     pub serial: Option<String>,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
     /// seccomp filters for thinvm's threads.
-    #[arg(long, value_enum, default_value = "on")]
-    pub seccomp: crate::config::OnOff,
-    #[command(flatten)]
-    pub testvm: TestVmArgs,
+    pub seccomp: bool,
+    pub testvm: TestVmOptions,
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -75,7 +67,7 @@ fn clone_overlay(dir: &Path, layer: &Path, slot: usize) -> Result<PathBuf> {
 
 /// Checks the snapshot and the options, and works out the clone's configuration (creating
 /// its disk overlays last).
-fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConfig> {
+fn configure(args: &RestoreOptions, dir: &Path, s: &SnapshotState) -> Result<VmConfig> {
     if args.testvm.debug_exit.is_some() {
         return Err(bad(
             "--debug-exit: a clone has the snapshot's devices (its debug-exit port included)",
@@ -175,7 +167,7 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
         disks,
         ephemeral: args.ephemeral,
         serial,
-        seccomp: args.seccomp == crate::config::OnOff::On,
+        seccomp: args.seccomp,
         stats_interval: None,
         testvm,
         // The guest's ACPI tables, if it had any, are in the restored memory.
@@ -184,13 +176,13 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
 }
 
 /// Restores and runs the clone: [`build`], [`Launch::run`].
-pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+pub fn restore(args: &RestoreOptions) -> Result<ExitReason> {
     build(args)?.run()
 }
 
 /// Builds the clone: its memory mapped from the snapshot, devices and vCPUs in their saved
 /// state. Nothing runs yet.
-pub fn build(args: &RestoreArgs) -> Result<Launch> {
+pub fn build(args: &RestoreOptions) -> Result<Launch> {
     let dir = std::fs::canonicalize(&args.dir).map_err(|source| VmmError::SnapshotDir {
         dir: args.dir.clone(),
         source,
