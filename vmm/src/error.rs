@@ -10,6 +10,15 @@ pub enum VmmError {
     /// message names the option and the value (there is no underlying error). Nothing ran.
     #[error("{0}")]
     Config(String),
+    /// `thinvm run` without --kernel, --disk or --ephemeral would write the default guest's
+    /// shared base image.
+    #[error(
+        "the default guest's root disk is its shared, cached base image: add --ephemeral (a throw-away overlay over it), or give --disk, or --kernel"
+    )]
+    DefaultGuestNeedsOverlay,
+    /// Building (or finding in the cache) the default guest failed.
+    #[error("the default guest: {0}")]
+    DefaultGuest(#[source] guest_rig::RigError),
     /// A file given on the command line (`what`: kernel, initrd, disk) cannot be opened.
     #[error("{what} {}: cannot read: {source}", path.display())]
     InputFile {
