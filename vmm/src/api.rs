@@ -64,9 +64,10 @@ impl ApiServer {
             Ok(()) => serde_json::json!({ "ok": true }),
             Err(e) => serde_json::json!({ "ok": false, "error": e }),
         };
+        let done_vm = |r: Result<()>| done(r.map_err(|e| e.to_string()));
         match req.cmd.as_str() {
-            "pause" => done(self.control.pause()),
-            "resume" => done(self.control.resume()),
+            "pause" => done_vm(self.control.pause()),
+            "resume" => done_vm(self.control.resume()),
             "status" => serde_json::json!({
                 "ok": true,
                 "state": if self.control.is_paused() { "paused" } else { "running" },
@@ -80,7 +81,7 @@ impl ApiServer {
                             "dir": d,
                             "ms": u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                         }),
-                        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
                     }
                 }
                 _ => done(Err("snapshot needs \"dir\": an absolute path".into())),

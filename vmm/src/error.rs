@@ -258,6 +258,86 @@ pub enum VmmError {
         #[source]
         source: block::Error,
     },
+    /// Not every vCPU parked within `wait` (pause, snapshot); they run again.
+    #[error("{parked} of {total} vCPUs stopped within {wait:?}")]
+    VcpusNotParked {
+        parked: usize,
+        total: usize,
+        wait: std::time::Duration,
+    },
+    /// A parked vCPU's thread that is gone or did not answer (`problem`: which).
+    #[error("vCPU {id} {problem}")]
+    VcpuUnresponsive { id: usize, problem: &'static str },
+    /// `resume` of a VM that was not paused.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A device that could not be paused (for a snapshot), or whose worker refused a job.
+    #[error("a virtio device cannot be paused: {0}")]
+    DevicePause(#[source] devices::virtio::PauseError),
+    /// A snapshot into a directory that holds files.
+    #[error("{}: the snapshot directory must be new or empty", dir.display())]
+    SnapshotDirNotEmpty { dir: PathBuf },
+    /// Writing a snapshot's directory, memory file or state file (`path`: which).
+    #[error("{}: {source}", path.display())]
+    SnapshotWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The snapshot state could not be encoded.
+    #[error("snapshot state: {0}")]
+    SnapshotStateEncode(#[source] serde_json::Error),
+    /// A writable disk that is not qcow2 cannot be frozen as a layer.
+    #[error(
+        "disk {} is a {format} image: a snapshot freezes writable disks as qcow2 layers (use a qcow2 overlay, or --ephemeral)",
+        path.display()
+    )]
+    SnapshotDiskNotQcow2 { path: PathBuf, format: &'static str },
+    /// A disk whose backing file name is relative would lose it once moved.
+    #[error(
+        "disk {} names its backing file relatively ({backing}): moved into a snapshot it would not find it (use an absolute backing path, or --ephemeral)",
+        path.display()
+    )]
+    SnapshotRelativeBacking { path: PathBuf, backing: String },
+    /// Moving (or, across file systems, copying) a disk into the snapshot (`op`: which).
+    #[error("{op} {} into the snapshot: {source}", path.display())]
+    SnapshotDiskMove {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Flushing a disk before it is frozen.
+    #[error("disk {}: flush: {source}", path.display())]
+    SnapshotDiskFlush {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// A disk's worker dropped a job without answering.
+    #[error("disk {}: the disk's worker dropped the job", path.display())]
+    DiskWorkerGone { path: PathBuf },
+    /// The new overlay over a frozen layer could not be created.
+    #[error("the new overlay {}: {source}", path.display())]
+    SnapshotOverlay {
+        path: PathBuf,
+        #[source]
+        source: block::Error,
+    },
+    /// The disk's worker could not let go of its image (`path`) to freeze it.
+    #[error("releasing {}: {source}", path.display())]
+    DiskRelease {
+        path: PathBuf,
+        #[source]
+        source: Box<VmmError>,
+    },
+    /// Freezing a disk failed and, putting it back, reopening it failed too.
+    #[error("{error}; and the disk could not be reopened, its I/O fails: {reopen}")]
+    DiskReopen {
+        #[source]
+        error: Box<VmmError>,
+        reopen: Box<VmmError>,
+    },
     /// A lock whose holder panicked (`what`: which).
     #[error("{what}: a thread panicked while holding its lock")]
     Poisoned { what: &'static str },

@@ -151,14 +151,18 @@ pub fn load(dir: &Path) -> Result<SnapshotState, VmmError> {
 }
 
 /// Writes `DIR/state.json` (through a temporary file, so it appears whole or not at all).
-pub fn store(dir: &Path, s: &SnapshotState) -> Result<(), String> {
-    let text = serde_json::to_vec(s).map_err(|e| format!("snapshot state: {e}"))?;
+pub fn store(dir: &Path, s: &SnapshotState) -> Result<(), VmmError> {
+    let text = serde_json::to_vec(s).map_err(VmmError::SnapshotStateEncode)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::SnapshotWrite { path, source }
+    };
+    std::fs::write(&tmp, &text).map_err(write_err(&tmp))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|e| format!("{}: {e}", dir.display()))
+        .map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(write_err(dir))
 }
 
 #[cfg(test)]
