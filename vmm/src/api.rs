@@ -42,10 +42,9 @@ impl ApiServer {
             if m.file_type().is_socket() {
                 let _ = std::fs::remove_file(path);
             } else {
-                return Err(VmmError::Config(format!(
-                    "--api-socket {}: exists and is not a socket",
-                    path.display()
-                )));
+                return Err(VmmError::ApiSocketNotSocket {
+                    path: path.to_path_buf(),
+                });
             }
         }
         let listener = UnixListener::bind(path)
@@ -65,9 +64,10 @@ impl ApiServer {
             Ok(()) => serde_json::json!({ "ok": true }),
             Err(e) => serde_json::json!({ "ok": false, "error": e }),
         };
+        let done_vm = |r: Result<()>| done(r.map_err(|e| e.to_string()));
         match req.cmd.as_str() {
-            "pause" => done(self.control.pause()),
-            "resume" => done(self.control.resume()),
+            "pause" => done_vm(self.control.pause()),
+            "resume" => done_vm(self.control.resume()),
             "status" => serde_json::json!({
                 "ok": true,
                 "state": if self.control.is_paused() { "paused" } else { "running" },
@@ -79,9 +79,9 @@ impl ApiServer {
                         Ok(()) => serde_json::json!({
                             "ok": true,
                             "dir": d,
-                            "ms": t0.elapsed().as_millis() as u64,
+                            "ms": u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
                         }),
-                        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
                     }
                 }
                 _ => done(Err("snapshot needs \"dir\": an absolute path".into())),

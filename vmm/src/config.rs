@@ -1,4 +1,4 @@
-//! `thinvm run` options and their validation into a [`VmConfig`].
+//! `thinvm run` options ([`RunOptions`]) and their validation into a [`VmConfig`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -6,74 +6,41 @@ use std::time::Duration;
 use block::{DetectZeroes, ImageFormat};
 use devices::virtio::block::WriteErrorPolicy;
 
-use crate::arch::layout::{IOAPIC_PINS, MAX_MEMORY, MIN_MEMORY, VIRTIO_IRQ_BASE};
+use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY, VIRTIO_MMIO_SLOTS};
 use crate::error::{Result, VmmError};
 
 /// The kernel command line used when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// Largest number of disks (one IOAPIC pin each, from IRQ 5 to 23).
-pub const MAX_DISKS: usize = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize;
+pub const MAX_DISKS: usize = VIRTIO_MMIO_SLOTS;
 
-/// On/off switches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnOff {
-    On,
-    Off,
-}
-
-/// `thinvm run` arguments.
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// Guest kernel: a bzImage, or an ELF vmlinux (PVH entry when it has the note).
-    /// Without it, the default guest (built and cached on first use; its root disk is the
-    /// cached base image, so --ephemeral or --disk is needed).
-    #[arg(long, value_name = "PATH")]
+/// `thinvm run`'s options as the user gave them (the binary's command line fills them in);
+/// [`RunOptions::validate`] checks them into a [`VmConfig`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Guest kernel: a bzImage, or an ELF vmlinux; `None`: the default guest
+    /// ([`crate::default_guest::fill_in`]).
     pub kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default "console=ttyS0 reboot=k panic=-1 pci=off";
-    /// virtio-mmio disk announcements are appended).
-    #[arg(long)]
+    /// Kernel command line (`None`: [`DEFAULT_CMDLINE`]).
     pub cmdline: Option<String>,
-    /// Guest RAM (K/M/G suffixes).
-    #[arg(long, default_value = "256M")]
+    /// Guest RAM as `--memory` takes it (K/M/G suffixes).
     pub memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// A virtio-blk disk; repeat for more.
-    /// path=FILE[,readonly=on][,format=qcow2|raw][,detect-zeroes=off|on|unmap][,discard=ignore|unmap][,cache=writeback|none][,aio=io_uring|threads|sync][,num-queues=N][,werror=enospc|report][,serial=ID]
-    ///
-    /// Without format= the format is probed, and a probed image may not be turned against
-    /// the host: a qcow2 image that names a backing file is refused (format=qcow2 if you trust
-    /// it), and a raw image refuses writes that would make its first bytes look like qcow2
-    /// (format=raw allows them).
-    #[arg(long = "disk", value_name = "OPTIONS")]
+    /// Each `--disk`'s option string.
     pub disks: Vec<String>,
-    /// Run every disk on a temporary overlay that is deleted when the VM ends.
-    #[arg(long)]
+    /// Every disk on a temporary overlay.
     pub ephemeral: bool,
-    /// Serial console: stdio, file=PATH or none (default stdio; none with --exec).
-    #[arg(long)]
+    /// `--serial` (`None`: stdio, or none with `--exec`).
     pub serial: Option<String>,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
     /// seccomp filters for thinvm's threads.
-    #[arg(long, value_enum, default_value = "on")]
-    pub seccomp: OnOff,
-    /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT with the virtio-mmio disks and the serial
-    /// port): how distribution kernels find the disks. The disks are also announced on the
-    /// kernel command line (virtio_mmio.device=) for kernels without ACPI.
-    #[arg(long, value_enum, default_value = "on")]
-    pub acpi: OnOff,
-    /// Print disk statistics every N seconds (they are always printed on exit and SIGUSR1).
-    #[arg(long, value_name = "SECS")]
+    pub seccomp: bool,
+    /// ACPI tables for the guest.
+    pub acpi: bool,
+    /// Seconds between disk statistics.
     pub stats_interval: Option<u64>,
-    #[command(flatten)]
-    pub testvm: crate::testvm_config::TestVmArgs,
+    pub testvm: crate::testvm_config::TestVmOptions,
 }
 
 /// `discard=` with QEMU's meanings.
@@ -244,17 +211,20 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig> {
     Ok(d)
 }
 
-fn check_readable(path: &Path, what: &str) -> Result<()> {
-    std::fs::File::open(path)
-        .map(|_| ())
-        .map_err(|e| bad(format!("{what} {}: cannot read: {e}", path.display())))?;
-    let meta =
-        std::fs::metadata(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
+fn check_readable(path: &Path, what: &'static str) -> Result<()> {
+    let input_err = |source| VmmError::InputFile {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::File::open(path)
+        .and_then(|f| f.metadata())
+        .map_err(input_err)?;
     if !meta.is_file() {
-        return Err(bad(format!(
-            "{what} {}: not a regular file",
-            path.display()
-        )));
+        return Err(VmmError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -293,7 +263,7 @@ pub fn parse_memory(s: &str) -> Result<u64> {
     Ok(v.div_ceil(4096) * 4096)
 }
 
-impl RunArgs {
+impl RunOptions {
     /// Validates the arguments (without touching KVM).
     pub fn validate(&self) -> Result<VmConfig> {
         let kernel = self
@@ -351,10 +321,10 @@ impl RunArgs {
             disks,
             ephemeral: self.ephemeral,
             serial,
-            seccomp: self.seccomp == OnOff::On,
+            seccomp: self.seccomp,
             stats_interval: self.stats_interval.map(Duration::from_secs),
             testvm: self.testvm.validate()?,
-            acpi: self.acpi == OnOff::On,
+            acpi: self.acpi,
         })
     }
 }

@@ -4,37 +4,29 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// `thinvm ctl` arguments.
-#[derive(Debug, clap::Args)]
-pub struct CtlArgs {
-    /// The VM's --api-socket.
-    pub socket: PathBuf,
-    #[command(subcommand)]
-    pub cmd: CtlCommand,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum CtlCommand {
+/// A request to a running VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
     /// Stop the vCPUs.
     Pause,
     /// Let them run again.
     Resume,
     /// Whether the VM runs or is paused.
     Status,
-    /// Take a snapshot into DIR (new or empty); the VM goes on (on new disk overlays).
+    /// Take a snapshot into `dir` (new or empty); the VM goes on (on new disk overlays).
     Snapshot { dir: String },
 }
 
 /// Sends `cmd` to the VM at `socket` and returns its answer (`{"ok": true, ...}` or
 /// `{"ok": false, "error": ...}`), or why no answer came.
-pub fn request(socket: &Path, cmd: &CtlCommand) -> Result<serde_json::Value, String> {
+pub fn request(socket: &Path, cmd: &Request) -> Result<serde_json::Value, String> {
     let req = match cmd {
-        CtlCommand::Pause => serde_json::json!({ "cmd": "pause" }),
-        CtlCommand::Resume => serde_json::json!({ "cmd": "resume" }),
-        CtlCommand::Status => serde_json::json!({ "cmd": "status" }),
-        CtlCommand::Snapshot { dir } => serde_json::json!({
+        Request::Pause => serde_json::json!({ "cmd": "pause" }),
+        Request::Resume => serde_json::json!({ "cmd": "resume" }),
+        Request::Status => serde_json::json!({ "cmd": "status" }),
+        Request::Snapshot { dir } => serde_json::json!({
             "cmd": "snapshot",
             "dir": crate::vm_control::absolute(dir).display().to_string(),
         }),

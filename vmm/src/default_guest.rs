@@ -3,24 +3,22 @@
 //! root disk, which is shared and so only ever used under a throw-away overlay
 //! (`--ephemeral`). Its init serves the test agent (`thinvm.workload=agent`).
 
-use crate::config::RunArgs;
+use crate::config::RunOptions;
+use crate::error::{Result, VmmError};
 
 /// The default guest's kernel command line.
 pub const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off quiet thinvm.root=vda thinvm.workload=agent";
 
 /// Fills in the default guest where `args` names no kernel.
-pub fn fill_in(args: &mut RunArgs) -> Result<(), String> {
+pub fn fill_in(args: &mut RunOptions) -> Result<()> {
     if args.kernel.is_some() {
         return Ok(());
     }
     if args.disks.is_empty() && !args.ephemeral {
-        return Err(
-            "the default guest's root disk is its shared, cached base image: add --ephemeral (a throw-away overlay over it), or give --disk, or --kernel"
-                .into(),
-        );
+        return Err(VmmError::DefaultGuestNeedsOverlay);
     }
-    let g = guest_rig::build_guest().map_err(|e| format!("the default guest: {e}"))?;
+    let g = guest_rig::build_guest().map_err(VmmError::DefaultGuest)?;
     args.kernel = Some(g.vmlinux);
     if args.initrd.is_none() {
         args.initrd = Some(g.initrd);

@@ -66,6 +66,15 @@ pub struct DiskSet {
     mem: Option<GuestMemoryMmap>,
 }
 
+/// The guest's name of disk `index`: vda, vdb, ... (thinvm attaches fewer than 26 disks,
+/// `MAX_DISKS`; a larger index is named by its number).
+fn guest_disk_name(index: usize) -> String {
+    match u8::try_from(index).ok().filter(|&i| i < 26) {
+        Some(i) => format!("vd{}", char::from(b'a' + i)),
+        None => format!("disk {index}"),
+    }
+}
+
 /// A stable 20-byte serial derived from the image path (or `serial=`).
 fn disk_serial(d: &DiskConfig) -> [u8; 20] {
     if let Some(s) = &d.serial {
@@ -85,11 +94,10 @@ fn disk_serial(d: &DiskConfig) -> [u8; 20] {
 /// first (read-only, under the guest's probing rules, see `block::probe`) to learn the format
 /// the overlay records.
 fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Result<TempOverlay> {
-    let derr = |msg: String| VmmError::Disk {
-        path: base.display().to_string(),
-        msg,
-    };
-    let abs = std::fs::canonicalize(base).map_err(|e| derr(format!("{e}")))?;
+    let abs = std::fs::canonicalize(base).map_err(|source| VmmError::DiskPath {
+        path: base.to_path_buf(),
+        source,
+    })?;
     let fmt = block::open(
         &abs,
         &OpenOptions {
@@ -99,7 +107,10 @@ fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Resul
             ..OpenOptions::default()
         },
     )
-    .map_err(|e| derr(format!("{e}")))?
+    .map_err(|source| VmmError::DiskOpen {
+        path: base.to_path_buf(),
+        source,
+    })?
     .format();
     let name = format!(
         "thinvm-ephemeral-{}-{index}-{}.qcow2",
@@ -119,7 +130,10 @@ fn make_overlay(base: &Path, format: Option<ImageFormat>, index: usize) -> Resul
             ..Default::default()
         },
     )
-    .map_err(|e| derr(format!("cannot create the ephemeral overlay: {e}")))?;
+    .map_err(|source| VmmError::DiskOverlay {
+        path: base.to_path_buf(),
+        source,
+    })?;
     Ok(overlay)
 }
 
@@ -139,10 +153,6 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         tracing::warn!("io_uring is not available ({why}): disks use aio=threads");
     }
     for (i, d) in cfg.disks.iter().enumerate() {
-        let derr = |msg: String| VmmError::Disk {
-            path: d.path.display().to_string(),
-            msg,
-        };
         let overlay = if cfg.ephemeral {
             Some(make_overlay(&d.path, d.format, i)?)
         } else {
@@ -165,13 +175,12 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
                 force_share: false,
             },
         )
-        .map_err(|e| {
-            if d.direct && e.is_direct_io_unsupported() {
-                derr(format!(
-                    "{e}: the file system does not support O_DIRECT (cache=none); use cache=writeback"
-                ))
+        .map_err(|source| {
+            let path = d.path.clone();
+            if d.direct && source.is_direct_io_unsupported() {
+                VmmError::DiskDirectIo { path, source }
             } else {
-                derr(format!("{e}"))
+                VmmError::DiskOpen { path, source }
             }
         })?;
         // QEMU's rule: detect-zeroes=unmap needs discard=unmap, else it acts like "on".
@@ -189,7 +198,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         } else {
             None
         };
-        let name = format!("vd{}", (b'a' + i as u8) as char);
+        let name = guest_disk_name(i);
         let block = Block::new(
             image,
             BlockConfig {
@@ -209,14 +218,22 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             },
             thread_init,
         )
-        .map_err(|e| derr(format!("cannot start the device: {e}")))?;
+        .map_err(|source| VmmError::DiskDevice {
+            path: d.path.clone(),
+            source,
+        })?;
         let stats = block.stats();
         let jobs = block.image_jobs();
-        let (base, gsi) = virtio_mmio_slot(i);
+        let (base, gsi) = virtio_mmio_slot(i).ok_or(VmmError::NoVirtioSlot { index: i })?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         vm.register_irqfd(&irq, gsi)?;
-        let transport = MmioTransport::new(Box::new(block), vm.memory.clone(), irq)
-            .map_err(|e| derr(format!("virtio-mmio: {e}")))?;
+        let transport =
+            MmioTransport::new(Box::new(block), vm.memory.clone(), irq).map_err(|source| {
+                VmmError::Transport {
+                    what: format!("disk {}", d.path.display()),
+                    source,
+                }
+            })?;
         for (q, evt) in transport.notify_eventfds() {
             vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, q)?;
         }
@@ -339,5 +356,18 @@ fn start_confined_io_pool() -> Result<()> {
             }))
         })
         .clone()
-        .map_err(|msg| VmmError::Seccomp(format!("block I/O threads: {msg}")))
+        .map_err(|reason| VmmError::ConfinedIoPool { reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_disk_names_follow_linux_order() {
+        assert_eq!(guest_disk_name(0), "vda");
+        assert_eq!(guest_disk_name(crate::config::MAX_DISKS - 1), "vds");
+        assert_eq!(guest_disk_name(25), "vdz");
+        assert_eq!(guest_disk_name(256), "disk 256");
+    }
 }

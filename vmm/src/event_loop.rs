@@ -119,15 +119,15 @@ impl Controller {
         let mut buf = [0u8; 256];
         // SAFETY: reading into a valid buffer from an open descriptor.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-        if n <= 0 {
+        let Ok(len @ 1..) = usize::try_from(n) else {
             if n == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
                 // EOF or error: stop watching stdin.
                 let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
                 self.stdin = None;
             }
             return;
-        }
-        for &b in &buf[..n as usize] {
+        };
+        for &b in &buf[..len] {
             if self.escape_pending {
                 self.escape_pending = false;
                 match b {

@@ -11,27 +11,20 @@ pub fn open_kvm() -> Result<Kvm> {
     let dev = std::env::var_os("THINVM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
     let path = std::path::Path::new(&dev);
     if !path.exists() {
-        return Err(VmmError::KvmUnavailable(
-            "does not exist: this host has no KVM (enable virtualization in the firmware, load kvm_intel or kvm_amd, or run inside a VM with nested virtualization)".into(),
-        ));
+        return Err(VmmError::KvmMissing);
     }
     use std::os::unix::ffi::OsStrExt;
     let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| VmmError::KvmUnavailable("device path contains a NUL byte".into()))?;
+        .map_err(|e| VmmError::io("KVM device path", e.into()))?;
     let kvm = Kvm::new_with_path(&cpath).map_err(|e| {
         if e.errno() == libc::EACCES || e.errno() == libc::EPERM {
-            VmmError::KvmUnavailable(format!(
-                "permission denied: add your user to the 'kvm' group (sudo usermod -aG kvm $USER, then log in again) or run as root ({e})"
-            ))
+            VmmError::KvmPermission(e)
         } else {
             VmmError::kvm("cannot open")(e)
         }
     })?;
     if kvm.get_api_version() != 12 {
-        return Err(VmmError::KvmUnavailable(format!(
-            "unsupported KVM API version {}",
-            kvm.get_api_version()
-        )));
+        return Err(VmmError::KvmApiVersion(kvm.get_api_version()));
     }
     for (cap, name) in [
         (Cap::Irqchip, "in-kernel IRQ chip"),
@@ -42,9 +35,7 @@ pub fn open_kvm() -> Result<Kvm> {
         (Cap::ImmediateExit, "immediate exit"),
     ] {
         if !kvm.check_extension(cap) {
-            return Err(VmmError::KvmUnavailable(format!(
-                "KVM lacks a required capability: {name}"
-            )));
+            return Err(VmmError::KvmCapability(name));
         }
     }
     Ok(kvm)

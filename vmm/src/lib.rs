@@ -2,6 +2,8 @@
 //! [`restore`]), run it to its [`lifecycle::ExitReason`], tear it down ([`runner`]). The
 //! `thinvm` binary (`main.rs`) owns the command line and the process's exit code.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 mod api;
 mod arch;
 pub mod config;
@@ -18,7 +20,7 @@ pub mod runner;
 mod seccomp;
 mod snapshot;
 mod terminal;
-mod testvm_config;
+pub mod testvm_config;
 mod vm_control;
 mod vsock;
 mod vstate;

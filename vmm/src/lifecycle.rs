@@ -64,7 +64,10 @@ impl ExitReason {
             | ExitReason::InternalError { .. }
             | ExitReason::FailEntry { .. }
             | ExitReason::Fatal { .. } => 3,
-            ExitReason::Signal(s) => (128 + *s).clamp(0, 255) as u8,
+            // 128 + N for signals 1..=64; anything else saturates (0 or 255).
+            ExitReason::Signal(s) => {
+                u8::try_from(s.saturating_add(128)).unwrap_or(if *s < 0 { 0 } else { u8::MAX })
+            }
             ExitReason::UserQuit => 130,
             ExitReason::DebugExit(v) => devices::legacy::DebugExit::exit_status(*v),
             ExitReason::CommandExited(c) => *c,

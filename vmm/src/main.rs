@@ -1,11 +1,15 @@
 //! `thinvm`: the command line (run, restore, ctl, image, demo) over the `vmm` library; the
 //! one place that turns how a VM ended into the process's exit code.
 
+#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm::{config, ctl, default_guest, error, lifecycle, restore, runner};
+use vmm::{ctl, default_guest, error, lifecycle, restore, runner};
+
+mod cli;
 
 /// thinvm: a small KVM virtual machine monitor whose qcow2 overlays shrink when the guest
 /// wipes free space with zeros, trims or writes zeroes.
@@ -24,16 +28,16 @@ enum Command {
     /// (triple fault), 3 KVM could not run the guest (emulation failure), 128+N stopped by
     /// signal N (130 also for Ctrl-A x), (v << 1) | 1 the guest wrote v to the debug-exit
     /// port.
-    Run(config::RunArgs),
+    Run(cli::RunArgs),
     /// Boot the default Linux guest on a fresh overlay, fill / delete / zero-wipe / trim, and
     /// show the overlay shrinking (table + chart). Builds the guest on first use.
     Demo(demo::DemoArgs),
     /// Start a clone of a snapshot (`thinvm ctl PATH snapshot DIR`): memory mapped
     /// copy-on-write from the snapshot, each disk on a fresh overlay over its frozen layer.
     /// Exit codes as `run`.
-    Restore(restore::RestoreArgs),
+    Restore(cli::RestoreArgs),
     /// Control a running VM through its --api-socket: pause, resume, status, snapshot DIR.
-    Ctl(ctl::CtlArgs),
+    Ctl(cli::CtlArgs),
     /// Disk image tools (qemu-img / qemu-io style).
     Image {
         #[command(subcommand)]
@@ -92,17 +96,18 @@ fn finish(result: error::Result<lifecycle::ExitReason>, exec_mode: bool) -> Exit
     }
 }
 
-fn run(mut args: config::RunArgs) -> ExitCode {
+fn run(args: cli::RunArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         eprintln!("thinvm: {e}");
         return ExitCode::from(1);
     }
-    if let Err(e) = default_guest::fill_in(&mut args) {
+    let mut opts = args.options();
+    if let Err(e) = default_guest::fill_in(&mut opts) {
         eprintln!("thinvm: {e}");
         return ExitCode::from(1);
     }
-    let exec_mode = args.testvm.exec.is_some();
-    let cfg = match args.validate() {
+    let exec_mode = opts.testvm.exec.is_some();
+    let cfg = match opts.validate() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("thinvm: {e}");
@@ -112,15 +117,16 @@ fn run(mut args: config::RunArgs) -> ExitCode {
     finish(runner::run(cfg), exec_mode)
 }
 
-fn restore(args: restore::RestoreArgs) -> ExitCode {
+fn restore(args: cli::RestoreArgs) -> ExitCode {
     if let Err(e) = init_logging(&args.log_level) {
         eprintln!("thinvm: {e}");
         return ExitCode::from(1);
     }
-    let exec_mode = args.testvm.exec.is_some();
-    match restore::restore(&args) {
+    let opts = args.options();
+    let exec_mode = opts.testvm.exec.is_some();
+    match restore::restore(&opts) {
         // A snapshot refused, bad options: nothing ran.
-        Err(e @ error::VmmError::Config(_)) => {
+        Err(e) if e.is_refusal() => {
             eprintln!("thinvm: {e}");
             ExitCode::from(1)
         }
@@ -129,8 +135,8 @@ fn restore(args: restore::RestoreArgs) -> ExitCode {
 }
 
 /// `thinvm ctl`: prints the VM's answer; exit 0 when it succeeded, 1 otherwise.
-fn control(args: &ctl::CtlArgs) -> ExitCode {
-    match ctl::request(&args.socket, &args.cmd) {
+fn control(args: cli::CtlArgs) -> ExitCode {
+    match ctl::request(&args.socket, &args.cmd.request()) {
         Ok(v) => {
             println!("{v}");
             if v.get("ok").and_then(|o| o.as_bool()) == Some(true) {
@@ -165,6 +171,6 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => demo::run(args),
         Command::Restore(args) => restore(args),
-        Command::Ctl(args) => control(&args),
+        Command::Ctl(args) => control(args),
     }
 }

@@ -15,33 +15,25 @@ use crate::lifecycle::{ExitReason, ExitState};
 use crate::runner::{self, Launch};
 use crate::snapshot::state::{self, SnapshotState};
 use crate::snapshot::{memory, vm as vm_state};
-use crate::testvm_config::{DebugExitConfig, TestVmArgs, VsockOptions};
+use crate::testvm_config::{DebugExitConfig, TestVmOptions, VsockOptions};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 
-/// `thinvm restore` arguments.
-#[derive(Debug, clap::Args)]
-pub struct RestoreArgs {
+/// `thinvm restore`'s options, as given.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
     /// The snapshot directory (from `thinvm ctl PATH snapshot DIR`).
     pub dir: PathBuf,
-    /// Run each disk on a temporary overlay, deleted when the clone ends.
-    #[arg(long)]
+    /// Each disk on a temporary overlay, deleted when the clone ends.
     pub ephemeral: bool,
-    /// Where the clone's disk overlays go without --ephemeral (default: the snapshot
+    /// Where the clone's disk overlays go without `ephemeral` (`None`: the snapshot
     /// directory).
-    #[arg(long, value_name = "DIR")]
     pub overlay_dir: Option<PathBuf>,
-    /// Serial console: stdio, file=PATH or none (default stdio; none with --exec).
-    #[arg(long)]
+    /// `--serial` (`None`: stdio, or none with `--exec`).
     pub serial: Option<String>,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
     /// seccomp filters for thinvm's threads.
-    #[arg(long, value_enum, default_value = "on")]
-    pub seccomp: crate::config::OnOff,
-    #[command(flatten)]
-    pub testvm: TestVmArgs,
+    pub seccomp: bool,
+    pub testvm: TestVmOptions,
 }
 
 fn bad(msg: impl Into<String>) -> VmmError {
@@ -66,26 +58,38 @@ fn clone_overlay(dir: &Path, layer: &Path, slot: usize) -> Result<PathBuf> {
             ..Default::default()
         },
     )
-    .map_err(|e| bad(format!("clone overlay {}: {e}", path.display())))?;
+    .map_err(|source| VmmError::CloneOverlay {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 
 /// Checks the snapshot and the options, and works out the clone's configuration (creating
 /// its disk overlays last).
-fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConfig> {
+fn configure(args: &RestoreOptions, dir: &Path, s: &SnapshotState) -> Result<VmConfig> {
     if args.testvm.debug_exit.is_some() {
         return Err(bad(
             "--debug-exit: a clone has the snapshot's devices (its debug-exit port included)",
         ));
     }
     let mem = dir.join(state::MEMORY_FILE);
+    let missing = |what, file| VmmError::SnapshotFileMissing {
+        dir: dir.to_path_buf(),
+        what,
+        file,
+    };
+    let invalid = |problem| VmmError::SnapshotStateInvalid {
+        dir: dir.to_path_buf(),
+        problem,
+    };
     if !mem.is_file() {
-        return Err(bad(format!("{}: missing", mem.display())));
+        return Err(missing("memory file", mem));
     }
     let mut images = Vec::new();
     for (i, d) in s.disks.iter().enumerate() {
         if d.slot != i {
-            return Err(bad("snapshot state: disks out of order"));
+            return Err(invalid("disks out of order"));
         }
         let image = if d.in_snapshot {
             dir.join(&d.image)
@@ -93,16 +97,14 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
             PathBuf::from(&d.image)
         };
         if !image.is_file() {
-            return Err(bad(format!("disk image {}: missing", image.display())));
+            return Err(missing("disk image", image));
         }
         images.push(image);
     }
     let mut testvm = args.testvm.validate()?;
     if let Some(v) = &s.vsock {
         if v.slot != s.disks.len() {
-            return Err(bad(
-                "snapshot state: the vsock device is not after the disks",
-            ));
+            return Err(invalid("the vsock device is not after the disks"));
         }
     }
     match (&s.vsock, &args.testvm.vsock) {
@@ -165,7 +167,7 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
         disks,
         ephemeral: args.ephemeral,
         serial,
-        seccomp: args.seccomp == crate::config::OnOff::On,
+        seccomp: args.seccomp,
         stats_interval: None,
         testvm,
         // The guest's ACPI tables, if it had any, are in the restored memory.
@@ -174,38 +176,50 @@ fn configure(args: &RestoreArgs, dir: &Path, s: &SnapshotState) -> Result<VmConf
 }
 
 /// Restores and runs the clone: [`build`], [`Launch::run`].
-pub fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+pub fn restore(args: &RestoreOptions) -> Result<ExitReason> {
     build(args)?.run()
 }
 
 /// Builds the clone: its memory mapped from the snapshot, devices and vCPUs in their saved
 /// state. Nothing runs yet.
-pub fn build(args: &RestoreArgs) -> Result<Launch> {
-    let dir = std::fs::canonicalize(&args.dir)
-        .map_err(|e| bad(format!("snapshot {}: {e}", args.dir.display())))?;
-    let s = state::load(&dir).map_err(VmmError::Config)?;
+pub fn build(args: &RestoreOptions) -> Result<Launch> {
+    let dir = std::fs::canonicalize(&args.dir).map_err(|source| VmmError::SnapshotDir {
+        dir: args.dir.clone(),
+        source,
+    })?;
+    let s = state::load(&dir)?;
     let cfg = configure(args, &dir, &s)?;
     let (signals, kvm) = runner::open_kvm(cfg.cpus, cfg.seccomp)?;
-    let mem_file = std::fs::File::open(dir.join(state::MEMORY_FILE))
-        .map_err(|e| bad(format!("memory file: {e}")))?;
-    let memory = memory::map(&mem_file, &Vm::ram_ranges(s.mem_size)).map_err(VmmError::Memory)?;
+    let memory = memory::map(&dir.join(state::MEMORY_FILE), &Vm::ram_ranges(s.mem_size)?)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
-    vm_state::restore(&vm.fd, &s.vm).map_err(VmmError::KvmState)?;
+    vm_state::restore(&vm.fd, &s.vm)?;
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
+    let device_err = |device: String| {
+        let dir = dir.clone();
+        move |reason| VmmError::SnapshotDevice {
+            dir,
+            device,
+            reason,
+        }
+    };
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {
         h.transport
             .lock()
-            .map_err(|_| bad("disk transport"))?
+            .map_err(|_| VmmError::Poisoned {
+                what: "disk transport",
+            })?
             .restore(&d.transport)
-            .map_err(|e| bad(format!("disk {}: {e}", d.slot)))?;
+            .map_err(device_err(format!("disk {}", d.slot)))?;
     }
     if let (Some(dev), Some(v)) = (&devs.vsock_dev, &s.vsock) {
         dev.transport
             .lock()
-            .map_err(|_| bad("vsock transport"))?
+            .map_err(|_| VmmError::Poisoned {
+                what: "vsock transport",
+            })?
             .restore(&v.transport)
-            .map_err(|e| bad(format!("vsock: {e}")))?;
+            .map_err(device_err("vsock".into()))?;
     }
     let mut vcpus = Vec::new();
     for v in &s.vcpus {

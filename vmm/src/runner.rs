@@ -31,7 +31,7 @@ use crate::vsock::VsockDevice;
 use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
 
-const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_PORT: u16 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 
@@ -60,11 +60,10 @@ pub fn open_kvm(cpus: u32, seccomp_on: bool) -> Result<(OwnedFd, Kvm)> {
         seccomp::prepare_process()?;
     }
     let kvm = host::open_kvm()?;
-    let max = kvm.get_max_vcpus() as u32;
+    // A limit beyond u32 allows every u32 count.
+    let max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
     if cpus > max {
-        return Err(VmmError::Config(format!(
-            "--cpus {cpus}: this host's KVM allows at most {max}"
-        )));
+        return Err(VmmError::TooManyVcpus { cpus, max });
     }
     Ok((signals, kvm))
 }
@@ -95,10 +94,10 @@ pub fn attach_devices(
     };
     let serial = match serial_state {
         None => SerialDevice::new(serial_irq, out),
-        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::Device)?,
+        Some(s) => SerialDevice::restored(serial_irq, out, s).map_err(VmmError::SerialState)?,
     };
     let serial = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), SERIAL_PORT, 8)
+    pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)
         .map_err(VmmError::bus("serial port"))?;
     let reset_clone = reset_evt
         .try_clone()
@@ -113,11 +112,10 @@ pub fn attach_devices(
             u64::from(d.port),
             u64::from(d.size),
         )
-        .map_err(|_| {
-            VmmError::Config(format!(
-                "--debug-exit port={:#x},size={}: overlaps another device's ports",
-                d.port, d.size
-            ))
+        .map_err(|source| VmmError::DebugExitOverlap {
+            port: d.port,
+            size: d.size,
+            source,
         })?;
     }
 
@@ -170,18 +168,18 @@ pub fn build(cfg: VmConfig) -> Result<Launch> {
     let rsdp = if cfg.acpi {
         // The disks, then the vsock device in the slot after them.
         let devices = cfg.disks.len() + usize::from(cfg.testvm.vsock.is_some());
-        let slots: Vec<acpi::VirtioMmioSlot> = (0..devices)
+        let slots = (0..devices)
             .map(|i| {
-                let (base, gsi) = virtio_mmio_slot(i);
-                acpi::VirtioMmioSlot {
+                let (base, gsi) = virtio_mmio_slot(i).ok_or(VmmError::NoVirtioSlot { index: i })?;
+                Ok(acpi::VirtioMmioSlot {
                     base,
                     size: VIRTIO_MMIO_SIZE,
                     gsi,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let serial = acpi::SerialPort {
-            port: SERIAL_PORT as u16,
+            port: SERIAL_PORT,
             irq: SERIAL_IRQ,
         };
         Some(acpi::setup(&vm.memory, cfg.cpus, serial, &slots)?)
@@ -271,7 +269,7 @@ fn start(l: Launch) -> Result<RunningVm> {
     } = devs;
     // What a snapshot saves of each vCPU; parking for pause and snapshot.
     let msr_list = match vcpus.first() {
-        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd()).map_err(VmmError::KvmState)?,
+        Some(v) => crate::snapshot::vcpu::msrs_to_save(&kvm, v.fd(), v.id())?,
         None => Vec::new(),
     };
     let (pause, requests) = PauseControl::new(vcpus.len());
@@ -347,8 +345,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         cfg.stats_interval,
         pause.clone(),
     )?;
-    let mut em: Events =
-        EventManager::new().map_err(|e| VmmError::Device(format!("event manager: {e:?}")))?;
+    let mut em: Events = EventManager::new().map_err(VmmError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
 
     // `--api-socket`: pause, resume, snapshot.

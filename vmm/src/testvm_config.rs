@@ -1,32 +1,23 @@
-//! `thinvm run` options of disposable test VMs (flattened into [`crate::config::RunArgs`])
+//! `thinvm run` options of disposable test VMs ([`TestVmOptions`], part of
+//! [`crate::config::RunOptions`])
 //! and their validation: the debug-exit port, the vsock device, a command to run through the
 //! guest's agent, a time limit.
 
 use crate::error::{Result, VmmError};
 use devices::legacy::debug_exit::{DEFAULT_PORT, DEFAULT_SIZE};
 
-/// Test-VM options of `thinvm run`.
-#[derive(Debug, Default, clap::Args)]
-pub struct TestVmArgs {
-    /// QEMU's isa-debug-exit: a guest write of v to the port ends the VM, and thinvm exits
-    /// with (v << 1) | 1. [port=PORT][,size=1|2|4] (QEMU's defaults: port=0x501,size=2).
-    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+/// Test-VM options of `thinvm run` and `thinvm restore`, as given.
+#[derive(Clone, Debug, Default)]
+pub struct TestVmOptions {
+    /// `--debug-exit [port=PORT][,size=1|2|4]` (`Some("")`: QEMU's defaults).
     pub debug_exit: Option<String>,
-    /// A virtio-vsock device: cid=N,uds=PATH. The host connects to PATH and sends
-    /// "CONNECT <port>\n" to reach a guest listener; a guest connection to host port P
-    /// reaches the Unix socket PATH_P (Firecracker's scheme).
-    #[arg(long, value_name = "OPTIONS")]
+    /// `--vsock cid=N,uds=PATH`.
     pub vsock: Option<String>,
-    /// Run COMMAND in the guest (/bin/sh -c, through its test agent on vsock port 1025): its
-    /// output streams to thinvm's, thinvm's standard input to it, and thinvm exits with its
-    /// status (125 if the guest ends first). Adds a vsock device if --vsock is not given.
-    #[arg(long, value_name = "COMMAND")]
+    /// `--exec COMMAND`: run it in the guest through its agent.
     pub exec: Option<String>,
-    /// Stop the VM after SECS seconds (exit code 124).
-    #[arg(long, value_name = "SECS")]
+    /// `--timeout SECS`.
     pub timeout: Option<u64>,
-    /// A Unix socket taking pause, resume and snapshot requests (thinvm ctl PATH ...).
-    #[arg(long, value_name = "PATH")]
+    /// `--api-socket PATH`.
     pub api_socket: Option<std::path::PathBuf>,
 }
 
@@ -105,7 +96,9 @@ pub fn parse_debug_exit(s: &str) -> Result<DebugExitConfig> {
             }
             "size" | "iosize" => {
                 c.size = match parse_int(v) {
-                    Some(n @ (1 | 2 | 4)) => n as u16,
+                    Some(1) => 1,
+                    Some(2) => 2,
+                    Some(4) => 4,
                     _ => return Err(bad(format!("--debug-exit size={v}: expected 1, 2 or 4"))),
                 }
             }
@@ -177,7 +170,7 @@ pub fn parse_vsock(s: &str) -> Result<VsockOptions> {
     })
 }
 
-impl TestVmArgs {
+impl TestVmOptions {
     /// Validates the options.
     pub fn validate(&self) -> Result<TestVmConfig> {
         Ok(TestVmConfig {

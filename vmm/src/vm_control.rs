@@ -15,6 +15,7 @@ use devices::legacy::SerialDevice;
 use devices::virtio::mmio::{MmioTransport, TransportState};
 
 use crate::disks::DiskHandle;
+use crate::error::{Result, VmmError};
 use crate::snapshot::state::{self, CpuModel, SavedDisk, SavedVsock, SnapshotState};
 use crate::snapshot::{disks, memory, vm};
 use crate::vstate::vcpu::PauseControl;
@@ -85,7 +86,7 @@ impl VmControl {
     }
 
     /// Parks the vCPUs (devices finish what they have and stay idle without guest kicks).
-    pub fn pause(&mut self) -> Result<(), String> {
+    pub fn pause(&mut self) -> Result<()> {
         if self.user_paused {
             return Ok(());
         }
@@ -96,9 +97,9 @@ impl VmControl {
     }
 
     /// Lets the vCPUs run again.
-    pub fn resume(&mut self) -> Result<(), String> {
+    pub fn resume(&mut self) -> Result<()> {
         if !self.user_paused {
-            return Err("the VM is not paused".into());
+            return Err(VmmError::NotPaused);
         }
         self.pause.resume_all();
         self.user_paused = false;
@@ -114,7 +115,7 @@ impl VmControl {
     }
 
     /// Takes a snapshot into `dir` (new, or an empty directory).
-    pub fn snapshot(&mut self, dir: &Path) -> Result<(), String> {
+    pub fn snapshot(&mut self, dir: &Path) -> Result<()> {
         for d in &self.disks {
             disks::check(d)?;
         }
@@ -132,7 +133,7 @@ impl VmControl {
             match lock(t).pause() {
                 Ok(s) => saved.push(s),
                 Err(e) => {
-                    result = Err(format!("a virtio device cannot be paused: {e}"));
+                    result = Err(VmmError::DevicePause(e));
                     break;
                 }
             }
@@ -160,20 +161,24 @@ impl VmControl {
     }
 
     /// Saves everything while the VM is parked and its devices paused.
-    fn write_snapshot(&self, dir: &Path, mut saved: Vec<TransportState>) -> Result<(), String> {
+    fn write_snapshot(&self, dir: &Path, mut saved: Vec<TransportState>) -> Result<()> {
         let vm_state = vm::save(&self.vm.fd)?;
         let vcpus = self.pause.save_all()?;
         let serial = lock(&self.serial).snapshot();
         let mem_path = dir.join(state::MEMORY_FILE);
-        let f = std::fs::OpenOptions::new()
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&mem_path)
-            .map_err(|e| format!("{}: {e}", mem_path.display()))?;
-        memory::write(&self.vm.memory, &f).map_err(|e| format!("{}: {e}", mem_path.display()))?;
-        f.sync_all()
-            .map_err(|e| format!("{}: {e}", mem_path.display()))?;
+            .and_then(|f| {
+                memory::write(&self.vm.memory, &f)?;
+                f.sync_all()
+            })
+            .map_err(|source| VmmError::SnapshotWrite {
+                path: mem_path.clone(),
+                source,
+            })?;
         let vsock_state = if self.vsock.is_some() {
             saved.pop()
         } else {
@@ -236,24 +241,24 @@ pub fn layer_name(slot: usize) -> String {
 }
 
 /// Creates `dir`, or accepts an empty one; true when created.
-fn prepare_dir(dir: &Path) -> Result<bool, String> {
+fn prepare_dir(dir: &Path) -> Result<bool> {
+    let write_err = |source| VmmError::SnapshotWrite {
+        path: dir.to_path_buf(),
+        source,
+    };
     match std::fs::create_dir(dir) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let empty = std::fs::read_dir(dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?
-                .next()
-                .is_none();
+            let empty = std::fs::read_dir(dir).map_err(write_err)?.next().is_none();
             if empty {
                 Ok(false)
             } else {
-                Err(format!(
-                    "{}: the snapshot directory must be new or empty",
-                    dir.display()
-                ))
+                Err(VmmError::SnapshotDirNotEmpty {
+                    dir: dir.to_path_buf(),
+                })
             }
         }
-        Err(e) => Err(format!("{}: {e}", dir.display())),
+        Err(e) => Err(write_err(e)),
     }
 }
 

@@ -42,9 +42,7 @@ pub fn attach(
     cmdline: &mut String,
 ) -> Result<VsockDevice> {
     if slot >= MAX_DISKS {
-        return Err(VmmError::Config(format!(
-            "--vsock: no virtio-mmio slot left ({MAX_DISKS} devices at most, disks included)"
-        )));
+        return Err(VmmError::VsockNoSlot);
     }
     let thread_init: Option<ThreadInit> = if seccomp_on {
         let prog = seccomp::filter(ThreadKind::Vsock)?;
@@ -62,12 +60,17 @@ pub fn attach(
         },
         thread_init,
     )
-    .map_err(|e| VmmError::Device(format!("vsock: {e}")))?;
-    let (base, gsi) = virtio_mmio_slot(slot);
+    .map_err(VmmError::Vsock)?;
+    let (base, gsi) = virtio_mmio_slot(slot).ok_or(VmmError::NoVirtioSlot { index: slot })?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
     vm.register_irqfd(&irq, gsi)?;
-    let transport = MmioTransport::new(Box::new(dev), vm.memory.clone(), irq)
-        .map_err(|e| VmmError::Device(format!("vsock virtio-mmio: {e}")))?;
+    let transport =
+        MmioTransport::new(Box::new(dev), vm.memory.clone(), irq).map_err(|source| {
+            VmmError::Transport {
+                what: "vsock".into(),
+                source,
+            }
+        })?;
     for (q, evt) in transport.notify_eventfds() {
         vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, q)?;
     }

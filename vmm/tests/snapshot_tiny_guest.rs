@@ -298,6 +298,9 @@ fn incompatible_snapshots_are_refused_before_anything_runs() {
         v["vcpus"] = serde_json::json!([]);
     });
     refused("holds the state of 0");
+    std::fs::write(snap.join("state.json"), &original).unwrap();
+    edit_state(&snap, |v| v["mem_size"] = u64::MAX.into());
+    refused("guest RAM size 18446744073709551615");
     std::fs::write(
         snap.join("state.json"),
         b"{\"format\":1,\"thinvm_version\":\"",

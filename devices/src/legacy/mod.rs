@@ -7,4 +7,4 @@ pub mod serial;
 
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
-pub use serial::{SerialDevice, SerialOutput, SerialSnapshot};
+pub use serial::{SerialDevice, SerialOutput, SerialSnapshot, SerialStateError};

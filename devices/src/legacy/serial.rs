@@ -107,7 +107,7 @@ impl SerialDevice {
         irq_evt: EventFd,
         out: SerialOutput,
         s: &SerialSnapshot,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SerialStateError> {
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -125,11 +125,13 @@ impl SerialDevice {
             EventFdTrigger(irq_evt),
             vm_superio::serial::NoEvents,
             out,
-        )
-        .map_err(|e| format!("serial state: {e:?}"))?;
+        )?;
         Ok(SerialDevice { serial })
     }
 }
+
+/// Why a saved UART state was refused (vm-superio's: more bytes in its FIFO than it holds).
+pub type SerialStateError = vm_superio::serial::Error<std::io::Error>;
 
 /// The 16550 register at `offset`, if there is one (offsets 0 to 7).
 fn register(offset: u64) -> Option<u8> {

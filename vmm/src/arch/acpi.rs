@@ -65,8 +65,12 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-fn acpi_err(msg: impl Into<String>) -> VmmError {
-    VmmError::Config(format!("ACPI tables: {}", msg.into()))
+/// The tables overflowed their area of guest memory.
+fn no_space() -> VmmError {
+    VmmError::AcpiSpace {
+        start: ACPI_START,
+        end: ACPI_END,
+    }
 }
 
 /// AML already serialized (a `Device` borrows its children; serializing each device on its
@@ -98,10 +102,9 @@ fn device_aml(name: &str, hid: &dyn Aml, uid: u32, coherent: bool, crs: &[&dyn A
 /// The DSDT body (AML): `\_SB_.COM1` and `\_SB_.VRnn` for each virtio-mmio device.
 fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
     if devices.len() > 100 {
-        return Err(acpi_err(format!(
-            "{} virtio-mmio devices, at most 100 have a DSDT name",
-            devices.len()
-        )));
+        return Err(VmmError::AcpiTooManyDevices {
+            count: devices.len(),
+        });
     }
     let mut body = device_aml(
         "COM1",
@@ -114,24 +117,25 @@ fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
         ],
     );
     let hid: &'static str = "LNRO0005";
-    for (i, d) in devices.iter().enumerate() {
-        let end = d
-            .base
-            .checked_add(d.size)
-            .ok_or_else(|| acpi_err(format!("device {i}: range overflows")))?;
+    for (i, d) in (0u32..).zip(devices) {
+        let above_4g = || VmmError::AcpiDeviceAbove4G {
+            index: i,
+            base: d.base,
+            size: d.size,
+        };
+        let end = d.base.checked_add(d.size).ok_or_else(above_4g)?;
         if end > 1 << 32 {
-            return Err(acpi_err(format!(
-                "device {i} at {:#x} (+{:#x}) is above 4 GiB (Memory32Fixed)",
-                d.base, d.size
-            )));
+            return Err(above_4g());
         }
+        let base = u32::try_from(d.base).map_err(|_| above_4g())?;
+        let size = u32::try_from(d.size).map_err(|_| above_4g())?;
         body.extend(device_aml(
             &format!("VR{i:02}"),
             &hid,
-            i as u32,
+            i,
             true,
             &[
-                &aml::Memory32Fixed::new(true, d.base as u32, d.size as u32),
+                &aml::Memory32Fixed::new(true, base, size),
                 &aml::Interrupt::new(true, true, false, false, d.gsi),
             ],
         ));
@@ -144,7 +148,7 @@ fn dsdt_aml(serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Vec<u8>> {
 fn align(addr: u64) -> Result<u64> {
     addr.checked_add(TABLE_ALIGN - 1)
         .map(|a| a & !(TABLE_ALIGN - 1))
-        .ok_or_else(|| acpi_err("address overflows"))
+        .ok_or_else(no_space)
 }
 
 /// Places tables one after the other from `next`.
@@ -159,9 +163,7 @@ impl Placer {
         let end = addr
             .checked_add(bytes.len() as u64)
             .filter(|&e| e <= ACPI_END)
-            .ok_or_else(|| {
-                acpi_err(format!("they do not fit in {ACPI_START:#x}..{ACPI_END:#x}"))
-            })?;
+            .ok_or_else(no_space)?;
         self.next = end;
         self.blobs.push((addr, bytes));
         Ok(addr)
@@ -171,16 +173,18 @@ impl Placer {
 /// Builds the tables for `cpus` vCPUs, the serial port and the virtio-mmio devices.
 pub fn build(cpus: u32, serial: SerialPort, devices: &[VirtioMmioSlot]) -> Result<Tables> {
     // Local APIC ids are 0..cpus and the IOAPIC's id is `cpus` (as in the MP table), all u8.
-    if cpus == 0 || cpus > 254 {
-        return Err(acpi_err(format!(
-            "{cpus} vCPUs do not fit the MADT (1..=254)"
-        )));
-    }
+    let cpus = u8::try_from(cpus)
+        .ok()
+        .filter(|c| (1..=254).contains(c))
+        .ok_or(VmmError::VcpusForTable {
+            cpus,
+            table: "MADT",
+        })?;
     let rsdp_addr = ACPI_START;
     let mut placer = Placer {
         next: rsdp_addr
             .checked_add(Rsdp::len() as u64)
-            .ok_or_else(|| acpi_err("address overflows"))?,
+            .ok_or_else(no_space)?,
         blobs: Vec::new(),
     };
 
@@ -210,16 +214,12 @@ pub fn build(cpus: u32, serial: SerialPort, devices: &[VirtioMmioSlot]) -> Resul
         OEM_ID,
         *b"THINVMAP",
         OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_ADDR as u32),
+        LocalInterruptController::Address(LAPIC_ADDR),
     );
     for id in 0..cpus {
-        madt.add_structure(ProcessorLocalApic::new(
-            id as u8,
-            id as u8,
-            EnabledStatus::Enabled,
-        ));
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDR as u32, 0));
+    madt.add_structure(IoApic::new(cpus, IOAPIC_ADDR, 0));
     let madt_addr = placer.place(bytes_of(&madt))?;
 
     let mut xsdt = XSDT::new(OEM_ID, *b"THINVMXS", OEM_REVISION);
@@ -346,7 +346,7 @@ mod tests {
         let xsdt = table_at(&t, u64_at(table_at(&t, t.rsdp_addr), 24));
         let madt = table_at(&t, u64_at(xsdt, 44));
         assert_eq!(&madt[0..4], b"APIC");
-        assert_eq!(u32_at(madt, 36), LAPIC_ADDR as u32);
+        assert_eq!(u32_at(madt, 36), LAPIC_ADDR);
         let mut off = 44;
         let (mut lapics, mut ioapics) = (Vec::new(), Vec::new());
         while off < madt.len() {
@@ -363,7 +363,7 @@ mod tests {
         }
         assert_eq!(off, madt.len());
         assert_eq!(lapics, vec![(0, 0), (1, 1), (2, 2), (3, 3)]);
-        assert_eq!(ioapics, vec![(4, IOAPIC_ADDR as u32, 0)]);
+        assert_eq!(ioapics, vec![(4, IOAPIC_ADDR, 0)]);
         assert!(build(0, COM1, &[]).is_err());
         assert!(build(255, COM1, &[]).is_err());
         assert!(build(254, COM1, &slots(19)).is_ok());
@@ -380,8 +380,8 @@ mod tests {
             assert_eq!(count(dsdt, format!("VR{i:02}").as_bytes()), 1);
             // Memory32Fixed: 0x86, length 9, read-write, base, size.
             let mut m = vec![0x86, 9, 0, 1];
-            m.extend_from_slice(&(d.base as u32).to_le_bytes());
-            m.extend_from_slice(&(d.size as u32).to_le_bytes());
+            m.extend_from_slice(&u32::try_from(d.base).unwrap().to_le_bytes());
+            m.extend_from_slice(&u32::try_from(d.size).unwrap().to_le_bytes());
             assert_eq!(count(dsdt, &m), 1, "Memory32Fixed of device {i}");
             // Extended interrupt: 0x89, length 6, consumer + edge, one interrupt, the GSI.
             let mut irq = vec![0x89, 6, 0, 0b11, 1];
@@ -411,6 +411,14 @@ mod tests {
             gsi: 5,
         }];
         assert!(build(1, COM1, &wrap).is_err());
+        // Ends exactly at 4 GiB, but a 4 GiB length has no Memory32Fixed encoding (it
+        // would have been written as length 0).
+        let whole = [VirtioMmioSlot {
+            base: 0,
+            size: 1 << 32,
+            gsi: 5,
+        }];
+        assert!(build(1, COM1, &whole).is_err());
         assert!(build(1, COM1, &slots(101)).is_err());
     }
 }

@@ -37,22 +37,25 @@ pub enum KernelFormat {
 
 /// Looks at the first bytes of a kernel file.
 pub fn probe_kernel(path: &Path) -> Result<KernelFormat> {
-    let kerr = |msg: String| VmmError::Kernel {
-        path: path.display().to_string(),
-        msg,
+    let file_err = |op| {
+        move |source| VmmError::KernelFile {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
     };
-    let mut f = File::open(path).map_err(|e| kerr(format!("cannot open: {e}")))?;
+    let mut f = File::open(path).map_err(file_err("open"))?;
     let mut head = [0u8; 0x206];
-    let n = read_up_to(&mut f, &mut head).map_err(|e| kerr(format!("cannot read: {e}")))?;
+    let n = read_up_to(&mut f, &mut head).map_err(file_err("read"))?;
     if n >= 4 && head[0..4] == *b"\x7fELF" {
         return Ok(KernelFormat::Elf);
     }
     if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         return Ok(KernelFormat::BzImage);
     }
-    Err(kerr(
-        "not a Linux kernel: neither a bzImage (no 'HdrS' boot header) nor an ELF file".into(),
-    ))
+    Err(VmmError::KernelFormat {
+        path: path.to_path_buf(),
+    })
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -102,46 +105,58 @@ pub fn load(
     rsdp: Option<u64>,
 ) -> Result<Loaded> {
     let format = probe_kernel(kernel)?;
-    let kerr = |msg: String| VmmError::Kernel {
-        path: kernel.display().to_string(),
-        msg,
-    };
-    let mut f = File::open(kernel).map_err(|e| kerr(format!("cannot open: {e}")))?;
+    let mut f = File::open(kernel).map_err(|source| VmmError::KernelFile {
+        path: kernel.to_path_buf(),
+        op: "open",
+        source,
+    })?;
     let result = match format {
         KernelFormat::Elf => Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))),
         KernelFormat::BzImage => BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))),
     }
-    .map_err(|e| kerr(format!("cannot load: {e}")))?;
+    .map_err(|source| VmmError::KernelLoad {
+        path: kernel.to_path_buf(),
+        source,
+    })?;
     let low_end = mem_size.min(MMIO_HOLE_START);
     if result.kernel_end > low_end {
-        return Err(kerr(format!(
-            "kernel ends at {:#x}, beyond guest RAM ({:#x}); give the VM more memory",
-            result.kernel_end, low_end
-        )));
+        return Err(VmmError::KernelTooLarge {
+            path: kernel.to_path_buf(),
+            end: result.kernel_end,
+            ram_end: low_end,
+        });
     }
 
     // Command line.
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| VmmError::Config(format!("{e}")))?;
-    cl.insert_str(cmdline)
-        .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|e| VmmError::Config(format!("kernel command line: {e}")))?;
-    let cmdline_len = cmdline.len() as u32 + 1;
+    let cmdline_err = |source| VmmError::Cmdline { source };
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(cmdline_err)?;
+    cl.insert_str(cmdline).map_err(cmdline_err)?;
+    load_cmdline(mem, GuestAddress(u64::from(CMDLINE_ADDR)), &cl)
+        .map_err(|source| VmmError::CmdlineWrite { source })?;
+    // With its NUL; at most CMDLINE_MAX, which `insert_str` enforced.
+    let cmdline_len = u32::try_from(cmdline.len() + 1)
+        .map_err(|_| cmdline_err(linux_loader::cmdline::Error::TooLarge))?;
 
     // Initrd: as high as possible in low memory, page aligned, above the kernel.
     let initrd_info = match initrd {
         None => None,
         Some(p) => {
-            let ierr = |msg: String| VmmError::Initrd {
-                path: p.display().to_string(),
-                msg,
+            let file_err = |op| {
+                move |source| VmmError::InitrdFile {
+                    path: p.to_path_buf(),
+                    op,
+                    source,
+                }
             };
-            let mut file = File::open(p).map_err(|e| ierr(format!("cannot open: {e}")))?;
+            let too_large = |size| VmmError::InitrdTooLarge {
+                path: p.to_path_buf(),
+                size,
+            };
+            let mut file = File::open(p).map_err(file_err("open"))?;
             let size = file
                 .seek(std::io::SeekFrom::End(0))
-                .map_err(|e| ierr(format!("cannot read: {e}")))?;
-            file.rewind()
-                .map_err(|e| ierr(format!("cannot read: {e}")))?;
+                .map_err(file_err("read"))?;
+            file.rewind().map_err(file_err("read"))?;
             let mut max = low_end;
             if let Some(h) = result.setup_header {
                 if h.initrd_addr_max != 0 {
@@ -152,16 +167,19 @@ pub fn load(
                 .checked_sub(size)
                 .map(|a| a & !0xfff)
                 .filter(|&a| a >= result.kernel_end)
-                .ok_or_else(|| {
-                    ierr(format!(
-                        "{size} bytes do not fit in guest RAM above the kernel; give the VM more memory"
-                    ))
-                })?;
-            let mut slice = mem
-                .get_slice(GuestAddress(addr), size as usize)
-                .map_err(|e| ierr(format!("{e}")))?;
+                .ok_or_else(|| too_large(size))?;
+            let len = usize::try_from(size).map_err(|_| too_large(size))?;
+            let mut slice = mem.get_slice(GuestAddress(addr), len).map_err(|source| {
+                VmmError::InitrdMemory {
+                    path: p.to_path_buf(),
+                    source,
+                }
+            })?;
             file.read_exact_volatile(&mut slice)
-                .map_err(|e| ierr(format!("cannot read: {e}")))?;
+                .map_err(|source| VmmError::InitrdRead {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
             Some((addr, size))
         }
     };
@@ -180,29 +198,40 @@ pub fn load(
             params.acpi_rsdp_addr = rsdp.unwrap_or(0);
             params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
             params.hdr.header = KERNEL_HDR_MAGIC;
-            params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+            params.hdr.cmd_line_ptr = CMDLINE_ADDR;
             params.hdr.cmdline_size = cmdline_len;
             if params.hdr.kernel_alignment == 0 {
                 params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
             }
-            if let Some((addr, size)) = initrd_info {
-                params.hdr.ramdisk_image = addr as u32;
-                params.hdr.ramdisk_size = size as u32;
+            if let (Some((addr, size)), Some(p)) = (initrd_info, initrd) {
+                // The initrd lies below the MMIO hole (placed so above), within 32 bits.
+                let too_large = || VmmError::InitrdTooLarge {
+                    path: p.to_path_buf(),
+                    size,
+                };
+                params.hdr.ramdisk_image = u32::try_from(addr).map_err(|_| too_large())?;
+                params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| too_large())?;
             }
             let map = e820_map(mem_size);
-            for (i, (addr, size, t)) in map.iter().enumerate() {
-                params.e820_table[i] = boot_e820_entry {
-                    addr: *addr,
-                    size: *size,
-                    r#type: *t,
+            params.e820_entries = u8::try_from(map.len())
+                .ok()
+                .filter(|&n| usize::from(n) <= params.e820_table.len())
+                .ok_or(VmmError::E820Entries { entries: map.len() })?;
+            for (entry, &(addr, size, t)) in params.e820_table.iter_mut().zip(&map) {
+                *entry = boot_e820_entry {
+                    addr,
+                    size,
+                    r#type: t,
                 };
             }
-            params.e820_entries = map.len() as u8;
             LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
                 &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
                 mem,
             )
-            .map_err(|e| VmmError::Memory(format!("zero page: {e}")))?;
+            .map_err(|source| VmmError::BootInfo {
+                what: "zero page",
+                source,
+            })?;
             let entry = match format {
                 // The 64-bit entry point of a bzImage's protected-mode kernel.
                 KernelFormat::BzImage => result.kernel_load.0 + 0x200,
@@ -229,12 +258,14 @@ fn write_pvh(
             reserved: 0,
         })
         .collect();
+    let memmap_entries =
+        u32::try_from(map.len()).map_err(|_| VmmError::E820Entries { entries: map.len() })?;
     let mut info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
-        cmdline_paddr: CMDLINE_ADDR,
+        cmdline_paddr: u64::from(CMDLINE_ADDR),
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: map.len() as u32,
+        memmap_entries,
         rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
@@ -251,8 +282,12 @@ fn write_pvh(
         params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
     }
     params.set_sections(&map, GuestAddress(PVH_MEMMAP_ADDR));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem)
-        .map_err(|e| VmmError::Memory(format!("PVH start info: {e}")))
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|source| {
+        VmmError::BootInfo {
+            what: "PVH start info",
+            source,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@ const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOT: u8 = 2;
+/// The configuration table, right after the 16-byte floating pointer at the EBDA's start (a
+/// 32-bit pointer in the floating pointer).
+const TABLE_ADDR: u32 = 0x9fc10;
+const _: () = assert!(TABLE_ADDR as u64 == EBDA_START + 16);
 
 fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_sub(*b))
@@ -16,18 +20,20 @@ fn checksum(bytes: &[u8]) -> u8 {
 
 /// Builds the MP floating pointer and configuration table for `cpus` CPUs.
 pub fn build(cpus: u32) -> Result<Vec<u8>> {
-    if cpus == 0 || cpus > 254 {
-        return Err(VmmError::Config(format!(
-            "{cpus} CPUs do not fit an MP table (1..=254)"
-        )));
-    }
-    let ioapic_id = cpus as u8;
+    // Local APIC ids are 0..cpus and the IOAPIC's id is `cpus`, all u8.
+    let ioapic_id = u8::try_from(cpus)
+        .ok()
+        .filter(|c| (1..=254).contains(c))
+        .ok_or(VmmError::VcpusForTable {
+            cpus,
+            table: "MP table",
+        })?;
     let mut entries: Vec<u8> = Vec::new();
     let mut count = 0u16;
-    for i in 0..cpus {
+    for i in 0..ioapic_id {
         let mut p = [0u8; 20];
         p[0] = 0; // processor
-        p[1] = i as u8;
+        p[1] = i;
         p[2] = APIC_VERSION;
         p[3] = CPU_ENABLED | if i == 0 { CPU_BOOT } else { 0 };
         p[4..8].copy_from_slice(&0x600u32.to_le_bytes()); // family 6
@@ -44,12 +50,12 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     io[1] = ioapic_id;
     io[2] = IOAPIC_VERSION;
     io[3] = 1; // enabled
-    io[4..8].copy_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    io[4..8].copy_from_slice(&IOAPIC_ADDR.to_le_bytes());
     entries.extend_from_slice(&io);
     count += 1;
     // Every ISA IRQ to the same IOAPIC pin.
     for irq in 0..IOAPIC_PINS {
-        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq as u8, ioapic_id, irq as u8]);
+        entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 = ExtINT, LINT1 = NMI, to all local APICs.
@@ -58,10 +64,10 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     count += 2;
 
     let table_len = 44 + entries.len();
-    let table_addr = EBDA_START as u32 + 16;
     let mut table = Vec::with_capacity(table_len);
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&(table_len as u16).to_le_bytes());
+    let table_len = u16::try_from(table_len).map_err(|_| VmmError::MpTableTooLarge { cpus })?;
+    table.extend_from_slice(&table_len.to_le_bytes());
     table.push(4); // spec revision 1.4
     table.push(0); // checksum, below
     table.extend_from_slice(b"THINVM  ");
@@ -69,7 +75,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(LAPIC_ADDR as u32).to_le_bytes());
+    table.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
     table.extend_from_slice(&0u16.to_le_bytes()); // extended table length
     table.push(0); // extended checksum
     table.push(0); // reserved
@@ -78,7 +84,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
 
     let mut mpf = [0u8; 16];
     mpf[0..4].copy_from_slice(b"_MP_");
-    mpf[4..8].copy_from_slice(&table_addr.to_le_bytes());
+    mpf[4..8].copy_from_slice(&TABLE_ADDR.to_le_bytes());
     mpf[8] = 1; // length in 16-byte units
     mpf[9] = 4; // spec revision
     mpf[10] = checksum(&mpf);
@@ -91,7 +97,7 @@ pub fn build(cpus: u32) -> Result<Vec<u8>> {
 pub fn setup(mem: &GuestMemoryMmap, cpus: u32) -> Result<()> {
     let bytes = build(cpus)?;
     if EBDA_START + bytes.len() as u64 > 0xa0000 {
-        return Err(VmmError::Config(format!("{cpus} CPUs: MP table too large")));
+        return Err(VmmError::MpTableTooLarge { cpus });
     }
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
         .map_err(VmmError::guest_memory("MP table"))

@@ -53,9 +53,10 @@ pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd, id: u32) -> Result<()> {
             data,
             ..Default::default()
         }];
-        let msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Vcpu {
+        let msrs = Msrs::from_entries(&entries).map_err(|source| VmmError::VcpuList {
             id,
-            msg: format!("msrs: {e:?}"),
+            what: "MSRs",
+            source,
         })?;
         match vcpu.set_msrs(&msrs) {
             Ok(1) => {}

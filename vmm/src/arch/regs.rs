@@ -13,6 +13,9 @@ const X86_CR0_PG: u64 = 0x8000_0000;
 const X86_CR4_PAE: u64 = 0x20;
 const EFER_LME: u64 = 0x100;
 const EFER_LMA: u64 = 0x400;
+/// The GDT's limit: its four 8-byte entries, less one.
+const GDT_LIMIT: u16 = 4 * 8 - 1;
+const _: () = assert!(GDT_LIMIT as usize == std::mem::size_of::<[u64; 4]>() - 1);
 
 /// How the boot CPU enters the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +37,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
+    #[allow(clippy::cast_possible_truncation)] // both halves masked: 20 bits
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     if g == 1 {
@@ -98,7 +102,7 @@ pub fn setup_sregs(vcpu: &VcpuFd, gdt: &[u64; 4], mode: EntryMode) -> Result<()>
     let data = segment_from_gdt(gdt[2], 2);
     let tss = segment_from_gdt(gdt[3], 3);
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (std::mem::size_of_val(gdt) - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -165,16 +169,12 @@ pub fn setup_lapic(vcpu: &VcpuFd, id: u32) -> Result<()> {
     let err = |e| VmmError::vcpu(id, "lapic")(e);
     let mut lapic = vcpu.get_lapic().map_err(err)?;
     for (reg, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
-        let bytes: [u8; 4] = [
-            lapic.regs[reg] as u8,
-            lapic.regs[reg + 1] as u8,
-            lapic.regs[reg + 2] as u8,
-            lapic.regs[reg + 3] as u8,
-        ];
+        // `regs` is C `char`s (i8): the register's bytes, reinterpreted, not converted.
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i].to_ne_bytes()[0]);
         let v = u32::from_le_bytes(bytes);
         let v = (v & !0x700) | (mode << 8);
-        for (i, b) in v.to_le_bytes().iter().enumerate() {
-            lapic.regs[reg + i] = *b as _;
+        for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+            lapic.regs[reg + i] = i8::from_ne_bytes([b]);
         }
     }
     vcpu.set_lapic(&lapic).map_err(err)

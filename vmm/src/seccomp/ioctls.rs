@@ -15,14 +15,25 @@ const fn kvm_io(nr: u32) -> u64 {
     ioctl_expr(_IOC_NONE, KVMIO, nr, 0) as u64
 }
 
+/// `size_of::<T>()` as an ioctl's 14-bit size field; a larger `T` stops the build (every
+/// caller defines a constant).
+#[allow(clippy::cast_possible_truncation)] // below 1 << 14, asserted just before
+const fn ioctl_size<T>() -> u32 {
+    assert!(
+        size_of::<T>() < 1 << 14,
+        "an ioctl's size field has 14 bits"
+    );
+    size_of::<T>() as u32
+}
+
 /// `_IOR(KVMIO, nr, T)`.
 const fn kvm_ior<T>(nr: u32) -> u64 {
-    ioctl_expr(_IOC_READ, KVMIO, nr, size_of::<T>() as u32) as u64
+    ioctl_expr(_IOC_READ, KVMIO, nr, ioctl_size::<T>()) as u64
 }
 
 /// `_IOWR(KVMIO, nr, T)`.
 const fn kvm_iowr<T>(nr: u32) -> u64 {
-    ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size_of::<T>() as u32) as u64
+    ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, ioctl_size::<T>()) as u64
 }
 
 /// Runs the vCPU until its next exit.

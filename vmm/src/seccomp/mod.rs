@@ -33,7 +33,10 @@ fn condition(a: &Arg, kick_signal: i32) -> Result<SeccompCondition> {
     let (op, value) = match a.test {
         Test::Eq(v) => (SeccompCmpOp::Eq, v),
         Test::Masked { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
-        Test::KickSignal => (SeccompCmpOp::Eq, kick_signal as u64),
+        Test::KickSignal => (
+            SeccompCmpOp::Eq,
+            u64::try_from(kick_signal).map_err(|_| VmmError::KickSignal(kick_signal))?,
+        ),
     };
     SeccompCondition::new(a.index, len, op, value).map_err(|source| VmmError::SeccompFilter {
         what: format!("argument {}", a.index),
@@ -131,9 +134,7 @@ pub fn apply(kind: ThreadKind, prog: &BpfProgram) -> Result<()> {
 pub fn prepare_process() -> Result<()> {
     // SAFETY: mallopt only changes malloc's tuning parameters.
     if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
-        return Err(VmmError::Seccomp(
-            "cannot set malloc's trim threshold".into(),
-        ));
+        return Err(VmmError::MallocTrim);
     }
     report::install()
 }

@@ -85,7 +85,13 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         // SAFETY: `ctx` is the ucontext_t of the interrupted thread; its registers hold the
         // arguments of the system call that trapped (x86_64 calling convention).
         let gregs = unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
-        let arg = |r: libc::c_int| gregs[r as usize] as u64;
+        // A register's bits (greg_t is signed), 0 for an index gregs does not have.
+        let arg = |r: libc::c_int| {
+            usize::try_from(r)
+                .ok()
+                .and_then(|r| gregs.get(r))
+                .map_or(0, |v| u64::from_ne_bytes(v.to_ne_bytes()))
+        };
         let _ = writeln!(
             line,
             "thinvm: seccomp: the {kind} thread made a system call its filter forbids: {}system call {nr}, arguments {:#x} {:#x} {:#x} {:#x}; stopping (--seccomp off runs without filters, for debugging)",
@@ -123,5 +129,5 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 /// Installs the SIGSYS handler that reports a forbidden call and stops thinvm.
 pub fn install() -> Result<()> {
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
-        .map_err(|e| VmmError::Seccomp(format!("SIGSYS handler: {e}")))
+        .map_err(VmmError::SigsysHandler)
 }

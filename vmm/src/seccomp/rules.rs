@@ -64,12 +64,19 @@ pub struct Arg {
     pub test: Test,
 }
 
+/// `v`'s two's complement bits: what the kernel compares (a negative `int` such as
+/// `AT_FDCWD` included; a 32-bit comparison looks at the low half only).
+#[allow(clippy::cast_sign_loss)] // reinterpreting the bits is the point
+const fn bits(v: i64) -> u64 {
+    v as u64
+}
+
 /// A 32-bit argument equal to `value`.
 const fn int(index: u8, value: i64) -> Arg {
     Arg {
         index,
         width: Width::Bits32,
-        test: Test::Eq(value as u64),
+        test: Test::Eq(bits(value)),
     }
 }
 
@@ -80,7 +87,7 @@ const fn int_masked(index: u8, mask: u64, value: i64) -> Arg {
         width: Width::Bits32,
         test: Test::Masked {
             mask,
-            value: value as u64,
+            value: bits(value),
         },
     }
 }
@@ -90,7 +97,7 @@ const fn ulong(index: u8, value: i64) -> Arg {
     Arg {
         index,
         width: Width::Bits64,
-        test: Test::Eq(value as u64),
+        test: Test::Eq(bits(value)),
     }
 }
 
@@ -100,7 +107,7 @@ const fn ulong_within(index: u8, allowed: i64) -> Arg {
         index,
         width: Width::Bits64,
         test: Test::Masked {
-            mask: !(allowed as u64),
+            mask: !bits(allowed),
             value: 0,
         },
     }

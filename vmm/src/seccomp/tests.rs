@@ -250,7 +250,11 @@ fn run_case(case: &str) {
 /// shrinks, large blocks mapped and unmapped, reallocs that move them.
 fn allocation_churn() {
     for _ in 0..4 {
-        let blocks: Vec<Vec<u8>> = (0..400).map(|i| vec![i as u8; 100 << 10]).collect();
+        let blocks: Vec<Vec<u8>> = (0..=u8::MAX)
+            .cycle()
+            .take(400)
+            .map(|b| vec![b; 100 << 10])
+            .collect();
         drop(blocks);
         let mut big = vec![1u8; 1 << 20];
         for _ in 0..5 {

@@ -13,6 +13,7 @@ use block::{DetectZeroes, DiskImage, ImageFormat, OpenOptions};
 
 use crate::config::{DiscardMode, DiskConfig};
 use crate::disks::DiskHandle;
+use crate::error::{Result, VmmError};
 
 /// `--disk` options of a disk, without its path (what a restored VM opens it with). The
 /// format is always given (never probed): a writable disk's frozen layer and every clone
@@ -58,26 +59,27 @@ pub fn options(d: &DiskConfig, format: ImageFormat, queues: usize) -> String {
 }
 
 /// Why disk `h` cannot be frozen into a snapshot (checked before anything is paused).
-pub fn check(h: &DiskHandle) -> Result<(), String> {
+pub fn check(h: &DiskHandle) -> Result<()> {
     if h.config.read_only {
         return Ok(());
     }
     if h.format != ImageFormat::Qcow2 {
-        return Err(format!(
-            "disk {} is a {} image: a snapshot freezes writable disks as qcow2 layers (use a qcow2 overlay, or --ephemeral)",
-            h.path.display(),
-            h.format.name()
-        ));
+        return Err(VmmError::SnapshotDiskNotQcow2 {
+            path: h.path.clone(),
+            format: h.format.name(),
+        });
     }
     // Force-share (`qemu-img info -U`): the running VM holds the image's write lock.
-    let info = block::inspect::info_shared(&h.path, true)
-        .map_err(|e| format!("{}: {e}", h.path.display()))?;
+    let info = block::inspect::info_shared(&h.path, true).map_err(|source| VmmError::DiskOpen {
+        path: h.path.clone(),
+        source,
+    })?;
     if let Some(b) = &info.backing_filename {
         if !Path::new(b).is_absolute() {
-            return Err(format!(
-                "disk {} names its backing file relatively ({b}): moved into a snapshot it would not find it (use an absolute backing path, or --ephemeral)",
-                h.path.display()
-            ));
+            return Err(VmmError::SnapshotRelativeBacking {
+                path: h.path.clone(),
+                backing: b.clone(),
+            });
         }
     }
     Ok(())
@@ -85,16 +87,17 @@ pub fn check(h: &DiskHandle) -> Result<(), String> {
 
 fn run_job(
     h: &DiskHandle,
-    f: impl FnOnce(&mut Box<dyn DiskImage>) -> Result<(), String> + Send + 'static,
-) -> Result<(), String> {
+    f: impl FnOnce(&mut Box<dyn DiskImage>) -> Result<()> + Send + 'static,
+) -> Result<()> {
     let (tx, rx) = channel();
     h.jobs
         .run(Box::new(move |img| {
             let _ = tx.send(f(img));
         }))
-        .map_err(|e| e.to_string())?;
-    rx.recv()
-        .map_err(|_| "the disk's worker dropped the job".to_string())?
+        .map_err(VmmError::DevicePause)?;
+    rx.recv().map_err(|_| VmmError::DiskWorkerGone {
+        path: h.path.clone(),
+    })?
 }
 
 /// What was done to a disk, to undo it.
@@ -108,7 +111,7 @@ pub enum Frozen {
 }
 
 /// Opens disk `h`'s qcow2 image at its path for writing, as the VM runs it.
-fn open_running(h: &DiskHandle) -> Result<Box<dyn DiskImage>, String> {
+fn open_running(h: &DiskHandle) -> Result<Box<dyn DiskImage>> {
     let mut image = block::open(
         &h.path,
         &OpenOptions {
@@ -119,7 +122,10 @@ fn open_running(h: &DiskHandle) -> Result<Box<dyn DiskImage>, String> {
             force_share: false,
         },
     )
-    .map_err(|e| format!("{}: {e}", h.path.display()))?;
+    .map_err(|source| VmmError::DiskOpen {
+        path: h.path.clone(),
+        source,
+    })?;
     image.set_detect_zeroes(match (h.config.detect_zeroes, h.config.discard) {
         (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
         (m, _) => m,
@@ -129,7 +135,7 @@ fn open_running(h: &DiskHandle) -> Result<Box<dyn DiskImage>, String> {
 
 /// Hands `image` to the worker in place of the one it has (which it drops: its file is
 /// closed and its lock released).
-fn install(h: &DiskHandle, image: Box<dyn DiskImage>) -> Result<(), String> {
+fn install(h: &DiskHandle, image: Box<dyn DiskImage>) -> Result<()> {
     let mut new = Some(image);
     run_job(h, move |img| {
         if let Some(n) = new.take() {
@@ -141,33 +147,41 @@ fn install(h: &DiskHandle, image: Box<dyn DiskImage>) -> Result<(), String> {
 
 /// A stand-in the parked worker holds while its image is swapped: an unlocked, read-only,
 /// empty raw image on /dev/null (a parked worker does no I/O).
-fn stand_in() -> Result<Box<dyn DiskImage>, String> {
-    let f = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-    let img = block::raw::RawImage::from_file(f, true).map_err(|e| format!("/dev/null: {e}"))?;
+fn stand_in() -> Result<Box<dyn DiskImage>> {
+    let f = std::fs::File::open("/dev/null").map_err(|e| VmmError::io("/dev/null", e))?;
+    let img = block::raw::RawImage::from_file(f, true).map_err(|source| VmmError::DiskOpen {
+        path: "/dev/null".into(),
+        source,
+    })?;
     Ok(Box::new(img))
 }
 
 /// Freezes disk `h` (its device paused) as `layer`.
-pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
+pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen> {
     if h.config.read_only {
         return Ok(Frozen::Shared);
     }
-    run_job(h, |img| img.flush().map_err(|e| format!("flush: {e}")))?;
+    let path = h.path.clone();
+    run_job(h, move |img| {
+        img.flush()
+            .map_err(|source| VmmError::SnapshotDiskFlush { path, source })
+    })?;
+    let move_err = |op| {
+        move |source| VmmError::SnapshotDiskMove {
+            op,
+            path: h.path.clone(),
+            source,
+        }
+    };
     match std::fs::rename(&h.path, layer) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(&h.path, layer)
-                .map_err(|e| format!("copying {} into the snapshot: {e}", h.path.display()))?;
+            std::fs::copy(&h.path, layer).map_err(move_err("copying"))?;
             return Ok(Frozen::Copied {
                 layer: layer.to_path_buf(),
             });
         }
-        Err(e) => {
-            return Err(format!(
-                "moving {} into the snapshot: {e}",
-                h.path.display()
-            ))
-        }
+        Err(e) => return Err(move_err("moving")(e)),
     }
     // The worker lets go of the image (now the frozen layer): the new overlay opens it as
     // its backing file, which its lock refuses while it is open for writing.
@@ -177,17 +191,28 @@ pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
     };
     if let Err(e) = stand_in().and_then(|s| install(h, s)) {
         undo_rename();
-        return Err(format!("releasing {}: {e}", h.path.display()));
+        return Err(VmmError::DiskRelease {
+            path: h.path.clone(),
+            source: Box::new(e),
+        });
     }
     // From here a failure puts the image back where it was and the worker on it again.
-    let undo = |msg: String| {
+    let undo = |error: VmmError| {
         undo_rename();
         match open_running(h).and_then(|img| install(h, img)) {
-            Ok(()) => msg,
-            Err(e) => format!("{msg}; and the disk could not be reopened, its I/O fails: {e}"),
+            Ok(()) => error,
+            Err(reopen) => VmmError::DiskReopen {
+                error: Box::new(error),
+                reopen: Box::new(reopen),
+            },
         }
     };
-    let abs = std::fs::canonicalize(layer).map_err(|e| undo(format!("{e}")))?;
+    let abs = std::fs::canonicalize(layer).map_err(|source| {
+        undo(VmmError::DiskPath {
+            path: layer.to_path_buf(),
+            source,
+        })
+    })?;
     block::qcow2::create(
         &h.path,
         &block::qcow2::CreateOptions {
@@ -196,8 +221,13 @@ pub fn freeze(h: &DiskHandle, layer: &Path) -> Result<Frozen, String> {
             ..Default::default()
         },
     )
-    .map_err(|e| undo(format!("the new overlay {}: {e}", h.path.display())))?;
-    let image = open_running(h).map_err(|e| undo(format!("the new overlay: {e}")))?;
+    .map_err(|source| {
+        undo(VmmError::SnapshotOverlay {
+            path: h.path.clone(),
+            source,
+        })
+    })?;
+    let image = open_running(h).map_err(undo)?;
     install(h, image).map_err(undo)?;
     Ok(Frozen::Moved)
 }

@@ -7,12 +7,15 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
 };
+
+use crate::error::{Result, VmmError};
 
 const PAGE: usize = 4096;
 /// Bytes copied out of guest memory at a time.
@@ -26,7 +29,7 @@ pub fn write(mem: &GuestMemoryMmap, file: &File) -> io::Result<u64> {
         let len = region.len();
         let mut at = 0u64;
         while at < len {
-            let n = (len - at).min(CHUNK as u64) as usize;
+            let n = usize::try_from(len - at).map_or(CHUNK, |left| left.min(CHUNK));
             // A volatile copy: the vCPUs are parked, but guest memory is never a Rust slice.
             region
                 .read_slice(&mut buf[..n], MemoryRegionAddress(at))
@@ -45,21 +48,27 @@ pub fn write(mem: &GuestMemoryMmap, file: &File) -> io::Result<u64> {
     Ok(offset)
 }
 
-/// Maps `file` copy-on-write as guest memory of `ranges` (guest address, length), laid out
-/// as [`write`] writes it.
-pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, String> {
-    let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
-    let size = file
-        .metadata()
-        .map_err(|e| format!("memory file: {e}"))?
-        .len();
-    if size != total {
-        return Err(format!(
-            "memory file has {size} bytes, the snapshot's guest RAM is {total}"
-        ));
+/// Maps the file at `path` copy-on-write as guest memory of `ranges` (guest address,
+/// length), laid out as [`write`] writes it.
+pub fn map(path: &Path, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap> {
+    let file_err = |source| VmmError::SnapshotMemoryFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(file_err)?;
+    let size = file.metadata().map_err(file_err)?.len();
+    let total = ranges
+        .iter()
+        .try_fold(0u64, |t, r| t.checked_add(r.1 as u64));
+    if total != Some(size) {
+        return Err(VmmError::SnapshotMemorySize {
+            path: path.to_path_buf(),
+            size,
+            ram: total.unwrap_or(u64::MAX),
+        });
     }
     let mut regions = Vec::with_capacity(ranges.len());
-    let mut offset = 0i64;
+    let mut offset: libc::off_t = 0;
     for &(addr, len) in ranges {
         // SAFETY: a new private mapping of `len` bytes of our open file at `offset` (a
         // multiple of the page size: regions are whole MiBs); no existing memory is touched.
@@ -74,10 +83,11 @@ pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryM
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap of the memory file: {}",
-                io::Error::last_os_error()
-            ));
+            return Err(VmmError::MemoryMmap {
+                addr: addr.0,
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
         // SAFETY: `ptr..ptr+len` is the live private mapping made above, never unmapped (guest
         // RAM lives as long as the process), used for nothing else.
@@ -85,14 +95,20 @@ pub fn map(file: &File, ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryM
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| format!("guest region at {:#x}: {e}", addr.0))?;
+            .map_err(|source| VmmError::MemoryRegion {
+                addr: addr.0,
+                source,
+            })?;
         regions.push(
             GuestRegionMmap::new(region, addr)
-                .ok_or_else(|| format!("guest region at {:#x} overflows", addr.0))?,
+                .ok_or(VmmError::MemoryRegionOverflow { addr: addr.0, len })?,
         );
-        offset += len as i64;
+        offset = libc::off_t::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .ok_or(VmmError::MemoryRegionOverflow { addr: addr.0, len })?;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
+    GuestMemoryMmap::from_regions(regions).map_err(VmmError::MemoryRegions)
 }
 
 #[cfg(test)]
@@ -123,8 +139,8 @@ mod tests {
         // Two non-zero pages: the rest are holes.
         assert!(f.metadata().unwrap().blocks() * 512 <= 64 << 10);
         let ranges = [(GuestAddress(0), 2 << 20), (GuestAddress(1 << 32), 2 << 20)];
-        let a = map(&f, &ranges).unwrap();
-        let b = map(&f, &ranges).unwrap();
+        let a = map(&dir, &ranges).unwrap();
+        let b = map(&dir, &ranges).unwrap();
         assert_eq!(
             a.read_obj::<u32>(GuestAddress(0x5000)).unwrap(),
             0x1122_3344
@@ -143,7 +159,10 @@ mod tests {
         let mut four = [0u8; 4];
         f.read_exact_at(&mut four, 0x5000).unwrap();
         assert_eq!(u32::from_le_bytes(four), 0x1122_3344);
-        assert!(map(&f, &ranges[..1]).is_err());
+        assert!(matches!(
+            map(&dir, &ranges[..1]),
+            Err(VmmError::SnapshotMemorySize { size, ram, .. }) if size == 4 << 20 && ram == 2 << 20
+        ));
         let _ = std::fs::remove_file(&dir);
     }
 }

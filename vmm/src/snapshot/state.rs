@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub use super::cpu_model::CpuModel;
 use super::vcpu::VcpuState;
 use super::vm::VmKvmState;
+use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY};
+use crate::error::VmmError;
 
 /// The state format this thinvm writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -85,6 +87,14 @@ pub fn incompatibility(s: &SnapshotState) -> Option<String> {
             cpu.describe()
         ));
     }
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&s.mem_size) || s.mem_size % 4096 != 0 {
+        return Some(format!(
+            "its guest RAM size {} is not whole pages from {} MiB to {} GiB",
+            s.mem_size,
+            MIN_MEMORY >> 20,
+            MAX_MEMORY >> 30
+        ));
+    }
     if s.vcpus.len() != s.cpus as usize || s.cpus == 0 {
         return Some(format!(
             "it describes {} vCPUs but holds the state of {}",
@@ -97,9 +107,12 @@ pub fn incompatibility(s: &SnapshotState) -> Option<String> {
 
 /// Reads `DIR/state.json`: parsed, and refused (with the reason) when it cannot be restored
 /// here.
-pub fn load(dir: &Path) -> Result<SnapshotState, String> {
+pub fn load(dir: &Path) -> Result<SnapshotState, VmmError> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read(&path).map_err(|source| VmmError::SnapshotStateRead {
+        path: path.clone(),
+        source,
+    })?;
     // The version fields first, so a state from another version is refused for that (its
     // other fields may well not parse).
     #[derive(Deserialize)]
@@ -107,37 +120,49 @@ pub fn load(dir: &Path) -> Result<SnapshotState, String> {
         format: u32,
         thinvm_version: String,
     }
-    let v: Version = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: not a thinvm snapshot ({e})", path.display()))?;
+    let v: Version =
+        serde_json::from_slice(&text).map_err(|source| VmmError::SnapshotNotThinvm {
+            path: path.clone(),
+            source,
+        })?;
     if v.format != FORMAT_VERSION || v.thinvm_version != env!("CARGO_PKG_VERSION") {
-        return Err(format!(
-            "snapshot {} cannot be restored: it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
-            dir.display(),
-            v.format,
-            v.thinvm_version,
-            env!("CARGO_PKG_VERSION")
-        ));
+        return Err(VmmError::SnapshotRefused {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
+                v.format,
+                v.thinvm_version,
+                env!("CARGO_PKG_VERSION")
+            ),
+        });
     }
-    let s: SnapshotState = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: damaged snapshot state ({e})", path.display()))?;
-    if let Some(why) = incompatibility(&s) {
-        return Err(format!(
-            "snapshot {} cannot be restored: {why}",
-            dir.display()
-        ));
+    let s: SnapshotState =
+        serde_json::from_slice(&text).map_err(|source| VmmError::SnapshotStateDamaged {
+            path: path.clone(),
+            source,
+        })?;
+    if let Some(reason) = incompatibility(&s) {
+        return Err(VmmError::SnapshotRefused {
+            dir: dir.to_path_buf(),
+            reason,
+        });
     }
     Ok(s)
 }
 
 /// Writes `DIR/state.json` (through a temporary file, so it appears whole or not at all).
-pub fn store(dir: &Path, s: &SnapshotState) -> Result<(), String> {
-    let text = serde_json::to_vec(s).map_err(|e| format!("snapshot state: {e}"))?;
+pub fn store(dir: &Path, s: &SnapshotState) -> Result<(), VmmError> {
+    let text = serde_json::to_vec(s).map_err(VmmError::SnapshotStateEncode)?;
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::SnapshotWrite { path, source }
+    };
+    std::fs::write(&tmp, &text).map_err(write_err(&tmp))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(|e| format!("{}: {e}", dir.display()))
+        .map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, dir.join(STATE_FILE)).map_err(write_err(dir))
 }
 
 #[cfg(test)]

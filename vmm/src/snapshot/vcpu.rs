@@ -15,6 +15,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Result, VmmError};
+
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Listed by KVM but not readable back (Linux does not export it either).
@@ -39,13 +41,18 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
-fn msrs(entries: &[kvm_msr_entry]) -> Result<Msrs, String> {
-    Msrs::from_entries(entries).map_err(|e| format!("MSR list: {e:?}"))
+/// `entries` as KVM's MSR list of vCPU `id`.
+fn msrs(id: u32, entries: &[kvm_msr_entry]) -> Result<Msrs> {
+    Msrs::from_entries(entries).map_err(|source| VmmError::VcpuList {
+        id,
+        what: "MSRs",
+        source,
+    })
 }
 
-/// `KVM_GET_MSRS` of `indices` (at most [`MSR_CHUNK`]): the entries and how many KVM read
-/// (it stops at the first it cannot read).
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Msrs, usize), String> {
+/// `KVM_GET_MSRS` of `indices` (at most [`MSR_CHUNK`]) on vCPU `id`: the entries and how
+/// many KVM read (it stops at the first it cannot read).
+fn read_msrs(vcpu: &VcpuFd, id: u32, indices: &[u32]) -> Result<(Msrs, usize)> {
     let entries: Vec<kvm_msr_entry> = indices
         .iter()
         .map(|&index| kvm_msr_entry {
@@ -53,19 +60,19 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Msrs, usize), String> {
             ..Default::default()
         })
         .collect();
-    let mut m = msrs(&entries)?;
+    let mut m = msrs(id, &entries)?;
     let read = vcpu
         .get_msrs(&mut m)
-        .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        .map_err(VmmError::vcpu(id, "KVM_GET_MSRS"))?;
     Ok((m, read))
 }
 
 /// The MSRs worth saving: KVM's list, minus the ones it cannot read back on this vCPU
-/// (found by reading: `KVM_GET_MSRS` stops at the first it cannot read).
-pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
+/// vCPU `id` (found by reading: `KVM_GET_MSRS` stops at the first it cannot read).
+pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd, id: u32) -> Result<Vec<u32>> {
     let list = kvm
         .get_msr_index_list()
-        .map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?;
+        .map_err(VmmError::kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let mut wanted: Vec<u32> = list
         .as_slice()
         .iter()
@@ -75,7 +82,7 @@ pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
     let mut ok = Vec::with_capacity(wanted.len());
     while !wanted.is_empty() {
         let n = wanted.len().min(MSR_CHUNK);
-        let (_, read) = read_msrs(vcpu, &wanted[..n])?;
+        let (_, read) = read_msrs(vcpu, id, &wanted[..n])?;
         ok.extend_from_slice(&wanted[..read.min(n)]);
         // Skip the one that failed (if any) and go on after it.
         let next = if read < n { read + 1 } else { n };
@@ -84,16 +91,18 @@ pub fn msrs_to_save(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, String> {
     Ok(ok)
 }
 
-fn get_msrs(vcpu: &VcpuFd, which: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
+fn get_msrs(vcpu: &VcpuFd, id: u32, which: &[u32]) -> Result<Vec<kvm_msr_entry>> {
     let mut out = Vec::with_capacity(which.len());
     for chunk in which.chunks(MSR_CHUNK) {
-        let (m, read) = read_msrs(vcpu, chunk)?;
+        let (m, read) = read_msrs(vcpu, id, chunk)?;
         if read != chunk.len() {
-            return Err(format!(
-                "KVM_GET_MSRS read {read} of {} MSRs (MSR {:#x} refused)",
-                chunk.len(),
-                chunk.get(read).copied().unwrap_or(0)
-            ));
+            return Err(VmmError::VcpuMsrRefused {
+                id,
+                op: "KVM_GET_MSRS",
+                done: read,
+                total: chunk.len(),
+                index: chunk.get(read).copied().unwrap_or(0),
+            });
         }
         out.extend_from_slice(m.as_slice());
     }
@@ -110,11 +119,8 @@ fn get_msrs(vcpu: &VcpuFd, which: &[u32]) -> Result<Vec<kvm_msr_entry>, String> 
 }
 
 /// Saves vCPU `id` (parked: out of `KVM_RUN`, pending I/O completed).
-pub fn save(vcpu: &VcpuFd, id: u32, msr_list: &[u32]) -> Result<VcpuState, String> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |err: kvm_ioctls::Error| format!("{what}: {err}")
-    };
+pub fn save(vcpu: &VcpuFd, id: u32, msr_list: &[u32]) -> Result<VcpuState> {
+    let e = |op: &'static str| VmmError::vcpu(id, op);
     let mp_state = vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
@@ -128,7 +134,7 @@ pub fn save(vcpu: &VcpuFd, id: u32, msr_list: &[u32]) -> Result<VcpuState, Strin
         .map_err(e("KVM_GET_CPUID2"))?
         .as_slice()
         .to_vec();
-    let msrs = get_msrs(vcpu, msr_list)?;
+    let msrs = get_msrs(vcpu, id, msr_list)?;
     let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         id,
@@ -167,13 +173,14 @@ fn restored_tr(tr: kvm_segment, amd: bool) -> kvm_segment {
     }
 }
 
-/// Restores a saved state into a fresh vCPU (created, nothing set yet).
-pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
-    let e = |what: &str| {
-        let what = what.to_string();
-        move |err: kvm_ioctls::Error| format!("{what}: {err}")
-    };
-    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|err| format!("CPUID: {err:?}"))?;
+/// Restores a saved state into fresh vCPU `id` (created, nothing set yet).
+pub fn restore(vcpu: &VcpuFd, id: u32, s: &VcpuState) -> Result<()> {
+    let e = |op: &'static str| VmmError::vcpu(id, op);
+    let cpuid = CpuId::from_entries(&s.cpuid).map_err(|source| VmmError::VcpuList {
+        id,
+        what: "CPUID entries",
+        source,
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
     if let Some(khz) = s.tsc_khz {
         if vcpu.get_tsc_khz().ok() != Some(khz) {
@@ -205,14 +212,16 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), String> {
         .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
     for part in [early, late] {
         for chunk in part.chunks(MSR_CHUNK) {
-            let m = msrs(chunk)?;
+            let m = msrs(id, chunk)?;
             let n = vcpu.set_msrs(&m).map_err(e("KVM_SET_MSRS"))?;
             if n != chunk.len() {
-                return Err(format!(
-                    "KVM_SET_MSRS took {n} of {} MSRs (MSR {:#x} refused)",
-                    chunk.len(),
-                    chunk.get(n).map_or(0, |m| m.index)
-                ));
+                return Err(VmmError::VcpuMsrRefused {
+                    id,
+                    op: "KVM_SET_MSRS",
+                    done: n,
+                    total: chunk.len(),
+                    index: chunk.get(n).map_or(0, |m| m.index),
+                });
             }
         }
     }

@@ -12,6 +12,8 @@ use std::io;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
+use crate::error::{Result, VmmError};
+
 /// Alignment of guest RAM in the host's address space.
 pub const HUGE_PAGE: usize = 2 << 20;
 
@@ -60,22 +62,29 @@ fn map_aligned(len: usize) -> io::Result<*mut u8> {
 }
 
 /// Guest memory for `ranges` (guest address, length), each range in its own aligned mapping.
-pub fn create(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, String> {
+pub fn create(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(addr, len) in ranges {
-        let ptr = map_aligned(len).map_err(|e| format!("mmap of {len} bytes: {e}"))?;
+        let ptr = map_aligned(len).map_err(|source| VmmError::MemoryMmap {
+            addr: addr.0,
+            len,
+            source,
+        })?;
         // SAFETY: `ptr..ptr+len` is a live anonymous read-write mapping made above, never
         // unmapped, and used for nothing else.
         let region = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(ptr) }
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| format!("guest region at {:#x}: {e}", addr.0))?;
+            .map_err(|source| VmmError::MemoryRegion {
+                addr: addr.0,
+                source,
+            })?;
         let region = GuestRegionMmap::new(region, addr)
-            .ok_or_else(|| format!("guest region at {:#x} overflows", addr.0))?;
+            .ok_or(VmmError::MemoryRegionOverflow { addr: addr.0, len })?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())
+    GuestMemoryMmap::from_regions(regions).map_err(VmmError::MemoryRegions)
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub struct VcpuShared {
 /// What a parked vCPU is asked to do.
 pub enum VcpuRequest {
     /// Save its KVM state.
-    Save(Sender<std::result::Result<crate::snapshot::vcpu::VcpuState, String>>),
+    Save(Sender<Result<crate::snapshot::vcpu::VcpuState>>),
     /// Run again.
     Resume,
 }
@@ -94,7 +94,7 @@ impl PauseControl {
     }
 
     /// Parks every vCPU (kicking them with `kick`); fails after `wait`.
-    pub fn pause_all(&self, kick: &dyn Fn(), wait: Duration) -> std::result::Result<(), String> {
+    pub fn pause_all(&self, kick: &dyn Fn(), wait: Duration) -> Result<()> {
         let rx = lock(&self.parked_rx);
         while rx.try_recv().is_ok() {}
         self.requested.store(true, Ordering::Release);
@@ -108,10 +108,11 @@ impl PauseControl {
                 Err(_) => {
                     drop(rx);
                     self.resume_all();
-                    return Err(format!(
-                        "{parked} of {} vCPUs stopped within {wait:?}",
-                        self.senders.len()
-                    ));
+                    return Err(VmmError::VcpusNotParked {
+                        parked,
+                        total: self.senders.len(),
+                        wait,
+                    });
                 }
             }
         }
@@ -119,18 +120,22 @@ impl PauseControl {
     }
 
     /// Saves every parked vCPU's state, in vCPU order.
-    pub fn save_all(&self) -> std::result::Result<Vec<crate::snapshot::vcpu::VcpuState>, String> {
+    pub fn save_all(&self) -> Result<Vec<crate::snapshot::vcpu::VcpuState>> {
         let mut out = Vec::with_capacity(self.senders.len());
         for (id, s) in self.senders.iter().enumerate() {
             let (tx, rx) = channel();
             lock(s)
                 .send(VcpuRequest::Save(tx))
-                .map_err(|_| format!("vCPU {id} is gone"))?;
-            out.push(
-                rx.recv_timeout(Duration::from_secs(10))
-                    .map_err(|_| format!("vCPU {id} did not answer"))?
-                    .map_err(|e| format!("vCPU {id}: {e}"))?,
-            );
+                .map_err(|_| VmmError::VcpuUnresponsive {
+                    id,
+                    problem: "is gone",
+                })?;
+            out.push(rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+                VmmError::VcpuUnresponsive {
+                    id,
+                    problem: "did not answer",
+                }
+            })??);
         }
         Ok(out)
     }
@@ -190,7 +195,7 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(VmmError::vcpu(id, "KVM_CREATE_VCPU"))?;
-        crate::snapshot::vcpu::restore(&fd, state).map_err(|msg| VmmError::Vcpu { id, msg })?;
+        crate::snapshot::vcpu::restore(&fd, id, state)?;
         Ok(Vcpu {
             fd,
             id,
@@ -202,6 +207,11 @@ impl Vcpu {
     /// The vCPU's KVM file descriptor (to probe what it supports).
     pub fn fd(&self) -> &VcpuFd {
         &self.fd
+    }
+
+    /// The vCPU's id (its local APIC id).
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     /// Where park requests come from, and the MSRs a saved state holds.

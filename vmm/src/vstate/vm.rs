@@ -16,26 +16,28 @@ pub struct Vm {
 
 impl Vm {
     /// The guest RAM ranges (guest address, length) of `mem_size` bytes (with the MMIO hole).
-    pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
+    pub fn ram_ranges(mem_size: u64) -> Result<Vec<(GuestAddress, usize)>> {
         ram_regions(mem_size)
             .into_iter()
-            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .map(|(a, l)| {
+                let len = usize::try_from(l).map_err(|_| VmmError::MemorySize { mem_size })?;
+                Ok((GuestAddress(a), len))
+            })
             .collect()
     }
 
     /// Creates the VM, its memory (with the MMIO hole), IRQ chip and PIT.
     pub fn new(kvm: &Kvm, mem_size: u64) -> Result<Vm> {
-        let memory = super::memory::create(&Self::ram_ranges(mem_size))
-            .map_err(|e| VmmError::Memory(format!("cannot allocate {mem_size} bytes: {e}")))?;
+        let memory = super::memory::create(&Self::ram_ranges(mem_size)?)?;
         Self::with_memory(kvm, memory)
     }
 
     /// Creates the VM on existing guest memory (a snapshot's, mapped), its IRQ chip and PIT.
     pub fn with_memory(kvm: &Kvm, memory: GuestMemoryMmap) -> Result<Vm> {
         let fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
-        for (slot, region) in memory.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(memory.iter()) {
             let r = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -46,7 +48,7 @@ impl Vm {
             unsafe { fd.set_user_memory_region(r) }
                 .map_err(VmmError::kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        fd.set_tss_address(TSS_ADDR as usize)
+        fd.set_tss_address(TSS_ADDR)
             .map_err(VmmError::kvm("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip()
             .map_err(VmmError::kvm("KVM_CREATE_IRQCHIP"))?;
