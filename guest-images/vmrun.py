@@ -52,11 +52,16 @@ sizes = []
 until = a.until or a.marker
 done = False
 os.set_blocking(p.stdout.fileno(), False)
+# stderr is read as it comes too: a VMM that logs more than a pipe holds must not block.
+os.set_blocking(p.stderr.fileno(), False)
+errbuf = b""
 while not done:
     if time.monotonic() - t0 > a.timeout:
         break
-    r, _, _ = select.select([p.stdout], [], [], 0.5)
-    if not r:
+    r, _, _ = select.select([p.stdout, p.stderr], [], [], 0.5)
+    if p.stderr in r:
+        errbuf = (errbuf + (p.stderr.read() or b""))[-65536:]
+    if p.stdout not in r:
         if p.poll() is not None:
             break
         continue
@@ -95,7 +100,9 @@ try:
 except subprocess.TimeoutExpired:
     p.kill()
     code = p.wait()
-err = p.stderr.read().decode(errors="replace").strip().splitlines()
+os.set_blocking(p.stderr.fileno(), True)
+errbuf += p.stderr.read() or b""
+err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
                   "lines": lines, "sizes": sizes, "stderr_tail": err[-5:]}))
