@@ -26,10 +26,12 @@ fn boot_fragment(g: &guest_rig::DebianGuest, disks: &str, workload: &str, watch:
         r#"mkfifo console.in
 # Read-write: neither side's open waits for the other.
 exec 3<>console.in
-{{ {thinvm} run --kernel {k} --initrd {i} --memory 512M --cpus 2 --disk path=root.qcow2,format=qcow2 {disks} --serial stdio --cmdline "{cmdline} thinvm.ack=1 thinvm.workload={workload}" <console.in 2>vmm.log || echo "EXIT code=$?"; }} | while IFS= read -r line; do
+{{ {thinvm} run --kernel {k} --initrd {i} --memory 1G --cpus 2 --disk path=root.qcow2,format=qcow2 {disks} --serial stdio --cmdline "{cmdline} thinvm.ack=1 thinvm.workload={workload}" <console.in 2>vmm.log || echo "EXIT code=$?"; }} | while IFS= read -r line; do
   line=${{line%$'\r'}}
   case $line in
     THINVM-* | EXIT*) echo "$line" ;;
+    # The guest kernel's last words, should it die (panic=-1 turns a panic into a reset).
+    *"Kernel panic"* | *"Out of memory"* | *"BUG:"* | *"Oops"* | *"Call Trace"*) echo "GUEST-KERNEL $line" ;;
   esac
   case $line in
     THINVM-RESULT*)
