@@ -141,8 +141,10 @@ pub trait DiskImage: Send {
     /// Makes `len` bytes at `offset` read as zeros. With `may_unmap`, host space may be
     /// released.
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
-    /// Discards `len` bytes at `offset`: the range need not keep its contents, but on an
-    /// overlay it never reads back the backing file's data afterwards (thinvm reads zeros).
+    /// Discards `len` bytes at `offset`: the range need not keep its contents, and never
+    /// reads anything it did not read before. On a qcow2 overlay whole clusters read as zeros
+    /// (never the backing file's data); a piece of a cluster the overlay does not hold by
+    /// itself keeps reading as before, as in QEMU: a discard never allocates.
     fn discard(&mut self, offset: u64, len: u64) -> Result<()>;
     /// The status of the range starting at `offset`: one extent of uniform status, at most
     /// `max_len` bytes long.

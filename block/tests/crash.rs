@@ -48,6 +48,7 @@ fn crash_child() {
         .open(dir.join("dirty.log"))
         .unwrap();
     let mut n = 0u64;
+    let cs = img.discard_granularity();
     if let Ok(aio) = std::env::var("THINVM_CRASH_AIO") {
         let aio: block::engine::Aio = aio.parse().unwrap();
         let mut p = block::pipeline::Pipeline::new(block::engine::new_engine(aio).unwrap());
@@ -55,6 +56,10 @@ fn crash_child() {
             // Eight requests in flight at once; their ranges are logged before they start.
             let mut bufs: Vec<Vec<u8>> = Vec::new();
             let mut reqs = Vec::new();
+            // `model` with every discarded byte zero, `kept` with the pieces of clusters a
+            // discard may leave as they read (the pieces, in `partial`).
+            let mut kept = model.clone();
+            let mut partial = Vec::new();
             for _ in 0..8 {
                 let off = rng.below(SIZE / 512) * 512;
                 let len = ((1 + rng.below(512)) * 512).min(SIZE - off);
@@ -65,20 +70,30 @@ fn crash_child() {
                         let mut buf = vec![0u8; l];
                         rng.fill(&mut buf);
                         model[o..o + l].copy_from_slice(&buf);
+                        kept[o..o + l].copy_from_slice(&buf);
                         bufs.push(buf);
                         reqs.push((off, None));
                     }
                     2 => {
                         model[o..o + l].fill(0);
+                        kept[o..o + l].fill(0);
                         bufs.push(vec![0u8; l]);
                         reqs.push((off, None));
                     }
                     3 => {
                         model[o..o + l].fill(0);
+                        kept[o..o + l].fill(0);
                         reqs.push((off, Some((len, true))));
                     }
                     _ => {
                         model[o..o + l].fill(0);
+                        for (p, n) in cluster_pieces(off, len, cs) {
+                            if n == cs {
+                                kept[p as usize..(p + n) as usize].fill(0);
+                            } else {
+                                partial.push((p, n));
+                            }
+                        }
                         reqs.push((off, Some((len, false))));
                     }
                 }
@@ -104,6 +119,9 @@ fn crash_child() {
             let mut out = Vec::new();
             p.drain(img.as_mut(), &mut out);
             assert!(out.iter().all(|(_, r)| r.is_ok()));
+            for &(off, len) in &partial {
+                settle_discarded(img.as_mut(), &mut model, &kept, off, len, &dir);
+            }
             n += 8;
             if n % 16 == 0 {
                 img.flush().unwrap();
@@ -137,7 +155,13 @@ fn crash_child() {
             }
             4 => {
                 img.discard(off, len).unwrap();
+                let kept = model.clone();
                 model[o..o + l].fill(0);
+                for (p, n) in cluster_pieces(off, len, cs) {
+                    if n < cs {
+                        settle_discarded(img.as_mut(), &mut model, &kept, p, n, &dir);
+                    }
+                }
             }
             _ => {}
         }
@@ -153,7 +177,52 @@ fn crash_child() {
     }
 }
 
+/// `[off, off + len)` cut at cluster boundaries.
+fn cluster_pieces(off: u64, len: u64, cs: u64) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    let mut p = off;
+    while p < off + len {
+        let n = (cs - p % cs).min(off + len - p);
+        pieces.push((p, n));
+        p += n;
+    }
+    pieces
+}
+
+/// After a discard of a piece of a cluster: each byte reads as the model had it with the
+/// piece zeroed (`model`) or kept (`kept`: a discard never allocates, so a piece of a cluster
+/// the overlay does not hold by itself stays as it read); the model takes what it reads. A
+/// byte that reads as neither is written to `child.err` for the parent, and the child stops.
+fn settle_discarded(
+    img: &mut dyn block::DiskImage,
+    model: &mut [u8],
+    kept: &[u8],
+    off: u64,
+    len: u64,
+    dir: &Path,
+) {
+    let (o, l) = (off as usize, len as usize);
+    let mut now = vec![0u8; l];
+    img.read_at(off, &mut now).unwrap();
+    for (i, &b) in now.iter().enumerate() {
+        if b != model[o + i] && b != kept[o + i] {
+            let msg = format!(
+                "discarded byte {} reads {b:#x}: neither zero-model {:#x} nor kept {:#x}",
+                o + i,
+                model[o + i],
+                kept[o + i]
+            );
+            std::fs::write(dir.join("child.err"), &msg).unwrap();
+            panic!("{msg}");
+        }
+    }
+    model[o..o + l].copy_from_slice(&now);
+}
+
 fn verify_after_kill(dir: &Path, what: &str) {
+    if let Ok(err) = std::fs::read_to_string(dir.join("child.err")) {
+        panic!("{what}: the child found a wrong read: {err}");
+    }
     let img_path = dir.join("img.qcow2");
     let (code, out) = qemu_check(&img_path);
     assert!(

@@ -140,7 +140,28 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                 }
                 6 => {
                     im.discard(off, len).unwrap();
-                    model[o..o + l].fill(0);
+                    // Whole clusters read as zeros; each piece of a cluster reads either as
+                    // before (a cluster the overlay does not hold by itself: a discard never
+                    // allocates) or as zeros, all of it one or the other.
+                    let cs = cfg.cluster_size;
+                    let mut p = off;
+                    while p < off + len {
+                        let n = (cs - p % cs).min(off + len - p);
+                        let (po, pl) = (p as usize, n as usize);
+                        if n < cs {
+                            let mut now = vec![0u8; pl];
+                            im.read_at(p, &mut now).unwrap();
+                            assert!(
+                                now == model[po..po + pl] || now.iter().all(|&b| b == 0),
+                                "{what}: batch {batch} op {op}: discard {off}+{len} left {p}+{n} \
+                                 neither as it was nor zeros"
+                            );
+                            model[po..po + pl].copy_from_slice(&now);
+                        } else {
+                            model[po..po + pl].fill(0);
+                        }
+                        p += n;
+                    }
                 }
                 7 => im.flush().unwrap(),
                 10 => {

@@ -83,7 +83,9 @@ impl DiskImage for Qcow2Image {
     fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         crate::disk::check_range(offset, len, self.header.size)?;
-        // A discarded range reads as zeros afterwards, never as the backing file's data.
+        // Whole clusters read as zeros afterwards, never as the backing file's data; pieces
+        // of clusters read as zeros where the overlay holds the cluster by itself and as
+        // before elsewhere (a discard never allocates).
         let r = self.zero_guest(offset, len, true, FreeReason::Discard);
         self.after_request(r)
     }

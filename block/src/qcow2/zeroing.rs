@@ -1,7 +1,8 @@
 //! Making guest ranges read as zeros (write-zeroes, discard, zero detection on writes):
 //! whole clusters become ZERO or unallocated entries (v3, or v2 without a backing file) or
 //! map to a shared zero cluster (v2 over a backing file), partial clusters are zeroed in
-//! place or by copy-on-write, and released host clusters are queued to be freed.
+//! place or by copy-on-write (a discard never copies: a piece of a cluster the overlay does
+//! not hold by itself is left as it reads), and released host clusters are queued to be freed.
 
 use super::cluster::Mapping;
 use super::entry::{owned_data, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
@@ -190,6 +191,13 @@ impl Qcow2Image {
         let cs = self.cluster_size;
         let m = self.mapping(gc)?;
         if self.reads_as_zero(gc, m)? {
+            return Ok(());
+        }
+        if reason == FreeReason::Discard && !self.writable_in_place(m)? {
+            // A discard is a hint (virtio-blk, like SCSI UNMAP): a piece of a cluster the
+            // overlay does not hold by itself (the backing file's, shared, compressed) is
+            // left reading as it did, as QEMU leaves it. Zeroing it would copy the cluster
+            // into the overlay: the file would grow on a request meant to shrink it.
             return Ok(());
         }
         let mut cluster = vec![0u8; usize_from(cs)];
