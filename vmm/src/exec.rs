@@ -115,7 +115,10 @@ impl ExecClient {
             // device's transport-reset event), which can take a new one that raced it.
             match read_frame(&mut s) {
                 Ok(Some(hello)) => match check_hello(&hello) {
-                    Ok(()) if s.set_read_timeout(None).is_ok() => break s,
+                    Ok(()) if s.set_read_timeout(None).is_ok() => {
+                        crate::lifecycle::timing_mark("exec-hello");
+                        break s;
+                    }
                     Ok(()) => std::thread::sleep(RETRY),
                     Err(e) => {
                         self.exit
@@ -174,6 +177,7 @@ impl ExecClient {
                 }
                 Kind::Exit => {
                     let code = exit_code(&f.payload).ok_or("a malformed exit status")?;
+                    crate::lifecycle::timing_mark("exec-exit");
                     self.exit.set(ExitReason::CommandExited(code));
                     return Ok(());
                 }

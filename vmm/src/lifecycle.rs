@@ -185,6 +185,21 @@ impl ExitState {
 /// When the process started (for `THINVM_TIMING`; the binary sets it first thing).
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
+/// `THINVM_TIMING=1`: prints `thinvm-timing: PHASE-ms=T` on stderr, T the milliseconds since
+/// the process started (benchmarks: where a boot or a restore spends its time before the
+/// guest runs).
+pub fn timing_mark(phase: &str) {
+    if std::env::var_os("THINVM_TIMING").is_none() {
+        return;
+    }
+    if let Some(t0) = PROCESS_START.get() {
+        eprintln!(
+            "thinvm-timing: {phase}-ms={:.1}",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

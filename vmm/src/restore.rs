@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::config::{parse_serial, VmConfig};
 use crate::error::{Result, VmmError};
-use crate::lifecycle::{ExitReason, ExitState};
+use crate::lifecycle::{timing_mark, ExitReason, ExitState};
 use crate::runner::{self, Launch};
 use crate::snapshot::state::{self, SnapshotState};
 use crate::snapshot::{memory, vm as vm_state};
@@ -187,14 +187,19 @@ pub fn build(args: &RestoreOptions) -> Result<Launch> {
         dir: args.dir.clone(),
         source,
     })?;
+    timing_mark("build");
     let s = state::load(&dir)?;
     let cfg = configure(args, &dir, &s)?;
+    timing_mark("state-loaded");
     let (signals, kvm) = runner::open_kvm(cfg.cpus, cfg.seccomp)?;
+    timing_mark("kvm-open");
     let memory = memory::map(&dir.join(state::MEMORY_FILE), &Vm::ram_ranges(s.mem_size)?)?;
     let vm = Arc::new(Vm::with_memory(&kvm, memory)?);
     vm_state::restore(&vm.fd, &s.vm)?;
+    timing_mark("vm-memory");
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
+    timing_mark("devices");
     let device_err = |device: String| {
         let dir = dir.clone();
         move |reason| VmmError::SnapshotDevice {
@@ -225,6 +230,7 @@ pub fn build(args: &RestoreOptions) -> Result<Launch> {
     for v in &s.vcpus {
         vcpus.push(Vcpu::restored(&vm.fd, v)?);
     }
+    timing_mark("vcpus-restored");
     Ok(Launch {
         kvm,
         vm,

@@ -23,7 +23,7 @@ use crate::disks::{self, DiskSet};
 use crate::error::{Result, VmmError};
 use crate::event_loop::{self, Controller};
 use crate::host;
-use crate::lifecycle::{ExitReason, ExitState};
+use crate::lifecycle::{timing_mark, ExitReason, ExitState};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal;
 use crate::vm_control::{VmControl, VsockHandle};
@@ -155,11 +155,15 @@ pub fn run(cfg: VmConfig) -> Result<ExitReason> {
 /// Builds the VM `cfg` describes: KVM, memory, devices, the kernel loaded, vCPUs at its entry
 /// point. Nothing runs yet.
 pub fn build(cfg: VmConfig) -> Result<Launch> {
+    timing_mark("build");
     let (signals, kvm) = open_kvm(cfg.cpus, cfg.seccomp)?;
     let nested = host::software_nested_kvm();
+    timing_mark("kvm-open");
     let vm = Arc::new(Vm::new(&kvm, cfg.mem_size)?);
+    timing_mark("vm-memory");
     let exit = Arc::new(ExitState::new().map_err(|e| VmmError::io("eventfd", e))?);
     let devs = attach_devices(&vm, &cfg, &exit, None, false)?;
+    timing_mark("devices");
 
     // Kernel, boot information, MP table, page tables. Once the kernel is loaded and known
     // to be Linux (a bzImage, or a vmlinux with the PVH note), warn once if this host cannot
@@ -201,6 +205,7 @@ pub fn build(cfg: VmConfig) -> Result<Launch> {
     }
     mptable::setup(&vm.memory, cfg.cpus)?;
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
+    timing_mark("kernel-loaded");
 
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
@@ -309,16 +314,9 @@ fn start(l: Launch) -> Result<RunningVm> {
     } else {
         None
     };
-    // THINVM_TIMING=1: when the vCPUs are about to enter the guest, from the process start
-    // (benchmarks: restore to the first guest instruction).
-    if std::env::var_os("THINVM_TIMING").is_some() {
-        if let Some(t0) = crate::lifecycle::PROCESS_START.get() {
-            eprintln!(
-                "thinvm-timing: vcpus-start-ms={:.1}",
-                t0.elapsed().as_secs_f64() * 1000.0
-            );
-        }
-    }
+    // When the vCPUs are about to enter the guest (benchmarks: restore to the first guest
+    // instruction).
+    timing_mark("vcpus-start");
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start(shared.clone(), vcpu_filter.clone())?);
@@ -473,6 +471,7 @@ impl RunningVm {
             return;
         }
         self.torn_down = true;
+        timing_mark("tear-down");
         // Stop the vCPUs: set the flag, let parked ones go, then kick until every thread has
         // left KVM_RUN.
         self.stop.store(true, Ordering::Release);
@@ -497,6 +496,7 @@ impl RunningVm {
             v.shutdown();
         }
         self.raw_guard = None;
+        timing_mark("torn-down");
     }
 }
 
