@@ -136,7 +136,7 @@ impl MmioTransport {
         self.device_features_sel = st.device_features_sel;
         self.driver_features_sel = st.driver_features_sel;
         self.queue_sel = st.queue_sel;
-        self.interrupt.set_status(st.interrupt_status);
+        self.interrupt.restore_status(st.interrupt_status);
         if st.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             self.device.ack_features(st.driver_features);
         }

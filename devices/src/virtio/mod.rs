@@ -71,10 +71,19 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
-    /// Sets the interrupt status register (a restored VM), without raising the interrupt
-    /// (the restored interrupt controller holds what was pending).
-    pub fn set_status(&self, bits: u32) {
+    /// Sets the interrupt status register of a restored VM and, when a bit is set, raises
+    /// the interrupt again. The saved interrupt controller may not hold it: KVM injects an
+    /// irqfd's IOAPIC interrupt from a work queue, which can run after the controller's
+    /// state was read for the snapshot, and a completion whose interrupt is lost leaves the
+    /// guest's driver waiting forever. A second interrupt finds the status register clear
+    /// and is ignored by the driver.
+    pub fn restore_status(&self, bits: u32) {
         self.status.store(bits, Ordering::Release);
+        if bits != 0 {
+            if let Err(e) = self.evt.write(1) {
+                tracing::error!("virtio: cannot raise interrupt: {e}");
+            }
+        }
     }
 
     /// The irqfd to register with KVM.
