@@ -485,9 +485,10 @@ pub enum VmmError {
     /// The handler that reports a forbidden system call could not be installed.
     #[error("seccomp: SIGSYS handler: {0}")]
     SigsysHandler(#[source] vmm_sys_util::errno::Error),
-    /// The block crate's I/O threads could not start confined (the block crate says why).
-    #[error("seccomp: block I/O threads: {reason}")]
-    ConfinedIoPool { reason: String },
+    /// The block crate's I/O threads could not start confined (the block crate says why;
+    /// shared: the first attempt's error is kept for every later one).
+    #[error("seccomp: block I/O threads: {0}")]
+    ConfinedIoPool(#[source] std::sync::Arc<block::Error>),
 }
 
 impl VmmError {

@@ -83,6 +83,11 @@ impl Interrupt {
     }
 }
 
+/// Code run at the start of a device's thread (e.g. installing its seccomp filter); its error
+/// is the caller's own (see [`::block::ThreadStartError`]), logged by the thread, which then
+/// ends.
+pub type ThreadInit = Box<dyn FnOnce() -> Result<(), ::block::ThreadStartError> + Send>;
+
 /// A queue handed to a device at activation, with its notification eventfd.
 pub struct ActiveQueue {
     pub queue: Queue,

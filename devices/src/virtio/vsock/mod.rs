@@ -37,8 +37,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// this is only reached if the thread died).
 const COMMAND_WAIT: Duration = Duration::from_secs(5);
 
-/// Code run at the start of the device's thread (e.g. installing its seccomp filter).
-pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub use crate::virtio::ThreadInit;
 
 /// How the VMM configures the device.
 #[derive(Clone, Debug)]
