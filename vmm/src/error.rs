@@ -233,7 +233,10 @@ pub enum VmmError {
     /// A snapshot of another thinvm version, state format or CPU model, or whose state
     /// contradicts itself (`reason` says which).
     #[error("snapshot {} cannot be restored: {reason}", dir.display())]
-    SnapshotRefused { dir: PathBuf, reason: String },
+    SnapshotRefused {
+        dir: PathBuf,
+        reason: SnapshotRefusal,
+    },
     /// A file the snapshot's state names (`what`: the memory file, a disk image) is missing.
     #[error("snapshot {}: {what} {} is missing", dir.display(), file.display())]
     SnapshotFileMissing {
@@ -244,12 +247,13 @@ pub enum VmmError {
     /// The state's devices are not in the order thinvm saves them.
     #[error("snapshot {}: state: {problem}", dir.display())]
     SnapshotStateInvalid { dir: PathBuf, problem: &'static str },
-    /// A device refused its saved virtio-mmio transport state (the device says why).
-    #[error("snapshot {}: {device}: {reason}", dir.display())]
+    /// A device (`device`: which) refused its saved virtio-mmio transport state.
+    #[error("snapshot {}: {device}: {source}", dir.display())]
     SnapshotDevice {
         dir: PathBuf,
         device: String,
-        reason: String,
+        #[source]
+        source: devices::virtio::mmio::RestoreError,
     },
     /// A clone's disk overlay could not be created.
     #[error("clone overlay {}: {source}", path.display())]
@@ -545,6 +549,53 @@ impl VmmError {
     pub fn bus(what: &'static str) -> impl FnOnce(devices::bus::BusError) -> Self {
         move |source| VmmError::Bus { what, source }
     }
+}
+
+/// Why a snapshot cannot be restored here ([`VmmError::SnapshotRefused`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotRefusal {
+    /// Seen in the version fields, before the rest of the state is parsed (it may well not
+    /// parse): another state format or another thinvm version (`reads`: the format this
+    /// thinvm reads).
+    #[error(
+        "it was written in state format {format} by thinvm {version}; this is thinvm {} (format {reads})",
+        env!("CARGO_PKG_VERSION")
+    )]
+    Version {
+        format: u32,
+        version: String,
+        reads: u32,
+    },
+    /// A state format this thinvm does not read (`reads`: the one it reads).
+    #[error(
+        "it was written in state format {format} by thinvm {version}; this thinvm reads format {reads} only"
+    )]
+    Format {
+        format: u32,
+        version: String,
+        reads: u32,
+    },
+    /// Taken by another thinvm version.
+    #[error(
+        "it was taken by thinvm {version}; this is thinvm {} (snapshots are restored by the version that took them)",
+        env!("CARGO_PKG_VERSION")
+    )]
+    ThinvmVersion { version: String },
+    /// Taken on another CPU model (`taken`, `host`: each described).
+    #[error(
+        "it was taken on CPU {taken}; this host's CPU is {host} (a guest's CPU features must not change under it)"
+    )]
+    Cpu { taken: String, host: String },
+    /// A guest RAM size thinvm does not create.
+    #[error(
+        "its guest RAM size {mem_size} is not whole pages from {} MiB to {} GiB",
+        crate::arch::layout::MIN_MEMORY >> 20,
+        crate::arch::layout::MAX_MEMORY >> 30
+    )]
+    MemorySize { mem_size: u64 },
+    /// A vCPU count that does not match the vCPU states held.
+    #[error("it describes {cpus} vCPUs but holds the state of {states}")]
+    VcpuCount { cpus: u32, states: usize },
 }
 
 /// Result alias of the VMM.

@@ -197,10 +197,10 @@ pub fn build(args: &RestoreOptions) -> Result<Launch> {
     let devs = runner::attach_devices(&vm, &cfg, &exit, Some(&s.serial), true)?;
     let device_err = |device: String| {
         let dir = dir.clone();
-        move |reason| VmmError::SnapshotDevice {
+        move |source| VmmError::SnapshotDevice {
             dir,
             device,
-            reason,
+            source,
         }
     };
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {

@@ -102,7 +102,7 @@ pub enum ActivateError {
     #[error("wrong number of queues: {0}")]
     QueueCount(usize),
     #[error("cannot start worker thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// The device's I/O thread has not yet left the previous activation (a reset that could
     /// not wait for it): the driver must reset the device and try again later.
     #[error("the previous activation has not ended yet")]
