@@ -493,6 +493,43 @@ pub enum VmmError {
     /// shared: the first attempt's error is kept for every later one).
     #[error("seccomp: block I/O threads: {0}")]
     ConfinedIoPool(#[source] std::sync::Arc<block::Error>),
+    /// `thinvm ctl`: the VM's `--api-socket` (`socket`) could not be reached, or the request
+    /// sent or the answer read (`op`: which).
+    #[error("{}: {op}: {source}", socket.display())]
+    Ctl {
+        socket: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `thinvm ctl`: the VM's answer is not JSON.
+    #[error("bad answer '{answer}': {source}")]
+    CtlBadAnswer {
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The API socket: a request line that is not a request.
+    #[error("bad request: {0}")]
+    ApiBadRequest(#[source] serde_json::Error),
+    /// The API socket: `snapshot` without an absolute `dir`.
+    #[error("snapshot needs \"dir\": an absolute path")]
+    ApiSnapshotDir,
+    /// The API socket: a command it does not know.
+    #[error("unknown command '{cmd}' (pause, resume, snapshot, status)")]
+    ApiUnknownCommand { cmd: String },
+    /// `--exec`: the connection to the guest's agent failed, or the agent broke the protocol.
+    #[error("{0}")]
+    Agent(#[source] thinvm_agent::protocol::ProtocolError),
+    /// `--exec`: the agent closed the connection before it sent the command's status.
+    #[error("the agent closed the connection before the command's status")]
+    AgentClosed,
+    /// `--exec`: an exit frame whose payload is not an exit status.
+    #[error("a malformed exit status")]
+    AgentExitStatus,
+    /// `--exec`: a frame the host side never expects from the agent.
+    #[error("unexpected {0:?} frame from the agent")]
+    AgentUnexpectedFrame(thinvm_agent::protocol::Kind),
 }
 
 impl VmmError {
