@@ -83,11 +83,10 @@ impl MmioTransport {
         let served = self.activated_queues();
         if self.active && reported.len() != served.len() {
             self.device.resume();
-            return Err(PauseError::Busy(format!(
-                "the device reported {} queues; it serves {}",
-                reported.len(),
-                served.len()
-            )));
+            return Err(PauseError::QueueCount {
+                reported: reported.len(),
+                served: served.len(),
+            });
         }
         let mut progress = vec![QueueProgress::default(); self.queues.len()];
         for (&i, p) in served.iter().zip(reported) {

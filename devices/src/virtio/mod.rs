@@ -122,8 +122,21 @@ pub struct QueueProgress {
 pub enum PauseError {
     #[error("this device cannot be paused")]
     Unsupported,
-    #[error("{0}")]
-    Busy(String),
+    /// Writes the worker holds until the host has space again.
+    #[error("{0} writes wait for host space")]
+    WritesWaiting(usize),
+    /// Requests the worker submitted that did not complete.
+    #[error("{0} requests did not complete")]
+    InFlight(usize),
+    /// The device's thread ended.
+    #[error("the device's thread is gone")]
+    ThreadGone,
+    /// A job for a disk whose worker is not parked.
+    #[error("the disk is not paused")]
+    NotPaused,
+    /// The device reported the positions of another number of queues than it serves.
+    #[error("the device reported {reported} queues; it serves {served}")]
+    QueueCount { reported: usize, served: usize },
     #[error("the device's thread did not stop within {0:?}")]
     Timeout(std::time::Duration),
 }

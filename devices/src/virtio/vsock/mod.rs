@@ -216,7 +216,7 @@ impl VirtioDevice for Vsock {
     fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
         let (tx, rx) = channel();
         if !self.send(Command::Pause(tx)) {
-            return Err(PauseError::Busy("the device's thread is gone".into()));
+            return Err(PauseError::ThreadGone);
         }
         rx.recv_timeout(COMMAND_WAIT)
             .map_err(|_| PauseError::Timeout(COMMAND_WAIT))
