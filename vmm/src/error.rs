@@ -408,7 +408,7 @@ pub enum VmmError {
     Transport {
         what: String,
         #[source]
-        source: std::io::Error,
+        source: devices::virtio::mmio::TransportError,
     },
     /// A snapshot's serial port state was refused.
     #[error("device setup: serial port state: {0}")]

@@ -125,6 +125,21 @@ impl QueueConfig {
     }
 }
 
+/// Why a transport could not be created for a device.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The device's maximum size of a queue is not a valid queue size.
+    #[error("queue size {max}: {source}")]
+    QueueSize {
+        max: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue's notification eventfd could not be created.
+    #[error("eventfd: {0}")]
+    Eventfd(#[source] std::io::Error),
+}
+
 /// Why a queue, as the driver set it up, cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -186,15 +201,14 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq_evt: EventFd,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, TransportError> {
         let mut queues = Vec::new();
         let mut notify = Vec::new();
         for &max in device.queue_max_sizes() {
             // The device's own maximum must be a valid queue size.
-            Queue::new(max)
-                .map_err(|e| std::io::Error::other(format!("queue size {max}: {e:?}")))?;
+            Queue::new(max).map_err(|source| TransportError::QueueSize { max, source })?;
             queues.push(QueueConfig::new(max));
-            notify.push(EventFd::new(libc::EFD_NONBLOCK)?);
+            notify.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::Eventfd)?);
         }
         Ok(MmioTransport {
             device,
