@@ -58,6 +58,28 @@ pub enum Error {
     /// metadata than a chain may hold in memory.
     #[error("{0}")]
     Chain(String),
+    /// io_uring cannot be set up in this process (a kernel without it, or one, a container or
+    /// a seccomp filter that refuses it): the probe's error (see
+    /// [`crate::engine::io_uring_available`]).
+    #[error("{0}")]
+    IoUringUnavailable(#[source] std::io::Error),
+    /// [`crate::start_pool`] after the I/O thread pool started (it starts once per process).
+    #[error("the block I/O thread pool is already running")]
+    IoPoolRunning,
+    /// The I/O thread pool could not be built (its threads could not be created).
+    #[error("cannot start the block I/O threads: {0}")]
+    IoPoolBuild(#[source] rayon::ThreadPoolBuildError),
+    /// An I/O thread's start code (see [`crate::ThreadStart`]) failed, e.g. installing its
+    /// seccomp filter.
+    #[error("I/O thread {thread}: {source}")]
+    IoThreadStart {
+        thread: usize,
+        #[source]
+        source: crate::parallel::ThreadStartError,
+    },
+    /// An I/O thread panicked while the pool was starting.
+    #[error("an I/O thread panicked while starting")]
+    IoPoolPanicked,
 }
 
 fn locked_message(path: &Path, permission: &str, shared: bool, in_this_process: bool) -> String {

@@ -41,7 +41,7 @@ pub use format::ImageFormat;
 pub use iobuf::IoBuf;
 pub use open::open;
 pub use options::OpenOptions;
-pub use parallel::{start_pool, ThreadStart, MAX_THREADS as MAX_IO_THREADS};
+pub use parallel::{start_pool, ThreadStart, ThreadStartError, MAX_THREADS as MAX_IO_THREADS};
 pub use plan::Plan;
 pub use probe::{probe_format, ProbePolicy};
 pub use status::{HostUsage, MapExtent, ReclaimStats};

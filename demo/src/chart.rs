@@ -7,6 +7,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use crate::error::DemoError;
 use crate::sample::Sample;
 
 /// One VMM's run: its size samples and when each step ended (ms since its own start).
@@ -101,8 +102,11 @@ fn key_lines(steps: &[String], width: i32) -> Vec<String> {
 }
 
 /// Draws the chart as SVG.
-pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), String> {
-    let err = |e: String| format!("chart {}: {e}", path.display());
+pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), DemoError> {
+    let err = |source| DemoError::Chart {
+        path: path.to_path_buf(),
+        source,
+    };
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let t_max = series
         .iter()
@@ -122,7 +126,9 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
     let y_max = y_top * (1.12 + 0.08 * series.len() as f64);
     let key = key_lines(steps, WIDTH as i32 - 40);
     // The key's lines and the series line below them, each KEY_LINE high.
-    let too_many = || err("too many steps for the key".into());
+    let too_many = || DemoError::ChartKeyTooLong {
+        path: path.to_path_buf(),
+    };
     let height = u32::try_from(key.len() + 1)
         .ok()
         .and_then(|rows| KEY_LINE.checked_mul(rows))
@@ -137,7 +143,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
             .ok_or_else(too_many)
     };
     let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    root.fill(&WHITE).map_err(err)?;
     let (plot, key_area) = root.split_vertically(PLOT_HEIGHT);
     let title = if series.len() > 1 {
         "qcow2 overlay size while the guest fills, deletes, zero-wipes and trims: thinvm vs QEMU"
@@ -150,13 +156,13 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..t_max, 0f64..y_max)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("time since the VMM's first step started (s)")
         .y_desc("overlay size (MiB)")
         .draw()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
 
     let points = |s: &Series, f: fn(&Sample) -> u64| -> Vec<(f64, f64)> {
         s.samples
@@ -172,7 +178,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                 points(s, |x| x.allocated),
                 alloc_c.stroke_width(width),
             ))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .label(format!("{}: allocated (du)", s.name))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], alloc_c));
         chart
@@ -182,7 +188,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                 5,
                 app_c.stroke_width(width),
             ))
-            .map_err(|e| err(e.to_string()))?
+            .map_err(err)?
             .label(format!("{}: apparent (ls -l)", s.name))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], app_c));
         for &t in s.step_ends_ms {
@@ -192,7 +198,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                     vec![(x, 0.0), (x, y_top * 1.05)],
                     alloc_c.mix(0.35).stroke_width(1),
                 ))
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(err)?;
         }
     }
     chart
@@ -202,7 +208,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
         .border_style(BLACK)
         .background_style(WHITE.mix(0.85))
         .draw()
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(err)?;
 
     // Step numbers above each series' step lines, kept apart and inside the plot.
     let (x_range, _) = chart.plotting_area().get_pixel_range();
@@ -241,7 +247,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                 (x, y),
                 ("sans-serif", LABEL_FONT).into_font().color(&alloc_c),
             ))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         }
     }
 
@@ -252,7 +258,7 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                 (20, key_y(i)?),
                 ("sans-serif", KEY_FONT).into_font().color(&BLACK),
             ))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
     }
     if series.len() > 1 {
         let names: Vec<String> = series
@@ -265,9 +271,9 @@ pub fn draw(path: &Path, series: &[Series], steps: &[String]) -> Result<(), Stri
                 (20, key_y(key.len())?),
                 ("sans-serif", KEY_FONT).into_font().color(&BLACK),
             ))
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
     }
-    root.present().map_err(|e| err(e.to_string()))?;
+    root.present().map_err(err)?;
     Ok(())
 }
 

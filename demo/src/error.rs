@@ -17,6 +17,16 @@ pub enum DemoError {
     Image(#[from] block::Error),
     #[error("stopped (Ctrl-C)")]
     Interrupted,
+    /// The chart could not be drawn or written.
+    #[error("chart {}: {source}", path.display())]
+    Chart {
+        path: std::path::PathBuf,
+        #[source]
+        source: plotters::drawing::DrawingAreaErrorKind<std::io::Error>,
+    },
+    /// More steps than the chart's key has room for.
+    #[error("chart {}: too many steps for the key", path.display())]
+    ChartKeyTooLong { path: std::path::PathBuf },
 }
 
 /// Result alias of the demo.

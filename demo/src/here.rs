@@ -8,7 +8,7 @@ use units::human_size;
 
 use crate::args::DemoArgs;
 use crate::chart;
-use crate::error::{io, DemoError, Result};
+use crate::error::{io, Result};
 use crate::overlay::copy_sparse;
 use crate::series::run_series;
 use crate::step::steps;
@@ -55,7 +55,7 @@ pub fn run_here(args: &DemoArgs, exe: &Path, guest: &guest_rig::Guest) -> Result
         })
         .collect();
     let labels: Vec<String> = all.iter().map(|(_, label)| label.clone()).collect();
-    chart::draw(&chart_path, &series, &labels).map_err(DemoError::Step)?;
+    chart::draw(&chart_path, &series, &labels)?;
     let json = match (runs.first(), runs.get(1)) {
         (Some(t), Some(q)) => serde_json::json!({
             "rows": t.rows, "samples": t.samples,

@@ -38,7 +38,7 @@ fn apply_options(opts: &mut CreateOptions, list: &[String], format: ImageFormat)
             "cluster_size" => opts.cluster_size = parse_size(value)?,
             "compat" => {
                 opts.version = Qcow2Version::from_compat(value)
-                    .map_err(|e| CliError::Usage(e.to_string()))?
+                    .map_err(CliError::InvalidOption)?
             }
             "refcount_bits" => {
                 opts.refcount_bits = value.parse().map_err(|_| {
@@ -50,7 +50,7 @@ fn apply_options(opts: &mut CreateOptions, list: &[String], format: ImageFormat)
                 opts.backing_format = Some(
                     value
                         .parse()
-                        .map_err(|e: block::Error| CliError::Usage(e.to_string()))?,
+                        .map_err(CliError::InvalidOption)?,
                 )
             }
             "size" => opts.size = Some(parse_size(value)?),

@@ -6,6 +6,9 @@ pub enum CliError {
     /// Bad command-line input.
     #[error("{0}")]
     Usage(String),
+    /// A `-o` option's value the image crate refused (a compat level, a format name).
+    #[error("{0}")]
+    InvalidOption(#[source] block::Error),
     /// An error from the image crate, with the file it concerns.
     #[error("{file}: {source}")]
     Image {

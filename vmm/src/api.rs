@@ -60,36 +60,31 @@ impl ApiServer {
     }
 
     fn answer(&mut self, req: &Request) -> serde_json::Value {
-        let done = |r: std::result::Result<(), String>| match r {
-            Ok(()) => serde_json::json!({ "ok": true }),
-            Err(e) => serde_json::json!({ "ok": false, "error": e }),
-        };
-        let done_vm = |r: Result<()>| done(r.map_err(|e| e.to_string()));
-        match req.cmd.as_str() {
-            "pause" => done_vm(self.control.pause()),
-            "resume" => done_vm(self.control.resume()),
-            "status" => serde_json::json!({
+        let done = |r: Result<()>| r.map(|()| serde_json::json!({ "ok": true }));
+        reply(match req.cmd.as_str() {
+            "pause" => done(self.control.pause()),
+            "resume" => done(self.control.resume()),
+            "status" => Ok(serde_json::json!({
                 "ok": true,
                 "state": if self.control.is_paused() { "paused" } else { "running" },
-            }),
+            })),
             "snapshot" => match &req.dir {
                 Some(d) if Path::new(d).is_absolute() => {
                     let t0 = std::time::Instant::now();
-                    match self.control.snapshot(Path::new(d)) {
-                        Ok(()) => serde_json::json!({
+                    self.control.snapshot(Path::new(d)).map(|()| {
+                        serde_json::json!({
                             "ok": true,
                             "dir": d,
                             "ms": u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        }),
-                        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
-                    }
+                        })
+                    })
                 }
-                _ => done(Err("snapshot needs \"dir\": an absolute path".into())),
+                _ => Err(VmmError::ApiSnapshotDir),
             },
-            other => done(Err(format!(
-                "unknown command '{other}' (pause, resume, snapshot, status)"
-            ))),
-        }
+            other => Err(VmmError::ApiUnknownCommand {
+                cmd: other.to_string(),
+            }),
+        })
     }
 
     fn serve(&mut self, stream: UnixStream) {
@@ -107,12 +102,18 @@ impl ApiServer {
             Ok(0) | Err(_) => return,
             Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
                 Ok(req) => self.answer(&req),
-                Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+                Err(e) => reply(Err(VmmError::ApiBadRequest(e))),
             },
         };
         let mut s = stream;
         let _ = writeln!(s, "{reply}");
     }
+}
+
+/// The answer to a request: its result, or `{"ok": false, "error": ...}` with the error's
+/// message.
+fn reply(r: Result<serde_json::Value>) -> serde_json::Value {
+    r.unwrap_or_else(|e| serde_json::json!({ "ok": false, "error": e.to_string() }))
 }
 
 impl Drop for ApiServer {

@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use crate::error::{Result, VmmError};
+
 /// A request to a running VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -21,7 +23,7 @@ pub enum Request {
 
 /// Sends `cmd` to the VM at `socket` and returns its answer (`{"ok": true, ...}` or
 /// `{"ok": false, "error": ...}`), or why no answer came.
-pub fn request(socket: &Path, cmd: &Request) -> Result<serde_json::Value, String> {
+pub fn request(socket: &Path, cmd: &Request) -> Result<serde_json::Value> {
     let req = match cmd {
         Request::Pause => serde_json::json!({ "cmd": "pause" }),
         Request::Resume => serde_json::json!({ "cmd": "resume" }),
@@ -31,11 +33,21 @@ pub fn request(socket: &Path, cmd: &Request) -> Result<serde_json::Value, String
             "dir": crate::vm_control::absolute(dir).display().to_string(),
         }),
     };
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let io_err = |op: &'static str| {
+        move |source| VmmError::Ctl {
+            socket: socket.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let mut s = UnixStream::connect(socket).map_err(io_err("connect"))?;
+    writeln!(s, "{req}").map_err(io_err("send the request"))?;
     let mut line = String::new();
     BufReader::new(s)
         .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    serde_json::from_str(line.trim()).map_err(|e| format!("bad answer '{}': {e}", line.trim()))
+        .map_err(io_err("read the answer"))?;
+    serde_json::from_str(line.trim()).map_err(|source| VmmError::CtlBadAnswer {
+        answer: line.trim().to_string(),
+        source,
+    })
 }

@@ -193,7 +193,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         let thread_init: Option<ThreadInit> = if cfg.seccomp {
             let prog = seccomp::filter(ThreadKind::Block)?;
             Some(Box::new(move || {
-                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(block::ThreadStartError::from)
             }))
         } else {
             None
@@ -346,17 +346,22 @@ impl DiskSet {
 /// with the block worker's seccomp filter installed on each: the worker itself may not create
 /// threads once confined. Once per process.
 fn start_confined_io_pool() -> Result<()> {
-    static STARTED: std::sync::OnceLock<std::result::Result<(), String>> =
+    // The pool starts once: its outcome, a failure included, is kept for every later call.
+    static STARTED: std::sync::OnceLock<std::result::Result<(), Arc<block::Error>>> =
         std::sync::OnceLock::new();
+    if let Some(started) = STARTED.get() {
+        return started.clone().map_err(VmmError::ConfinedIoPool);
+    }
+    let prog = seccomp::filter(ThreadKind::Block)?;
     STARTED
         .get_or_init(|| {
-            let prog = seccomp::filter(ThreadKind::Block).map_err(|e| e.to_string())?;
             block::start_pool(Box::new(move || {
-                seccomp::apply(ThreadKind::Block, &prog).map_err(|e| e.to_string())
+                seccomp::apply(ThreadKind::Block, &prog).map_err(block::ThreadStartError::from)
             }))
+            .map_err(Arc::new)
         })
         .clone()
-        .map_err(|reason| VmmError::ConfinedIoPool { reason })
+        .map_err(VmmError::ConfinedIoPool)
 }
 
 #[cfg(test)]

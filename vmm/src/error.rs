@@ -233,7 +233,10 @@ pub enum VmmError {
     /// A snapshot of another thinvm version, state format or CPU model, or whose state
     /// contradicts itself (`reason` says which).
     #[error("snapshot {} cannot be restored: {reason}", dir.display())]
-    SnapshotRefused { dir: PathBuf, reason: String },
+    SnapshotRefused {
+        dir: PathBuf,
+        reason: SnapshotRefusal,
+    },
     /// A file the snapshot's state names (`what`: the memory file, a disk image) is missing.
     #[error("snapshot {}: {what} {} is missing", dir.display(), file.display())]
     SnapshotFileMissing {
@@ -244,12 +247,13 @@ pub enum VmmError {
     /// The state's devices are not in the order thinvm saves them.
     #[error("snapshot {}: state: {problem}", dir.display())]
     SnapshotStateInvalid { dir: PathBuf, problem: &'static str },
-    /// A device refused its saved virtio-mmio transport state (the device says why).
-    #[error("snapshot {}: {device}: {reason}", dir.display())]
+    /// A device (`device`: which) refused its saved virtio-mmio transport state.
+    #[error("snapshot {}: {device}: {source}", dir.display())]
     SnapshotDevice {
         dir: PathBuf,
         device: String,
-        reason: String,
+        #[source]
+        source: devices::virtio::mmio::RestoreError,
     },
     /// A clone's disk overlay could not be created.
     #[error("clone overlay {}: {source}", path.display())]
@@ -404,7 +408,7 @@ pub enum VmmError {
     Transport {
         what: String,
         #[source]
-        source: std::io::Error,
+        source: devices::virtio::mmio::TransportError,
     },
     /// A snapshot's serial port state was refused.
     #[error("device setup: serial port state: {0}")]
@@ -485,9 +489,47 @@ pub enum VmmError {
     /// The handler that reports a forbidden system call could not be installed.
     #[error("seccomp: SIGSYS handler: {0}")]
     SigsysHandler(#[source] vmm_sys_util::errno::Error),
-    /// The block crate's I/O threads could not start confined (the block crate says why).
-    #[error("seccomp: block I/O threads: {reason}")]
-    ConfinedIoPool { reason: String },
+    /// The block crate's I/O threads could not start confined (the block crate says why;
+    /// shared: the first attempt's error is kept for every later one).
+    #[error("seccomp: block I/O threads: {0}")]
+    ConfinedIoPool(#[source] std::sync::Arc<block::Error>),
+    /// `thinvm ctl`: the VM's `--api-socket` (`socket`) could not be reached, or the request
+    /// sent or the answer read (`op`: which).
+    #[error("{}: {op}: {source}", socket.display())]
+    Ctl {
+        socket: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `thinvm ctl`: the VM's answer is not JSON.
+    #[error("bad answer '{answer}': {source}")]
+    CtlBadAnswer {
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The API socket: a request line that is not a request.
+    #[error("bad request: {0}")]
+    ApiBadRequest(#[source] serde_json::Error),
+    /// The API socket: `snapshot` without an absolute `dir`.
+    #[error("snapshot needs \"dir\": an absolute path")]
+    ApiSnapshotDir,
+    /// The API socket: a command it does not know.
+    #[error("unknown command '{cmd}' (pause, resume, snapshot, status)")]
+    ApiUnknownCommand { cmd: String },
+    /// `--exec`: the connection to the guest's agent failed, or the agent broke the protocol.
+    #[error("{0}")]
+    Agent(#[source] thinvm_agent::protocol::ProtocolError),
+    /// `--exec`: the agent closed the connection before it sent the command's status.
+    #[error("the agent closed the connection before the command's status")]
+    AgentClosed,
+    /// `--exec`: an exit frame whose payload is not an exit status.
+    #[error("a malformed exit status")]
+    AgentExitStatus,
+    /// `--exec`: a frame the host side never expects from the agent.
+    #[error("unexpected {0:?} frame from the agent")]
+    AgentUnexpectedFrame(thinvm_agent::protocol::Kind),
 }
 
 impl VmmError {
@@ -544,6 +586,53 @@ impl VmmError {
     pub fn bus(what: &'static str) -> impl FnOnce(devices::bus::BusError) -> Self {
         move |source| VmmError::Bus { what, source }
     }
+}
+
+/// Why a snapshot cannot be restored here ([`VmmError::SnapshotRefused`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotRefusal {
+    /// Seen in the version fields, before the rest of the state is parsed (it may well not
+    /// parse): another state format or another thinvm version (`reads`: the format this
+    /// thinvm reads).
+    #[error(
+        "it was written in state format {format} by thinvm {version}; this is thinvm {} (format {reads})",
+        env!("CARGO_PKG_VERSION")
+    )]
+    Version {
+        format: u32,
+        version: String,
+        reads: u32,
+    },
+    /// A state format this thinvm does not read (`reads`: the one it reads).
+    #[error(
+        "it was written in state format {format} by thinvm {version}; this thinvm reads format {reads} only"
+    )]
+    Format {
+        format: u32,
+        version: String,
+        reads: u32,
+    },
+    /// Taken by another thinvm version.
+    #[error(
+        "it was taken by thinvm {version}; this is thinvm {} (snapshots are restored by the version that took them)",
+        env!("CARGO_PKG_VERSION")
+    )]
+    ThinvmVersion { version: String },
+    /// Taken on another CPU model (`taken`, `host`: each described).
+    #[error(
+        "it was taken on CPU {taken}; this host's CPU is {host} (a guest's CPU features must not change under it)"
+    )]
+    Cpu { taken: String, host: String },
+    /// A guest RAM size thinvm does not create.
+    #[error(
+        "its guest RAM size {mem_size} is not whole pages from {} MiB to {} GiB",
+        crate::arch::layout::MIN_MEMORY >> 20,
+        crate::arch::layout::MAX_MEMORY >> 30
+    )]
+    MemorySize { mem_size: u64 },
+    /// A vCPU count that does not match the vCPU states held.
+    #[error("it describes {cpus} vCPUs but holds the state of {states}")]
+    VcpuCount { cpus: u32, states: usize },
 }
 
 /// Result alias of the VMM.

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use thinvm_agent::protocol::{check_hello, exit_code, read_frame, write_frame, Kind};
+use thinvm_agent::protocol::{
+    check_hello, exit_code, read_frame, write_frame, Kind, ProtocolError,
+};
 use thinvm_agent::AGENT_PORT;
 
 use crate::error::{Result, VmmError};
@@ -142,7 +144,7 @@ impl ExecClient {
         if let Err(e) = self.talk(&mut stream, give_writer) {
             // The command was sent: its status is lost (the agent died, or the guest's vsock
             // connection was reset); if the VM ended, its own reason was set first and wins.
-            self.exit.set(ExitReason::AgentLost(e));
+            self.exit.set(ExitReason::AgentLost(e.to_string()));
         }
     }
 
@@ -150,20 +152,20 @@ impl ExecClient {
         &self,
         s: &mut UnixStream,
         give_writer: std::sync::mpsc::Sender<UnixStream>,
-    ) -> std::result::Result<(), String> {
-        let err = |e: thinvm_agent::protocol::ProtocolError| e.to_string();
+    ) -> Result<()> {
+        let err = VmmError::Agent;
+        let clone_err = |e| VmmError::Agent(ProtocolError::Io(e));
         write_frame(s, Kind::Exec, self.command.as_bytes()).map_err(err)?;
         if self.forward_stdin {
-            let w = s.try_clone().map_err(|e| e.to_string())?;
+            let w = s.try_clone().map_err(clone_err)?;
             let _ = give_writer.send(w);
         } else {
             write_frame(s, Kind::Stdin, &[]).map_err(err)?;
         }
-        let mut reader =
-            BufReader::with_capacity(128 << 10, s.try_clone().map_err(|e| e.to_string())?);
+        let mut reader = BufReader::with_capacity(128 << 10, s.try_clone().map_err(clone_err)?);
         loop {
             let Some(f) = read_frame(&mut reader).map_err(err)? else {
-                return Err("the agent closed the connection before the command's status".into());
+                return Err(VmmError::AgentClosed);
             };
             match f.kind {
                 // (Output that cannot be written, e.g. a closed pipe, is dropped.)
@@ -176,7 +178,7 @@ impl ExecClient {
                     let _ = std::io::stderr().lock().write_all(&f.payload);
                 }
                 Kind::Exit => {
-                    let code = exit_code(&f.payload).ok_or("a malformed exit status")?;
+                    let code = exit_code(&f.payload).ok_or(VmmError::AgentExitStatus)?;
                     crate::lifecycle::timing_mark("exec-exit");
                     self.exit.set(ExitReason::CommandExited(code));
                     return Ok(());
@@ -187,7 +189,7 @@ impl ExecClient {
                     ));
                     return Ok(());
                 }
-                other => return Err(format!("unexpected {other:?} frame from the agent")),
+                other => return Err(VmmError::AgentUnexpectedFrame(other)),
             }
         }
     }

@@ -45,16 +45,23 @@ enum Command {
     },
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
+/// Why `--log-level` could not set up logging.
+#[derive(Debug, thiserror::Error)]
+enum LogLevelError {
+    /// Not one of the level names.
+    #[error("--log-level {0}: expected error, warn, info, debug, trace or off")]
+    Unknown(String),
+    /// tracing-subscriber refused the level as a filter.
+    #[error("--log-level: {0}")]
+    Filter(#[source] tracing_subscriber::filter::ParseError),
+}
+
+fn init_logging(level: &str) -> Result<(), LogLevelError> {
     let level = match level {
         "error" | "warn" | "info" | "debug" | "trace" | "off" => level,
-        other => {
-            return Err(format!(
-                "--log-level {other}: expected error, warn, info, debug, trace or off"
-            ))
-        }
+        other => return Err(LogLevelError::Unknown(other.to_string())),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(LogLevelError::Filter)?;
     // A log line that cannot be written (stderr on a full file system, a closed pipe) is
     // lost, not reported with eprintln!, which would panic the thread that logged.
     tracing_subscriber::fmt()

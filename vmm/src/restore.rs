@@ -202,10 +202,10 @@ pub fn build(args: &RestoreOptions) -> Result<Launch> {
     timing_mark("devices");
     let device_err = |device: String| {
         let dir = dir.clone();
-        move |reason| VmmError::SnapshotDevice {
+        move |source| VmmError::SnapshotDevice {
             dir,
             device,
-            reason,
+            source,
         }
     };
     for (h, d) in devs.disk_set.handles().iter().zip(&s.disks) {

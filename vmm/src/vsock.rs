@@ -47,7 +47,7 @@ pub fn attach(
     let thread_init: Option<ThreadInit> = if seccomp_on {
         let prog = seccomp::filter(ThreadKind::Vsock)?;
         Some(Box::new(move || {
-            seccomp::apply(ThreadKind::Vsock, &prog).map_err(|e| e.to_string())
+            seccomp::apply(ThreadKind::Vsock, &prog).map_err(block::ThreadStartError::from)
         }))
     } else {
         None

@@ -23,6 +23,8 @@ pub mod uring;
 use std::io;
 use std::sync::OnceLock;
 
+use crate::Error;
+
 pub use api::{run_sync, Aio, Completion, DataOp, Engine};
 
 /// The engine for `aio`, or an error saying why it cannot run here.
@@ -34,22 +36,50 @@ pub fn new_engine(aio: Aio) -> io::Result<Box<dyn Engine>> {
     })
 }
 
+/// Why the io_uring probe failed, kept so every later call can build its own error (an
+/// `io::Error` cannot be cloned).
+#[derive(Clone, Debug)]
+enum ProbeFailure {
+    /// A system call's errno (the usual case: ENOSYS, EPERM, ...).
+    Os(i32),
+    /// An error without an errno: its kind and message.
+    Other(io::ErrorKind, String),
+}
+
+impl ProbeFailure {
+    fn of(e: &io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(errno) => ProbeFailure::Os(errno),
+            None => ProbeFailure::Other(e.kind(), e.to_string()),
+        }
+    }
+
+    fn to_error(&self) -> io::Error {
+        match self {
+            ProbeFailure::Os(errno) => io::Error::from_raw_os_error(*errno),
+            ProbeFailure::Other(kind, msg) => io::Error::new(*kind, msg.clone()),
+        }
+    }
+}
+
 /// Whether io_uring works in this process (probed once: a ring is set up and dropped), and
-/// why not if it does not.
-pub fn io_uring_available() -> std::result::Result<(), String> {
-    static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+/// why not if it does not ([`Error::IoUringUnavailable`]).
+pub fn io_uring_available() -> crate::Result<()> {
+    static PROBE: OnceLock<std::result::Result<(), ProbeFailure>> = OnceLock::new();
     PROBE
         .get_or_init(|| {
             uring::UringEngine::new(4)
                 .map(drop)
-                .map_err(|e| e.to_string())
+                .map_err(|e| ProbeFailure::of(&e))
         })
-        .clone()
+        .as_ref()
+        .map_err(|f| Error::IoUringUnavailable(f.to_error()))
+        .copied()
 }
 
 /// The default engine: io_uring where the kernel allows it, else the I/O threads. The
 /// second value says why io_uring was not used (for a one-line notice at start).
-pub fn default_aio() -> (Aio, Option<String>) {
+pub fn default_aio() -> (Aio, Option<Error>) {
     match io_uring_available() {
         Ok(()) => (Aio::IoUring, None),
         Err(why) => (Aio::Threads, Some(why)),

@@ -29,7 +29,7 @@ use crate::bus::BusDevice;
 
 #[path = "mmio_state.rs"]
 mod state;
-pub use state::{QueueRegisters, TransportState};
+pub use state::{QueueRegisters, RestoreError, TransportState};
 
 const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const MMIO_VERSION: u32 = 2;
@@ -81,26 +81,33 @@ impl QueueConfig {
     }
 
     /// The queue the configuration describes, if it is usable with `mem`.
-    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, QueueError> {
         if !self.ready {
-            return Err("not ready".into());
+            return Err(QueueError::NotReady);
         }
-        let size = u16::try_from(self.size).map_err(|_| format!("size {:#x}", self.size))?;
-        let mut q = Queue::new(self.max_size).map_err(|e| format!("{e:?}"))?;
-        q.try_set_size(size).map_err(|_| {
-            format!(
-                "size {size} (must be a power of two from 1 to {})",
-                self.max_size
-            )
+        let size = u16::try_from(self.size).map_err(|_| QueueError::SizeOver16Bits(self.size))?;
+        let mut q = Queue::new(self.max_size).map_err(QueueError::Create)?;
+        q.try_set_size(size).map_err(|source| QueueError::Size {
+            size,
+            max: self.max_size,
+            source,
         })?;
+        let misaligned = |ring: &'static str, addr: u64, align: u8| {
+            move |source| QueueError::Misaligned {
+                ring,
+                addr,
+                align,
+                source,
+            }
+        };
         q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|_| format!("descriptor table {:#x} not 16-byte aligned", self.desc))?;
+            .map_err(misaligned("descriptor table", self.desc, 16))?;
         q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .map_err(|_| format!("available ring {:#x} not 2-byte aligned", self.avail))?;
+            .map_err(misaligned("available ring", self.avail, 2))?;
         q.try_set_used_ring_address(GuestAddress(self.used))
-            .map_err(|_| format!("used ring {:#x} not 4-byte aligned", self.used))?;
+            .map_err(misaligned("used ring", self.used, 4))?;
         let n = u64::from(size);
-        for (what, start, len) in [
+        for (ring, start, len) in [
             ("descriptor table", self.desc, 16 * n),
             ("available ring", self.avail, 6 + 2 * n),
             ("used ring", self.used, 6 + 8 * n),
@@ -110,12 +117,65 @@ impl QueueConfig {
                     vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(start), len)
                 });
             if !in_ram {
-                return Err(format!("{what} {start:#x}+{len:#x} not in guest RAM"));
+                return Err(QueueError::NotInRam { ring, start, len });
             }
         }
         q.set_ready(true);
         Ok(q)
     }
+}
+
+/// Why a transport could not be created for a device.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The device's maximum size of a queue is not a valid queue size.
+    #[error("queue size {max}: {source}")]
+    QueueSize {
+        max: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue's notification eventfd could not be created.
+    #[error("eventfd: {0}")]
+    Eventfd(#[source] std::io::Error),
+}
+
+/// Why a queue, as the driver set it up, cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The driver did not make the queue ready.
+    #[error("not ready")]
+    NotReady,
+    /// A size that does not even fit 16 bits.
+    #[error("size {0:#x}")]
+    SizeOver16Bits(u32),
+    /// virtio-queue refused the queue's maximum size.
+    #[error("{0}")]
+    Create(#[source] virtio_queue::Error),
+    /// A size that is zero, above the maximum or not a power of two.
+    #[error("size {size} (must be a power of two from 1 to {max})")]
+    Size {
+        size: u16,
+        max: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A ring (`ring`: which) at an address not aligned as the spec requires.
+    #[error("{ring} {addr:#x} not {align}-byte aligned")]
+    Misaligned {
+        ring: &'static str,
+        addr: u64,
+        align: u8,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A ring (`ring`: which) not wholly in guest RAM.
+    #[error("{ring} {start:#x}+{len:#x} not in guest RAM")]
+    NotInRam {
+        ring: &'static str,
+        start: u64,
+        len: u64,
+    },
 }
 
 /// One virtio device behind a 4 KiB MMIO window.
@@ -141,15 +201,14 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq_evt: EventFd,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, TransportError> {
         let mut queues = Vec::new();
         let mut notify = Vec::new();
         for &max in device.queue_max_sizes() {
             // The device's own maximum must be a valid queue size.
-            Queue::new(max)
-                .map_err(|e| std::io::Error::other(format!("queue size {max}: {e:?}")))?;
+            Queue::new(max).map_err(|source| TransportError::QueueSize { max, source })?;
             queues.push(QueueConfig::new(max));
-            notify.push(EventFd::new(libc::EFD_NONBLOCK)?);
+            notify.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::Eventfd)?);
         }
         Ok(MmioTransport {
             device,

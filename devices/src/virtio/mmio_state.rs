@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{MmioTransport, QueueConfig};
-use crate::virtio::{ActiveQueue, PauseError, QueueProgress};
+use super::{MmioTransport, QueueConfig, QueueError};
+use crate::virtio::{ActivateError, ActiveQueue, PauseError, QueueProgress};
 
 /// One queue's registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,38 @@ pub struct TransportState {
     pub progress: Vec<QueueProgress>,
 }
 
+/// Why a transport refused its saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("saved device type {saved} is not this device's {device}")]
+    DeviceType { saved: u32, device: u32 },
+    #[error("{saved} saved queues, the device has {device}")]
+    QueueCount { saved: usize, device: usize },
+    #[error("the device is already active")]
+    AlreadyActive,
+    #[error(
+        "saved driver features {saved:#x} include some this device does not offer ({offered:#x})"
+    )]
+    Features { saved: u64, offered: u64 },
+    #[error("an active device saved without its queues' positions")]
+    NoPositions,
+    #[error("queue {queue}: no saved position")]
+    NoPosition { queue: usize },
+    /// A saved queue the device cannot use.
+    #[error("queue {queue}: {source}")]
+    Queue {
+        queue: usize,
+        #[source]
+        source: QueueError,
+    },
+    /// A queue's notification eventfd could not be duplicated for the device.
+    #[error("eventfd: {0}")]
+    Eventfd(#[source] std::io::Error),
+    /// The device refused to activate.
+    #[error("activation: {0}")]
+    Activate(#[source] ActivateError),
+}
+
 impl MmioTransport {
     /// Pauses the device (it drains what it took) and returns the transport's state. The
     /// device stays paused until [`MmioTransport::resume`].
@@ -51,11 +83,10 @@ impl MmioTransport {
         let served = self.activated_queues();
         if self.active && reported.len() != served.len() {
             self.device.resume();
-            return Err(PauseError::Busy(format!(
-                "the device reported {} queues; it serves {}",
-                reported.len(),
-                served.len()
-            )));
+            return Err(PauseError::QueueCount {
+                reported: reported.len(),
+                served: served.len(),
+            });
         }
         let mut progress = vec![QueueProgress::default(); self.queues.len()];
         for (&i, p) in served.iter().zip(reported) {
@@ -95,30 +126,27 @@ impl MmioTransport {
 
     /// Puts a fresh transport (its device never activated) in the saved state; an active
     /// device is activated with its queues where they stood.
-    pub fn restore(&mut self, st: &TransportState) -> Result<(), String> {
+    pub fn restore(&mut self, st: &TransportState) -> Result<(), RestoreError> {
         if st.device_type != self.device.device_type() {
-            return Err(format!(
-                "saved device type {} is not this device's {}",
-                st.device_type,
-                self.device.device_type()
-            ));
+            return Err(RestoreError::DeviceType {
+                saved: st.device_type,
+                device: self.device.device_type(),
+            });
         }
         if st.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{} saved queues, the device has {}",
-                st.queues.len(),
-                self.queues.len()
-            ));
+            return Err(RestoreError::QueueCount {
+                saved: st.queues.len(),
+                device: self.queues.len(),
+            });
         }
         if self.active {
-            return Err("the device is already active".into());
+            return Err(RestoreError::AlreadyActive);
         }
         if st.driver_features & !self.device.features() != 0 {
-            return Err(format!(
-                "saved driver features {:#x} include some this device does not offer ({:#x})",
-                st.driver_features,
-                self.device.features()
-            ));
+            return Err(RestoreError::Features {
+                saved: st.driver_features,
+                offered: self.device.features(),
+            });
         }
         for (q, r) in self.queues.iter_mut().zip(&st.queues) {
             *q = QueueConfig {
@@ -144,24 +172,24 @@ impl MmioTransport {
             return Ok(());
         }
         if st.progress.len() != self.queues.len() {
-            return Err("an active device saved without its queues' positions".into());
+            return Err(RestoreError::NoPositions);
         }
         let mut active = Vec::with_capacity(self.queues.len());
         for i in self.activated_queues() {
             let (Some(c), Some(p)) = (self.queues.get(i), st.progress.get(i)) else {
-                return Err(format!("queue {i}: no saved position"));
+                return Err(RestoreError::NoPosition { queue: i });
             };
-            let mut q = c.build(&self.mem).map_err(|e| format!("queue {i}: {e}"))?;
+            let mut q = c
+                .build(&self.mem)
+                .map_err(|source| RestoreError::Queue { queue: i, source })?;
             q.set_next_avail(p.next_avail);
             q.set_next_used(p.next_used);
-            let notify: EventFd = self.notify[i]
-                .try_clone()
-                .map_err(|e| format!("eventfd: {e}"))?;
+            let notify: EventFd = self.notify[i].try_clone().map_err(RestoreError::Eventfd)?;
             active.push(ActiveQueue { queue: q, notify });
         }
         self.device
             .activate(self.mem.clone(), self.interrupt.clone(), active)
-            .map_err(|e| format!("activation: {e}"))?;
+            .map_err(RestoreError::Activate)?;
         self.active = true;
         Ok(())
     }

@@ -92,6 +92,11 @@ impl Interrupt {
     }
 }
 
+/// Code run at the start of a device's thread (e.g. installing its seccomp filter); its error
+/// is the caller's own (see [`::block::ThreadStartError`]), logged by the thread, which then
+/// ends.
+pub type ThreadInit = Box<dyn FnOnce() -> Result<(), ::block::ThreadStartError> + Send>;
+
 /// A queue handed to a device at activation, with its notification eventfd.
 pub struct ActiveQueue {
     pub queue: Queue,
@@ -106,7 +111,7 @@ pub enum ActivateError {
     #[error("wrong number of queues: {0}")]
     QueueCount(usize),
     #[error("cannot start worker thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// The device's I/O thread has not yet left the previous activation (a reset that could
     /// not wait for it): the driver must reset the device and try again later.
     #[error("the previous activation has not ended yet")]
@@ -126,8 +131,21 @@ pub struct QueueProgress {
 pub enum PauseError {
     #[error("this device cannot be paused")]
     Unsupported,
-    #[error("{0}")]
-    Busy(String),
+    /// Writes the worker holds until the host has space again.
+    #[error("{0} writes wait for host space")]
+    WritesWaiting(usize),
+    /// Requests the worker submitted that did not complete.
+    #[error("{0} requests did not complete")]
+    InFlight(usize),
+    /// The device's thread ended.
+    #[error("the device's thread is gone")]
+    ThreadGone,
+    /// A job for a disk whose worker is not parked.
+    #[error("the disk is not paused")]
+    NotPaused,
+    /// The device reported the positions of another number of queues than it serves.
+    #[error("the device reported {reported} queues; it serves {served}")]
+    QueueCount { reported: usize, served: usize },
     #[error("the device's thread did not stop within {0:?}")]
     Timeout(std::time::Duration),
 }

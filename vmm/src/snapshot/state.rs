@@ -16,7 +16,7 @@ pub use super::cpu_model::CpuModel;
 use super::vcpu::VcpuState;
 use super::vm::VmKvmState;
 use crate::arch::layout::{MAX_MEMORY, MIN_MEMORY};
-use crate::error::VmmError;
+use crate::error::{SnapshotRefusal, VmmError};
 
 /// The state format this thinvm writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -65,42 +65,36 @@ pub struct SnapshotState {
 }
 
 /// Why a snapshot cannot be restored here.
-pub fn incompatibility(s: &SnapshotState) -> Option<String> {
+pub fn incompatibility(s: &SnapshotState) -> Option<SnapshotRefusal> {
     if s.format != FORMAT_VERSION {
-        return Some(format!(
-            "it was written in state format {} by thinvm {}; this thinvm reads format {FORMAT_VERSION} only",
-            s.format, s.thinvm_version
-        ));
+        return Some(SnapshotRefusal::Format {
+            format: s.format,
+            version: s.thinvm_version.clone(),
+            reads: FORMAT_VERSION,
+        });
     }
-    let here = env!("CARGO_PKG_VERSION");
-    if s.thinvm_version != here {
-        return Some(format!(
-            "it was taken by thinvm {}; this is thinvm {here} (snapshots are restored by the version that took them)",
-            s.thinvm_version
-        ));
+    if s.thinvm_version != env!("CARGO_PKG_VERSION") {
+        return Some(SnapshotRefusal::ThinvmVersion {
+            version: s.thinvm_version.clone(),
+        });
     }
     let cpu = CpuModel::host();
     if s.cpu.vendor != cpu.vendor || s.cpu.signature != cpu.signature {
-        return Some(format!(
-            "it was taken on CPU {}; this host's CPU is {} (a guest's CPU features must not change under it)",
-            s.cpu.describe(),
-            cpu.describe()
-        ));
+        return Some(SnapshotRefusal::Cpu {
+            taken: s.cpu.describe(),
+            host: cpu.describe(),
+        });
     }
     if !(MIN_MEMORY..=MAX_MEMORY).contains(&s.mem_size) || s.mem_size % 4096 != 0 {
-        return Some(format!(
-            "its guest RAM size {} is not whole pages from {} MiB to {} GiB",
-            s.mem_size,
-            MIN_MEMORY >> 20,
-            MAX_MEMORY >> 30
-        ));
+        return Some(SnapshotRefusal::MemorySize {
+            mem_size: s.mem_size,
+        });
     }
     if s.vcpus.len() != s.cpus as usize || s.cpus == 0 {
-        return Some(format!(
-            "it describes {} vCPUs but holds the state of {}",
-            s.cpus,
-            s.vcpus.len()
-        ));
+        return Some(SnapshotRefusal::VcpuCount {
+            cpus: s.cpus,
+            states: s.vcpus.len(),
+        });
     }
     None
 }
@@ -128,12 +122,11 @@ pub fn load(dir: &Path) -> Result<SnapshotState, VmmError> {
     if v.format != FORMAT_VERSION || v.thinvm_version != env!("CARGO_PKG_VERSION") {
         return Err(VmmError::SnapshotRefused {
             dir: dir.to_path_buf(),
-            reason: format!(
-                "it was written in state format {} by thinvm {}; this is thinvm {} (format {FORMAT_VERSION})",
-                v.format,
-                v.thinvm_version,
-                env!("CARGO_PKG_VERSION")
-            ),
+            reason: SnapshotRefusal::Version {
+                format: v.format,
+                version: v.thinvm_version,
+                reads: FORMAT_VERSION,
+            },
         });
     }
     let s: SnapshotState =

@@ -109,8 +109,7 @@ pub fn serial_bytes(s: &str) -> [u8; 20] {
     out
 }
 
-/// Code run at the start of the worker thread (e.g. installing its seccomp filter).
-pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub use crate::virtio::ThreadInit;
 
 /// A virtio-blk device.
 pub struct Block {

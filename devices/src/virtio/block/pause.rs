@@ -22,7 +22,7 @@ struct GateState {
     /// Set by the worker once parked: where each queue it serves stands (empty: no
     /// activation).
     parked: Option<Vec<QueueProgress>>,
-    refused: Option<String>,
+    refused: Option<PauseError>,
     jobs: VecDeque<ImageJob>,
     jobs_done: u64,
 }
@@ -63,7 +63,7 @@ impl PauseGate {
             }
             if let Some(why) = g.refused.take() {
                 g.requested = false;
-                return Err(PauseError::Busy(why));
+                return Err(why);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -89,7 +89,7 @@ impl PauseGate {
     pub fn run_job(&self, job: ImageJob, wait: Duration) -> Result<(), PauseError> {
         let mut g = self.lock();
         if g.parked.is_none() {
-            return Err(PauseError::Busy("the disk is not paused".into()));
+            return Err(PauseError::NotPaused);
         }
         let ticket = g.jobs_done + g.jobs.len() as u64 + 1;
         g.jobs.push_back(job);
@@ -114,7 +114,7 @@ impl PauseGate {
     }
 
     /// Worker side: cannot park now (why).
-    pub fn refuse(&self, why: String) {
+    pub fn refuse(&self, why: PauseError) {
         let mut g = self.lock();
         g.refused = Some(why);
         self.cv.notify_all();

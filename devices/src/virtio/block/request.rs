@@ -347,18 +347,31 @@ fn split_chain(
     (readable, writable, shape)
 }
 
+/// Why a read's or write's data cannot be where the header puts it.
+#[derive(Debug, thiserror::Error)]
+enum DataRangeError {
+    #[error("data length {len} is not a multiple of 512")]
+    PartialSector { len: u64 },
+    #[error("sectors {sector}+{sectors} beyond the capacity ({capacity} sectors)")]
+    BeyondCapacity {
+        sector: u64,
+        sectors: u64,
+        capacity: u64,
+    },
+}
+
 /// The byte offset of `len` bytes at `sector`, checked: whole sectors, within the capacity.
-fn data_offset(sector: u64, len: u64, limits: &Limits) -> Result<u64, String> {
+fn data_offset(sector: u64, len: u64, limits: &Limits) -> Result<u64, DataRangeError> {
     if len % SECTOR != 0 {
-        return Err(format!("data length {len} is not a multiple of 512"));
+        return Err(DataRangeError::PartialSector { len });
     }
     match sector.checked_add(len / SECTOR) {
         Some(end) if end <= limits.capacity_sectors => Ok(sector * SECTOR),
-        _ => Err(format!(
-            "sectors {sector}+{} beyond the capacity ({} sectors)",
-            len / SECTOR,
-            limits.capacity_sectors
-        )),
+        _ => Err(DataRangeError::BeyondCapacity {
+            sector,
+            sectors: len / SECTOR,
+            capacity: limits.capacity_sectors,
+        }),
     }
 }
 

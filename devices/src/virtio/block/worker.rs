@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::engine::Engine;
 use super::pause::PauseGate;
-use crate::virtio::{ratelimited_warn, Interrupt, QueueProgress};
+use crate::virtio::{ratelimited_warn, Interrupt, PauseError, QueueProgress};
 
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
@@ -125,12 +125,11 @@ impl Worker {
                 if self.engine.held() > 0 {
                     self.control
                         .pause
-                        .refuse(format!("{} writes wait for host space", self.engine.held()));
+                        .refuse(PauseError::WritesWaiting(self.engine.held()));
                 } else if self.engine.in_flight() > 0 {
-                    self.control.pause.refuse(format!(
-                        "{} requests did not complete",
-                        self.engine.in_flight()
-                    ));
+                    self.control
+                        .pause
+                        .refuse(PauseError::InFlight(self.engine.in_flight()));
                 } else {
                     let at = a
                         .queues

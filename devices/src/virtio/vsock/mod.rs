@@ -37,8 +37,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// this is only reached if the thread died).
 const COMMAND_WAIT: Duration = Duration::from_secs(5);
 
-/// Code run at the start of the device's thread (e.g. installing its seccomp filter).
-pub type ThreadInit = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub use crate::virtio::ThreadInit;
 
 /// How the VMM configures the device.
 #[derive(Clone, Debug)]
@@ -217,7 +216,7 @@ impl VirtioDevice for Vsock {
     fn pause(&mut self) -> Result<Vec<QueueProgress>, PauseError> {
         let (tx, rx) = channel();
         if !self.send(Command::Pause(tx)) {
-            return Err(PauseError::Busy("the device's thread is gone".into()));
+            return Err(PauseError::ThreadGone);
         }
         rx.recv_timeout(COMMAND_WAIT)
             .map_err(|_| PauseError::Timeout(COMMAND_WAIT))
