@@ -396,13 +396,15 @@ fn a_snapshot_taken_mid_io_restores_consistent_and_clones_are_isolated() {
     let g = guest();
     let script = format!(
         r#"d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/midio.XXXXXX"); cd "$d"
-{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path={base} --ephemeral --debug-exit --vsock cid=3,uds=$d/v.sock --api-socket $d/api --serial file=orig.log --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=writes:24:0.3" </dev/null 2>orig.err &
+{thinvm} run --kernel {k} --initrd {i} --memory 256M --disk path={base} --ephemeral --debug-exit --vsock cid=3,uds=$d/v.sock --api-socket $d/api --serial file=orig.log --timeout 600 --cmdline "{CMDLINE} thinvm.root=vda thinvm.workload=writes:24:0.3" </dev/null 2>orig.err &
 pid=$!
 until {{ [ -f orig.log ] && tr -d '\r' <orig.log | grep -q '^THINVM-IO 4$'; }} || [ $SECONDS -gt 900 ]; do sleep 0.2; done
 {thinvm} ctl $d/api snapshot snap >ctl.out 2>&1; echo "SNAP code=$? at=$(grep -c THINVM-IO orig.log)"
 wait $pid; echo "ORIG code=$? check=$(grep -c 'THINVM-CHECK writes ok' orig.log)"
-{thinvm} restore snap --serial file=clone.log </dev/null 2>clone.err
+{thinvm} restore snap --serial file=clone.log --timeout 600 </dev/null 2>clone.err
 echo "CLONE code=$? check=$(grep -c 'THINVM-CHECK writes ok' clone.log) first=$(tr -d '\r' <clone.log | grep THINVM-IO | head -1 | cut -d' ' -f2)"
+echo "ORIG-TAIL $(tr -d '\r' <orig.log | tail -4 | tr '\n' '|') $(tail -2 orig.err | tr '\n' '|')"
+echo "CLONE-TAIL $(tr -d '\r' <clone.log | tail -4 | tr '\n' '|') $(tail -2 clone.err | tr '\n' '|')"
 ov=$(ls snap/clone-*.qcow2 | head -1)
 qemu-img check "$ov" >/dev/null 2>&1; c1=$?
 qemu-img check snap/disk0.qcow2 >/dev/null 2>&1; c2=$?
