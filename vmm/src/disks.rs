@@ -143,11 +143,19 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
         mem: Some(vm.memory.clone()),
         ..DiskSet::default()
     };
-    if cfg.seccomp && !cfg.disks.is_empty() {
-        start_confined_io_pool()?;
-    }
     let uses_default = cfg.disks.iter().any(|d| d.aio.is_none());
     let (default_aio, why_not_uring) = block::engine::default_aio();
+    crate::lifecycle::timing_mark("io-uring-probe");
+    // The I/O thread pool serves only aio=threads disks: with io_uring (the default where it
+    // works) its 64 threads, each installing its seccomp filter, are not started at all.
+    let threads = cfg
+        .disks
+        .iter()
+        .any(|d| d.aio.unwrap_or(default_aio) == block::engine::Aio::Threads);
+    if cfg.seccomp && threads {
+        start_confined_io_pool()?;
+        crate::lifecycle::timing_mark("io-pool");
+    }
     if let (true, Some(why)) = (uses_default, why_not_uring) {
         // Said once, at start.
         tracing::warn!("io_uring is not available ({why}): disks use aio=threads");
@@ -188,6 +196,7 @@ pub fn attach(vm: &Vm, mmio: &mut Bus, cfg: &VmConfig, cmdline: &mut String) -> 
             (DetectZeroes::Unmap, DiscardMode::Ignore) => DetectZeroes::On,
             (m, _) => m,
         });
+        crate::lifecycle::timing_mark("disk-open");
         let before = image.host_usage().unwrap_or_default();
         let image_format = image.format();
         let thread_init: Option<ThreadInit> = if cfg.seccomp {

@@ -21,8 +21,13 @@ use crate::lifecycle::{ExitReason, ExitState};
 
 /// How long to wait between attempts while the agent is not up yet.
 const RETRY: Duration = Duration::from_millis(50);
-/// How long the agent may take to say hello once the guest accepted the connection.
+/// How long the agent may take to say hello once the guest accepted the connection: the
+/// first attempt waits [`FIRST_HELLO_WAIT`], each silent one doubles it up to [`HELLO_WAIT`].
+/// A restored guest resets its vsock connections when it handles the device's transport-reset
+/// event; a connection it accepted just before is reset without a word to the device and
+/// stays silent, so the first wait is short (it cost 10 s of every restored `--exec`).
 const HELLO_WAIT: Duration = Duration::from_secs(10);
+const FIRST_HELLO_WAIT: Duration = Duration::from_millis(250);
 /// How many connections may end before the agent's hello (about 10 s of retries).
 const HELLO_ATTEMPTS: u32 = 200;
 /// How long one attempt waits for the device's answer to `CONNECT` (no answer while the
@@ -39,7 +44,7 @@ pub struct ExecClient {
 }
 
 /// One attempt to reach the agent: the stream once the agent said hello.
-fn connect(uds: &PathBuf) -> Option<UnixStream> {
+fn connect(uds: &PathBuf, hello_wait: Duration) -> Option<UnixStream> {
     let mut s = UnixStream::connect(uds).ok()?;
     s.set_read_timeout(Some(ANSWER_WAIT)).ok()?;
     s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
@@ -59,7 +64,7 @@ fn connect(uds: &PathBuf) -> Option<UnixStream> {
     }
     // The agent says hello as soon as it accepts; a connection that stays silent (reset in
     // the guest without the device hearing of it) is given up and tried again.
-    s.set_read_timeout(Some(HELLO_WAIT)).ok()?;
+    s.set_read_timeout(Some(hello_wait)).ok()?;
     Some(s)
 }
 
@@ -104,14 +109,16 @@ impl ExecClient {
 
     fn run(self, give_writer: std::sync::mpsc::Sender<UnixStream>) {
         let mut closed_before_hello = 0;
+        let mut hello_wait = FIRST_HELLO_WAIT;
         let mut stream = loop {
             if self.exit.get().is_some() {
                 return;
             }
-            let Some(mut s) = connect(&self.uds) else {
+            let Some(mut s) = connect(&self.uds, hello_wait) else {
                 std::thread::sleep(RETRY);
                 continue;
             };
+            let asked = std::time::Instant::now();
             // Nothing was sent yet, so a connection that ends before the agent's hello is
             // tried again: a restored guest resets the vsock connections it had (the
             // device's transport-reset event), which can take a new one that raced it.
@@ -130,6 +137,10 @@ impl ExecClient {
                 },
                 Ok(None) | Err(_) if closed_before_hello < HELLO_ATTEMPTS => {
                     closed_before_hello += 1;
+                    if asked.elapsed() >= hello_wait {
+                        // Silent until the wait ended: a slow agent gets longer next time.
+                        hello_wait = (hello_wait * 2).min(HELLO_WAIT);
+                    }
                     tracing::debug!("--exec: the agent's connection ended before its hello; again");
                     std::thread::sleep(RETRY);
                 }

@@ -123,7 +123,9 @@ pub fn attach_devices(
     // without ACPI; with ACPI a kernel that also has VIRTIO_MMIO_CMDLINE_DEVICES registers each
     // device once: the second registration of the same MMIO range is refused).
     let mut cmdline = cfg.cmdline.clone();
+    timing_mark("serial");
     let disk_set = disks::attach(vm, &mut mmio, cfg, &mut cmdline)?;
+    timing_mark("disks");
     let vsock_dev = match &cfg.testvm.vsock {
         Some(opts) => Some(crate::vsock::attach(
             vm,

@@ -192,7 +192,7 @@ fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
 
 /// Every thread of a running thinvm -- main, vCPUs, the disk's worker and the image crate's
 /// I/O threads -- runs under exactly one seccomp filter (mode 2); with --seccomp off, none.
-fn threads_confined(seccomp: &str) -> Vec<(String, u32, u32)> {
+fn threads_confined(seccomp: &str, aio: &str) -> Vec<(String, u32, u32)> {
     let dir = TempDir::new("confined");
     let log = dir.join("console.txt");
     let disk = dir.join("disk.raw");
@@ -213,7 +213,7 @@ fn threads_confined(seccomp: &str) -> Vec<(String, u32, u32)> {
             seccomp,
             "--disk",
         ])
-        .arg(format!("path={},format=raw", disk.display()))
+        .arg(format!("path={},format=raw,aio={aio}", disk.display()))
         .arg("--serial")
         .arg(format!("file={}", log.display()))
         .stdin(Stdio::null())
@@ -257,15 +257,23 @@ fn every_thread_runs_under_its_seccomp_filter() {
     if !kvm_or_skip("every_thread_runs_under_its_seccomp_filter") {
         return;
     }
-    let threads = threads_confined("on");
-    let count = |prefix: &str| threads.iter().filter(|t| t.0.starts_with(prefix)).count();
-    assert_eq!(count("vcpu"), 2, "{threads:?}");
-    assert_eq!(count("virtio-blk"), 1, "{threads:?}");
-    assert!(count("block-io-") >= 1, "{threads:?}");
+    // aio=threads: the I/O thread pool runs too, every thread of it confined.
+    let threads = threads_confined("on", "threads");
+    let count = |threads: &[(String, u32, u32)], prefix: &str| {
+        threads.iter().filter(|t| t.0.starts_with(prefix)).count()
+    };
+    assert_eq!(count(&threads, "vcpu"), 2, "{threads:?}");
+    assert_eq!(count(&threads, "virtio-blk"), 1, "{threads:?}");
+    assert!(count(&threads, "block-io-") >= 1, "{threads:?}");
     assert!(threads.iter().any(|t| t.0 == "thinvm"), "{threads:?}");
     assert!(threads.iter().all(|t| t.1 == 2 && t.2 == 1), "{threads:?}");
-    let threads = threads_confined("off");
+    let threads = threads_confined("off", "threads");
     assert!(threads.iter().all(|t| t.1 == 0 && t.2 == 0), "{threads:?}");
+    // aio=sync (and io_uring): no I/O thread pool is started at all.
+    let threads = threads_confined("on", "sync");
+    assert_eq!(count(&threads, "block-io-"), 0, "{threads:?}");
+    assert_eq!(count(&threads, "virtio-blk"), 1, "{threads:?}");
+    assert!(threads.iter().all(|t| t.1 == 2 && t.2 == 1), "{threads:?}");
 }
 
 #[test]
