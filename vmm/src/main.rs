@@ -113,6 +113,7 @@ fn run(args: cli::RunArgs) -> ExitCode {
         eprintln!("thinvm: {e}");
         return ExitCode::from(1);
     }
+    lifecycle::timing_mark("default-guest");
     let exec_mode = opts.testvm.exec.is_some();
     let cfg = match opts.validate() {
         Ok(c) => c,
@@ -121,6 +122,7 @@ fn run(args: cli::RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    lifecycle::timing_mark("validated");
     finish(runner::run(cfg), exec_mode)
 }
 
