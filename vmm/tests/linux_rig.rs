@@ -403,8 +403,8 @@ until {{ [ -f orig.log ] && tr -d '\r' <orig.log | grep -q '^THINVM-IO 4$'; }} |
 wait $pid; echo "ORIG code=$? check=$(grep -c 'THINVM-CHECK writes ok' orig.log)"
 {thinvm} restore snap --serial file=clone.log --timeout 600 </dev/null 2>clone.err
 echo "CLONE code=$? check=$(grep -c 'THINVM-CHECK writes ok' clone.log) first=$(tr -d '\r' <clone.log | grep THINVM-IO | head -1 | cut -d' ' -f2)"
-echo "ORIG-TAIL $(tr -d '\r' <orig.log | tail -4 | tr '\n' '|') $(tail -2 orig.err | tr '\n' '|')"
-echo "CLONE-TAIL $(tr -d '\r' <clone.log | tail -4 | tr '\n' '|') $(tail -2 clone.err | tr '\n' '|')"
+echo "ORIG-TAIL $(tr -d '\r' <orig.log | tail -4 | tr '\n' '|') $(tail -n 2 orig.err | tr '\n' '|')"
+echo "CLONE-TAIL $(tr -d '\r' <clone.log | tail -4 | tr '\n' '|') $(tail -n 2 clone.err | tr '\n' '|')"
 ov=$(ls snap/clone-*.qcow2 | head -1)
 qemu-img check "$ov" >/dev/null 2>&1; c1=$?
 qemu-img check snap/disk0.qcow2 >/dev/null 2>&1; c2=$?
@@ -466,7 +466,7 @@ echo "CLONEB code=$cb nomark=$(grep -c '^no-mark$' b.out)"
 echo "CLONEC code=$cc nomark=$(grep -c '^no-mark$' c.out) overlays=$(ls snap/clone-*.qcow2 | wc -l)"
 bad=0; for f in snap/clone-*.qcow2 snap/disk0.qcow2; do qemu-img check "$f" >/dev/null 2>&1 || bad=$((bad + 1)); done
 echo "IMAGES bad=$bad"
-tail -3 a.err b.err c.err
+for f in a.err b.err c.err; do echo "== $f: $(tail -n 3 $f | tr '\n' '|')"; done
 cd /; rm -rf "$d"
 "#,
         thinvm = thinvm(),
