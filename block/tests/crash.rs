@@ -288,24 +288,52 @@ fn run_with(
         let what = format!("{version:?} cs={cluster_size} backing={backing} kill #{i}");
         // The kill must land while the child writes, not while it starts (a loaded
         // machine can take longer than the sleep below to get there).
-        let _ = std::fs::remove_file(dir.path().join("model.snap"));
-        let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env("THINVM_CRASH_CHILD", dir.path())
-            .env("THINVM_CRASH_SEED", (rng.next() % 1_000_000).to_string())
-            .envs(aio.map(|a| ("THINVM_CRASH_AIO", a)))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while !dir.path().join("model.snap").exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "{what}: the child did not start writing"
-            );
-            std::thread::sleep(Duration::from_millis(2));
+        let seed = (rng.next() % 1_000_000).to_string();
+        let mut child = None;
+        let mut early = Vec::new();
+        // A child that ends before it starts writing has not been killed by anything here:
+        // it is started again (twice at most), and what it said is shown.
+        for _attempt in 0..3 {
+            let _ = std::fs::remove_file(dir.path().join("model.snap"));
+            let mut c = Command::new(&exe)
+                .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+                .env("THINVM_CRASH_CHILD", dir.path())
+                .env("THINVM_CRASH_SEED", &seed)
+                .envs(aio.map(|a| ("THINVM_CRASH_AIO", a)))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("child.stderr")).unwrap())
+                .spawn()
+                .unwrap();
+            let started = std::time::Instant::now();
+            let ended = loop {
+                if dir.path().join("model.snap").exists() {
+                    break None;
+                }
+                if let Some(status) = c.try_wait().unwrap() {
+                    break Some(status);
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(300),
+                    "{what}: the child did not start writing"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            match ended {
+                None => {
+                    child = Some(c);
+                    break;
+                }
+                Some(status) => {
+                    let said = std::fs::read_to_string(dir.path().join("child.stderr"))
+                        .unwrap_or_default();
+                    eprintln!("{what}: the child ended ({status}) before writing:\n{said}");
+                    early.push(said);
+                }
+            }
         }
+        let Some(mut child) = child else {
+            panic!("{what}: the child ended before writing, three times: {early:?}");
+        };
         std::thread::sleep(Duration::from_millis(10 + rng.below(250)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
