@@ -177,18 +177,6 @@ fn crash_child() {
     }
 }
 
-/// `[off, off + len)` cut at cluster boundaries.
-fn cluster_pieces(off: u64, len: u64, cs: u64) -> Vec<(u64, u64)> {
-    let mut pieces = Vec::new();
-    let mut p = off;
-    while p < off + len {
-        let n = (cs - p % cs).min(off + len - p);
-        pieces.push((p, n));
-        p += n;
-    }
-    pieces
-}
-
 /// After a discard of a piece of a cluster: each byte reads as the model had it with the
 /// piece zeroed (`model`) or kept (`kept`: a discard never allocates, so a piece of a cluster
 /// the overlay does not hold by itself stays as it read); the model takes what it reads. A

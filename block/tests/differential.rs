@@ -144,9 +144,7 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                     // before (a cluster the overlay does not hold by itself: a discard never
                     // allocates) or as zeros, all of it one or the other.
                     let cs = cfg.cluster_size;
-                    let mut p = off;
-                    while p < off + len {
-                        let n = (cs - p % cs).min(off + len - p);
+                    for (p, n) in cluster_pieces(off, len, cs) {
                         let (po, pl) = (p as usize, n as usize);
                         if n < cs {
                             let mut now = vec![0u8; pl];
@@ -160,7 +158,6 @@ fn run_config(cfg: &Config, rng: &mut Rng, batches: u32, ops: u32) {
                         } else {
                             model[po..po + pl].fill(0);
                         }
-                        p += n;
                     }
                 }
                 7 => im.flush().unwrap(),

@@ -89,15 +89,12 @@ fn round(rng: &mut Rng, model: &mut [u8], n: usize) -> (Vec<Op>, Vec<u8>, Vec<(u
             }
             Op::Discard { offset, len } => {
                 model[o..o + l].fill(0);
-                let mut p = offset;
-                while p < offset + len {
-                    let n = (CS - p % CS).min(offset + len - p);
+                for (p, n) in cluster_pieces(offset, len, CS) {
                     if n == CS {
                         kept[p as usize..(p + n) as usize].fill(0);
                     } else {
                         partial.push((p, n));
                     }
-                    p += n;
                 }
                 Op::Discard { offset, len }
             }

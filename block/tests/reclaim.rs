@@ -8,6 +8,7 @@ mod common;
 use block::qcow2::Qcow2Version;
 use block::{DetectZeroes, ImageFormat};
 use common::*;
+use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug)]
 enum Path_ {
@@ -21,20 +22,27 @@ const SIZE: u64 = 32 << 20;
 const FILL: u64 = 16 << 20;
 const FILL_AT: u64 = 4 << 20;
 
-fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
-    let cs = 65536u64;
-    let dir = temp_dir("reclaim");
-    let base = dir.path().join("base.raw");
-    let base_data = patterned_raw(&base, SIZE);
+/// A temporary directory (`tag`) with a SIZE-byte patterned raw `base.raw` (its bytes
+/// returned) and a qcow2 `ov.qcow2` of `version` with 64 KiB clusters, over the base if
+/// `backing`.
+fn overlay(tag: &str, version: Qcow2Version, backing: bool) -> (TempDir, PathBuf, Vec<u8>) {
+    let dir = temp_dir(tag);
+    let base_data = patterned_raw(&dir.path().join("base.raw"), SIZE);
     let img_path = dir.path().join("ov.qcow2");
     create_qcow2(
         &img_path,
         Some(SIZE),
         version,
-        cs,
+        65536,
         16,
         backing.then_some(("base.raw", ImageFormat::Raw)),
     );
+    (dir, img_path, base_data)
+}
+
+fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
+    let cs = 65536u64;
+    let (dir, img_path, base_data) = overlay("reclaim", version, backing);
     let what = format!("{version:?} backing={backing} {path:?}");
     let (fresh_alloc, fresh_apparent) = usage(&img_path);
     let mut model = if backing {
@@ -396,18 +404,7 @@ fn vectored_writes_overwrite_in_place_and_still_detect_zero_clusters() {
 fn partial_discards_never_allocate_and_zero_what_the_overlay_holds() {
     for version in [Qcow2Version::V3, Qcow2Version::V2] {
         let cs = 65536u64;
-        let dir = temp_dir("partial-discard");
-        let base = dir.path().join("base.raw");
-        let base_data = patterned_raw(&base, SIZE);
-        let img_path = dir.path().join("ov.qcow2");
-        create_qcow2(
-            &img_path,
-            Some(SIZE),
-            version,
-            cs,
-            16,
-            Some(("base.raw", ImageFormat::Raw)),
-        );
+        let (_dir, img_path, base_data) = overlay("partial-discard", version, true);
         let what = format!("{version:?}");
         let mut img = open_rw(&img_path);
         // Clusters 8..16 the overlay holds (written), the rest are the backing file's.

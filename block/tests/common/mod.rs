@@ -394,3 +394,15 @@ impl DiskImage for EngineImage {
         self.inner.idle()
     }
 }
+
+/// `[off, off + len)` cut at the boundaries of `cs`-byte clusters, as (offset, length) pieces.
+pub fn cluster_pieces(off: u64, len: u64, cs: u64) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    let mut p = off;
+    while p < off + len {
+        let n = (cs - p % cs).min(off + len - p);
+        pieces.push((p, n));
+        p += n;
+    }
+    pieces
+}
