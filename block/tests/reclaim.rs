@@ -21,9 +21,11 @@ enum Path_ {
 const SIZE: u64 = 32 << 20;
 const FILL: u64 = 16 << 20;
 const FILL_AT: u64 = 4 << 20;
+/// Cluster size of the overlays [`overlay`] makes.
+const CS: u64 = 65536;
 
 /// A temporary directory (`tag`) with a SIZE-byte patterned raw `base.raw` (its bytes
-/// returned) and a qcow2 `ov.qcow2` of `version` with 64 KiB clusters, over the base if
+/// returned) and a qcow2 `ov.qcow2` of `version` with CS-byte clusters, over the base if
 /// `backing`.
 fn overlay(tag: &str, version: Qcow2Version, backing: bool) -> (TempDir, PathBuf, Vec<u8>) {
     let dir = temp_dir(tag);
@@ -33,7 +35,7 @@ fn overlay(tag: &str, version: Qcow2Version, backing: bool) -> (TempDir, PathBuf
         &img_path,
         Some(SIZE),
         version,
-        65536,
+        CS,
         16,
         backing.then_some(("base.raw", ImageFormat::Raw)),
     );
@@ -41,7 +43,7 @@ fn overlay(tag: &str, version: Qcow2Version, backing: bool) -> (TempDir, PathBuf
 }
 
 fn scenario(version: Qcow2Version, backing: bool, path: Path_) {
-    let cs = 65536u64;
+    let cs = CS;
     let (dir, img_path, base_data) = overlay("reclaim", version, backing);
     let what = format!("{version:?} backing={backing} {path:?}");
     let (fresh_alloc, fresh_apparent) = usage(&img_path);
@@ -403,7 +405,7 @@ fn vectored_writes_overwrite_in_place_and_still_detect_zero_clusters() {
 #[test]
 fn partial_discards_never_allocate_and_zero_what_the_overlay_holds() {
     for version in [Qcow2Version::V3, Qcow2Version::V2] {
-        let cs = 65536u64;
+        let cs = CS;
         let (_dir, img_path, base_data) = overlay("partial-discard", version, true);
         let what = format!("{version:?}");
         let mut img = open_rw(&img_path);
