@@ -1,6 +1,7 @@
 //! The VMM's event loop (event-manager): the guest's exit and reset events, console input,
-//! signals (SIGINT, SIGTERM, SIGHUP, SIGUSR1 through a signalfd), halt detection and the
-//! statistics timer.
+//! signals (SIGINT, SIGTERM, SIGHUP, SIGUSR1 through a signalfd; SIGUSR1 prints what each vCPU
+//! is doing and the disks' statistics and queue states), halt detection and the statistics
+//! timer.
 
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,6 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
+use crate::vstate::report::VcpuReports;
 use crate::vstate::vcpu::HALTED_IRQS_OFF;
 
 /// Signals handled by the loop (blocked in every thread, read from a signalfd).
@@ -67,6 +69,8 @@ pub struct Controller {
     pending_input: Vec<u8>,
     /// Parked vCPUs (a pause) are not halted: no halt detection meanwhile.
     pause: Arc<crate::vstate::vcpu::PauseControl>,
+    /// What each vCPU is doing, printed on SIGUSR1.
+    reports: Arc<VcpuReports>,
 }
 
 impl Controller {
@@ -82,6 +86,7 @@ impl Controller {
         stats: Box<dyn FnMut() + Send>,
         stats_interval: Option<Duration>,
         pause: Arc<crate::vstate::vcpu::PauseControl>,
+        reports: Arc<VcpuReports>,
     ) -> Result<Self> {
         let mut halt_timer = TimerFd::new().map_err(|e| VmmError::io("timerfd", e.into()))?;
         let tick = Duration::from_millis(250);
@@ -112,6 +117,7 @@ impl Controller {
             escape_pending: false,
             pending_input: Vec::new(),
             pause,
+            reports,
         })
     }
 
@@ -187,7 +193,10 @@ impl Controller {
                 return;
             }
             match info.ssi_signo as i32 {
-                libc::SIGUSR1 => (self.stats)(),
+                libc::SIGUSR1 => {
+                    self.reports.print(&*self.kick);
+                    (self.stats)();
+                }
                 s => self.exit.set(ExitReason::Signal(s)),
             }
         }

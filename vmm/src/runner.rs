@@ -28,6 +28,7 @@ use crate::seccomp::{self, ThreadKind};
 use crate::terminal;
 use crate::vm_control::{VmControl, VsockHandle};
 use crate::vsock::VsockDevice;
+use crate::vstate::report::VcpuReports;
 use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
 
@@ -280,6 +281,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         None => Vec::new(),
     };
     let (pause, requests) = PauseControl::new(vcpus.len());
+    let reports = Arc::new(VcpuReports::new(vcpus.len()));
     for (v, r) in vcpus.iter_mut().zip(requests) {
         v.set_pause(r, msr_list.clone());
     }
@@ -295,6 +297,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         stop: stop.clone(),
         state: state.clone(),
         pause: pause.clone(),
+        reports: reports.clone(),
     };
     // With an API socket, the main thread serves snapshots and the vCPUs save their state.
     let api = cfg.testvm.api_socket.is_some();
@@ -325,13 +328,7 @@ fn start(l: Launch) -> Result<RunningVm> {
     }
     let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
     let kick_threads = threads.clone();
-    let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        for t in &kick_threads {
-            // SAFETY: the vCPU threads are joined only after the event loop (and this
-            // closure) is done; signalling an exited but unjoined thread is allowed.
-            unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
-        }
-    });
+    let kick: Arc<dyn Fn() + Send + Sync> = Arc::new(move || kick_all(&kick_threads));
     let stats = disk_set.stats_printer();
     let controller = Controller::new(
         exit.clone(),
@@ -344,6 +341,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         stats,
         cfg.stats_interval,
         pause.clone(),
+        reports.clone(),
     )?;
     let mut em: Events = EventManager::new().map_err(VmmError::EventManager)?;
     em.add_subscriber(Arc::new(Mutex::new(controller)));
@@ -402,6 +400,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         deadline,
         stop,
         pause,
+        reports,
         handles,
         threads,
         disk_set,
@@ -426,6 +425,7 @@ pub struct RunningVm {
     deadline: Option<(Instant, u64)>,
     stop: Arc<AtomicBool>,
     pause: Arc<PauseControl>,
+    reports: Arc<VcpuReports>,
     handles: Vec<std::thread::JoinHandle<()>>,
     threads: Vec<libc::pthread_t>,
     disk_set: DiskSet,
@@ -448,6 +448,11 @@ impl RunningVm {
                         let left = at.saturating_duration_since(Instant::now());
                         if left.is_zero() {
                             self.exit.set(ExitReason::Timeout(secs));
+                            // What the guest was doing (the disks' queues follow at
+                            // tear-down).
+                            let threads = self.threads.clone();
+                            let kick = move || kick_all(&threads);
+                            self.reports.print(&kick);
                             break;
                         }
                         // At most 500 (ms), so it fits.
@@ -481,8 +486,7 @@ impl RunningVm {
         let deadline = Instant::now() + Duration::from_secs(10);
         for (h, t) in self.handles.drain(..).zip(self.threads.drain(..)) {
             while !h.is_finished() && Instant::now() < deadline {
-                // SAFETY: `t` belongs to `h`, which has not been joined yet.
-                unsafe { libc::pthread_kill(t, vcpu::kick_signal()) };
+                kick_all(&[t]);
                 std::thread::sleep(Duration::from_millis(5));
             }
             if h.is_finished() {
@@ -499,6 +503,16 @@ impl RunningVm {
         }
         self.raw_guard = None;
         timing_mark("torn-down");
+    }
+}
+
+/// Kicks the vCPU threads `threads` out of `KVM_RUN`.
+fn kick_all(threads: &[libc::pthread_t]) {
+    for t in threads {
+        // SAFETY: the vCPU threads are joined only after every kick (tear-down joins a thread
+        // once it finished, then kicks it no more); signalling an exited but unjoined thread
+        // is allowed.
+        unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
     }
 }
 

@@ -91,6 +91,23 @@ fn failures_have_their_own_exit_codes() {
     let (code, _, err) = exec("hang", &["--timeout", "3"], b"");
     assert_eq!(code, Some(124), "{err}");
     assert!(err.contains("--timeout of 3 s ran out"), "{err}");
+    // What the guest was doing when the time ran out: spinning in its own code (loaded at
+    // 2 MiB), runnable, after the exits of its vsock traffic.
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("thinvm: vCPU 0: rip "))
+        .unwrap_or_else(|| panic!("no vCPU report: {err}"));
+    let rip =
+        u64::from_str_radix(line.split(',').next().unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert!((0x20_0000..0x40_0000).contains(&rip), "{line}");
+    assert!(line.contains("mp state runnable"), "{line}");
+    let exits: u64 = line
+        .split("; ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exit count: {line}"));
+    assert!(exits > 10, "{line}");
     let (code, _, err) = exec("die", &[], b"");
     assert_eq!(code, Some(125), "{err}");
     assert!(err.contains("guest requested a reset"), "{err}");

@@ -17,6 +17,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use crate::arch::{cpuid, msr, regs};
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
+use crate::vstate::report::{LastExit, VcpuReport, VcpuReports};
 
 pub use super::kick::{install_kick_handler, kick_signal};
 
@@ -41,6 +42,8 @@ pub struct VcpuShared {
     pub stop: Arc<AtomicBool>,
     pub state: Arc<Vec<AtomicU8>>,
     pub pause: Arc<PauseControl>,
+    /// Where the vCPUs say what they are doing when asked (SIGUSR1, `--timeout`).
+    pub reports: Arc<VcpuReports>,
 }
 
 /// What a parked vCPU is asked to do.
@@ -155,6 +158,9 @@ pub struct Vcpu {
     id: u32,
     requests: Option<Receiver<VcpuRequest>>,
     msr_list: Vec<u32>,
+    /// Exits handled so far, and the last one (for [`VcpuReports`]).
+    exits: u64,
+    last_exit: Option<LastExit>,
 }
 
 impl Vcpu {
@@ -183,6 +189,8 @@ impl Vcpu {
             id,
             requests: None,
             msr_list: Vec::new(),
+            exits: 0,
+            last_exit: None,
         })
     }
 
@@ -201,6 +209,8 @@ impl Vcpu {
             id,
             requests: None,
             msr_list: Vec::new(),
+            exits: 0,
+            last_exit: None,
         })
     }
 
@@ -270,6 +280,8 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(exit) => {
+                    self.exits += 1;
+                    self.last_exit = Some(last_exit_of(&exit));
                     if let Some(reason) = handle_exit(id, exit, &shared) {
                         let reason = match reason {
                             ExitReason::InternalError { vcpu, .. } => self.internal_error(vcpu),
@@ -327,9 +339,11 @@ impl Vcpu {
         }
     }
 
-    /// After a kick: record whether this vCPU sits in `hlt` with interrupts disabled.
+    /// After a kick: record whether this vCPU sits in `hlt` with interrupts disabled, and
+    /// answer an open report request.
     fn publish_halt_state(&mut self, shared: &VcpuShared) {
-        let halted = match (self.fd.get_mp_state(), self.fd.get_regs()) {
+        let (mp, regs) = (self.fd.get_mp_state(), self.fd.get_regs());
+        let halted = match (&mp, &regs) {
             // Halted with interrupts off, or an application processor the guest never
             // started (still waiting for INIT/SIPI).
             (Ok(mp), Ok(r)) => {
@@ -343,6 +357,19 @@ impl Vcpu {
             if halted { HALTED_IRQS_OFF } else { RUNNING },
             Ordering::Release,
         );
+        if let (Some(request), Ok(mp), Ok(r)) = (shared.reports.wanted(), mp, regs) {
+            shared.reports.answer(
+                self.id,
+                request,
+                VcpuReport {
+                    rip: r.rip,
+                    rflags: r.rflags,
+                    mp_state: mp.mp_state,
+                    exits: self.exits,
+                    last_exit: self.last_exit,
+                },
+            );
+        }
     }
 
     /// Decodes a KVM internal error; emulation failures carry RIP and instruction bytes.
@@ -371,6 +398,25 @@ impl Vcpu {
             Vec::new()
         };
         ExitReason::EmulationFailure { vcpu, rip, bytes }
+    }
+}
+
+/// What `exit` was, for [`VcpuReports`].
+fn last_exit_of(exit: &VcpuExit<'_>) -> LastExit {
+    let (kind, addr) = match exit {
+        VcpuExit::IoIn(port, _) => ("port read", u64::from(*port)),
+        VcpuExit::IoOut(port, _) => ("port write", u64::from(*port)),
+        VcpuExit::MmioRead(addr, _) => ("mmio read", *addr),
+        VcpuExit::MmioWrite(addr, _) => ("mmio write", *addr),
+        VcpuExit::Hlt => ("hlt", 0),
+        VcpuExit::Intr => ("intr", 0),
+        VcpuExit::IrqWindowOpen => ("irq window open", 0),
+        _ => ("other", 0),
+    };
+    LastExit {
+        kind,
+        addr,
+        at: Instant::now(),
     }
 }
 
