@@ -176,10 +176,69 @@ pub fn last_attempt(stdout: &[u8]) -> &[u8] {
     &stdout[start..]
 }
 
-/// Runs `script` (bash) where Linux guests can run, capturing its output. When the rig had to
-/// run it again, stdout holds the last attempt's output only.
+/// The prefix of the lines [`with_hang_watchdog`] prints.
+pub const HANG_MARKER: &str = "THINVM-HANG";
+
+/// `script` with a watchdog beside it: when the script still runs at three quarters of
+/// `timeout_secs` (the rig or `timeout` would kill it, and everything in it, silently), every
+/// `thinvm` the script started is shown (its threads: state, kernel wait channel, CPU time,
+/// twice 3 s apart), asked for its report (SIGUSR1: what each vCPU is doing, each disk's
+/// statistics and queue state), its stderr's last lines printed when stderr is a file, and
+/// then stopped (SIGTERM), so that the script goes on and its test fails with all of that
+/// in its output. Lines start with [`HANG_MARKER`].
+pub fn with_hang_watchdog(script: &str, timeout_secs: u64) -> String {
+    let after = timeout_secs.saturating_mul(3) / 4;
+    format!(
+        r#"__thinvm_descendants() {{
+  local c
+  for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; __thinvm_descendants "$c"; done
+}}
+__thinvm_vmms() {{
+  local p
+  for p in $(__thinvm_descendants "$1"); do
+    [ "$(cat /proc/"$p"/comm 2>/dev/null)" = thinvm ] && echo "$p"
+  done
+}}
+__thinvm_threads() {{
+  local t
+  for t in /proc/"$1"/task/*; do
+    echo "{HANG_MARKER} pid=$1 thread=$(cat "$t"/comm 2>/dev/null) state=$(cut -d' ' -f3 "$t"/stat 2>/dev/null) wchan=$(cat "$t"/wchan 2>/dev/null) cpu_ticks=$(awk '{{print $14 + $15}}' "$t"/stat 2>/dev/null)"
+  done
+}}
+__thinvm_watchdog() {{
+  local main=$1 s=0 p f
+  while [ $s -lt {after} ]; do
+    sleep 1; s=$((s + 1))
+    # Gone, or a zombie its parent has not reaped yet.
+    case $(cut -d' ' -f3 /proc/"$main"/stat 2>/dev/null) in "" | Z) return 0 ;; esac
+  done
+  # The script's own stdout (the watchdog holds none while it waits, so that a reader
+  # waiting for the end of the output is never held up by it).
+  exec >/proc/"$main"/fd/1 2>&1 || return 0
+  echo "{HANG_MARKER} still running after {after} s of the {timeout_secs} s allowed (load $(cut -d' ' -f1-3 /proc/loadavg)): each thinvm's state and report, then SIGTERM"
+  for p in $(__thinvm_vmms "$main"); do
+    echo "{HANG_MARKER} pid=$p: $(tr '\0' ' ' < /proc/"$p"/cmdline)"
+    __thinvm_threads "$p"
+    kill -USR1 "$p" 2>/dev/null
+  done
+  sleep 3
+  for p in $(__thinvm_vmms "$main"); do
+    __thinvm_threads "$p"
+    f=$(readlink /proc/"$p"/fd/2)
+    case $f in /*) [ -f "$f" ] && tail -n 100 "$f" | sed "s|^|{HANG_MARKER} pid=$p stderr: |" ;; esac
+    kill -TERM "$p" 2>/dev/null
+  done
+}}
+__thinvm_watchdog $$ </dev/null >/dev/null 2>&1 &
+{script}"#
+    )
+}
+
+/// Runs `script` (bash) where Linux guests can run, capturing its output (with
+/// [`with_hang_watchdog`]). When the rig had to run it again, stdout holds the last attempt's
+/// output only.
 pub fn run_linux_capable(script: &str, timeout_secs: u64) -> Result<Output> {
-    let mut out = linux_capable_command(script, timeout_secs)
+    let mut out = linux_capable_command(&with_hang_watchdog(script, timeout_secs), timeout_secs)
         .stdin(Stdio::null())
         .output()
         .map_err(|source| RigError::Spawn {
@@ -196,6 +255,59 @@ pub fn run_linux_capable(script: &str, timeout_secs: u64) -> Result<Output> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A script that would hang past its time is shown and its `thinvm` stopped: a stand-in
+    /// VMM (a `sleep` whose process is named thinvm) that logs SIGUSR1 to its stderr file and
+    /// ends on SIGTERM.
+    #[test]
+    fn the_watchdog_reports_and_stops_a_hung_thinvm() {
+        let dir = std::env::temp_dir().join(format!("thinvm-watchdog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm = dir.join("thinvm");
+        std::fs::write(
+            &vmm,
+            "#!/bin/bash\ntrap 'echo thinvm: vCPU 0: report >&2' USR1\ntrap 'exit 143' TERM\necho thinvm: started >&2\nwhile :; do sleep 0.1; done\n",
+        )
+        .unwrap();
+        let script = format!(
+            "cd {d} && chmod +x thinvm && (exec -a thinvm ./thinvm 2>vmm.log); echo \"EXIT code=$?\"",
+            d = dir.display()
+        );
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg("bash")
+            .arg("-c")
+            .arg(with_hang_watchdog(&script, 8))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("THINVM-HANG still running after 6 s of the 8 s allowed"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("stderr: thinvm: started"), "{stdout}");
+        assert!(
+            stdout.contains("stderr: thinvm: vCPU 0: report"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("thread=thinvm state="), "{stdout}");
+        assert!(stdout.contains("EXIT code=143"), "{stdout}");
+    }
+
+    /// A script that ends in time prints nothing of the watchdog and is not held up by it.
+    #[test]
+    fn the_watchdog_stays_silent_when_the_script_ends_in_time() {
+        let t = std::time::Instant::now();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(with_hang_watchdog("echo done", 600))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn only_the_last_attempt_of_a_retried_rig_run_is_kept() {
