@@ -51,21 +51,23 @@ enum LogLevelError {
     /// Not one of the level names.
     #[error("--log-level {0}: expected error, warn, info, debug, trace or off")]
     Unknown(String),
-    /// tracing-subscriber refused the level as a filter.
-    #[error("--log-level: {0}")]
-    Filter(#[source] tracing_subscriber::filter::ParseError),
 }
 
 fn init_logging(level: &str) -> Result<(), LogLevelError> {
+    use tracing_subscriber::filter::LevelFilter;
     let level = match level {
-        "error" | "warn" | "info" | "debug" | "trace" | "off" => level,
+        "error" => LevelFilter::ERROR,
+        "warn" => LevelFilter::WARN,
+        "info" => LevelFilter::INFO,
+        "debug" => LevelFilter::DEBUG,
+        "trace" => LevelFilter::TRACE,
+        "off" => LevelFilter::OFF,
         other => return Err(LogLevelError::Unknown(other.to_string())),
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(LogLevelError::Filter)?;
     // A log line that cannot be written (stderr on a full file system, a closed pipe) is
     // lost, not reported with eprintln!, which would panic the thread that logged.
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .log_internal_errors(false)
