@@ -9,7 +9,10 @@ minus the guest-RAM mapping) when the marker appears, all THINVM-* lines, exit c
 not exit when its guest reboots inside the rig).
 --watch FILE: at each THINVM-RESULT line, FILE's allocated and apparent size (bytes) are
 recorded ("sizes": one [allocated, apparent] per result line, in order), then a line is sent
-to the VM's console (a guest booted with thinvm.ack=1 waits for it before its next step)."""
+to the VM's console (a guest booted with thinvm.ack=1 waits for it before its next step).
+--timeout SECS (default 600): a run still going then is stopped ("timed_out": true); thinvm
+is first asked for its report (SIGUSR1) and stopped with SIGTERM, so "stderr_tail" (60 lines
+then, 5 otherwise) says what its vCPUs and disk queues were doing."""
 import argparse, json, os, select, signal, subprocess, sys, time
 
 def overhead_kib(pid, mem_mib):
@@ -55,8 +58,10 @@ os.set_blocking(p.stdout.fileno(), False)
 # stderr is read as it comes too: a VMM that logs more than a pipe holds must not block.
 os.set_blocking(p.stderr.fileno(), False)
 errbuf = b""
+timed_out = False
 while not done:
     if time.monotonic() - t0 > a.timeout:
+        timed_out = True
         break
     r, _, _ = select.select([p.stdout, p.stderr], [], [], 0.5)
     if p.stderr in r:
@@ -93,7 +98,13 @@ while not done:
             rss, ovh = overhead_kib(p.pid, a.mem_mib)
         if until in text:
             done = True
-if a.kill_after_marker and p.poll() is None:
+if timed_out and p.poll() is None and os.path.basename(cmd[0]) == "thinvm":
+    # A stalled run: thinvm's report (SIGUSR1: what each vCPU is doing, each disk's queue
+    # state) and its final statistics (SIGTERM) go to its stderr, kept below.
+    p.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    p.send_signal(signal.SIGTERM)
+elif (a.kill_after_marker or timed_out) and p.poll() is None:
     p.send_signal(signal.SIGTERM)
 try:
     code = p.wait(timeout=30)
@@ -105,4 +116,5 @@ errbuf += p.stderr.read() or b""
 err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
-                  "lines": lines, "sizes": sizes, "stderr_tail": err[-5:]}))
+                  "lines": lines, "sizes": sizes, "timed_out": timed_out,
+                  "stderr_tail": err[-60:] if timed_out else err[-5:]}))
