@@ -96,7 +96,24 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
 }
 
 /// The compiled filter for a thread kind: allowed calls pass, anything else traps (SIGSYS).
+/// Each kind is compiled once per process (every disk's worker, the I/O pool and a restored
+/// VM's threads share it).
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
+    static COMPILED: std::sync::Mutex<Vec<(ThreadKind, BpfProgram)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut compiled = match COMPILED.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some((_, prog)) = compiled.iter().find(|(k, _)| *k == kind) {
+        return Ok(prog.clone());
+    }
+    let prog = compile(kind)?;
+    compiled.push((kind, prog.clone()));
+    Ok(prog)
+}
+
+fn compile(kind: ThreadKind) -> Result<BpfProgram> {
     let kick = crate::vstate::kick::kick_signal();
     let f = SeccompFilter::new(
         rule_map(kind, kick)?,

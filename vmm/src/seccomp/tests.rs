@@ -162,6 +162,20 @@ fn filters_compile_within_the_kernel_limit() {
     }
 }
 
+/// The cached program of a kind is the one compiling it gives, and kinds do not mix.
+#[test]
+fn a_kind_is_compiled_once_and_kept_apart() {
+    for kind in KINDS {
+        let cached = filter(kind).unwrap();
+        assert_eq!(filter(kind).unwrap(), cached, "{kind:?}");
+        assert_eq!(super::compile(kind).unwrap(), cached, "{kind:?}");
+    }
+    let differ = KINDS
+        .iter()
+        .any(|&k| filter(k).unwrap() != filter(KINDS[0]).unwrap());
+    assert!(differ);
+}
+
 /// Environment variable naming the case the child process runs.
 const CASE_VAR: &str = "THINVM_SECCOMP_TEST_CASE";
 
