@@ -340,10 +340,7 @@ impl DiskSet {
     /// Stops the workers (final flush) and prints the final statistics.
     pub fn shutdown(&mut self) {
         for d in &self.disks {
-            match d.transport.lock() {
-                Ok(mut t) => t.shutdown(),
-                Err(p) => p.into_inner().shutdown(),
-            }
+            crate::sync::lock(&d.transport).shutdown();
         }
         if !self.disks.is_empty() {
             report(&self.summary(), None);

@@ -161,10 +161,7 @@ impl Controller {
             return;
         }
         if let Some(serial) = &self.serial {
-            let mut s = match serial.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
+            let mut s = crate::sync::lock(serial);
             let n = s.enqueue_input(&self.pending_input);
             self.pending_input.drain(..n);
         } else {

@@ -19,6 +19,7 @@ pub mod restore;
 pub mod runner;
 mod seccomp;
 mod snapshot;
+mod sync;
 mod terminal;
 pub mod testvm_config;
 mod vm_control;

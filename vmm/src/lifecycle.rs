@@ -157,10 +157,7 @@ impl ExitState {
     }
 
     pub fn set(&self, r: ExitReason) {
-        let mut g = match self.reason.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = crate::sync::lock(&self.reason);
         if g.is_none() {
             *g = Some(r);
         }
@@ -175,10 +172,7 @@ impl ExitState {
     }
 
     pub fn get(&self) -> Option<ExitReason> {
-        match self.reason.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::sync::lock(&self.reason).clone()
     }
 }
 

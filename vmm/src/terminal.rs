@@ -12,10 +12,7 @@ static SAVED: Mutex<Option<libc::termios>> = Mutex::new(None);
 pub struct RawModeGuard;
 
 fn restore() {
-    let saved = match SAVED.lock() {
-        Ok(mut g) => g.take(),
-        Err(p) => p.into_inner().take(),
-    };
+    let saved = crate::sync::lock(&SAVED).take();
     if let Some(t) = saved {
         // SAFETY: tcsetattr only reads the termios struct we pass; fd 0 is stdin.
         unsafe {

@@ -18,6 +18,7 @@ use crate::disks::DiskHandle;
 use crate::error::{Result, VmmError};
 use crate::snapshot::state::{self, CpuModel, SavedDisk, SavedVsock, SnapshotState};
 use crate::snapshot::{disks, memory, vm};
+use crate::sync::lock;
 use crate::vstate::vcpu::PauseControl;
 use crate::vstate::vm::Vm;
 
@@ -45,13 +46,6 @@ pub struct VmControl {
     pub cpus: u32,
     /// Paused on request (stays paused across a snapshot).
     user_paused: bool,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl VmControl {

@@ -24,10 +24,7 @@ pub struct VsockDevice {
 impl VsockDevice {
     /// Stops the device's thread (the VM is ending).
     pub fn shutdown(&self) {
-        match self.transport.lock() {
-            Ok(mut t) => t.shutdown(),
-            Err(p) => p.into_inner().shutdown(),
-        }
+        crate::sync::lock(&self.transport).shutdown();
     }
 }
 

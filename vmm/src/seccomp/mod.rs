@@ -101,10 +101,7 @@ fn rule_map(kind: ThreadKind, kick_signal: i32) -> Result<BTreeMap<i64, Vec<Secc
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
     static COMPILED: std::sync::Mutex<Vec<(ThreadKind, BpfProgram)>> =
         std::sync::Mutex::new(Vec::new());
-    let mut compiled = match COMPILED.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut compiled = crate::sync::lock(&COMPILED);
     if let Some((_, prog)) = compiled.iter().find(|(k, _)| *k == kind) {
         return Ok(prog.clone());
     }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
+
 /// The exit a vCPU saw last (port or address where it has one).
 #[derive(Clone, Copy, Debug)]
 pub struct LastExit {
@@ -86,13 +88,6 @@ pub struct VcpuReports {
     /// request is never taken for the current one).
     last_request: AtomicU64,
     answers: Mutex<Vec<Option<(u64, VcpuReport)>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl VcpuReports {

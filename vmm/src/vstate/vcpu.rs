@@ -17,6 +17,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use crate::arch::{cpuid, msr, regs};
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
+use crate::sync::lock;
 use crate::vstate::report::{LastExit, VcpuReport, VcpuReports};
 
 pub use super::kick::{install_kick_handler, kick_signal};
@@ -62,13 +63,6 @@ pub struct PauseControl {
     senders: Vec<Mutex<Sender<VcpuRequest>>>,
     parked_tx: Mutex<Sender<u32>>,
     parked_rx: Mutex<Receiver<u32>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 impl PauseControl {
