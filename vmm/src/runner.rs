@@ -450,9 +450,7 @@ impl RunningVm {
                             self.exit.set(ExitReason::Timeout(secs));
                             // What the guest was doing (the disks' queues follow at
                             // tear-down).
-                            let threads = self.threads.clone();
-                            let kick = move || kick_all(&threads);
-                            self.reports.print(&kick);
+                            self.reports.print(&|| kick_all(&self.threads));
                             break;
                         }
                         // At most 500 (ms), so it fits.

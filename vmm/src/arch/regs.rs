@@ -7,6 +7,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::layout::*;
 use crate::error::{Result, VmmError};
 
+/// RFLAGS.IF: maskable interrupts enabled.
+pub const X86_EFLAGS_IF: u64 = 1 << 9;
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
 const X86_CR0_PG: u64 = 0x8000_0000;

@@ -10,6 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{
+    KVM_MP_STATE_AP_RESET_HOLD, KVM_MP_STATE_CHECK_STOP, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_LOAD, KVM_MP_STATE_OPERATING, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED,
+    KVM_MP_STATE_UNINITIALIZED,
+};
+
+use crate::arch::regs::X86_EFLAGS_IF;
 use crate::sync::lock;
 
 /// The exit a vCPU saw last (port or address where it has one).
@@ -17,7 +25,46 @@ use crate::sync::lock;
 pub struct LastExit {
     pub kind: &'static str,
     pub addr: u64,
-    pub at: Instant,
+}
+
+/// A vCPU's exits as its reports tell them: each exit is counted and kept as the last one
+/// (no clock is read on that path); when the last one happened is bounded at the kicks (the
+/// halt tick kicks every vCPU 4 times a second): after the kick before the one that first saw
+/// it.
+#[derive(Clone, Copy, Debug)]
+pub struct ExitLog {
+    exits: u64,
+    last: Option<LastExit>,
+    exits_at_kick: u64,
+    kicked_at: Instant,
+    last_after: Option<Instant>,
+}
+
+impl ExitLog {
+    pub fn new() -> ExitLog {
+        ExitLog {
+            exits: 0,
+            last: None,
+            exits_at_kick: 0,
+            kicked_at: Instant::now(),
+            last_after: None,
+        }
+    }
+
+    /// One exit (on the vCPU's hot path).
+    pub fn record(&mut self, last: LastExit) {
+        self.exits += 1;
+        self.last = Some(last);
+    }
+
+    /// The vCPU was kicked out of `KVM_RUN` at `now`.
+    pub fn kicked(&mut self, now: Instant) {
+        if self.exits != self.exits_at_kick {
+            self.exits_at_kick = self.exits;
+            self.last_after = Some(self.kicked_at);
+        }
+        self.kicked_at = now;
+    }
 }
 
 /// What a vCPU reports about itself.
@@ -26,44 +73,42 @@ pub struct VcpuReport {
     pub rip: u64,
     pub rflags: u64,
     pub mp_state: u32,
-    pub exits: u64,
-    pub last_exit: Option<LastExit>,
+    pub exits: ExitLog,
 }
-
-const X86_EFLAGS_IF: u64 = 1 << 9;
 
 /// How long the vCPUs have to answer when the reports are printed.
 const PRINT_WAIT: Duration = Duration::from_secs(1);
 
 fn mp_state_name(s: u32) -> &'static str {
     match s {
-        0 => "runnable",
-        1 => "uninitialized",
-        2 => "init-received",
-        3 => "halted",
-        4 => "sipi-received",
-        5 => "stopped",
-        6 => "check-stop",
-        7 => "operating",
-        8 => "load",
-        9 => "ap-reset-hold",
-        10 => "suspended",
+        KVM_MP_STATE_RUNNABLE => "runnable",
+        KVM_MP_STATE_UNINITIALIZED => "uninitialized",
+        KVM_MP_STATE_INIT_RECEIVED => "init-received",
+        KVM_MP_STATE_HALTED => "halted",
+        KVM_MP_STATE_SIPI_RECEIVED => "sipi-received",
+        KVM_MP_STATE_STOPPED => "stopped",
+        KVM_MP_STATE_CHECK_STOP => "check-stop",
+        KVM_MP_STATE_OPERATING => "operating",
+        KVM_MP_STATE_LOAD => "load",
+        KVM_MP_STATE_AP_RESET_HOLD => "ap-reset-hold",
+        KVM_MP_STATE_SUSPENDED => "suspended",
         _ => "unknown",
     }
 }
 
 impl VcpuReport {
     /// One line, e.g. `rip 0xffffffff81c4a2b6, rflags 0x246 (interrupts on), mp state halted;
-    /// 1234 exits, the last (mmio write 0xd0000050) 0.4 s ago`.
+    /// 1234 exits, the last (mmio write 0xd0000050) less than 0.4 s ago`.
     pub fn describe(&self, now: Instant) -> String {
-        let last = match self.last_exit {
-            Some(e) => format!(
-                ", the last ({} {:#x}) {:.1} s ago",
+        let last = match (self.exits.last, self.exits.last_after) {
+            (Some(e), Some(after)) => format!(
+                ", the last ({} {:#x}) less than {:.1} s ago",
                 e.kind,
                 e.addr,
-                now.saturating_duration_since(e.at).as_secs_f64()
+                now.saturating_duration_since(after).as_secs_f64()
             ),
-            None => String::new(),
+            (Some(e), None) => format!(", the last ({} {:#x})", e.kind, e.addr),
+            (None, _) => String::new(),
         };
         format!(
             "rip {:#x}, rflags {:#x} (interrupts {}), mp state {}; {} exits{last}",
@@ -75,7 +120,7 @@ impl VcpuReport {
                 "off"
             },
             mp_state_name(self.mp_state),
-            self.exits,
+            self.exits.exits,
         )
     }
 }
@@ -164,17 +209,52 @@ mod tests {
     use std::sync::Arc;
 
     fn report(exits: u64) -> VcpuReport {
+        let mut log = ExitLog::new();
+        for _ in 0..exits {
+            log.record(LastExit {
+                kind: "mmio write",
+                addr: 0xd000_0050,
+            });
+        }
+        log.kicked(Instant::now());
         VcpuReport {
             rip: 0x20_1234,
             rflags: 0x202,
-            mp_state: 3,
-            exits,
-            last_exit: Some(LastExit {
-                kind: "mmio write",
-                addr: 0xd000_0050,
-                at: Instant::now(),
-            }),
+            mp_state: KVM_MP_STATE_HALTED,
+            exits: log,
         }
+    }
+
+    /// The last exit is placed after the kick before the one that first saw it, and a kick
+    /// with no new exit moves nothing.
+    #[test]
+    fn the_last_exit_is_bounded_by_the_kicks() {
+        let mut log = ExitLog::new();
+        let t0 = log.kicked_at;
+        let t1 = t0 + Duration::from_secs(1);
+        let t2 = t0 + Duration::from_secs(2);
+        log.kicked(t1);
+        assert_eq!(log.last_after, None);
+        log.record(LastExit {
+            kind: "port write",
+            addr: 0x3f8,
+        });
+        log.kicked(t2);
+        assert_eq!(log.last_after, Some(t1));
+        log.kicked(t2 + Duration::from_secs(1));
+        assert_eq!(log.last_after, Some(t1));
+        let r = VcpuReport {
+            rip: 0,
+            rflags: 0,
+            mp_state: KVM_MP_STATE_RUNNABLE,
+            exits: log,
+        };
+        assert!(
+            r.describe(t1 + Duration::from_millis(3500))
+                .ends_with("; 1 exits, the last (port write 0x3f8) less than 3.5 s ago"),
+            "{}",
+            r.describe(t1 + Duration::from_millis(3500))
+        );
     }
 
     #[test]

@@ -14,11 +14,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
+use crate::arch::regs::X86_EFLAGS_IF;
 use crate::arch::{cpuid, msr, regs};
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
 use crate::sync::lock;
-use crate::vstate::report::{LastExit, VcpuReport, VcpuReports};
+use crate::vstate::report::{ExitLog, LastExit, VcpuReport, VcpuReports};
 
 pub use super::kick::{install_kick_handler, kick_signal};
 
@@ -27,7 +28,6 @@ pub const RUNNING: u8 = 0;
 /// Halted with interrupts disabled (what Linux does in `halt` without ACPI).
 pub const HALTED_IRQS_OFF: u8 = 1;
 
-const X86_EFLAGS_IF: u64 = 1 << 9;
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
@@ -152,9 +152,8 @@ pub struct Vcpu {
     id: u32,
     requests: Option<Receiver<VcpuRequest>>,
     msr_list: Vec<u32>,
-    /// Exits handled so far, and the last one (for [`VcpuReports`]).
-    exits: u64,
-    last_exit: Option<LastExit>,
+    /// Its exits, for [`VcpuReports`].
+    exits: ExitLog,
 }
 
 impl Vcpu {
@@ -183,8 +182,7 @@ impl Vcpu {
             id,
             requests: None,
             msr_list: Vec::new(),
-            exits: 0,
-            last_exit: None,
+            exits: ExitLog::new(),
         })
     }
 
@@ -203,8 +201,7 @@ impl Vcpu {
             id,
             requests: None,
             msr_list: Vec::new(),
-            exits: 0,
-            last_exit: None,
+            exits: ExitLog::new(),
         })
     }
 
@@ -274,8 +271,7 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(exit) => {
-                    self.exits += 1;
-                    self.last_exit = Some(last_exit_of(&exit));
+                    self.exits.record(last_exit_of(&exit));
                     if let Some(reason) = handle_exit(id, exit, &shared) {
                         let reason = match reason {
                             ExitReason::InternalError { vcpu, .. } => self.internal_error(vcpu),
@@ -336,6 +332,7 @@ impl Vcpu {
     /// After a kick: record whether this vCPU sits in `hlt` with interrupts disabled, and
     /// answer an open report request.
     fn publish_halt_state(&mut self, shared: &VcpuShared) {
+        self.exits.kicked(Instant::now());
         let (mp, regs) = (self.fd.get_mp_state(), self.fd.get_regs());
         let halted = match (&mp, &regs) {
             // Halted with interrupts off, or an application processor the guest never
@@ -360,7 +357,6 @@ impl Vcpu {
                     rflags: r.rflags,
                     mp_state: mp.mp_state,
                     exits: self.exits,
-                    last_exit: self.last_exit,
                 },
             );
         }
@@ -407,11 +403,7 @@ fn last_exit_of(exit: &VcpuExit<'_>) -> LastExit {
         VcpuExit::IrqWindowOpen => ("irq window open", 0),
         _ => ("other", 0),
     };
-    LastExit {
-        kind,
-        addr,
-        at: Instant::now(),
-    }
+    LastExit { kind, addr }
 }
 
 /// Handles one exit; returns why the VM must stop, if it must.
