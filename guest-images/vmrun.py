@@ -117,4 +117,7 @@ err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
                   "lines": lines, "sizes": sizes, "timed_out": timed_out,
-                  "stderr_tail": err[-60:] if timed_out else err[-5:]}))
+                  "stderr_tail": err[-60:] if timed_out else err[-5:],
+                  # thinvm's per-disk statistics at exit (what the guest sent: discards,
+                  # write-zeroes, ...), one line per disk.
+                  "disk_stats": [l for l in err if l.startswith("thinvm: disk ") and ": reads " in l]}))
