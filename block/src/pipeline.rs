@@ -203,8 +203,12 @@ impl Pipeline {
         image: &mut I,
         out: &mut Vec<(u64, Result<()>)>,
     ) {
+        let mut finished = Vec::new();
         loop {
-            self.poll(image, true, out);
+            // (A fresh vector per round: `poll` blocks only while its `out` is empty, and
+            // `out` may already hold completions — reusing it would spin.)
+            self.poll(image, true, &mut finished);
+            out.append(&mut finished);
             if self.busy == 0 && self.engine.in_flight() == 0 {
                 self.start(image);
                 out.append(&mut self.done);
