@@ -46,6 +46,16 @@ pub enum Error {
         shared: bool,
         in_this_process: bool,
     },
+    /// A backing file (`name`, as the overlay or the caller names it) failed to open: the
+    /// error it failed with. `what` says which step ("backing file", "cannot open backing
+    /// file", ...).
+    #[error("{what} '{name}': {source}")]
+    Backing {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: Box<Error>,
+    },
     /// Invalid argument from the caller (CLI, device layer).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

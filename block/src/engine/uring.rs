@@ -286,7 +286,12 @@ impl Engine for UringEngine {
                     tracing::error!("io_uring: {e}");
                     for idx in 0..self.slots.len() {
                         if self.slots[idx].is_some() {
-                            self.finish(idx, Err(io::Error::other(format!("io_uring: {e}"))));
+                            // (The same errno for each; io::Error is not Clone.)
+                            let each = e.raw_os_error().map_or_else(
+                                || io::Error::other(format!("io_uring: {e}")),
+                                io::Error::from_raw_os_error,
+                            );
+                            self.finish(idx, Err(each));
                         }
                     }
                     self.in_kernel = 0;

@@ -93,7 +93,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             Error::Probe(msg) => Error::Probe(format!(
                 "could not open backing file '{name}': {msg} (-F qcow2 when creating an overlay)"
             )),
-            e => Error::InvalidArgument(format!("could not open backing file '{name}': {e}")),
+            e => Error::Backing {
+                what: "could not open backing file",
+                name: name.to_string(),
+                source: Box::new(e),
+            },
         })?;
         backing_format = Some(img.format());
         backing_size = Some(img.virtual_size());

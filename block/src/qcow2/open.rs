@@ -382,14 +382,20 @@ fn open_backing(
     // Errors that already name the file or the chain pass as they are.
     let wrap = |e: Error| match e {
         e @ (Error::Open { .. } | Error::Probe(_) | Error::Chain(_) | Error::Locked { .. }) => e,
-        other => Error::InvalidImage(format!("backing file '{name}': {other}")),
+        other => Error::Backing {
+            what: "backing file",
+            name: name.to_string(),
+            source: Box::new(other),
+        },
     };
     let file = open_host_file(&path, true, direct)?;
     let (format, probed) = match format {
         Some(f) => (f, None),
         None => (
-            crate::probe::probe_file(&file, &path).map_err(|e| {
-                Error::InvalidImage(format!("cannot open backing file '{name}': {e}"))
+            crate::probe::probe_file(&file, &path).map_err(|e| Error::Backing {
+                what: "cannot open backing file",
+                name: name.to_string(),
+                source: Box::new(e),
             })?,
             Some(Probed::BackingOf { overlay, name }),
         ),

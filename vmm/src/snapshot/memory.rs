@@ -33,7 +33,7 @@ pub fn write(mem: &GuestMemoryMmap, file: &File) -> io::Result<u64> {
             // A volatile copy: the vCPUs are parked, but guest memory is never a Rust slice.
             region
                 .read_slice(&mut buf[..n], MemoryRegionAddress(at))
-                .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
+                .map_err(io::Error::other)?;
             for (i, page) in buf[..n].chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
                     file.write_all_at(page, offset + at + (i * PAGE) as u64)?;
