@@ -16,23 +16,29 @@ then, 5 otherwise) says what its vCPUs and disk queues were doing."""
 import argparse, json, os, select, signal, subprocess, sys, time
 
 def overhead_kib(pid, mem_mib):
-    total = 0
-    largest = 0
-    size = 0
+    """(RSS, RSS minus guest RAM, anonymous memory minus guest RAM) in KiB: the guest RAM
+    mapping is the one of at least mem_mib with the most resident memory. Anonymous memory
+    is the process's own (heap, stacks, written data); the code of the VMM and its libraries
+    is file-backed, the same page-cache pages in every VM: what one more VM costs."""
+    maps = []  # [size, rss, anonymous]
     try:
         with open(f"/proc/{pid}/smaps") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 2 and parts[0] == "Size:":
-                    size = int(parts[1])
-                elif len(parts) >= 2 and parts[0] == "Rss:":
-                    rss = int(parts[1])
-                    total += rss
-                    if size >= mem_mib * 1024 and rss > largest:
-                        largest = rss
+                if len(parts) < 2:
+                    continue
+                if parts[0] == "Size:":
+                    maps.append([int(parts[1]), 0, 0])
+                elif parts[0] == "Rss:" and maps:
+                    maps[-1][1] = int(parts[1])
+                elif parts[0] == "Anonymous:" and maps:
+                    maps[-1][2] = int(parts[1])
     except OSError:
-        return None, None
-    return total, total - largest
+        return None, None, None
+    total = sum(m[1] for m in maps)
+    anonymous = sum(m[2] for m in maps)
+    guest = max((m for m in maps if m[0] >= mem_mib * 1024), key=lambda m: m[1], default=[0, 0, 0])
+    return total, total - guest[1], anonymous - guest[2]
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--marker", required=True)
@@ -48,7 +54,7 @@ t0 = time.monotonic()
 p = subprocess.Popen(cmd, stdin=subprocess.PIPE if a.watch else subprocess.DEVNULL,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 first = marker = None
-rss = ovh = None
+rss = ovh = anon = None
 buf = b""
 lines = []
 sizes = []
@@ -95,7 +101,7 @@ while not done:
                 pass
         if marker is None and a.marker in text:
             marker = now
-            rss, ovh = overhead_kib(p.pid, a.mem_mib)
+            rss, ovh, anon = overhead_kib(p.pid, a.mem_mib)
         if until in text:
             done = True
 if timed_out and p.poll() is None and os.path.basename(cmd[0]) == "thinvm":
@@ -115,7 +121,7 @@ os.set_blocking(p.stderr.fileno(), True)
 errbuf += p.stderr.read() or b""
 err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
-                  "overhead_kib": ovh, "exit": code, "wall_s": time.monotonic() - t0,
+                  "overhead_kib": ovh, "anon_kib": anon, "exit": code, "wall_s": time.monotonic() - t0,
                   "lines": lines, "sizes": sizes, "timed_out": timed_out,
                   "stderr_tail": err[-60:] if timed_out else err[-5:],
                   # thinvm's per-disk statistics at exit (what the guest sent: discards,
