@@ -192,17 +192,10 @@ fn settle_discarded(
     let (o, l) = (off as usize, len as usize);
     let mut now = vec![0u8; l];
     img.read_at(off, &mut now).unwrap();
-    for (i, &b) in now.iter().enumerate() {
-        if b != model[o + i] && b != kept[o + i] {
-            let msg = format!(
-                "discarded byte {} reads {b:#x}: neither zero-model {:#x} nor kept {:#x}",
-                o + i,
-                model[o + i],
-                kept[o + i]
-            );
-            std::fs::write(dir.join("child.err"), &msg).unwrap();
-            panic!("{msg}");
-        }
+    if let Some(wrong) = neither_zeroed_nor_kept(&now, &model[o..o + l], &kept[o..o + l]) {
+        let msg = format!("discarded piece at {off}: {wrong}");
+        std::fs::write(dir.join("child.err"), &msg).unwrap();
+        panic!("{msg}");
     }
     model[o..o + l].copy_from_slice(&now);
 }

@@ -117,11 +117,8 @@ fn round(rng: &mut Rng, model: &mut [u8], n: usize) -> (Vec<Op>, Vec<u8>, Vec<(u
 
 /// Each byte of `got` is `want`'s or `kept`'s.
 fn assert_either(got: &[u8], want: &[u8], kept: &[u8], what: &str) {
-    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i] && got[i] != kept[i]) {
-        panic!(
-            "{what}: byte {i} reads {:#x}, neither {:#x} (discards zeroed) nor {:#x} (kept)",
-            got[i], want[i], kept[i]
-        );
+    if let Some(wrong) = neither_zeroed_nor_kept(got, want, kept) {
+        panic!("{what}: {wrong}");
     }
 }
 

@@ -245,6 +245,18 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
+/// Where a read of a discarded piece is wrong: the first byte that reads neither as `zeroed`
+/// (the model with the discard applied) nor as `kept` (the model without it: a discard may
+/// keep a piece of a cluster), as "byte I reads X: neither ... nor ...". The three slices
+/// have one length.
+pub fn neither_zeroed_nor_kept(got: &[u8], zeroed: &[u8], kept: &[u8]) -> Option<String> {
+    let i = (0..got.len()).find(|&i| got[i] != zeroed[i] && got[i] != kept[i])?;
+    Some(format!(
+        "byte {i} reads {:#x}, neither {:#x} (discards zeroed) nor {:#x} (kept)",
+        got[i], zeroed[i], kept[i]
+    ))
+}
+
 /// Allocated bytes and apparent size of a file.
 pub fn usage(p: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
