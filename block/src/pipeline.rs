@@ -165,19 +165,22 @@ impl Pipeline {
 
     /// Hands queued operations to the kernel, collects finished ones, moves requests on
     /// (next stage, metadata actions, requests that waited), and appends the completed
-    /// requests to `out`. With `wait`, blocks until at least one request completed (if any
-    /// is in flight).
+    /// requests to `out`. With `wait`, blocks until this call completed at least one request
+    /// (if any is in flight); what `out` already held does not count.
     pub fn poll<I: PlanningImage + ?Sized>(
         &mut self,
         image: &mut I,
         wait: bool,
         out: &mut Vec<(u64, Result<()>)>,
     ) {
+        // What `out` held before: blocking depends on what this call added, not on what the
+        // caller already had (a caller collecting across calls would otherwise spin).
+        let before = out.len();
         loop {
             // (Reaping hands queued operations to the kernel first, in the same call as a
             // wait.)
             let block =
-                wait && self.done.is_empty() && out.is_empty() && self.engine.in_flight() > 0;
+                wait && self.done.is_empty() && out.len() == before && self.engine.in_flight() > 0;
             self.engine.reap(block, &mut self.reaped);
             let reaped = std::mem::take(&mut self.reaped);
             for (idx, r) in reaped {
@@ -191,7 +194,7 @@ impl Pipeline {
             out.append(&mut self.done);
             // Waiting requests move only when running ones end.
             let progress_possible = self.engine.in_flight() > 0;
-            if !wait || !out.is_empty() || !progress_possible {
+            if !wait || out.len() > before || !progress_possible {
                 return;
             }
         }
@@ -203,12 +206,8 @@ impl Pipeline {
         image: &mut I,
         out: &mut Vec<(u64, Result<()>)>,
     ) {
-        let mut finished = Vec::new();
         loop {
-            // (A fresh vector per round: `poll` blocks only while its `out` is empty, and
-            // `out` may already hold completions — reusing it would spin.)
-            self.poll(image, true, &mut finished);
-            out.append(&mut finished);
+            self.poll(image, true, out);
             if self.busy == 0 && self.engine.in_flight() == 0 {
                 self.start(image);
                 out.append(&mut self.done);
