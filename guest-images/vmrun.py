@@ -12,8 +12,29 @@ recorded ("sizes": one [allocated, apparent] per result line, in order), then a 
 to the VM's console (a guest booted with thinvm.ack=1 waits for it before its next step).
 --timeout SECS (default 600): a run still going then is stopped ("timed_out": true); thinvm
 is first asked for its report (SIGUSR1) and stopped with SIGTERM, so "stderr_tail" (60 lines
-then, 5 otherwise) says what its vCPUs and disk queues were doing."""
-import argparse, json, os, select, signal, subprocess, sys, time
+then, 5 otherwise) says what its vCPUs and disk queues were doing.
+--kvm-stats: at each THINVM-MARK and THINVM-RESULT line, the host KVM's counters of the VM
+(debugfs, /sys/kernel/debug/kvm/PID-FD: exits, exits to user space for MMIO and port I/O,
+halts, injected interrupts, ... summed over the vCPUs) are recorded ("kvm": one [line,
+{counter: value}] per such line), so a benchmark can say what one guest request cost in
+exits under each VMM."""
+import argparse, glob, json, os, select, signal, subprocess, sys, time
+
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+
+def kvm_counters(pid):
+    """The KVM counters of process pid's VM (the first one it has), or None."""
+    dirs = sorted(glob.glob(f"{KVM_DEBUGFS}/{pid}-*"))
+    if not dirs:
+        return None
+    out = {}
+    for path in glob.glob(f"{dirs[0]}/*"):
+        try:
+            with open(path) as f:
+                out[os.path.basename(path)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 def overhead_kib(pid, mem_mib):
     """(RSS, RSS minus guest RAM, anonymous memory minus guest RAM) in KiB: the guest RAM
@@ -47,9 +68,13 @@ ap.add_argument("--kill-after-marker", action="store_true")
 ap.add_argument("--mem-mib", type=int, default=256)
 ap.add_argument("--timeout", type=float, default=600)
 ap.add_argument("--watch")
+ap.add_argument("--kvm-stats", action="store_true")
 ap.add_argument("cmd", nargs=argparse.REMAINDER)
 a = ap.parse_args()
 cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+if a.kvm_stats and not os.path.isdir(KVM_DEBUGFS):
+    subprocess.run(["mount", "-t", "debugfs", "debugfs", "/sys/kernel/debug"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 t0 = time.monotonic()
 p = subprocess.Popen(cmd, stdin=subprocess.PIPE if a.watch else subprocess.DEVNULL,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -58,6 +83,7 @@ rss = ovh = anon = None
 buf = b""
 lines = []
 sizes = []
+kvm = []
 until = a.until or a.marker
 done = False
 os.set_blocking(p.stdout.fileno(), False)
@@ -88,6 +114,8 @@ while not done:
         text = line.decode(errors="replace").strip()
         if text.startswith("THINVM-"):
             lines.append(text)
+        if a.kvm_stats and text.startswith(("THINVM-MARK", "THINVM-RESULT")):
+            kvm.append([text, kvm_counters(p.pid)])
         if a.watch and text.startswith("THINVM-RESULT"):
             try:
                 st = os.stat(a.watch)
@@ -122,7 +150,7 @@ errbuf += p.stderr.read() or b""
 err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "anon_kib": anon, "exit": code, "wall_s": time.monotonic() - t0,
-                  "lines": lines, "sizes": sizes, "timed_out": timed_out,
+                  "lines": lines, "sizes": sizes, "kvm": kvm, "timed_out": timed_out,
                   "stderr_tail": err[-60:] if timed_out else err[-5:],
                   # thinvm's per-disk statistics at exit (what the guest sent: discards,
                   # write-zeroes, ...), one line per disk.

@@ -183,14 +183,32 @@ ARGS
     *) echo "unknown-rw-$rw"; return 1 ;;
   esac
   [ -x /usr/bin/fio ] || { echo "no-fio-here"; return 1; }
-  out=$(/usr/bin/fio --name=thinvm --directory="$DATA" --size=64M --direct=1 \
-    --ioengine=libaio --iodepth=32 --thread --numjobs="$jobs" --group_reporting \
-    --output-format=terse --terse-version=3 "$@" 2>&1) ||
+  set -- --name=thinvm --directory="$DATA" --size=64M --direct=1 --ioengine=libaio \
+    --iodepth=32 --thread --numjobs="$jobs" --group_reporting "$@"
+  # The files are laid out first, so what is counted below is the timed run alone.
+  /usr/bin/fio "$@" --create_only=1 > /dev/null 2>&1
+  # Announced on the console (a benchmark's host side samples its counters there), then
+  # the guest's own counters around the run: interrupts of its virtio devices and requests
+  # the disks completed.
+  echo "THINVM-MARK fio-start rw=$rw" > /dev/console
+  irqs0=$(virtio_irqs); ios0=$(disk_ios)
+  out=$(/usr/bin/fio "$@" --output-format=terse --terse-version=3 2>&1) ||
     { echo "fio-failed: $(echo "$out" | tail -1)"; return 1; }
+  irqs=$(($(virtio_irqs) - irqs0)); ios=$(($(disk_ios) - ios0))
   rm -f "$DATA"/thinvm.*
   # Terse v3: field 5 error, 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
-  echo "$out" | awk -F';' -v rw="$rw" -v jobs="$jobs" '$1 == 3 {
-    printf "rw=%s jobs=%d error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d", rw, jobs, $5, $8, $7, $49, $48 }'
+  echo "$out" | awk -F';' -v rw="$rw" -v jobs="$jobs" -v irqs="$irqs" -v ios="$ios" '$1 == 3 {
+    printf "rw=%s jobs=%d error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d guest_irqs=%d disk_ios=%d", rw, jobs, $5, $8, $7, $49, $48, irqs, ios }'
+}
+
+# Interrupts the guest took from its virtio devices, all CPUs.
+virtio_irqs() {
+  awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts
+}
+
+# Requests the guest's virtio disks completed (reads, writes, discards, flushes).
+disk_ios() {
+  awk '$3 ~ /^vd[a-z]+$/ { n += $4 + $8 + ($15 ~ /^[0-9]+$/ ? $15 : 0) + ($19 ~ /^[0-9]+$/ ? $19 : 0) } END { print n + 0 }' /proc/diskstats
 }
 
 # N files of 1 MiB, each synced and announced (THINVM-IO k) as it lands, PAUSE seconds apart
