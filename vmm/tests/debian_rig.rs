@@ -328,3 +328,80 @@ cd /; rm -rf "$d"
         assert_eq!(num(c, "rc"), 0, "{fs}: qemu-img check: {out}");
     }
 }
+
+/// Someone at the serial console logs in: the stock guest boots (no workload) to systemd's
+/// serial getty, a login as root (no password) over thinvm's console input gets a shell on
+/// ttyS0, a command typed there runs, and `poweroff` typed there ends thinvm with exit code 0.
+/// The console is driven as a person would drive it, character streams both ways (the login
+/// prompt ends without a newline), with a deadline per step.
+#[test]
+#[ignore = "slow: stock Debian guest in the rig; run by scripts/test"]
+fn debian_serial_console_login_runs_a_command_and_poweroff_ends_thinvm() {
+    let g = debian();
+    let script = format!(
+        r#"set -e
+d=$(mktemp -d "${{THINVM_SCRATCH:-/tmp}}/debian-login.XXXXXX"); cd "$d"
+qemu-img create -q -f qcow2 -b {base} -F qcow2 root.qcow2
+cat > console.py <<'PY'
+import os, re, select, subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=open("vmm.log", "wb"))
+os.set_blocking(p.stdout.fileno(), False)
+# (what to wait for, what to type then, seconds allowed)
+steps = [
+    (rb"login: ", b"root\r", 1500),
+    (rb"root@[^\r\n]*# ", b'echo THINVM-LOGIN "user=$(id -un)" "tty=$(tty)" "state=$(systemctl is-system-running)"\r', 120),
+    (rb"THINVM-LOGIN user=\S+ tty=\S+ state=\S+", b"poweroff\r", 120),
+]
+seen = b""
+at = 0
+log = open("console.log", "wb")
+for want, send, secs in steps:
+    deadline = time.monotonic() + secs
+    while True:
+        m = re.search(want, seen[at:])
+        if m:
+            if want.startswith(rb"THINVM"):
+                print(m.group(0).decode(), flush=True)
+            at += m.end()
+            break
+        # Some PAM set-ups ask for the (empty) password anyway.
+        if want == rb"root@[^\r\n]*# " and re.search(rb"Password: $", seen[at:]):
+            p.stdin.write(b"\r"); p.stdin.flush()
+            at = len(seen)
+        if time.monotonic() > deadline or p.poll() is not None:
+            print("STEP-TIMEOUT want=%s" % want.decode(), flush=True)
+            print("\n".join("GUEST-CONSOLE " + l for l in seen[-4000:].decode(errors="replace").splitlines()))
+            p.kill()
+            sys.exit(0)
+        r, _, _ = select.select([p.stdout], [], [], 0.5)
+        if r:
+            chunk = p.stdout.read() or b""
+            seen += chunk
+            log.write(chunk)
+    p.stdin.write(send); p.stdin.flush()
+try:
+    code = p.wait(timeout=300)
+except subprocess.TimeoutExpired:
+    p.kill(); code = "timeout"
+print("EXITED code=%s" % code, flush=True)
+PY
+python3 console.py {thinvm} run --kernel {k} --initrd {i} --memory 1G --cpus 2 --disk path=root.qcow2,format=qcow2 --serial stdio --cmdline "{cmdline}"
+grep -E '^thinvm: (guest|disk)' vmm.log | sed 's/^/VMM /' || true
+cd /; rm -rf "$d"
+"#,
+        base = g.base_qcow2.display(),
+        thinvm = thinvm(),
+        k = g.kernel.display(),
+        i = g.initrd.display(),
+        cmdline = g.cmdline,
+    );
+    let out = linux_guest_may_die(&script, 2400);
+    eprintln!("{out}");
+    assert!(!out.contains("STEP-TIMEOUT"), "{out}");
+    let login = &fields(&out, "THINVM-LOGIN ")[0];
+    assert_eq!(login["user"], "root", "{out}");
+    assert_eq!(login["tty"], "/dev/ttyS0", "{out}");
+    assert_eq!(num(&fields(&out, "EXITED ")[0], "code"), 0, "{out}");
+    assert!(out.contains("VMM thinvm: guest powered off"), "{out}");
+}
