@@ -340,7 +340,16 @@ impl DiskSet {
     /// Stops the workers (final flush) and prints the final statistics.
     pub fn shutdown(&mut self) {
         for d in &self.disks {
-            crate::sync::lock(&d.transport).shutdown();
+            let mut t = crate::sync::lock(&d.transport);
+            t.shutdown();
+            if !t.found_by_driver() {
+                // The most common way to boot without a disk, said where the user looks.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "thinvm: disk {}: the guest never looked for it (a kernel without a virtio-mmio driver, or one that reads neither ACPI nor the virtio_mmio.device= command line: distribution kernels such as Debian's need --acpi on)",
+                    d.name
+                );
+            }
         }
         if !self.disks.is_empty() {
             report(&self.summary(), None);

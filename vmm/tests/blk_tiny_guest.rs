@@ -66,6 +66,7 @@ fn guest_driver_exercises_every_request_and_the_overlay_matches() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     checks_passed(&stdout);
+    assert!(!stderr.contains("never looked for it"), "{stderr}");
     // Statistics on exit, with what was reclaimed by each path.
     assert!(
         stderr.contains("reclaimed: zero-detect 64 KiB, discard 64 KiB, write-zeroes 64 KiB"),
@@ -113,6 +114,36 @@ fn guest_driver_exercises_every_request_and_the_overlay_matches() {
         m.blocks() * 512 <= 7 * 65536,
         "allocated {}",
         m.blocks() * 512
+    );
+}
+
+/// A guest that never probes its disk (the hello guest has no virtio driver, as a
+/// distribution kernel under `--acpi off` finds none) is told apart at exit, where a user
+/// whose guest booted without its disk looks first.
+#[test]
+fn a_disk_the_guest_never_looked_for_is_reported_at_exit() {
+    if !kvm_or_skip("a_disk_the_guest_never_looked_for_is_reported_at_exit") {
+        return;
+    }
+    let dir = TempDir::new("blk-unseen");
+    let (_b, ov) = make_overlay(&dir);
+    let kernel = guest("hello");
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--disk",
+            &format!("path={ov},format=qcow2"),
+        ],
+        60,
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("thinvm: disk vda: the guest never looked for it")
+            && stderr.contains("--acpi on"),
+        "{stderr}"
     );
 }
 

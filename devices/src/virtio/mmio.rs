@@ -193,6 +193,9 @@ pub struct MmioTransport {
     unoffered_features: bool,
     queue_sel: u32,
     active: bool,
+    /// A driver has acknowledged the device at least once (survives resets): a guest that
+    /// never did never found it.
+    pub(super) found: bool,
 }
 
 impl MmioTransport {
@@ -223,6 +226,7 @@ impl MmioTransport {
             unoffered_features: false,
             queue_sel: 0,
             active: false,
+            found: false,
         })
     }
 
@@ -245,6 +249,11 @@ impl MmioTransport {
     /// The device status register (for tests and diagnostics).
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// Whether a driver ever acknowledged the device (since it was made or restored).
+    pub fn found_by_driver(&self) -> bool {
+        self.found
     }
 
     /// Whether the device is serving its queues.
@@ -363,6 +372,7 @@ impl MmioTransport {
                 return;
             }
             self.status |= bit;
+            self.found |= bit == VIRTIO_CONFIG_S_ACKNOWLEDGE;
         }
     }
 

@@ -159,6 +159,7 @@ impl MmioTransport {
             };
         }
         self.status = st.status;
+        self.found |= st.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE != 0;
         self.driver_features = st.driver_features;
         self.unoffered_features = st.unoffered_features;
         self.device_features_sel = st.device_features_sel;
