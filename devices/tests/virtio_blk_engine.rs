@@ -176,3 +176,75 @@ fn held_writes_count_against_the_queue_size() {
     assert_eq!((r.popped, r.answered), (16, 16));
     assert_eq!(s.stats.snapshot().writes, 32);
 }
+
+/// Reads that continue one another in one pass run as one image read (as QEMU's virtio-blk
+/// merges a batch's adjacent requests), each request answered with its own data and length;
+/// a read that does not continue them runs on its own; when the merged read fails, every
+/// request in it is answered with IOERR, none with OK.
+#[test]
+fn adjacent_reads_of_a_pass_run_as_one_image_read_and_each_gets_its_own_answer() {
+    let mut s = setup(16);
+    // Each 4 KiB block of the disk holds its number + 1.
+    let pattern: Vec<u8> = (0..256u32).flat_map(|b| [(b + 1) as u8; 4096]).collect();
+    std::fs::write(s._dir.join("disk.raw"), &pattern).unwrap();
+    // Chain i reads block BLOCKS[i] into its own buffer (64 KiB apart in guest memory).
+    const BLOCKS: [u64; 5] = [0, 1, 2, 3, 10];
+    let chains = |s: &Setup| {
+        for (i, &b) in BLOCKS.iter().enumerate() {
+            let i = i as u64;
+            header(&s.mem, HDR + 16 * i, T_IN, b * 8);
+            s.mem
+                .write_slice(&[0xee; 4096], GuestAddress(DATA + 0x10000 * i))
+                .unwrap();
+            s.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            let head = write_chain(
+                &s.mem,
+                &s.ring,
+                3 * i as u16,
+                &[
+                    (HDR + 16 * i, 16, false),
+                    (DATA + 0x10000 * i, 4096, true),
+                    (STATUS + i, 1, true),
+                ],
+            );
+            s.ring.publish(&s.mem, head);
+        }
+    };
+    chains(&s);
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (5, 5), "{r:?}");
+    for (i, &b) in BLOCKS.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(status_at(&s.mem, STATUS + i), 0, "chain {i}");
+        let mut got = [0u8; 4096];
+        s.mem
+            .read_slice(&mut got, GuestAddress(DATA + 0x10000 * i))
+            .unwrap();
+        assert!(
+            got.iter().all(|&x| x == (b + 1) as u8),
+            "chain {i}: block {b}"
+        );
+    }
+    for k in 0..5u16 {
+        let (head, len) = s.ring.used_elem(&s.mem, k);
+        assert_eq!(len, 4096 + 1, "used entry {k} (head {head})");
+    }
+    // Blocks 0-3 in one image read, block 10 in another.
+    assert_eq!(s.faults.plan_reads.load(Ordering::SeqCst), 2);
+    let st = s.stats.snapshot();
+    assert_eq!((st.reads, st.merged_reads, st.errors), (5, 4, 0));
+    // The same again, the image failing: five IOERRs, no data claimed.
+    s.faults.read_eio.store(true, Ordering::SeqCst);
+    chains(&s);
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (5, 5), "{r:?}");
+    for i in 0..5u64 {
+        assert_eq!(status_at(&s.mem, STATUS + i), 1, "chain {i}: IOERR");
+    }
+    for k in 5..10u16 {
+        assert_eq!(s.ring.used_elem(&s.mem, k).1, 1, "used entry {k}");
+    }
+    assert_eq!(s.faults.plan_reads.load(Ordering::SeqCst), 4);
+    let st = s.stats.snapshot();
+    assert_eq!((st.reads, st.errors), (5, 5));
+}

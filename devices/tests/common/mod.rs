@@ -367,6 +367,10 @@ pub struct Faults {
     pub no_space_failures: std::sync::atomic::AtomicU64,
     /// Calls that entered a blocked state.
     pub blocked_calls: std::sync::atomic::AtomicU64,
+    /// Data reads planned (one per image read the device asked for).
+    pub plan_reads: std::sync::atomic::AtomicU64,
+    /// Data reads fail with EIO while this is set.
+    pub read_eio: std::sync::atomic::AtomicBool,
 }
 
 impl Faults {
@@ -417,7 +421,15 @@ impl DiskImage for FaultyImage {
         self.inner.is_read_only()
     }
     fn plan_read(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
+        use std::sync::atomic::Ordering;
         self.faults.wait();
+        self.faults.plan_reads.fetch_add(1, Ordering::SeqCst);
+        if self.faults.read_eio.load(Ordering::SeqCst) {
+            return Err(block::Error::io(
+                "read test image",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.inner.plan_read(offset, bufs)
     }
     fn plan_write(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {

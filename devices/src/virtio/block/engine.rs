@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use block::engine::sync::SyncEngine;
-use block::pipeline::Pipeline;
+use block::pipeline::{IoRequest, Pipeline};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -35,6 +35,11 @@ pub use super::execute::WriteErrorPolicy;
 /// First retry of a held write, then doubling up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Reads merged into one image read: at most this many bytes (one step of a request), and at
+/// most this many guest buffers (the kernel's IOV_MAX: one readv).
+const MERGE_MAX_BYTES: u64 = super::execute::CHUNK;
+const MERGE_MAX_BUFS: usize = 1024;
 
 /// A request's answer: its queue, its head, where its status byte goes, the outcome.
 type Answer = (usize, u16, GuestAddress, Outcome);
@@ -85,6 +90,9 @@ pub struct Engine {
     pipeline: Pipeline,
     /// Requests started and not yet answered, by pipeline tag, with their queue's index.
     active: Vec<Option<(usize, Progress)>>,
+    /// Per tag, the reads merged behind the one in `active` (same queue, the image read
+    /// covering them all): answered with it.
+    followers: Vec<Vec<Progress>>,
     /// Requests started and not yet answered, per queue.
     per_queue: Vec<usize>,
     free: Vec<usize>,
@@ -106,6 +114,7 @@ impl Engine {
             name,
             pipeline: Pipeline::new(Box::new(SyncEngine::default())),
             active: Vec::new(),
+            followers: Vec::new(),
             per_queue: Vec::new(),
             free: Vec::new(),
             n_active: 0,
@@ -169,6 +178,7 @@ impl Engine {
         let mut out = Vec::new();
         self.pipeline.drain(self.disk.image.as_mut(), &mut out);
         self.active.clear();
+        self.followers.clear();
         self.per_queue.clear();
         self.free.clear();
         self.n_active = 0;
@@ -320,6 +330,42 @@ impl Engine {
             if (self.hold.is_some() || !self.held.is_empty()) && req.kind.writes() {
                 // Behind the held writes, in order.
                 self.held.push_back((qi, head, req));
+                continue;
+            }
+            if mergeable(&req) {
+                // Reads that continue one another (a sequential reader's batch) become one
+                // image read, as QEMU's virtio-blk merges them: fewer, larger I/Os whose
+                // requests complete together, under one interrupt.
+                let mut group = vec![Progress::new(head, req)];
+                let mut bytes = group[0].req.kind.data_len();
+                while let Some((_, Ok(next))) = popped.front() {
+                    let last = &group[group.len() - 1].req.kind;
+                    let (
+                        RequestKind::Read {
+                            offset: o1,
+                            data: d1,
+                        },
+                        RequestKind::Read { offset: o2, .. },
+                    ) = (last, &next.kind)
+                    else {
+                        break;
+                    };
+                    if !mergeable(next)
+                        || o1.checked_add(d1.len()) != Some(*o2)
+                        || bytes + next.kind.data_len() > MERGE_MAX_BYTES
+                    {
+                        break;
+                    }
+                    bytes += next.kind.data_len();
+                    let Some((h, Ok(r))) = popped.pop_front() else {
+                        break;
+                    };
+                    group.push(Progress::new(h, r));
+                }
+                for done in self.start_reads(qi, group, mem) {
+                    self.answer(queues, mem, done);
+                    report.answered += 1;
+                }
                 continue;
             }
             if let Some(done) = self.start(qi, Progress::new(head, req), mem) {
@@ -479,20 +525,94 @@ impl Engine {
             Next::Done(out) => return Some((qi, p.head, p.req.status, out)),
             Next::Submit(io) => io,
         };
+        self.submit(qi, p, Vec::new(), io);
+        None
+    }
+
+    /// Starts reads that continue one another (each [`mergeable`]) as few image reads as
+    /// their buffers allow: one, unless a request is answered at once (a buffer outside
+    /// guest memory) or the buffers exceed one readv. Returns the requests answered at once.
+    fn start_reads(
+        &mut self,
+        qi: usize,
+        group: Vec<Progress>,
+        mem: &GuestMemoryMmap,
+    ) -> Vec<Answer> {
+        let mut answered = Vec::new();
+        // The read being built: its offset, where it ends, its buffers, its requests.
+        let mut cur: Option<(u64, u64, Vec<block::IoBuf>, Vec<Progress>)> = None;
+        for mut p in group {
+            match self.disk.next(&mut p, mem) {
+                Next::Submit(IoRequest::Read { offset, bufs }) => {
+                    let len: u64 = p.req.kind.data_len();
+                    match &mut cur {
+                        Some((_, end, b, members))
+                            if *end == offset && b.len() + bufs.len() <= MERGE_MAX_BUFS =>
+                        {
+                            *end = end.saturating_add(len);
+                            b.extend(bufs);
+                            members.push(p);
+                        }
+                        _ => {
+                            if let Some(done) = cur.take() {
+                                self.submit_read(qi, done);
+                            }
+                            cur = Some((offset, offset.saturating_add(len), bufs, vec![p]));
+                        }
+                    }
+                }
+                Next::Submit(io) => {
+                    // (Not a read after all: cannot happen for a mergeable request.)
+                    if let Some(done) = cur.take() {
+                        self.submit_read(qi, done);
+                    }
+                    self.submit(qi, p, Vec::new(), io);
+                }
+                Next::Done(out) => {
+                    if let Some(done) = cur.take() {
+                        self.submit_read(qi, done);
+                    }
+                    answered.push((qi, p.head, p.req.status, out));
+                }
+            }
+        }
+        if let Some(done) = cur.take() {
+            self.submit_read(qi, done);
+        }
+        answered
+    }
+
+    fn submit_read(&mut self, qi: usize, read: (u64, u64, Vec<block::IoBuf>, Vec<Progress>)) {
+        let (offset, _, bufs, mut members) = read;
+        if members.len() > 1 {
+            BlockStats::add(&self.disk.stats.merged_reads, members.len() as u64);
+        }
+        let followers = members.split_off(1);
+        if let Some(leader) = members.pop() {
+            self.submit(qi, leader, followers, IoRequest::Read { offset, bufs });
+        }
+    }
+
+    /// Hands `io`, the next step of `p` (and of the reads merged behind it, `followers`), to
+    /// the pipeline.
+    fn submit(&mut self, qi: usize, p: Progress, followers: Vec<Progress>, io: IoRequest) {
+        let n = 1 + followers.len();
         if self.per_queue.len() <= qi {
             self.per_queue.resize(qi + 1, 0);
         }
-        self.per_queue[qi] += 1;
+        self.per_queue[qi] += n;
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
                 self.active.push(None);
+                self.followers.push(Vec::new());
                 self.active.len() - 1
             }
         };
         self.active[idx] = Some((qi, p));
-        self.n_active += 1;
-        self.activity.started += 1;
+        self.followers[idx] = followers;
+        self.n_active += n;
+        self.activity.started += n as u64;
         // SAFETY: the request's buffers are guest memory (kept mapped by the activation's
         // `mem`, which the worker holds until `abandon` has drained the pipeline) or the
         // bounce buffer in its `Progress`, kept in `active` until its completion is reaped.
@@ -500,7 +620,6 @@ impl Engine {
             self.pipeline
                 .submit(self.disk.image.as_mut(), idx as u64, io)
         };
-        None
     }
 
     /// Reaps completions and moves their requests on; returns the requests answered.
@@ -542,6 +661,14 @@ impl Engine {
         let Some((qi, mut p)) = self.active.get_mut(idx).and_then(|s| s.take()) else {
             return 0;
         };
+        let followers = self
+            .followers
+            .get_mut(idx)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        if !followers.is_empty() {
+            return self.merged_done(q, mem, idx, qi, p, followers, r, stop);
+        }
         let next = match self.disk.step_done(&mut p, mem, r) {
             Ok(()) if stop() => {
                 // The activation is ending: the request stays unanswered.
@@ -588,6 +715,66 @@ impl Engine {
                 answered
             }
         }
+    }
+
+    /// The image read of merged reads ended with `r`: each of them is answered with it
+    /// (each was one step: a mergeable read is at most one chunk).
+    #[allow(clippy::too_many_arguments)]
+    fn merged_done(
+        &mut self,
+        q: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        idx: usize,
+        qi: usize,
+        p: Progress,
+        followers: Vec<Progress>,
+        r: block::Result<()>,
+        stop: &dyn Fn() -> bool,
+    ) -> usize {
+        if r.is_ok() && stop() {
+            // The activation is ending: the requests stay unanswered.
+            self.active[idx] = Some((qi, p));
+            self.followers[idx] = followers;
+            return 0;
+        }
+        let n = 1 + followers.len();
+        self.free.push(idx);
+        self.n_active -= n;
+        if let Some(c) = self.per_queue.get_mut(qi) {
+            *c = c.saturating_sub(n);
+        }
+        let failed = r.as_ref().err().map(|e| e.to_string());
+        let mut first = Some(r);
+        let mut answered = 0;
+        for mut m in std::iter::once(p).chain(followers) {
+            // The first member reports the image's error itself; the others say the same.
+            let r = first.take().unwrap_or_else(|| match &failed {
+                None => Ok(()),
+                Some(e) => Err(block::Error::Io {
+                    context: "merged read".into(),
+                    source: std::io::Error::other(e.clone()),
+                }),
+            });
+            let out = match self.disk.step_done(&mut m, mem, r) {
+                Ok(()) => match self.disk.next(&mut m, mem) {
+                    Next::Done(out) => out,
+                    // (A mergeable read has one step: cannot happen.)
+                    Next::Submit(_) => Outcome {
+                        status: request::STATUS_IOERR,
+                        written: 0,
+                    },
+                },
+                Err(Failed::Done(out)) => out,
+                // (Reads are never held: cannot happen.)
+                Err(Failed::NoSpace(_)) => Outcome {
+                    status: request::STATUS_IOERR,
+                    written: 0,
+                },
+            };
+            self.answer(q, mem, (qi, m.head, m.req.status, out));
+            answered += 1;
+        }
+        answered
     }
 
     fn release(&mut self, idx: usize, qi: usize) {
@@ -688,6 +875,17 @@ impl Engine {
         } else {
             self.activity.suppressed += 1;
         }
+    }
+}
+
+/// A read that may be merged with the ones continuing it: data in the guest's own buffers
+/// (not bounced: they do not overlap), in one step of the pipeline.
+fn mergeable(req: &Request) -> bool {
+    match &req.kind {
+        RequestKind::Read { data, .. } => {
+            data.disjoint() && !data.is_empty() && data.len() <= MERGE_MAX_BYTES
+        }
+        _ => false,
     }
 }
 

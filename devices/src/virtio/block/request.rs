@@ -109,6 +109,14 @@ pub enum RequestKind {
 }
 
 impl RequestKind {
+    /// Bytes of data a read or write moves (0 for the others).
+    pub fn data_len(&self) -> u64 {
+        match self {
+            RequestKind::Read { data, .. } | RequestKind::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
     /// Whether the request changes the disk (and so can fail for lack of host space).
     pub fn writes(&self) -> bool {
         matches!(

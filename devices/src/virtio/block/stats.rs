@@ -17,6 +17,8 @@ pub struct BlockStats {
     pub write_bytes: AtomicU64,
     /// Writes that ran as part of a batch (several queued writes at once).
     pub batched_writes: AtomicU64,
+    /// Reads that ran merged with the ones continuing them (one image read for several).
+    pub merged_reads: AtomicU64,
     pub flushes: AtomicU64,
     pub discards: AtomicU64,
     pub discard_bytes: AtomicU64,
@@ -106,6 +108,7 @@ pub struct StatsSnapshot {
     pub writes: u64,
     pub write_bytes: u64,
     pub batched_writes: u64,
+    pub merged_reads: u64,
     pub flushes: u64,
     pub discards: u64,
     pub discard_bytes: u64,
@@ -163,6 +166,7 @@ impl BlockStats {
             writes: l(&self.writes),
             write_bytes: l(&self.write_bytes),
             batched_writes: l(&self.batched_writes),
+            merged_reads: l(&self.merged_reads),
             flushes: l(&self.flushes),
             discards: l(&self.discards),
             discard_bytes: l(&self.discard_bytes),
