@@ -9,6 +9,13 @@ mkdir -p "$THINVM_CACHE/debs"
 
 say() { printf 'thinvm-images: %s\n' "$*" >&2; }
 die() { printf 'thinvm-images: error: %s\n' "$*" >&2; exit 1; }
+# The median of the numbers on stdin, one per line; what is not a number (a run that
+# reported nothing: "nan", "") is left out; with an even count, the mean of the middle two
+# (not the lower one, which would favour whichever side lost a run). "nan" if none.
+median() {
+  { grep -E '^-?[0-9]+([.][0-9]+)?$' || true; } | sort -g | awk '{ v[NR] = $1 }
+    END { if (!NR) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
 # Installs missing Debian packages the scripts need (via scripts/install-deps).
 need_deps() {
