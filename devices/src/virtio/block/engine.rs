@@ -1,6 +1,7 @@
 //! Serving a virtio-blk queue with many requests in flight: a pass pops at most the chains
 //! the queue has room for, parses each into a [`Request`] and starts it on the image's
-//! [`Pipeline`] (planned now, data I/O on the I/O engine); each request is answered as soon
+//! [`Pipeline`] (planned now, data I/O on the I/O engine; adjacent reads merged, see
+//! `merge`); each request is answered as soon
 //! as its last step ends (used ring entry, then the interrupt, which EVENT_IDX may suppress
 //! so interrupts stay few). Between pops, between steps and before starting anything, the
 //! caller's `stop` is asked, so a reset or shutdown is never starved by a guest that keeps
@@ -26,6 +27,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::execute::{Disk, Failed, Next, Outcome, Progress};
 use super::request::{self, Invalid, Limits, Request, RequestKind};
+
+mod merge;
 use super::stats::{BlockStats, QueueSnapshot};
 use crate::virtio::ratelimited_warn;
 use crate::virtio::{Interrupt, INT_VRING};
@@ -35,11 +38,6 @@ pub use super::execute::WriteErrorPolicy;
 /// First retry of a held write, then doubling up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
-
-/// Reads merged into one image read: at most this many bytes (one step of a request), and at
-/// most this many guest buffers (the kernel's IOV_MAX: one readv).
-const MERGE_MAX_BYTES: u64 = super::execute::CHUNK;
-const MERGE_MAX_BUFS: usize = 1024;
 
 /// A request's answer: its queue, its head, where its status byte goes, the outcome.
 type Answer = (usize, u16, GuestAddress, Outcome);
@@ -332,43 +330,18 @@ impl Engine {
                 self.held.push_back((qi, head, req));
                 continue;
             }
-            if mergeable(&req) {
-                // Reads that continue one another (a sequential reader's batch) become one
-                // image read, as QEMU's virtio-blk merges them: fewer, larger I/Os whose
-                // requests complete together, under one interrupt.
-                let mut group = vec![Progress::new(head, req)];
-                let mut bytes = group[0].req.kind.data_len();
-                while let Some((_, Ok(next))) = popped.front() {
-                    let last = &group[group.len() - 1].req.kind;
-                    let (
-                        RequestKind::Read {
-                            offset: o1,
-                            data: d1,
-                        },
-                        RequestKind::Read { offset: o2, .. },
-                    ) = (last, &next.kind)
-                    else {
-                        break;
-                    };
-                    if !mergeable(next)
-                        || o1.checked_add(d1.len()) != Some(*o2)
-                        || bytes + next.kind.data_len() > MERGE_MAX_BYTES
-                    {
-                        break;
+            // A read continued by the chains after it runs merged with them.
+            let p = match self.start_merged_reads(qi, Progress::new(head, req), &mut popped, mem) {
+                Ok(done) => {
+                    for done in done {
+                        self.answer(queues, mem, done);
+                        report.answered += 1;
                     }
-                    bytes += next.kind.data_len();
-                    let Some((h, Ok(r))) = popped.pop_front() else {
-                        break;
-                    };
-                    group.push(Progress::new(h, r));
+                    continue;
                 }
-                for done in self.start_reads(qi, group, mem) {
-                    self.answer(queues, mem, done);
-                    report.answered += 1;
-                }
-                continue;
-            }
-            if let Some(done) = self.start(qi, Progress::new(head, req), mem) {
+                Err(p) => p,
+            };
+            if let Some(done) = self.start(qi, p, mem) {
                 self.answer(queues, mem, done);
                 report.answered += 1;
             }
@@ -529,70 +502,6 @@ impl Engine {
         None
     }
 
-    /// Starts reads that continue one another (each [`mergeable`]) as few image reads as
-    /// their buffers allow: one, unless a request is answered at once (a buffer outside
-    /// guest memory) or the buffers exceed one readv. Returns the requests answered at once.
-    fn start_reads(
-        &mut self,
-        qi: usize,
-        group: Vec<Progress>,
-        mem: &GuestMemoryMmap,
-    ) -> Vec<Answer> {
-        let mut answered = Vec::new();
-        // The read being built: its offset, where it ends, its buffers, its requests.
-        let mut cur: Option<(u64, u64, Vec<block::IoBuf>, Vec<Progress>)> = None;
-        for mut p in group {
-            match self.disk.next(&mut p, mem) {
-                Next::Submit(IoRequest::Read { offset, bufs }) => {
-                    let len: u64 = p.req.kind.data_len();
-                    match &mut cur {
-                        Some((_, end, b, members))
-                            if *end == offset && b.len() + bufs.len() <= MERGE_MAX_BUFS =>
-                        {
-                            *end = end.saturating_add(len);
-                            b.extend(bufs);
-                            members.push(p);
-                        }
-                        _ => {
-                            if let Some(done) = cur.take() {
-                                self.submit_read(qi, done);
-                            }
-                            cur = Some((offset, offset.saturating_add(len), bufs, vec![p]));
-                        }
-                    }
-                }
-                Next::Submit(io) => {
-                    // (Not a read after all: cannot happen for a mergeable request.)
-                    if let Some(done) = cur.take() {
-                        self.submit_read(qi, done);
-                    }
-                    self.submit(qi, p, Vec::new(), io);
-                }
-                Next::Done(out) => {
-                    if let Some(done) = cur.take() {
-                        self.submit_read(qi, done);
-                    }
-                    answered.push((qi, p.head, p.req.status, out));
-                }
-            }
-        }
-        if let Some(done) = cur.take() {
-            self.submit_read(qi, done);
-        }
-        answered
-    }
-
-    fn submit_read(&mut self, qi: usize, read: (u64, u64, Vec<block::IoBuf>, Vec<Progress>)) {
-        let (offset, _, bufs, mut members) = read;
-        if members.len() > 1 {
-            BlockStats::add(&self.disk.stats.merged_reads, members.len() as u64);
-        }
-        let followers = members.split_off(1);
-        if let Some(leader) = members.pop() {
-            self.submit(qi, leader, followers, IoRequest::Read { offset, bufs });
-        }
-    }
-
     /// Hands `io`, the next step of `p` (and of the reads merged behind it, `followers`), to
     /// the pipeline.
     fn submit(&mut self, qi: usize, p: Progress, followers: Vec<Progress>, io: IoRequest) {
@@ -717,66 +626,6 @@ impl Engine {
         }
     }
 
-    /// The image read of merged reads ended with `r`: each of them is answered with it
-    /// (each was one step: a mergeable read is at most one chunk).
-    #[allow(clippy::too_many_arguments)]
-    fn merged_done(
-        &mut self,
-        q: &mut [Queue],
-        mem: &GuestMemoryMmap,
-        idx: usize,
-        qi: usize,
-        p: Progress,
-        followers: Vec<Progress>,
-        r: block::Result<()>,
-        stop: &dyn Fn() -> bool,
-    ) -> usize {
-        if r.is_ok() && stop() {
-            // The activation is ending: the requests stay unanswered.
-            self.active[idx] = Some((qi, p));
-            self.followers[idx] = followers;
-            return 0;
-        }
-        let n = 1 + followers.len();
-        self.free.push(idx);
-        self.n_active -= n;
-        if let Some(c) = self.per_queue.get_mut(qi) {
-            *c = c.saturating_sub(n);
-        }
-        let failed = r.as_ref().err().map(|e| e.to_string());
-        let mut first = Some(r);
-        let mut answered = 0;
-        for mut m in std::iter::once(p).chain(followers) {
-            // The first member reports the image's error itself; the others say the same.
-            let r = first.take().unwrap_or_else(|| match &failed {
-                None => Ok(()),
-                Some(e) => Err(block::Error::Io {
-                    context: "merged read".into(),
-                    source: std::io::Error::other(e.clone()),
-                }),
-            });
-            let out = match self.disk.step_done(&mut m, mem, r) {
-                Ok(()) => match self.disk.next(&mut m, mem) {
-                    Next::Done(out) => out,
-                    // (A mergeable read has one step: cannot happen.)
-                    Next::Submit(_) => Outcome {
-                        status: request::STATUS_IOERR,
-                        written: 0,
-                    },
-                },
-                Err(Failed::Done(out)) => out,
-                // (Reads are never held: cannot happen.)
-                Err(Failed::NoSpace(_)) => Outcome {
-                    status: request::STATUS_IOERR,
-                    written: 0,
-                },
-            };
-            self.answer(q, mem, (qi, m.head, m.req.status, out));
-            answered += 1;
-        }
-        answered
-    }
-
     fn release(&mut self, idx: usize, qi: usize) {
         self.free.push(idx);
         self.n_active -= 1;
@@ -875,17 +724,6 @@ impl Engine {
         } else {
             self.activity.suppressed += 1;
         }
-    }
-}
-
-/// A read that may be merged with the ones continuing it: data in the guest's own buffers
-/// (not bounced: they do not overlap), in one step of the pipeline.
-fn mergeable(req: &Request) -> bool {
-    match &req.kind {
-        RequestKind::Read { data, .. } => {
-            data.disjoint() && !data.is_empty() && data.len() <= MERGE_MAX_BYTES
-        }
-        _ => false,
     }
 }
 
