@@ -248,3 +248,82 @@ fn adjacent_reads_of_a_pass_run_as_one_image_read_and_each_gets_its_own_answer()
     let st = s.stats.snapshot();
     assert_eq!((st.reads, st.errors), (5, 5));
 }
+
+/// Interrupts raised since the last look (the irqfd's counter).
+fn interrupts(s: &Setup) -> u64 {
+    s.irq.eventfd().read().unwrap_or(0)
+}
+
+/// Requests answered while the driver is still making new ones available get their used
+/// entries at once and share one interrupt with the next pass's answers (the driver takes
+/// every used entry on each interrupt), and a driver that keeps adding is still interrupted
+/// every few passes: no answer waits for an interrupt that never comes.
+#[test]
+fn answers_while_the_driver_keeps_adding_share_one_interrupt_and_none_is_lost() {
+    let mut s = setup(16);
+    get_id_chain(&s);
+    s.ring.publish(&s.mem, 0);
+    // The driver adds a request while the pass answers the first (the third look at stop:
+    // after the ring was drained and notifications re-enabled).
+    let calls = Cell::new(0u32);
+    let (mem, ring) = (&s.mem, &s.ring);
+    let adds = || {
+        calls.set(calls.get() + 1);
+        if calls.get() == 3 {
+            ring.publish(mem, 0);
+        }
+        false
+    };
+    let r = s.engine.pass(&mut s.q, mem, &s.irq, &adds);
+    assert_eq!((r.popped, r.answered, r.more), (1, 1, true), "{r:?}");
+    assert_eq!(s.ring.used_idx(&s.mem), 1, "answered at once");
+    assert_eq!(interrupts(&s), 0, "the interrupt waits for the next pass");
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered, r.more), (1, 1, false), "{r:?}");
+    assert_eq!(s.ring.used_idx(&s.mem), 2);
+    assert_eq!(interrupts(&s), 1, "one interrupt for both");
+    // A driver that adds a request during every pass: interrupted every fifth pass at the
+    // latest (four deferred), and at the end.
+    let mut raised = Vec::new();
+    s.ring.publish(&s.mem, 0);
+    for _ in 0..10 {
+        calls.set(0);
+        let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &adds);
+        assert!(r.more, "{r:?}");
+        raised.push(interrupts(&s));
+    }
+    assert_eq!(
+        raised,
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+        "interrupts after each pass"
+    );
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.answered, r.more), (1, false), "{r:?}");
+    assert_eq!(interrupts(&s), 1);
+    assert_eq!(s.ring.used_idx(&s.mem), 13);
+}
+
+/// A pause (settle: what a snapshot waits for) raises the interrupt a pass deferred, even with
+/// nothing in flight: a snapshot never holds used entries the driver was not told about.
+#[test]
+fn settling_for_a_pause_raises_a_deferred_interrupt() {
+    let mut s = setup(16);
+    get_id_chain(&s);
+    s.ring.publish(&s.mem, 0);
+    let calls = Cell::new(0u32);
+    let (mem, ring) = (&s.mem, &s.ring);
+    let adds = || {
+        calls.set(calls.get() + 1);
+        if calls.get() == 3 {
+            ring.publish(mem, 0);
+        }
+        false
+    };
+    let r = s.engine.pass(&mut s.q, mem, &s.irq, &adds);
+    assert!(r.more && r.answered == 1, "{r:?}");
+    assert_eq!(interrupts(&s), 0);
+    assert_eq!(s.engine.in_flight(), 0);
+    s.engine
+        .settle(std::slice::from_mut(&mut s.q), &s.mem, &s.irq, &|| false);
+    assert_eq!(interrupts(&s), 1, "settle raised the deferred interrupt");
+}
