@@ -327,3 +327,29 @@ fn settling_for_a_pause_raises_a_deferred_interrupt() {
         .settle(std::slice::from_mut(&mut s.q), &s.mem, &s.irq, &|| false);
     assert_eq!(interrupts(&s), 1, "settle raised the deferred interrupt");
 }
+
+/// An available ring whose index is readable but whose entries lie outside guest memory
+/// announces requests virtio-queue cannot pop: after a pass or two the device stops asking
+/// for another pass (a worker spinning on it would burn a host CPU for the guest) and waits
+/// for the next notification.
+#[test]
+fn an_available_ring_that_cannot_be_read_is_not_spun_on() {
+    let mut s = setup(16);
+    let avail = MEM_SIZE as u64 - 4;
+    s.q.set_ready(false);
+    s.q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+    s.q.set_ready(true);
+    // Three requests announced; their ring entries would be past the end of memory.
+    s.mem.write_obj(3u16, GuestAddress(avail + 2)).unwrap();
+    let mut passes = 0;
+    loop {
+        let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+        assert_eq!(r.popped, 0, "{r:?}");
+        passes += 1;
+        if !r.more {
+            break;
+        }
+        assert!(passes < 10, "still asking for another pass after {passes}");
+    }
+    assert!(passes <= 3, "{passes} passes");
+}

@@ -108,6 +108,8 @@ pub struct Engine {
     /// making requests available), and passes in a row that deferred it.
     notify_pending: bool,
     deferred_passes: u32,
+    /// Passes in a row that found chains announced and could take none.
+    unreadable_passes: u32,
     pub activity: Activity,
 }
 
@@ -130,6 +132,7 @@ impl Engine {
             completions: Vec::new(),
             notify_pending: false,
             deferred_passes: 0,
+            unreadable_passes: 0,
             activity: Activity::default(),
         }
     }
@@ -367,6 +370,21 @@ impl Engine {
             report.more = queues[qi]
                 .avail_idx(mem, Ordering::Acquire)
                 .is_ok_and(|idx| idx.0 != queues[qi].next_avail());
+        }
+        if drained && report.more && report.popped == 0 {
+            // Chains are announced but none could be taken: once, a chain that arrived
+            // between the last look and re-arming notifications (the next pass takes it);
+            // again and again, an available ring whose entries cannot be read (virtio-queue
+            // then pops nothing): left alone until the next notification, not spun on.
+            self.unreadable_passes += 1;
+            if self.unreadable_passes > 2 {
+                ratelimited_warn(
+                    "virtio-blk: the available ring announces requests that cannot be read: ring ignored until the next notification",
+                );
+                report.more = false;
+            }
+        } else {
+            self.unreadable_passes = 0;
         }
         if report.answered > 0 || self.notify_pending {
             if report.more && !report.stopped && self.deferred_passes < MAX_DEFERRED_PASSES {
