@@ -204,6 +204,7 @@ impl Engine {
         self.hold = None;
         self.notify_pending = false;
         self.deferred_passes = 0;
+        self.unreadable_passes = 0;
         self.activity = Activity::default();
         self.publish();
         self.disk.stats.set_queue(None);
