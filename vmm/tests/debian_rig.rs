@@ -351,7 +351,7 @@ os.set_blocking(p.stdout.fileno(), False)
 steps = [
     (rb"login: ", b"root\r", 1500),
     (rb"root@[^\r\n]*# ", b'echo THINVM-LOGIN "user=$(id -un)" "tty=$(tty)" "state=$(systemctl is-system-running)"\r', 120),
-    (rb"THINVM-LOGIN user=\S+ tty=\S+ state=\S+", b"poweroff\r", 120),
+    (rb"THINVM-LOGIN user=\S+ tty=\S+ state=\S+(?=\s)", b"poweroff\r", 120),
 ]
 seen = b""
 at = 0
