@@ -39,10 +39,6 @@ pub use super::execute::WriteErrorPolicy;
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// Passes in a row that may answer without interrupting while the driver keeps making
-/// requests available (see [`Engine::pass_queue`]).
-const MAX_DEFERRED_PASSES: u32 = 4;
-
 /// A request's answer: its queue, its head, where its status byte goes, the outcome.
 type Answer = (usize, u16, GuestAddress, Outcome);
 
@@ -104,10 +100,6 @@ pub struct Engine {
     /// First retry delay of held writes (doubling up to [`MAX_RETRY_DELAY`]).
     first_retry: Duration,
     completions: Vec<(u64, block::Result<()>)>,
-    /// Requests answered whose interrupt waits for the next pass (the driver was still
-    /// making requests available), and passes in a row that deferred it.
-    notify_pending: bool,
-    deferred_passes: u32,
     /// Passes in a row that found chains announced and could take none.
     unreadable_passes: u32,
     pub activity: Activity,
@@ -130,8 +122,6 @@ impl Engine {
             hold: None,
             first_retry: FIRST_RETRY_DELAY,
             completions: Vec::new(),
-            notify_pending: false,
-            deferred_passes: 0,
             unreadable_passes: 0,
             activity: Activity::default(),
         }
@@ -202,8 +192,6 @@ impl Engine {
         }
         self.held.clear();
         self.hold = None;
-        self.notify_pending = false;
-        self.deferred_passes = 0;
         self.unreadable_passes = 0;
         self.activity = Activity::default();
         self.publish();
@@ -365,13 +353,6 @@ impl Engine {
         if !report.stopped {
             report.answered += self.process(queues, mem, stop);
         }
-        if drained && !report.stopped && !report.more {
-            // Chains the driver made available while this pass started and answered its
-            // requests (notifications were on again: it may also have notified).
-            report.more = queues[qi]
-                .avail_idx(mem, Ordering::Acquire)
-                .is_ok_and(|idx| idx.0 != queues[qi].next_avail());
-        }
         if drained && report.more && report.popped == 0 {
             // Chains are announced but none could be taken: once, a chain that arrived
             // between the last look and re-arming notifications (the next pass takes it);
@@ -387,17 +368,8 @@ impl Engine {
         } else {
             self.unreadable_passes = 0;
         }
-        if report.answered > 0 || self.notify_pending {
-            if report.more && !report.stopped && self.deferred_passes < MAX_DEFERRED_PASSES {
-                // The driver made more requests available while this pass ran: the next
-                // pass (which runs at once) answers them too, and one interrupt covers
-                // both, as the driver takes every used entry on each interrupt. Bounded, so
-                // a driver that keeps the queue busy is still answered.
-                self.notify_pending = true;
-                self.deferred_passes += 1;
-            } else {
-                self.notify(queues, mem, interrupt);
-            }
+        if report.answered > 0 {
+            self.notify(queues, mem, interrupt);
         }
         self.publish();
         self.publish_queue(&queues[qi], interrupt);
@@ -414,7 +386,7 @@ impl Engine {
         stop: &dyn Fn() -> bool,
     ) -> usize {
         let answered = self.process(queues, mem, stop);
-        if answered > 0 || self.notify_pending {
+        if answered > 0 {
             self.notify(queues, mem, interrupt);
         }
         self.publish();
@@ -463,7 +435,7 @@ impl Engine {
             }
             self.completions = done;
         }
-        if answered > 0 || self.notify_pending {
+        if answered > 0 {
             self.notify(queues, mem, interrupt);
         }
         self.publish();
@@ -500,7 +472,7 @@ impl Engine {
         }
         let mut answered = self.retry_next(q, mem);
         answered += self.process(q, mem, stop);
-        if answered > 0 || self.notify_pending {
+        if answered > 0 {
             self.notify(q, mem, interrupt);
         }
         self.publish();
@@ -760,8 +732,6 @@ impl Engine {
     /// Raises the used-buffer interrupt unless the driver suppressed it on every queue
     /// (EVENT_IDX; the queues share one interrupt line on virtio-mmio).
     fn notify(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        self.notify_pending = false;
-        self.deferred_passes = 0;
         let mut wanted = false;
         for q in queues.iter_mut() {
             // (Every queue is asked: the question moves its own signalled index on.)

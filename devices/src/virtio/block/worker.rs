@@ -114,10 +114,8 @@ impl Worker {
                 return;
             }
             if self.control.pause.requested() {
-                // Nothing new is taken from any queue; what is in flight completes first,
-                // and answers whose interrupt was deferred get it (a snapshot must not hold
-                // used entries the driver was never told about).
-                if self.engine.held() == 0 {
+                // Nothing new is taken from any queue; what is in flight completes first.
+                if self.engine.held() == 0 && self.engine.in_flight() > 0 {
                     self.engine
                         .settle(&mut a.queues, &a.mem, &a.interrupt, &stop);
                     if stop() {
