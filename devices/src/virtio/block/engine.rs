@@ -27,11 +27,11 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::execute::{Disk, Failed, Next, Outcome, Progress};
 use super::request::{self, Invalid, Limits, Request, RequestKind};
-
-mod merge;
 use super::stats::{BlockStats, QueueSnapshot};
 use crate::virtio::ratelimited_warn;
 use crate::virtio::{Interrupt, INT_VRING};
+
+mod merge;
 
 pub use super::execute::WriteErrorPolicy;
 
@@ -606,7 +606,7 @@ impl Engine {
             Ok(()) => self.disk.next(&mut p, mem),
             Err(Failed::Done(out)) => Next::Done(out),
             Err(Failed::NoSpace(e)) => {
-                self.release(idx, qi);
+                self.release(idx, qi, 1);
                 let retried = p.retry;
                 self.hold_request(qi, p, &e);
                 if retried {
@@ -630,7 +630,7 @@ impl Engine {
                 0
             }
             Next::Done(out) => {
-                self.release(idx, qi);
+                self.release(idx, qi, 1);
                 self.answer(q, mem, (qi, p.head, p.req.status, out));
                 let mut answered = 1;
                 if p.retry {
@@ -645,11 +645,13 @@ impl Engine {
         }
     }
 
-    fn release(&mut self, idx: usize, qi: usize) {
+    /// Tag `idx` is free again; the `n` requests it carried (merged reads: several) are no
+    /// longer in flight on queue `qi`.
+    fn release(&mut self, idx: usize, qi: usize, n: usize) {
         self.free.push(idx);
-        self.n_active -= 1;
-        if let Some(n) = self.per_queue.get_mut(qi) {
-            *n = n.saturating_sub(1);
+        self.n_active -= n;
+        if let Some(c) = self.per_queue.get_mut(qi) {
+            *c = c.saturating_sub(n);
         }
     }
 

@@ -146,12 +146,7 @@ impl Engine {
             self.followers[idx] = followers;
             return 0;
         }
-        let n = 1 + followers.len();
-        self.free.push(idx);
-        self.n_active -= n;
-        if let Some(c) = self.per_queue.get_mut(qi) {
-            *c = c.saturating_sub(n);
-        }
+        self.release(idx, qi, 1 + followers.len());
         let failed = r.as_ref().err().map(|e| e.to_string());
         let mut first = Some(r);
         let mut answered = 0;
