@@ -278,6 +278,52 @@ fn a_restored_device_announces_a_transport_reset() {
     assert!(vm.events().is_empty());
 }
 
+/// Waits for the restored device's transport-reset event.
+fn wait_for_reset_event(vm: &mut VsockVm) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let ev = vm.events();
+        if !ev.is_empty() {
+            assert_eq!(ev, vec![0]);
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no reset event");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_restored_device_asks_the_guest_for_host_connections_only_once_it_handled_the_reset() {
+    let mut vm = vm_with(true);
+    wait_for_reset_event(&mut vm);
+    let mut host = UnixStream::connect(&vm.uds).unwrap();
+    host.write_all(b"CONNECT 7\n").unwrap();
+    // The driver has not handled the event yet (it would reset a connection made now
+    // without telling the device): the guest hears nothing of the host's connection.
+    assert!(vm.nothing_within(Duration::from_millis(400)));
+    // It handled it: the event buffer comes back, and the request follows.
+    vm.ev.publish(&vm.mem, 0);
+    vm.kick(2);
+    let t0 = std::time::Instant::now();
+    let (h, _) = vm.recv();
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!((h.op(), h.dst_port()), (Some(Op::Request), 7));
+    vm.send(gh(7, h.src_port(), RESPONSE, 0), &[]);
+    let ok = format!("OK {}\n", h.src_port());
+    assert_eq!(read_n(&mut host, ok.len()), ok.as_bytes());
+}
+
+#[test]
+fn host_connections_to_a_restored_guest_whose_driver_never_answers_the_reset_go_ahead_later() {
+    let mut vm = vm_with(true);
+    wait_for_reset_event(&mut vm);
+    let mut host = UnixStream::connect(&vm.uds).unwrap();
+    host.write_all(b"CONNECT 8\n").unwrap();
+    // No event buffer ever comes back: the request is sent after the device's wait (2 s).
+    let (h, _) = vm.recv_within(Duration::from_secs(10)).expect("no request");
+    assert_eq!((h.op(), h.dst_port()), (Some(Op::Request), 8));
+}
+
 #[test]
 fn a_paused_device_takes_nothing_until_resumed_and_keeps_its_connections() {
     let mut vm = vm();

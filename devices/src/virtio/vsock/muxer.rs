@@ -73,6 +73,11 @@ pub struct Muxer {
     rst: VecDeque<Header>,
     next_port: u32,
     ephemeral: HashSet<u32>,
+    /// Host `CONNECT` lines are left unread (the streams wait in `pending`) until
+    /// [`Muxer::release_host_connects`]: a restored guest resets every connection it has
+    /// when it handles the transport-reset event, so a connection it accepted before that
+    /// would be reset without a word to the device.
+    hold_host_connects: bool,
 }
 
 /// Edge-triggered readiness of a stream: read and write until the call says "would block".
@@ -175,6 +180,7 @@ impl Muxer {
             rst: VecDeque::new(),
             next_port: FIRST_EPHEMERAL_PORT,
             ephemeral: HashSet::new(),
+            hold_host_connects: false,
         })
     }
 
@@ -200,6 +206,24 @@ impl Muxer {
         self.ready.clear();
         self.rst.clear();
         self.ephemeral.clear();
+        self.hold_host_connects = false;
+    }
+
+    /// Leaves host `CONNECT` lines unread until [`Muxer::release_host_connects`].
+    pub fn hold_host_connects(&mut self) {
+        self.hold_host_connects = true;
+    }
+
+    /// Takes the `CONNECT` lines of the host streams that waited (each asks the guest for
+    /// its connection now).
+    pub fn release_host_connects(&mut self) {
+        if !std::mem::take(&mut self.hold_host_connects) {
+            return;
+        }
+        let waiting: Vec<u64> = self.pending.keys().copied().collect();
+        for token in waiting {
+            self.on_pending(token);
+        }
     }
 
     fn token(&mut self) -> u64 {
@@ -250,6 +274,10 @@ impl Muxer {
 
     /// A host stream waiting for its `CONNECT` line had an event.
     fn on_pending(&mut self, token: u64) {
+        if self.hold_host_connects {
+            // (Read once released; the deadline for the line still runs.)
+            return;
+        }
         let Some(p) = self.pending.get(&token) else {
             return;
         };

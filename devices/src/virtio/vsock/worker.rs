@@ -28,6 +28,10 @@ const TOKEN_EVENT: u64 = 3;
 const TOKEN_LISTENER: u64 = 4;
 /// How often deadlines are checked while some exist.
 const SWEEP_EVERY: Duration = Duration::from_millis(250);
+/// How long host connections wait, after a restored device's activation, for the driver to
+/// show it handled the transport-reset event (Linux gives the event buffer back at once;
+/// a driver that never does gets the host's connections after this).
+const RESET_HANDLED_WAIT: Duration = Duration::from_secs(2);
 
 /// What the device asks of its thread.
 pub enum Command {
@@ -68,6 +72,37 @@ pub struct Worker {
 struct Active {
     a: Activation,
     reset_event_owed: bool,
+    /// A transport reset not yet handled by the driver: host connections wait meanwhile.
+    reset_unhandled: Option<ResetWait>,
+}
+
+/// The wait for the driver to handle a transport-reset event. A driver has handled it when
+/// it gives the event queue a buffer after the device used one for the event (Linux's
+/// `virtio_transport_event_work` resets its connections, then refills and notifies): a
+/// host connection asked for before that would be accepted, then reset by the guest without
+/// a word to the device (the host would wait for an answer that never comes).
+struct ResetWait {
+    /// The event queue's available index when the event was put in it (none: not yet).
+    avail_at_event: Option<u16>,
+    give_up: Instant,
+}
+
+impl Active {
+    fn new(a: Activation, muxer: &mut Muxer) -> Active {
+        let owed = a.announce_reset;
+        let reset_unhandled = owed.then(|| {
+            muxer.hold_host_connects();
+            ResetWait {
+                avail_at_event: None,
+                give_up: Instant::now() + RESET_HANDLED_WAIT,
+            }
+        });
+        Active {
+            a,
+            reset_event_owed: owed,
+            reset_unhandled,
+        }
+    }
 }
 
 impl Worker {
@@ -86,8 +121,17 @@ impl Worker {
         let mut more = true;
         let mut last_sweep = Instant::now();
         loop {
+            let reset_wait = active
+                .as_ref()
+                .and_then(|act| act.reset_unhandled.as_ref())
+                .map(|w| w.give_up.saturating_duration_since(Instant::now()));
             let timeout = if more {
                 0
+            } else if let Some(d) = reset_wait {
+                // (At least 1 ms: the give-up time is checked when the wait ends.)
+                i32::try_from(d.min(SWEEP_EVERY).as_millis())
+                    .unwrap_or(i32::MAX)
+                    .max(1)
             } else if self.muxer.has_deadlines() {
                 i32::try_from(SWEEP_EVERY.as_millis()).unwrap_or(i32::MAX)
             } else {
@@ -146,11 +190,7 @@ impl Worker {
                         tracing::error!("virtio-vsock: cannot watch the queues: {e}");
                         continue;
                     }
-                    let owed = a.announce_reset;
-                    *active = Some(Active {
-                        a,
-                        reset_event_owed: owed,
-                    });
+                    *active = Some(Active::new(a, &mut self.muxer));
                 }
                 Command::Reset(reply) => {
                     let fds = self.deactivate(active);
@@ -186,11 +226,7 @@ impl Worker {
                     // Not expected while paused; serve it once resumed.
                     self.deactivate(active);
                     if self.watch(&a).is_ok() {
-                        let owed = a.announce_reset;
-                        *active = Some(Active {
-                            a,
-                            reset_event_owed: owed,
-                        });
+                        *active = Some(Active::new(a, &mut self.muxer));
                     }
                 }
                 Ok(Command::Shutdown) | Err(_) => return false,
@@ -237,11 +273,23 @@ impl Worker {
 
     /// One round over the queues; true when work was left for another round.
     fn serve(&mut self, act: &mut Active) -> bool {
+        self.check_reset_handled(act);
         let (tx_used, tx_more) = self.serve_tx(&mut act.a);
         let (rx_used, rx_more) = self.serve_rx(&mut act.a);
         let ev_used = if act.reset_event_owed {
             let sent = send_reset_event(&mut act.a);
             act.reset_event_owed = !sent;
+            if sent {
+                if let Some(w) = &mut act.reset_unhandled {
+                    w.avail_at_event = act
+                        .a
+                        .event
+                        .queue
+                        .avail_idx(&act.a.mem, std::sync::atomic::Ordering::Acquire)
+                        .ok()
+                        .map(|i| i.0);
+                }
+            }
             sent
         } else {
             false
@@ -261,6 +309,31 @@ impl Worker {
             a.interrupt.trigger(INT_VRING);
         }
         tx_more || rx_more
+    }
+
+    /// Lets host connections through once the driver handled the transport reset (or
+    /// the wait for it ended).
+    fn check_reset_handled(&mut self, act: &mut Active) {
+        let Some(w) = &act.reset_unhandled else {
+            return;
+        };
+        let handled = w.avail_at_event.is_some_and(|at| {
+            act.a
+                .event
+                .queue
+                .avail_idx(&act.a.mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|now| now.0 != at)
+        });
+        if !handled && Instant::now() < w.give_up {
+            return;
+        }
+        if !handled {
+            tracing::debug!(
+                "virtio-vsock: the driver did not show it handled the transport reset; host connections go ahead"
+            );
+        }
+        act.reset_unhandled = None;
+        self.muxer.release_host_connects();
     }
 
     /// Takes the guest's packets: (any chain used, chains left).
