@@ -249,6 +249,88 @@ fn adjacent_reads_of_a_pass_run_as_one_image_read_and_each_gets_its_own_answer()
     assert_eq!((st.reads, st.errors), (5, 5));
 }
 
+/// Writes that continue one another in one pass run as one image write, each request
+/// answered OK with the disk holding every request's own data; a write that does not
+/// continue them runs on its own. When the merged write finds the host full, every request
+/// in it is held (none answered), and once space returns each is retried and answered.
+#[test]
+fn adjacent_writes_of_a_pass_run_as_one_image_write_and_a_full_host_holds_each() {
+    let mut s = setup(16);
+    // Chain i writes block BLOCKS[i] with the byte 0x10 + i + 16 * round.
+    const BLOCKS: [u64; 5] = [4, 5, 6, 7, 20];
+    let chains = |s: &Setup, round: u8| {
+        for (i, &b) in BLOCKS.iter().enumerate() {
+            let i = i as u64;
+            header(&s.mem, HDR + 16 * i, T_OUT, b * 8);
+            s.mem
+                .write_slice(
+                    &[0x10 + i as u8 + 16 * round; 4096],
+                    GuestAddress(DATA + 0x10000 * i),
+                )
+                .unwrap();
+            s.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+            let head = write_chain(
+                &s.mem,
+                &s.ring,
+                3 * i as u16,
+                &[
+                    (HDR + 16 * i, 16, false),
+                    (DATA + 0x10000 * i, 4096, false),
+                    (STATUS + i, 1, true),
+                ],
+            );
+            s.ring.publish(&s.mem, head);
+        }
+    };
+    let disk_holds = |s: &Setup, round: u8| {
+        let disk = std::fs::read(s._dir.join("disk.raw")).unwrap();
+        for (i, &b) in BLOCKS.iter().enumerate() {
+            let at = (b * 4096) as usize;
+            let want = 0x10 + i as u8 + 16 * round;
+            assert!(
+                disk[at..at + 4096].iter().all(|&x| x == want),
+                "round {round}: block {b} does not hold chain {i}'s data"
+            );
+        }
+    };
+    chains(&s, 0);
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (5, 5), "{r:?}");
+    for i in 0..5u64 {
+        assert_eq!(status_at(&s.mem, STATUS + i), 0, "chain {i}");
+    }
+    for k in 0..5u16 {
+        assert_eq!(s.ring.used_elem(&s.mem, k).1, 1, "used entry {k}");
+    }
+    disk_holds(&s, 0);
+    // Blocks 4-7 in one image write, block 20 in another.
+    assert_eq!(s.faults.plan_writes.load(Ordering::SeqCst), 2);
+    let st = s.stats.snapshot();
+    assert_eq!((st.writes, st.merged_writes, st.errors), (5, 4, 0));
+    // Again with the host full: all five held, none answered.
+    s.faults.no_space.store(true, Ordering::SeqCst);
+    chains(&s, 1);
+    let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
+    assert_eq!((r.popped, r.answered), (5, 0), "{r:?}");
+    assert_eq!(s.engine.held(), 5);
+    assert_eq!(s.ring.used_idx(&s.mem), 5);
+    // Space returns: each is retried on its own and answered OK, the disk holds round 1.
+    s.faults.no_space.store(false, Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    assert_eq!(s.engine.retry_held(&mut s.q, &s.mem, &s.irq, &|| false), 5);
+    assert_eq!(s.engine.held(), 0);
+    for i in 0..5u64 {
+        assert_eq!(
+            status_at(&s.mem, STATUS + i),
+            0,
+            "chain {i} after the retry"
+        );
+    }
+    disk_holds(&s, 1);
+    let st = s.stats.snapshot();
+    assert_eq!((st.writes, st.errors), (10, 0));
+}
+
 /// An available ring whose index is readable but whose entries lie outside guest memory
 /// announces requests virtio-queue cannot pop: after a pass or two the device stops asking
 /// for another pass (a worker spinning on it would burn a host CPU for the guest) and waits

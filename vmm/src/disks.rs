@@ -287,13 +287,14 @@ fn report(disks: &[(String, String, Arc<BlockStats>, HostUsage)], mem: Option<&G
         // (Not eprintln!: it panics when stderr cannot be written, e.g. on a full disk.)
         let _ = writeln!(
             std::io::stderr(),
-            "thinvm: disk {name} {path}: reads {} ({}, {} merged), writes {} ({}, {} in batches), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
+            "thinvm: disk {name} {path}: reads {} ({}, {} merged), writes {} ({}, {} in batches, {} merged), flushes {}, discards {} ({}), write-zeroes {} ({}), errors {}; reclaimed: zero-detect {}, discard {}, write-zeroes {}; allocated {} -> {}, apparent {} -> {}",
             s.reads,
             human_size(s.read_bytes),
             s.merged_reads,
             s.writes,
             human_size(s.write_bytes),
             s.batched_writes,
+            s.merged_writes,
             s.flushes,
             s.discards,
             human_size(s.discard_bytes),

@@ -371,6 +371,8 @@ pub struct Faults {
     pub plan_reads: std::sync::atomic::AtomicU64,
     /// Data reads fail with EIO while this is set.
     pub read_eio: std::sync::atomic::AtomicBool,
+    /// Data writes planned (one per image write the device asked for).
+    pub plan_writes: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -434,6 +436,9 @@ impl DiskImage for FaultyImage {
     }
     fn plan_write(&mut self, offset: u64, bufs: &[block::IoBuf]) -> block::Result<block::Plan> {
         self.faults.wait();
+        self.faults
+            .plan_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.faults.full()?;
         self.inner.plan_write(offset, bufs)
     }

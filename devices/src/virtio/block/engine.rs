@@ -334,8 +334,8 @@ impl Engine {
                 self.held.push_back((qi, head, req));
                 continue;
             }
-            // A read continued by the chains after it runs merged with them.
-            let p = match self.start_merged_reads(qi, Progress::new(head, req), &mut popped, mem) {
+            // A read or write continued by the chains after it runs merged with them.
+            let p = match self.start_merged(qi, Progress::new(head, req), &mut popped, mem) {
                 Ok(done) => {
                     for done in done {
                         self.answer(queues, mem, done);

@@ -19,6 +19,8 @@ pub struct BlockStats {
     pub batched_writes: AtomicU64,
     /// Reads that ran merged with the ones continuing them (one image read for several).
     pub merged_reads: AtomicU64,
+    /// Writes that ran merged with the ones continuing them (one image write for several).
+    pub merged_writes: AtomicU64,
     pub flushes: AtomicU64,
     pub discards: AtomicU64,
     pub discard_bytes: AtomicU64,
@@ -109,6 +111,7 @@ pub struct StatsSnapshot {
     pub write_bytes: u64,
     pub batched_writes: u64,
     pub merged_reads: u64,
+    pub merged_writes: u64,
     pub flushes: u64,
     pub discards: u64,
     pub discard_bytes: u64,
@@ -167,6 +170,7 @@ impl BlockStats {
             write_bytes: l(&self.write_bytes),
             batched_writes: l(&self.batched_writes),
             merged_reads: l(&self.merged_reads),
+            merged_writes: l(&self.merged_writes),
             flushes: l(&self.flushes),
             discards: l(&self.discards),
             discard_bytes: l(&self.discard_bytes),
