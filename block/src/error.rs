@@ -78,7 +78,7 @@ pub enum Error {
     IoPoolRunning,
     /// The I/O thread pool could not be built (its threads could not be created).
     #[error("cannot start the block I/O threads: {0}")]
-    IoPoolBuild(#[source] rayon::ThreadPoolBuildError),
+    IoPoolBuild(#[source] std::io::Error),
     /// An I/O thread's start code (see [`crate::ThreadStart`]) failed, e.g. installing its
     /// seccomp filter.
     #[error("I/O thread {thread}: {source}")]

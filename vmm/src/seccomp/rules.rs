@@ -230,7 +230,7 @@ pub const COMMON: &[Rule] = &[
     allow!(SYS_getrandom, "Rust's HashMap seeds its hasher (RandomState), once per thread"),
     allow!(SYS_sched_getaffinity,
         "glibc malloc sizes its arena limit from the usable CPUs, once, when a thread first needs an arena"),
-    allow!(SYS_sched_yield, "rayon's idle I/O threads and Rust's channels spin before they sleep"),
+    allow!(SYS_sched_yield, "Rust's channels (std mpsc) spin, yielding, before they sleep"),
     allow!(SYS_clock_gettime, "the time where the vDSO cannot read it (Instant::now, log time stamps)"),
     allow!(SYS_restart_syscall, "the kernel resumes an interrupted poll, sleep or futex wait with it"),
 ];
