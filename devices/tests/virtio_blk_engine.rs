@@ -14,7 +14,7 @@ use block::raw::RawImage;
 use common::*;
 use devices::virtio::block::engine::Engine;
 use devices::virtio::block::execute::{Disk, WriteErrorPolicy};
-use devices::virtio::block::{BlockStats, Limits, SEG_MAX};
+use devices::virtio::block::BlockStats;
 use devices::virtio::Interrupt;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -48,27 +48,10 @@ fn setup(size: u16) -> Setup {
         WriteErrorPolicy::Enospc,
         true,
     );
-    let limits = Limits {
-        capacity_sectors: 2048,
-        seg_max: SEG_MAX,
-        max_discard_sectors: 1024,
-        max_discard_seg: 4,
-        max_write_zeroes_sectors: 1024,
-        max_write_zeroes_seg: 4,
-        read_only: false,
-        discard_unmap: true,
-    };
+    let limits = engine_limits(2048);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let ring = Ring::at(0x1000, size);
-    let mut q = Queue::new(256).unwrap();
-    q.try_set_size(size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(ring.desc))
-        .unwrap();
-    q.try_set_avail_ring_address(GuestAddress(ring.avail))
-        .unwrap();
-    q.try_set_used_ring_address(GuestAddress(ring.used))
-        .unwrap();
-    q.set_ready(true);
+    let q = ready_queue(&ring, size);
     Setup {
         mem,
         ring,
@@ -177,6 +160,31 @@ fn held_writes_count_against_the_queue_size() {
     assert_eq!(s.stats.snapshot().writes, 32);
 }
 
+/// Publishes one chain per block of `blocks`: chain i a `kind` request (read or write) of
+/// 4 KiB block `blocks[i]`, its data buffer 64 KiB apart from the others' in guest memory and
+/// filled with `fill(i)` first, its status byte set to 0xff.
+fn block_chains(s: &Setup, kind: u32, blocks: &[u64], fill: impl Fn(u64) -> u8) {
+    for (i, &b) in blocks.iter().enumerate() {
+        let i = i as u64;
+        header(&s.mem, HDR + 16 * i, kind, b * 8);
+        s.mem
+            .write_slice(&[fill(i); 4096], GuestAddress(DATA + 0x10000 * i))
+            .unwrap();
+        s.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        let head = write_chain(
+            &s.mem,
+            &s.ring,
+            3 * i as u16,
+            &[
+                (HDR + 16 * i, 16, false),
+                (DATA + 0x10000 * i, 4096, kind == T_IN),
+                (STATUS + i, 1, true),
+            ],
+        );
+        s.ring.publish(&s.mem, head);
+    }
+}
+
 /// Reads that continue one another in one pass run as one image read (as QEMU's virtio-blk
 /// merges a batch's adjacent requests), each request answered with its own data and length;
 /// a read that does not continue them runs on its own; when the merged read fails, every
@@ -189,27 +197,7 @@ fn adjacent_reads_of_a_pass_run_as_one_image_read_and_each_gets_its_own_answer()
     std::fs::write(s._dir.join("disk.raw"), &pattern).unwrap();
     // Chain i reads block BLOCKS[i] into its own buffer (64 KiB apart in guest memory).
     const BLOCKS: [u64; 5] = [0, 1, 2, 3, 10];
-    let chains = |s: &Setup| {
-        for (i, &b) in BLOCKS.iter().enumerate() {
-            let i = i as u64;
-            header(&s.mem, HDR + 16 * i, T_IN, b * 8);
-            s.mem
-                .write_slice(&[0xee; 4096], GuestAddress(DATA + 0x10000 * i))
-                .unwrap();
-            s.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
-            let head = write_chain(
-                &s.mem,
-                &s.ring,
-                3 * i as u16,
-                &[
-                    (HDR + 16 * i, 16, false),
-                    (DATA + 0x10000 * i, 4096, true),
-                    (STATUS + i, 1, true),
-                ],
-            );
-            s.ring.publish(&s.mem, head);
-        }
-    };
+    let chains = |s: &Setup| block_chains(s, T_IN, &BLOCKS, |_| 0xee);
     chains(&s);
     let r = s.engine.pass(&mut s.q, &s.mem, &s.irq, &|| false);
     assert_eq!((r.popped, r.answered), (5, 5), "{r:?}");
@@ -258,30 +246,8 @@ fn adjacent_writes_of_a_pass_run_as_one_image_write_and_a_full_host_holds_each()
     let mut s = setup(16);
     // Chain i writes block BLOCKS[i] with the byte 0x10 + i + 16 * round.
     const BLOCKS: [u64; 5] = [4, 5, 6, 7, 20];
-    let chains = |s: &Setup, round: u8| {
-        for (i, &b) in BLOCKS.iter().enumerate() {
-            let i = i as u64;
-            header(&s.mem, HDR + 16 * i, T_OUT, b * 8);
-            s.mem
-                .write_slice(
-                    &[0x10 + i as u8 + 16 * round; 4096],
-                    GuestAddress(DATA + 0x10000 * i),
-                )
-                .unwrap();
-            s.mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
-            let head = write_chain(
-                &s.mem,
-                &s.ring,
-                3 * i as u16,
-                &[
-                    (HDR + 16 * i, 16, false),
-                    (DATA + 0x10000 * i, 4096, false),
-                    (STATUS + i, 1, true),
-                ],
-            );
-            s.ring.publish(&s.mem, head);
-        }
-    };
+    let chains =
+        |s: &Setup, round: u8| block_chains(s, T_OUT, &BLOCKS, |i| 0x10 + i as u8 + 16 * round);
     let disk_holds = |s: &Setup, round: u8| {
         let disk = std::fs::read(s._dir.join("disk.raw")).unwrap();
         for (i, &b) in BLOCKS.iter().enumerate() {

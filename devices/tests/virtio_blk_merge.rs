@@ -15,9 +15,8 @@ use block::{ImageFormat, OpenOptions, ProbePolicy};
 use common::*;
 use devices::virtio::block::engine::Engine;
 use devices::virtio::block::execute::{Disk, WriteErrorPolicy};
-use devices::virtio::block::{BlockStats, Limits, SEG_MAX};
+use devices::virtio::block::BlockStats;
 use devices::virtio::Interrupt;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,28 +86,12 @@ fn run(aio: Aio, seed: u64) {
         WriteErrorPolicy::Report,
         true,
     );
-    let limits = Limits {
-        capacity_sectors: DISK / 512,
-        seg_max: SEG_MAX,
-        max_discard_sectors: 1024,
-        max_discard_seg: 4,
-        max_write_zeroes_sectors: 1024,
-        max_write_zeroes_seg: 4,
-        read_only: false,
-        discard_unmap: true,
-    };
+    let limits = engine_limits(DISK / 512);
     let mut engine = Engine::new(disk, limits, "merge".into())
         .with_io_engine(block::engine::new_engine(aio).unwrap());
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let ring = Ring::at(0x1000, QSIZE);
-    let mut q = Queue::new(QSIZE).unwrap();
-    q.try_set_desc_table_address(GuestAddress(ring.desc))
-        .unwrap();
-    q.try_set_avail_ring_address(GuestAddress(ring.avail))
-        .unwrap();
-    q.try_set_used_ring_address(GuestAddress(ring.used))
-        .unwrap();
-    q.set_ready(true);
+    let mut q = ready_queue(&ring, QSIZE);
     let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
 
     let mut model = pattern.clone();

@@ -261,16 +261,7 @@ fn device_reset_closes_every_host_stream_and_the_device_works_again() {
 #[test]
 fn a_restored_device_announces_a_transport_reset() {
     let mut vm = vm_with(true);
-    let t0 = std::time::Instant::now();
-    loop {
-        let ev = vm.events();
-        if !ev.is_empty() {
-            assert_eq!(ev, vec![0]);
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "no reset event");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_reset_event(&mut vm);
     // Only once: a driver reset and re-activation gets none.
     common::w(&mut vm.t, 0x70, 0);
     vm.init();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use block::raw::RawImage;
 use block::DiskImage;
 use devices::bus::BusDevice;
-use devices::virtio::block::{serial_bytes, Block, BlockConfig, BlockStats};
+use devices::virtio::block::{serial_bytes, Block, BlockConfig, BlockStats, Limits, SEG_MAX};
 use devices::virtio::mmio::MmioTransport;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -492,4 +492,35 @@ pub fn faulty_vm(cfg: BlockConfig) -> (Vm, Arc<Faults>) {
         faults: faults.clone(),
     };
     (vm_with(Box::new(image), cfg, dir), faults)
+}
+
+/// The request limits the engine tests give a writable disk of `sectors` sectors (discard
+/// and write-zeroes allowed, up to 1024 sectors in 4 segments each).
+pub fn engine_limits(sectors: u64) -> Limits {
+    Limits {
+        capacity_sectors: sectors,
+        seg_max: SEG_MAX,
+        max_discard_sectors: 1024,
+        max_discard_seg: 4,
+        max_write_zeroes_sectors: 1024,
+        max_write_zeroes_seg: 4,
+        read_only: false,
+        discard_unmap: true,
+    }
+}
+
+/// A virtio-queue `Queue` of `size` on `ring`'s addresses, ready (what the engine tests
+/// drive directly, without the MMIO transport).
+pub fn ready_queue(ring: &Ring, size: u16) -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    let mut q = virtio_queue::Queue::new(256.max(size)).unwrap();
+    q.try_set_size(size).unwrap();
+    q.try_set_desc_table_address(GuestAddress(ring.desc))
+        .unwrap();
+    q.try_set_avail_ring_address(GuestAddress(ring.avail))
+        .unwrap();
+    q.try_set_used_ring_address(GuestAddress(ring.used))
+        .unwrap();
+    q.set_ready(true);
+    q
 }
