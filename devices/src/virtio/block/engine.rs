@@ -1,7 +1,7 @@
 //! Serving a virtio-blk queue with many requests in flight: a pass pops at most the chains
 //! the queue has room for, parses each into a [`Request`] and starts it on the image's
-//! [`Pipeline`] (planned now, data I/O on the I/O engine; adjacent reads merged, see
-//! `merge`); each request is answered as soon
+//! [`Pipeline`] (planned now, data I/O on the I/O engine; adjacent reads and writes merged,
+//! see `merge`); each request is answered as soon
 //! as its last step ends (used ring entry, then the interrupt, which EVENT_IDX may suppress
 //! so interrupts stay few). Between pops, between steps and before starting anything, the
 //! caller's `stop` is asked, so a reset or shutdown is never starved by a guest that keeps
@@ -88,8 +88,8 @@ pub struct Engine {
     pipeline: Pipeline,
     /// Requests started and not yet answered, by pipeline tag, with their queue's index.
     active: Vec<Option<(usize, Progress)>>,
-    /// Per tag, the reads merged behind the one in `active` (same queue, the image read
-    /// covering them all): answered with it.
+    /// Per tag, the requests merged behind the one in `active` (same queue, same direction,
+    /// the image read or write covering them all): answered with it.
     followers: Vec<Vec<Progress>>,
     /// Requests started and not yet answered, per queue.
     per_queue: Vec<usize>,
@@ -521,7 +521,7 @@ impl Engine {
         None
     }
 
-    /// Hands `io`, the next step of `p` (and of the reads merged behind it, `followers`), to
+    /// Hands `io`, the next step of `p` (and of the requests merged behind it, `followers`), to
     /// the pipeline.
     fn submit(&mut self, qi: usize, p: Progress, followers: Vec<Progress>, io: IoRequest) {
         let n = 1 + followers.len();
@@ -645,7 +645,7 @@ impl Engine {
         }
     }
 
-    /// Tag `idx` is free again; the `n` requests it carried (merged reads: several) are no
+    /// Tag `idx` is free again; the `n` requests it carried (merged ones: several) are no
     /// longer in flight on queue `qi`.
     fn release(&mut self, idx: usize, qi: usize, n: usize) {
         self.free.push(idx);
