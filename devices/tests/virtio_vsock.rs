@@ -65,8 +65,7 @@ fn guest_to_host_connection_carries_data_both_ways_and_closes() {
 #[test]
 fn host_to_guest_connection_with_connect_line() {
     let mut vm = vm();
-    let mut host = UnixStream::connect(&vm.uds).unwrap();
-    host.write_all(b"CONNECT 7\n").unwrap();
+    let mut host = vm.host_connect(7);
     let (h, _) = vm.recv();
     assert_eq!(h.op(), Some(Op::Request));
     assert_eq!(h.dst_port(), 7);
@@ -99,8 +98,7 @@ fn nobody_listening_means_reset_both_ways() {
     assert_eq!(h.op(), Some(Op::Rst));
     assert_eq!((h.src_port(), h.dst_port()), (53, 1000));
     // Host to a guest port nobody listens on: the guest answers RST, the stream closes.
-    let mut host = UnixStream::connect(&vm.uds).unwrap();
-    host.write_all(b"CONNECT 9\n").unwrap();
+    let mut host = vm.host_connect(9);
     let (h, _) = vm.recv();
     assert_eq!(h.op(), Some(Op::Request));
     vm.send(gh(9, h.src_port(), RST, 0), &[]);
@@ -287,8 +285,7 @@ fn wait_for_reset_event(vm: &mut VsockVm) {
 fn a_restored_device_asks_the_guest_for_host_connections_only_once_it_handled_the_reset() {
     let mut vm = vm_with(true);
     wait_for_reset_event(&mut vm);
-    let mut host = UnixStream::connect(&vm.uds).unwrap();
-    host.write_all(b"CONNECT 7\n").unwrap();
+    let mut host = vm.host_connect(7);
     // The driver has not handled the event yet (it would reset a connection made now
     // without telling the device): the guest hears nothing of the host's connection.
     assert!(vm.nothing_within(Duration::from_millis(400)));
@@ -308,8 +305,8 @@ fn a_restored_device_asks_the_guest_for_host_connections_only_once_it_handled_th
 fn host_connections_to_a_restored_guest_whose_driver_never_answers_the_reset_go_ahead_later() {
     let mut vm = vm_with(true);
     wait_for_reset_event(&mut vm);
-    let mut host = UnixStream::connect(&vm.uds).unwrap();
-    host.write_all(b"CONNECT 8\n").unwrap();
+    // (Kept open: the device drops a closed stream.)
+    let _host = vm.host_connect(8);
     // No event buffer ever comes back: the request is sent after the device's wait (2 s).
     let (h, _) = vm.recv_within(Duration::from_secs(10)).expect("no request");
     assert_eq!((h.op(), h.dst_port()), (Some(Op::Request), 8));

@@ -174,8 +174,7 @@ fn strangers_wrong_types_and_unknown_connections() {
 #[test]
 fn data_before_the_guest_accepted_resets_the_connection() {
     let mut vm = vm();
-    let mut host = UnixStream::connect(&vm.uds).unwrap();
-    host.write_all(b"CONNECT 12\n").unwrap();
+    let mut host = vm.host_connect(12);
     let (h, _) = vm.recv();
     assert_eq!(h.op(), Some(Op::Request));
     vm.send(gh(12, h.src_port(), RW, 2), b"no");

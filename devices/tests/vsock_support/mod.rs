@@ -264,6 +264,15 @@ impl VsockVm {
         out
     }
 
+    /// A host process connecting to the VM's socket and asking for guest port `port`
+    /// (Firecracker's `CONNECT <port>` line): its end of the stream.
+    pub fn host_connect(&self, port: u32) -> std::os::unix::net::UnixStream {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.uds).unwrap();
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+        s
+    }
+
     pub fn host_path(&self, port: u32) -> PathBuf {
         PathBuf::from(format!("{}_{port}", self.uds.display()))
     }
