@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::boot::{self, KernelFormat};
 use crate::arch::layout::{virtio_mmio_slot, VIRTIO_MMIO_SIZE};
 use crate::arch::regs::EntryMode;
-use crate::arch::{acpi, mptable, regs};
+use crate::arch::{acpi, cpuid, mptable, regs};
 use crate::config::{SerialConfig, VmConfig};
 use crate::disks::{self, DiskSet};
 use crate::error::{Result, VmmError};
@@ -210,9 +210,13 @@ pub fn build(cfg: VmConfig) -> Result<Launch> {
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
     timing_mark("kernel-loaded");
 
+    let host_features = cpuid::HostFeatures {
+        conservative: nested.is_some(),
+        tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+    };
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
-        vcpus.push(Vcpu::new(&kvm, &vm.fd, id, cfg.cpus, nested.is_some())?);
+        vcpus.push(Vcpu::new(&kvm, &vm.fd, id, cfg.cpus, host_features)?);
     }
     if let Some(boot_cpu) = vcpus.first() {
         boot_cpu.setup_boot_state(&gdt, loaded.entry)?;

@@ -27,6 +27,12 @@ fn prints_takes_an_interrupt_and_resets() {
         "{stdout}\n{stderr}"
     );
     assert!(stdout.contains("timer interrupt received"), "{stdout}");
+    // KVM emulates the TSC-deadline timer mode: the guest is told (CPUID 1 ECX bit 24), as
+    // QEMU, Firecracker and Cloud Hypervisor tell theirs.
+    assert!(
+        stdout.contains("thinvm-test-guest: tsc-deadline timer"),
+        "{stdout}"
+    );
     assert!(stdout.contains("requesting reset"), "{stdout}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("guest requested a reset"), "{stderr}");

@@ -10,6 +10,7 @@ const ECX_FMA: u32 = 1 << 12;
 const ECX_CX16: u32 = 1 << 13;
 const ECX_PCID: u32 = 1 << 17;
 const ECX_MOVBE: u32 = 1 << 22;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_POPCNT: u32 = 1 << 23;
 const ECX_AES: u32 = 1 << 25;
 const ECX_XSAVE: u32 = 1 << 26;
@@ -37,17 +38,36 @@ const CONSERVATIVE_HIDE_LEAF1_ECX: u32 = ECX_PCLMUL
     | ECX_F16C
     | ECX_RDRAND;
 
+/// What the host offers beyond KVM's supported CPUID.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostFeatures {
+    /// Hide what a software-nested host's instruction emulator cannot handle.
+    pub conservative: bool,
+    /// KVM emulates the local APIC's TSC-deadline timer mode (`KVM_CAP_TSC_DEADLINE_TIMER`);
+    /// KVM's supported CPUID never sets the bit itself, VMMs do (QEMU, Firecracker and Cloud
+    /// Hypervisor all do).
+    pub tsc_deadline: bool,
+}
+
 /// Adjusts `cpuid` for vCPU `id` of `cpus`.
-pub fn filter(entries: &mut CpuId, id: u32, cpus: u32, conservative: bool) {
+pub fn filter(entries: &mut CpuId, id: u32, cpus: u32, host: HostFeatures) {
     let shift = 32 - (cpus.max(1) - 1).leading_zeros();
     for e in entries.as_mut_slice().iter_mut() {
-        filter_entry(e, id, cpus, shift, conservative);
+        filter_entry(e, id, cpus, shift, host);
     }
 }
 
-fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, conservative: bool) {
+fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, host: HostFeatures) {
+    let conservative = host.conservative;
     match e.function {
         1 => {
+            // The guest programs its timer with one MSR write instead of the APIC's
+            // initial-count register (an MMIO write KVM must decode and emulate).
+            if host.tsc_deadline {
+                e.ecx |= ECX_TSC_DEADLINE;
+            } else {
+                e.ecx &= !ECX_TSC_DEADLINE;
+            }
             // Initial APIC id, logical processor count, CLFLUSH line size (64 bytes).
             e.ebx = (id << 24) | ((cpus.min(255)) << 16) | (8 << 8) | (e.ebx & 0xff);
             e.ecx |= ECX_HYPERVISOR;
@@ -124,17 +144,30 @@ mod tests {
     #[test]
     fn apic_ids_and_topology() {
         let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(0xb, 1), entry(7, 0)]).unwrap();
-        filter(&mut cpuid, 3, 4, false);
+        filter(&mut cpuid, 3, 4, HostFeatures::default());
         let s = cpuid.as_slice();
         assert_eq!(s[0].ebx >> 24, 3);
         assert_eq!((s[0].ebx >> 16) & 0xff, 4);
         assert!(s[0].ecx & ECX_HYPERVISOR != 0);
         assert!(s[0].ecx & ECX_CX16 != 0, "not hidden unless conservative");
+        assert_eq!(s[0].ecx & ECX_TSC_DEADLINE, 0, "only where KVM emulates it");
         assert_eq!(s[1].ebx, 4);
         assert_eq!(s[1].eax, 2);
         assert_eq!(s[1].edx, 3);
         assert_ne!(s[2].ebx, 0);
-        filter(&mut cpuid, 0, 1, true);
+        let mut fresh = CpuId::from_entries(&[entry(1, 0)]).unwrap();
+        fresh.as_mut_slice()[0].ecx = 0;
+        let with_deadline = HostFeatures {
+            conservative: false,
+            tsc_deadline: true,
+        };
+        filter(&mut fresh, 0, 1, with_deadline);
+        assert_ne!(fresh.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        let conservative = HostFeatures {
+            conservative: true,
+            tsc_deadline: false,
+        };
+        filter(&mut cpuid, 0, 1, conservative);
         let s = cpuid.as_slice();
         assert_eq!(s[0].ecx & (ECX_CX16 | ECX_POPCNT | ECX_XSAVE), 0);
         assert_eq!(s[2].ebx, 0);

@@ -163,7 +163,7 @@ impl Vcpu {
         vm: &kvm_ioctls::VmFd,
         id: u32,
         cpus: u32,
-        conservative: bool,
+        host: cpuid::HostFeatures,
     ) -> Result<Vcpu> {
         let fd = vm
             .create_vcpu(u64::from(id))
@@ -171,7 +171,7 @@ impl Vcpu {
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::vcpu(id, "KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::filter(&mut cpuid, id, cpus, conservative);
+        cpuid::filter(&mut cpuid, id, cpus, host);
         fd.set_cpuid2(&cpuid)
             .map_err(VmmError::vcpu(id, "KVM_SET_CPUID2"))?;
         msr::setup_msrs(kvm, &fd, id)?;

@@ -22,6 +22,12 @@ void guest_main(const u8 *boot_params) {
     puts_serial("cmdline: ");
     puts_serial(cmdline);
     puts_serial("\n");
+    {
+        u32 a = 1, b, c = 0, d;
+        __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+        puts_serial((c >> 24) & 1 ? "thinvm-test-guest: tsc-deadline timer\n"
+                                  : "thinvm-test-guest: no tsc-deadline timer\n");
+    }
 
     idt_set_gate(idt, 0x40, timer_isr);
     idt_load(idt, 256);
