@@ -15,6 +15,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::error::{Result, VmmError};
 use crate::lifecycle::{ExitReason, ExitState};
+use crate::vstate::kvm_stats::IdleWatch;
 use crate::vstate::report::VcpuReports;
 use crate::vstate::vcpu::HALTED_IRQS_OFF;
 
@@ -63,6 +64,12 @@ pub struct Controller {
     kick: Arc<dyn Fn() + Send + Sync>,
     vcpu_state: Arc<Vec<AtomicU8>>,
     halted_ticks: u32,
+    /// Which vCPUs may be halted for good, from KVM's statistics (`None`: every vCPU is
+    /// asked at every tick).
+    idle_watch: Option<IdleWatch>,
+    /// The published vCPU states are older than the last tick (no kick since): they do not
+    /// count towards a halt until the vCPUs were asked again.
+    states_stale: bool,
     stats: Box<dyn FnMut() + Send>,
     stats_timer: Option<TimerFd>,
     escape_pending: bool,
@@ -83,6 +90,7 @@ impl Controller {
         signals: OwnedFd,
         kick: Arc<dyn Fn() + Send + Sync>,
         vcpu_state: Arc<Vec<AtomicU8>>,
+        idle_watch: Option<IdleWatch>,
         stats: Box<dyn FnMut() + Send>,
         stats_interval: Option<Duration>,
         pause: Arc<crate::vstate::vcpu::PauseControl>,
@@ -112,6 +120,8 @@ impl Controller {
             kick,
             vcpu_state,
             halted_ticks: 0,
+            idle_watch,
+            states_stale: true,
             stats,
             stats_timer,
             escape_pending: false,
@@ -199,17 +209,34 @@ impl Controller {
         }
     }
 
+    /// Halt detection: a guest whose vCPUs all sit in `hlt` with interrupts off (Linux's
+    /// `halt` without ACPI) has ended. KVM keeps a halted vCPU inside `KVM_RUN`, so each vCPU
+    /// is kicked out to look at its state; with KVM's statistics only when every vCPU waits
+    /// in KVM and none left the guest since the last tick: a running guest is never
+    /// interrupted (each kick costs every vCPU an exit to user space and back).
     fn handle_halt_tick(&mut self) {
         let _ = self.halt_timer.wait();
         if self.pause.is_paused() {
             self.halted_ticks = 0;
+            self.states_stale = true;
             return;
         }
-        // The states were published after the previous kick.
-        let all_halted = self
-            .vcpu_state
-            .iter()
-            .all(|s| s.load(Ordering::Acquire) == HALTED_IRQS_OFF);
+        if let Some(watch) = &mut self.idle_watch {
+            if !watch.all_idle() {
+                self.halted_ticks = 0;
+                self.states_stale = true;
+                self.flush_input();
+                return;
+            }
+        }
+        // The states were published after the previous kick (unless there was none since
+        // the vCPUs last ran).
+        let all_halted = !self.states_stale
+            && self
+                .vcpu_state
+                .iter()
+                .all(|s| s.load(Ordering::Acquire) == HALTED_IRQS_OFF);
+        self.states_stale = false;
         if all_halted {
             self.halted_ticks += 1;
             if self.halted_ticks >= 2 {
@@ -219,6 +246,7 @@ impl Controller {
         } else {
             self.halted_ticks = 0;
         }
+        tracing::debug!("halt detection: kicking the vCPUs to look at their state");
         (self.kick)();
         // Console input the guest could not take yet.
         self.flush_input();

@@ -28,6 +28,7 @@ use crate::seccomp::{self, ThreadKind};
 use crate::terminal;
 use crate::vm_control::{VmControl, VsockHandle};
 use crate::vsock::VsockDevice;
+use crate::vstate::kvm_stats::IdleWatch;
 use crate::vstate::report::VcpuReports;
 use crate::vstate::vcpu::{self, PauseControl, Vcpu, VcpuShared, RUNNING};
 use crate::vstate::vm::Vm;
@@ -326,6 +327,11 @@ fn start(l: Launch) -> Result<RunningVm> {
     // When the vCPUs are about to enter the guest (benchmarks: restore to the first guest
     // instruction).
     timing_mark("vcpus-start");
+    // Halt detection reads KVM's statistics of each vCPU where the kernel has them.
+    let idle_watch = IdleWatch::new(vcpus.iter().map(|v| v.fd()));
+    if idle_watch.is_none() {
+        tracing::debug!("no KVM vCPU statistics: halt detection kicks every vCPU at each tick");
+    }
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start(shared.clone(), vcpu_filter.clone())?);
@@ -342,6 +348,7 @@ fn start(l: Launch) -> Result<RunningVm> {
         signals,
         kick.clone(),
         state,
+        idle_watch,
         stats,
         cfg.stats_interval,
         pause.clone(),

@@ -60,6 +60,44 @@ fn halted_vcpus_end_the_vm_as_poweroff() {
     assert!(text(&out.stderr).contains("guest powered off"));
 }
 
+/// Halt detection leaves a running guest alone: no vCPU is kicked out of `KVM_RUN` while
+/// one of them runs (2 s here, where kicking at every 250 ms tick made 8 or more kicks);
+/// once every vCPU halts with interrupts off the VM still ends as a poweroff.
+#[test]
+fn halt_detection_does_not_interrupt_a_running_guest() {
+    if !kvm_or_skip("halt_detection_does_not_interrupt_a_running_guest") {
+        return;
+    }
+    let started = Instant::now();
+    let out = run_thinvm(
+        &[
+            "run",
+            "--kernel",
+            &kernel(),
+            "--cmdline",
+            "mode=busy busyticks=200",
+            "--cpus",
+            "2",
+            "--log-level",
+            "debug",
+        ],
+        60,
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(stdout.contains("thinvm-test-guest: busy"), "{stdout}");
+    assert!(stdout.contains("halting"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("guest powered off"), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let kicks = stderr.matches("halt detection: kicking").count();
+    // Seeing the halt takes three looks after the vCPUs stop: idle, kicked, halted twice.
+    assert!(
+        (1..=4).contains(&kicks),
+        "{kicks} kicks for a guest that ran 2 s and then halted:\n{stderr}"
+    );
+}
+
 #[test]
 fn triple_fault_exits_with_code_2() {
     if !kvm_or_skip("triple_fault_exits_with_code_2") {

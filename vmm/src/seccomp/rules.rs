@@ -240,6 +240,8 @@ pub const VMM: Table = Table {
     calls: &[
         allow!(SYS_read,
             "event loop: the signalfd (SIGINT, SIGTERM, SIGHUP, SIGUSR1), timerfds (halt ticks, statistics), exit and reset eventfds, console input"),
+        allow!(SYS_pread64,
+            "halt detection reads the vCPUs' KVM statistics (blocking, exits) from their stats file descriptors; with an API socket, a snapshot reads image headers and metadata (new overlay, its frozen layer)"),
         allow!(SYS_epoll_wait, "event loop (event-manager) waits"),
         allow!(SYS_epoll_ctl, "event loop stops watching stdin at its end or hang-up"),
         allow!(SYS_tgkill [kick_signal(2)],
@@ -333,7 +335,6 @@ pub const VMM_API: Table = Table {
         allow!(SYS_getdents64, "snapshot: is the snapshot directory empty; removing a failed one"),
         allow!(SYS_statx, "snapshot: file metadata (sizes, types) of images and the snapshot directory"),
         allow!(SYS_newfstatat, "snapshot: file metadata where glibc uses fstatat"),
-        allow!(SYS_pread64, "snapshot: reads image headers and metadata (new overlay, its frozen layer)"),
         allow!(SYS_pwrite64, "snapshot: writes guest RAM (zero pages skipped) and the new overlay's metadata"),
         allow!(SYS_ftruncate, "snapshot: sets the memory file's length (zero pages at its end stay holes); qcow2 create"),
         allow!(SYS_fsync, "snapshot: memory file, state file and new overlays reach the disk before state.json names them"),

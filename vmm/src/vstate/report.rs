@@ -29,8 +29,8 @@ pub struct LastExit {
 
 /// A vCPU's exits as its reports tell them: each exit is counted and kept as the last one
 /// (no clock is read on that path); when the last one happened is bounded at the kicks (the
-/// halt tick kicks every vCPU 4 times a second): after the kick before the one that first saw
-/// it.
+/// halt tick kicks the vCPUs 4 times a second while they are all idle, never while one runs;
+/// a report kicks them too): after the kick before the one that first saw it.
 #[derive(Clone, Copy, Debug)]
 pub struct ExitLog {
     exits: u64,

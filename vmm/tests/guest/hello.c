@@ -1,7 +1,9 @@
 /* thinvm's tiny test guest: prints on the serial port, takes a LAPIC timer interrupt, then
    ends the VM the way the kernel command line asks: `mode=reset` (i8042 reset, the default),
    `mode=halt` (cli; hlt on every CPU, what Linux does for halt without ACPI),
-   `mode=triple` (triple fault), `mode=spin` (idle until stopped), `mode=cx16` (a cmpxchg16b right after an I/O exit, which
+   `mode=triple` (triple fault), `mode=spin` (idle until stopped), `mode=busy` (runs, never
+   halting, for `busyticks=` (default 200) ticks of a 10 ms periodic timer, then halts as
+   `mode=halt`), `mode=cx16` (a cmpxchg16b right after an I/O exit, which
    software-nested KVM hosts cannot emulate), `mode=debug-exit` (writes `exitval=` with an
    I/O write of `exitwidth=` bytes (1, 2, 4) to port `exitport=` (default 0x501), then, if the
    VM is still running, says so and resets). */
@@ -41,6 +43,15 @@ void guest_main(const u8 *boot_params) {
         puts_serial("thinvm-test-guest: idling until stopped\n");
         __asm__ volatile("sti");
         for (;;) __asm__ volatile("hlt");
+    }
+    if (has_word(cmdline, "mode=busy")) {
+        int until = ticks + (int)param_u64(cmdline, "busyticks=", 200);
+        puts_serial("thinvm-test-guest: busy\n");
+        lapic_timer_start(0x40, 10000000, 1); /* 10 ms at KVM's 1 GHz APIC bus, periodic */
+        __asm__ volatile("sti");
+        while (ticks < until) __asm__ volatile("pause");
+        puts_serial("thinvm-test-guest: halting\n");
+        for (;;) __asm__ volatile("cli; hlt");
     }
     if (has_word(cmdline, "mode=halt")) {
         puts_serial("thinvm-test-guest: halting\n");
