@@ -211,9 +211,16 @@ pub fn build(cfg: VmConfig) -> Result<Launch> {
     let gdt = regs::setup_tables(&vm.memory, loaded.entry)?;
     timing_mark("kernel-loaded");
 
+    let emulated_cpu = host::emulated_host_cpu();
+    if emulated_cpu && cfg.cpus > 1 {
+        tracing::debug!(
+            "the host's CPU is emulated (QEMU TCG): the guest is not offered KVM's paravirtual TLB flush"
+        );
+    }
     let host_features = cpuid::HostFeatures {
         conservative: nested.is_some(),
         tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
+        hide_pv_tlb_flush: emulated_cpu,
     };
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {

@@ -20,6 +20,8 @@ const ECX_F16C: u32 = 1 << 29;
 const ECX_RDRAND: u32 = 1 << 30;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
+/// Leaf 0x4000_0001 EAX (KVM's paravirtual features): the TLB-flush hypercall path.
+const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
 /// Leaf 0x8000_0001 ECX: ABM (LZCNT/POPCNT).
 const EXT_ECX_ABM: u32 = 1 << 5;
 
@@ -47,6 +49,9 @@ pub struct HostFeatures {
     /// KVM's supported CPUID never sets the bit itself, VMMs do (QEMU, Firecracker and Cloud
     /// Hypervisor all do).
     pub tsc_deadline: bool,
+    /// Hide KVM's paravirtual TLB flush (a host whose CPU QEMU's TCG emulates: see
+    /// `host::emulated_host_cpu` and docs/design.md).
+    pub hide_pv_tlb_flush: bool,
 }
 
 /// Adjusts `cpuid` for vCPU `id` of `cpus`.
@@ -119,6 +124,9 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, host: 
             e.ecx = 0;
             e.edx = 0;
         }
+        0x4000_0001 if host.hide_pv_tlb_flush => {
+            e.eax &= !KVM_FEATURE_PV_TLB_FLUSH;
+        }
         0x8000_0001 if conservative => {
             e.ecx &= !EXT_ECX_ABM;
         }
@@ -158,18 +166,35 @@ mod tests {
         let mut fresh = CpuId::from_entries(&[entry(1, 0)]).unwrap();
         fresh.as_mut_slice()[0].ecx = 0;
         let with_deadline = HostFeatures {
-            conservative: false,
             tsc_deadline: true,
+            ..Default::default()
         };
         filter(&mut fresh, 0, 1, with_deadline);
         assert_ne!(fresh.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
         let conservative = HostFeatures {
             conservative: true,
-            tsc_deadline: false,
+            ..Default::default()
         };
         filter(&mut cpuid, 0, 1, conservative);
         let s = cpuid.as_slice();
         assert_eq!(s[0].ecx & (ECX_CX16 | ECX_POPCNT | ECX_XSAVE), 0);
         assert_eq!(s[2].ebx, 0);
+    }
+
+    #[test]
+    fn the_pv_tlb_flush_is_hidden_only_when_asked() {
+        let kvm_features = |hide| {
+            let mut e = entry(0x4000_0001, 0);
+            e.eax = 0x01ff_ffff;
+            let mut cpuid = CpuId::from_entries(&[e]).unwrap();
+            let host = HostFeatures {
+                hide_pv_tlb_flush: hide,
+                ..Default::default()
+            };
+            filter(&mut cpuid, 0, 2, host);
+            cpuid.as_slice()[0].eax
+        };
+        assert_eq!(kvm_features(false), 0x01ff_ffff);
+        assert_eq!(kvm_features(true), 0x01ff_ffff & !KVM_FEATURE_PV_TLB_FLUSH);
     }
 }
