@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs one VM command for the benchmarks and reports, as one JSON line:
 time to the first console byte, time to a marker line, the VMM's memory overhead (RSS
-minus the guest-RAM mapping) when the marker appears, all THINVM-* lines, exit code.
+minus the guest-RAM mapping) when the marker appears, all THINVM-* lines, the console's last
+40 lines of any kind (a guest's panic), exit code.
 
   vmrun.py --marker TEXT [--kill-after-marker] [--mem-mib N] [--until TEXT] -- CMD ...
 
@@ -82,6 +83,7 @@ first = marker = None
 rss = ovh = anon = None
 buf = b""
 lines = []
+console_tail = []
 sizes = []
 kvm = []
 until = a.until or a.marker
@@ -112,6 +114,8 @@ while not done:
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
         text = line.decode(errors="replace").strip()
+        if text:
+            console_tail = (console_tail + [text])[-40:]
         if text.startswith("THINVM-"):
             lines.append(text)
         if a.kvm_stats and text.startswith(("THINVM-MARK", "THINVM-RESULT")):
@@ -150,7 +154,7 @@ errbuf += p.stderr.read() or b""
 err = errbuf.decode(errors="replace").strip().splitlines()
 print(json.dumps({"first_byte_s": first, "marker_s": marker, "rss_kib": rss,
                   "overhead_kib": ovh, "anon_kib": anon, "exit": code, "wall_s": time.monotonic() - t0,
-                  "lines": lines, "sizes": sizes, "kvm": kvm, "timed_out": timed_out,
+                  "lines": lines, "console_tail": console_tail, "sizes": sizes, "kvm": kvm, "timed_out": timed_out,
                   "stderr_tail": err[-60:] if timed_out else err[-5:],
                   # thinvm's per-disk statistics at exit (what the guest sent: discards,
                   # write-zeroes, ...), one line per disk.
