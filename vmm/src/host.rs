@@ -112,7 +112,7 @@ mod tests {
         assert!(is_tcg("", "TCGTCGTCGTCG"));
         assert!(!is_tcg("AMD EPYC 7B13 64-Core Processor", "KVMKVMKVM"));
         assert!(!is_tcg("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", ""));
-        // This host's own answer is one of the two, and stable.
-        assert_eq!(emulated_host_cpu(), emulated_host_cpu());
+        // Every x86_64 CPU this runs on names itself (CPUID 0x8000_0002-4).
+        assert!(!host_cpu_names().0.is_empty());
     }
 }

@@ -331,14 +331,14 @@ fn start(l: Launch) -> Result<RunningVm> {
     } else {
         None
     };
-    // When the vCPUs are about to enter the guest (benchmarks: restore to the first guest
-    // instruction).
-    timing_mark("vcpus-start");
     // Halt detection reads KVM's statistics of each vCPU where the kernel has them.
     let idle_watch = IdleWatch::new(vcpus.iter().map(|v| v.fd()));
     if idle_watch.is_none() {
         tracing::debug!("no KVM vCPU statistics: halt detection kicks every vCPU at each tick");
     }
+    // When the vCPUs are about to enter the guest (benchmarks: restore to the first guest
+    // instruction).
+    timing_mark("vcpus-start");
     let mut handles = Vec::new();
     for v in vcpus {
         handles.push(v.start(shared.clone(), vcpu_filter.clone())?);

@@ -6,11 +6,11 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::FileExt;
 
+use kvm_bindings::KVMIO;
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
 
-const KVMIO: u32 = 0xAE;
 ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
 
 /// `struct kvm_stats_header`: six u32.
