@@ -102,6 +102,10 @@ pub struct Engine {
     completions: Vec<(u64, block::Result<()>)>,
     /// Passes in a row that found chains announced and could take none.
     unreadable_passes: u32,
+    /// The caller signals the driver once per round ([`Engine::batch_signals`]).
+    batch_signals: bool,
+    /// Answers put in the used rings and not yet signalled (with `batch_signals`).
+    unsignalled: bool,
     pub activity: Activity,
 }
 
@@ -123,7 +127,36 @@ impl Engine {
             first_retry: FIRST_RETRY_DELAY,
             completions: Vec::new(),
             unreadable_passes: 0,
+            batch_signals: false,
+            unsignalled: false,
             activity: Activity::default(),
+        }
+    }
+
+    /// Answers are signalled only by [`Engine::signal_answers`], which the caller runs once
+    /// per round over every queue: a round that completes I/O and serves several queues
+    /// raises one interrupt, not one per queue and step (the queues of a virtio-mmio device
+    /// share one interrupt line, and its handler looks at every queue).
+    pub fn batch_signals(mut self) -> Self {
+        self.batch_signals = true;
+        self
+    }
+
+    /// Answers are waiting for [`Engine::signal_answers`].
+    pub fn unsignalled(&self) -> bool {
+        self.unsignalled
+    }
+
+    /// Raises the interrupt for the answers given since the last signal, unless the driver
+    /// suppressed it on every queue (EVENT_IDX).
+    pub fn signal_answers(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) {
+        if std::mem::take(&mut self.unsignalled) {
+            self.raise(queues, mem, interrupt);
         }
     }
 
@@ -193,6 +226,7 @@ impl Engine {
         self.held.clear();
         self.hold = None;
         self.unreadable_passes = 0;
+        self.unsignalled = false;
         self.activity = Activity::default();
         self.publish();
         self.disk.stats.set_queue(None);
@@ -435,8 +469,9 @@ impl Engine {
             }
             self.completions = done;
         }
-        if answered > 0 {
-            self.notify(queues, mem, interrupt);
+        // (What a pause saves must include the signal: raised now, with any still owed.)
+        if answered > 0 || std::mem::take(&mut self.unsignalled) {
+            self.raise(queues, mem, interrupt);
         }
         self.publish();
         answered
@@ -731,9 +766,19 @@ impl Engine {
         }
     }
 
+    /// Answers were given: signals the driver now, or at the end of the caller's round
+    /// ([`Engine::batch_signals`]).
+    fn notify(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+        if self.batch_signals {
+            self.unsignalled = true;
+        } else {
+            self.raise(queues, mem, interrupt);
+        }
+    }
+
     /// Raises the used-buffer interrupt unless the driver suppressed it on every queue
     /// (EVENT_IDX; the queues share one interrupt line on virtio-mmio).
-    fn notify(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+    fn raise(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
         let mut wanted = false;
         for q in queues.iter_mut() {
             // (Every queue is asked: the question moves its own signalled index on.)

@@ -218,7 +218,9 @@ impl Block {
             cfg.discard_unmap,
         );
         let worker = worker::Worker {
-            engine: engine::Engine::new(disk, limits, cfg.name.clone()).with_io_engine(io),
+            engine: engine::Engine::new(disk, limits, cfg.name.clone())
+                .with_io_engine(io)
+                .batch_signals(),
             control: control.clone(),
         };
         let (tx, rx) = channel();

@@ -29,6 +29,9 @@ use crate::virtio::{ratelimited_warn, Interrupt, PauseError, QueueProgress};
 /// How long the guest must be quiet before deferred image work runs.
 const IDLE_MS: i32 = 100;
 
+/// Rounds an interrupt may wait for while the driver keeps adding requests.
+const MAX_DEFERRED_ROUNDS: u32 = 2;
+
 /// Shared between the device and its worker: which activation may run.
 pub struct Control {
     /// The current activation's number; moving it on ends the activation being served.
@@ -108,10 +111,25 @@ impl Worker {
         let nq = a.queues.len();
         let mut more = vec![true; nq];
         let mut idle_pending = false;
+        let mut deferred = 0;
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq + 2);
         loop {
             if stop() {
                 return;
+            }
+            // One interrupt for everything the last rounds answered, on every queue; while the
+            // driver keeps adding requests (a queue has more), a few more rounds join it
+            // (never across a pause: what a snapshot saves has been signalled).
+            if more.iter().any(|&m| m)
+                && deferred < MAX_DEFERRED_ROUNDS
+                && self.engine.unsignalled()
+                && !self.control.pause.requested()
+            {
+                deferred += 1;
+            } else {
+                deferred = 0;
+                self.engine
+                    .signal_answers(&mut a.queues, &a.mem, &a.interrupt);
             }
             if self.control.pause.requested() {
                 // Nothing new is taken from any queue; what is in flight completes first.
@@ -139,6 +157,9 @@ impl Worker {
                             next_used: virtio_queue::QueueT::next_used(q),
                         })
                         .collect();
+                    // (A pause asked for after the round began: its answers are signalled.)
+                    self.engine
+                        .signal_answers(&mut a.queues, &a.mem, &a.interrupt);
                     self.control.pause.park(at, &mut self.engine.disk.image);
                     // Chains the driver queued meanwhile, on any queue.
                     more.iter_mut().for_each(|m| *m = true);
