@@ -102,9 +102,7 @@ pub struct Engine {
     completions: Vec<(u64, block::Result<()>)>,
     /// Passes in a row that found chains announced and could take none.
     unreadable_passes: u32,
-    /// The caller signals the driver once per round ([`Engine::batch_signals`]).
-    batch_signals: bool,
-    /// Answers put in the used rings and not yet signalled (with `batch_signals`).
+    /// Answers put in the used rings and not yet signalled ([`Engine::signal_answers`]).
     unsignalled: bool,
     pub activity: Activity,
 }
@@ -127,19 +125,9 @@ impl Engine {
             first_retry: FIRST_RETRY_DELAY,
             completions: Vec::new(),
             unreadable_passes: 0,
-            batch_signals: false,
             unsignalled: false,
             activity: Activity::default(),
         }
-    }
-
-    /// Answers are signalled only by [`Engine::signal_answers`], which the caller runs once
-    /// per round over every queue: a round that completes I/O and serves several queues
-    /// raises one interrupt, not one per queue and step (the queues of a virtio-mmio device
-    /// share one interrupt line, and its handler looks at every queue).
-    pub fn batch_signals(mut self) -> Self {
-        self.batch_signals = true;
-        self
     }
 
     /// Answers are waiting for [`Engine::signal_answers`].
@@ -148,7 +136,11 @@ impl Engine {
     }
 
     /// Raises the interrupt for the answers given since the last signal, unless the driver
-    /// suppressed it on every queue (EVENT_IDX).
+    /// suppressed it on every queue (EVENT_IDX). [`Engine::pass_queue`], [`Engine::complete`]
+    /// and [`Engine::retry_held_queues`] only record that answers are owed: the caller runs
+    /// this once per round over every queue, so a round that completes I/O and serves
+    /// several queues raises one interrupt, not one per queue and step (the queues of a
+    /// virtio-mmio device share one interrupt line, and its handler looks at every queue).
     pub fn signal_answers(
         &mut self,
         queues: &mut [Queue],
@@ -259,7 +251,8 @@ impl Engine {
         }));
     }
 
-    /// One pass over a device's only queue (see [`Engine::pass_queue`]).
+    /// A round of one pass over a device's only queue (see [`Engine::pass_queue`]), ending
+    /// with the interrupt if answers are owed.
     pub fn pass(
         &mut self,
         q: &mut Queue,
@@ -267,12 +260,15 @@ impl Engine {
         interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
     ) -> PassReport {
-        self.pass_queue(std::slice::from_mut(q), 0, mem, interrupt, stop)
+        let queues = std::slice::from_mut(q);
+        let report = self.pass_queue(queues, 0, mem, interrupt, stop);
+        self.signal_answers(queues, mem, interrupt);
+        report
     }
 
     /// One pass over queue `qi` of `queues`: pops at most `queue size - held - in flight`
-    /// chains, starts them, answers those already done (on any queue) and raises the
-    /// interrupt if the driver wants one.
+    /// chains, starts them and answers those already done (on any queue); the interrupt is
+    /// owed until [`Engine::signal_answers`].
     pub fn pass_queue(
         &mut self,
         queues: &mut [Queue],
@@ -403,7 +399,7 @@ impl Engine {
             self.unreadable_passes = 0;
         }
         if report.answered > 0 {
-            self.notify(queues, mem, interrupt);
+            self.unsignalled = true;
         }
         self.publish();
         self.publish_queue(&queues[qi], interrupt);
@@ -411,7 +407,8 @@ impl Engine {
     }
 
     /// Collects finished I/O and answers what completed (the worker calls it when the
-    /// engine's notifier is readable). Returns the requests answered.
+    /// engine's notifier is readable; the interrupt is owed until
+    /// [`Engine::signal_answers`]). Returns the requests answered.
     pub fn complete(
         &mut self,
         queues: &mut [Queue],
@@ -421,7 +418,7 @@ impl Engine {
     ) -> usize {
         let answered = self.process(queues, mem, stop);
         if answered > 0 {
-            self.notify(queues, mem, interrupt);
+            self.unsignalled = true;
         }
         self.publish();
         if let Some(q) = queues.first() {
@@ -470,15 +467,16 @@ impl Engine {
             self.completions = done;
         }
         // (What a pause saves must include the signal: raised now, with any still owed.)
-        if answered > 0 || std::mem::take(&mut self.unsignalled) {
-            self.raise(queues, mem, interrupt);
+        if answered > 0 {
+            self.unsignalled = true;
         }
+        self.signal_answers(queues, mem, interrupt);
         self.publish();
         answered
     }
 
-    /// Retries the held writes (when their timer is due): the first one now, the next ones
-    /// each when the one before succeeded. Returns the requests answered.
+    /// A round that retries the held writes of a device's only queue (see
+    /// [`Engine::retry_held_queues`]), ending with the interrupt if answers are owed.
     pub fn retry_held(
         &mut self,
         q: &mut Queue,
@@ -486,15 +484,19 @@ impl Engine {
         interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
     ) -> usize {
-        self.retry_held_queues(std::slice::from_mut(q), mem, interrupt, stop)
+        let queues = std::slice::from_mut(q);
+        let answered = self.retry_held_queues(queues, mem, stop);
+        self.signal_answers(queues, mem, interrupt);
+        answered
     }
 
-    /// [`Engine::retry_held`] for a device with several queues.
+    /// Retries the held writes (when their timer is due): the first one now, the next ones
+    /// each when the one before succeeded (the interrupt is owed until
+    /// [`Engine::signal_answers`]). Returns the requests answered.
     pub fn retry_held_queues(
         &mut self,
         q: &mut [Queue],
         mem: &GuestMemoryMmap,
-        interrupt: &Interrupt,
         stop: &dyn Fn() -> bool,
     ) -> usize {
         let now = Instant::now();
@@ -508,7 +510,7 @@ impl Engine {
         let mut answered = self.retry_next(q, mem);
         answered += self.process(q, mem, stop);
         if answered > 0 {
-            self.notify(q, mem, interrupt);
+            self.unsignalled = true;
         }
         self.publish();
         answered
@@ -763,16 +765,6 @@ impl Engine {
                 BlockStats::add(&stats.dropped, 1);
                 add_used(q, mem, head, 0);
             }
-        }
-    }
-
-    /// Answers were given: signals the driver now, or at the end of the caller's round
-    /// ([`Engine::batch_signals`]).
-    fn notify(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, interrupt: &Interrupt) {
-        if self.batch_signals {
-            self.unsignalled = true;
-        } else {
-            self.raise(queues, mem, interrupt);
         }
     }
 

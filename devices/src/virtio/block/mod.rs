@@ -218,9 +218,7 @@ impl Block {
             cfg.discard_unmap,
         );
         let worker = worker::Worker {
-            engine: engine::Engine::new(disk, limits, cfg.name.clone())
-                .with_io_engine(io)
-                .batch_signals(),
+            engine: engine::Engine::new(disk, limits, cfg.name.clone()).with_io_engine(io),
             control: control.clone(),
         };
         let (tx, rx) = channel();

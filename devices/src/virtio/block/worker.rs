@@ -32,6 +32,28 @@ const IDLE_MS: i32 = 100;
 /// Rounds an interrupt may wait for while the driver keeps adding requests.
 const MAX_DEFERRED_ROUNDS: u32 = 2;
 
+/// When the worker raises the interrupt for answers given: at the end of the round that gave
+/// them, unless the driver is still adding requests (a queue had chains arrive during its
+/// pass), when completions it is about to ask for may join it; but never more than
+/// [`MAX_DEFERRED_ROUNDS`] rounds later, whatever the driver does.
+#[derive(Default)]
+struct SignalPacer {
+    deferred: u32,
+}
+
+impl SignalPacer {
+    /// Whether the answers owed are signalled at the top of this round.
+    fn signal_now(&mut self, driver_adding: bool, owed: bool) -> bool {
+        if driver_adding && owed && self.deferred < MAX_DEFERRED_ROUNDS {
+            self.deferred += 1;
+            false
+        } else {
+            self.deferred = 0;
+            owed
+        }
+    }
+}
+
 /// Shared between the device and its worker: which activation may run.
 pub struct Control {
     /// The current activation's number; moving it on ends the activation being served.
@@ -111,7 +133,7 @@ impl Worker {
         let nq = a.queues.len();
         let mut more = vec![true; nq];
         let mut idle_pending = false;
-        let mut deferred = 0;
+        let mut pacer = SignalPacer::default();
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(nq + 2);
         loop {
             if stop() {
@@ -119,15 +141,8 @@ impl Worker {
             }
             // One interrupt for everything the last rounds answered, on every queue; while the
             // driver keeps adding requests (a queue has more), a few more rounds join it
-            // (never across a pause: what a snapshot saves has been signalled).
-            if more.iter().any(|&m| m)
-                && deferred < MAX_DEFERRED_ROUNDS
-                && self.engine.unsignalled()
-                && !self.control.pause.requested()
-            {
-                deferred += 1;
-            } else {
-                deferred = 0;
+            // (a pause signals before it parks: what a snapshot saves has been signalled).
+            if pacer.signal_now(more.iter().any(|&m| m), self.engine.unsignalled()) {
                 self.engine
                     .signal_answers(&mut a.queues, &a.mem, &a.interrupt);
             }
@@ -220,9 +235,7 @@ impl Worker {
                 .retry_in(Instant::now())
                 .is_some_and(|d| d.is_zero())
             {
-                let answered =
-                    self.engine
-                        .retry_held_queues(&mut a.queues, &a.mem, &a.interrupt, &stop);
+                let answered = self.engine.retry_held_queues(&mut a.queues, &a.mem, &stop);
                 // Room in the queues again: chains the driver queued meanwhile (perhaps
                 // without notifying, while held writes filled a queue) get a pass.
                 if answered > 0 {
@@ -263,5 +276,37 @@ impl Worker {
             .disk
             .stats
             .set_image(image.reclaim_stats(), usage);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_that_keeps_adding_cannot_hold_its_interrupt_back_longer_than_the_bound() {
+        let mut p = SignalPacer::default();
+        let mut since = 0;
+        for round in 0..100 {
+            if p.signal_now(true, true) {
+                since = 0;
+            } else {
+                since += 1;
+            }
+            assert!(
+                since <= MAX_DEFERRED_ROUNDS,
+                "round {round}: {since} rounds held"
+            );
+        }
+    }
+
+    #[test]
+    fn a_waiting_driver_is_signalled_in_the_round_that_answered_it() {
+        let mut p = SignalPacer::default();
+        assert!(!p.signal_now(true, true), "held while the driver adds");
+        assert!(p.signal_now(false, true), "signalled once it stops adding");
+        assert!(p.signal_now(false, true));
+        assert!(!p.signal_now(false, false), "nothing owed, nothing raised");
+        assert!(!p.signal_now(true, false));
     }
 }
