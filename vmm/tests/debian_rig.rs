@@ -53,34 +53,6 @@ for f in {watch}; do echo "SIZE file=$f final=1 alloc=$(( $(stat -c %b $f) * 512
     )
 }
 
-/// Runs in the rig a `script` that holds a [`boot_fragment`]. The rig's emulated CPU (QEMU's
-/// TCG emulating AMD SVM, the rig kernel's KVM on it) now and then kills this 2-vCPU guest
-/// under heavy I/O -- a triple fault with nothing on the console, or a kernel panic in an
-/// interrupt handler -- and QEMU microvm's guest too: the matrix workload under QEMU microvm
-/// in the same rig session ended early at the NTFS cell in 1 of 2 runs (2026-12-06). A run
-/// whose guest died that way (thinvm reports a triple fault or the guest's reset, and
-/// nothing else went wrong) is shown and run again, [`GUEST_RUNS`] runs in all; any other
-/// failure counts at once, and the last run counts whatever happened.
-fn linux_guest_may_die(script: &str, timeout: u64) -> String {
-    let mut run = 1;
-    loop {
-        let out = linux(script, timeout);
-        let died = out.contains("VMM thinvm: guest triple fault")
-            || out.contains("VMM thinvm: guest requested a reset");
-        if !died || out.contains("THINVM-ERROR") || run == GUEST_RUNS {
-            return out;
-        }
-        eprintln!(
-            "run {run} of {GUEST_RUNS}: the guest died (the rig's CPU, see \
-             linux_guest_may_die); running it again. What it printed:\n{out}"
-        );
-        run += 1;
-    }
-}
-
-/// Runs of a Debian rig test, the first included (see [`linux_guest_may_die`]).
-const GUEST_RUNS: u32 = 3;
-
 /// Debian's kernel (no VIRTIO_MMIO_CMDLINE_DEVICES) finds its root disk through thinvm's ACPI
 /// tables, systemd reaches multi-user.target, and on the ext4 root (a fresh overlay) each
 /// way users give space back shrinks the overlay, allocated and apparent size: systemd's
@@ -110,7 +82,7 @@ cd /; rm -rf "$d"
             "root.qcow2"
         ),
     );
-    let out = linux_guest_may_die(&script, 3600);
+    let out = linux_guest_may_die("debian_boots", &script, 3600);
     eprintln!("{out}");
     assert!(!out.contains("EXIT code"), "thinvm failed: {out}");
     assert!(!out.contains("THINVM-ERROR"), "{out}");
@@ -261,7 +233,7 @@ cd /; rm -rf "$d"
         watch = watch.join(" "),
         boot = boot_fragment(&g, &disks.join(" "), &workload.join(","), &watch.join(" ")),
     );
-    let out = linux_guest_may_die(&script, 3600);
+    let out = linux_guest_may_die("debian_file_system_matrix", &script, 3600);
     eprintln!("{out}");
     assert!(!out.contains("EXIT code"), "thinvm failed: {out}");
     assert!(!out.contains("THINVM-ERROR"), "{out}");
@@ -396,7 +368,7 @@ cd /; rm -rf "$d"
         i = g.initrd.display(),
         cmdline = g.cmdline,
     );
-    let out = linux_guest_may_die(&script, 2400);
+    let out = linux_guest_may_die("debian_serial_console", &script, 2400);
     eprintln!("{out}");
     assert!(!out.contains("STEP-TIMEOUT"), "{out}");
     let login = &fields(&out, "THINVM-LOGIN ")[0];
