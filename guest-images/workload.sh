@@ -191,14 +191,28 @@ ARGS
   # the guest's own counters around the run: interrupts of its virtio devices and requests
   # the disks completed.
   echo "THINVM-MARK fio-start rw=$rw" > /dev/console
-  irqs0=$(virtio_irqs); ios0=$(disk_ios)
+  irqs0=$(virtio_irqs); ios0=$(disk_ios); sources0=$(irq_sources)
   out=$(/usr/bin/fio "$@" --output-format=terse --terse-version=3 2>&1) ||
     { echo "fio-failed: $(echo "$out" | tail -1)"; return 1; }
   irqs=$(($(virtio_irqs) - irqs0)); ios=$(($(disk_ios) - ios0))
+  # Every interrupt source that fired during the run, most first (timer, IPIs, virtio, ...).
+  sources=$( { echo "$sources0"; echo; irq_sources; } | awk '
+    !NF { after = 1; next }
+    !after { before[$1] = $2; next }
+    $2 > before[$1] { d[$1] = $2 - before[$1] }
+    END { for (k in d) print d[k], k }' | sort -rn | head -8 | awk '{ printf "%s%s:%s", (NR > 1 ? "," : ""), $2, $1 }')
   rm -f "$DATA"/thinvm.*
   # Terse v3: field 5 error, 7/8 read KiB/s and IOPS, 48/49 write KiB/s and IOPS.
   echo "$out" | awk -F';' -v rw="$rw" -v jobs="$jobs" -v irqs="$irqs" -v ios="$ios" '$1 == 3 {
     printf "rw=%s jobs=%d error=%d read_iops=%d read_kib_s=%d write_iops=%d write_kib_s=%d guest_irqs=%d disk_ios=%d", rw, jobs, $5, $8, $7, $49, $48, irqs, ios }'
+  echo " irq_sources=${sources:-none}"
+}
+
+# "name total" of each line of /proc/interrupts (all CPUs summed; a device's name for
+# numbered lines, LOC, RES, CAL, ... for the others).
+irq_sources() {
+  awk 'NR > 1 { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i
+    name = ($1 ~ /^[0-9]+:$/) ? $NF : $1; sub(/:$/, "", name); print name, n }' /proc/interrupts
 }
 
 # Interrupts the guest took from its virtio devices, all CPUs.
