@@ -3,7 +3,7 @@
 # after switch_root). The steps come from the kernel command line:
 #   thinvm.workload=STEP[,STEP...]
 # STEP: boot | fill:MIB | rm | sync | zero-wipe | fstrim | zero-range:MIB | devtest | df |
-#       sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS[:JOBS]]  (RW: randread randwrite read write verify)
+#       topology | sleep:S | blkbench:MODE:BS:SECS | fio:RW[:SECS[:JOBS]]  (RW: randread randwrite read write verify)
 #       | agent (serve the test agent until the VM is stopped) | count[:SECS] (THINVM-COUNT n
 #       lines forever) | writes:N[:PAUSE] (N synced 1 MiB files, each announced, PAUSE
 #       seconds apart, then all checked) | bench-server[:PORT] (the vsock benchmarks' guest end, thinvm-agent bench-server) |
@@ -215,6 +215,30 @@ irq_sources() {
     name = ($1 ~ /^[0-9]+:$/) ? $NF : $1; sub(/:$/, "", name); print name, n }' /proc/interrupts
 }
 
+# The CPU topology the guest sees: vendor, and per CPU and cache level which CPUs share it
+# (the scheduler's and blk-mq's "shares a last-level cache" comes from here).
+step_topology() {
+  printf "vendor=%s family=%s model=%s cache_kb=%s topoext=%s cpus=%s" \
+    "$(awk -F': ' '/^vendor_id/ { print $2; exit }' /proc/cpuinfo)" \
+    "$(awk -F': ' '/^cpu family/ { print $2; exit }' /proc/cpuinfo)" \
+    "$(awk -F': ' '/^model\t/ { print $2; exit }' /proc/cpuinfo)" \
+    "$(awk -F': ' '/^cache size/ { print $2 + 0; exit }' /proc/cpuinfo)" \
+    "$(grep -m1 -c '^flags.* topoext' /proc/cpuinfo)" "$(grep -c ^processor /proc/cpuinfo)"
+  for c in /sys/devices/system/cpu/cpu[0-9]*; do
+    for i in "$c"/cache/index*; do
+      [ -d "$i" ] || continue
+      printf " %s-L%s%s=%s" "${c##*/}" "$(cat "$i/level")" "$(cut -c1 "$i/type")" "$(cat "$i/shared_cpu_list")"
+    done
+  done
+  # The scheduler's domains of CPU 0 (an MC domain spanning both CPUs = one shared LLC).
+  mountpoint -q /sys/kernel/debug 2>/dev/null || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+  for d in /sys/kernel/debug/sched/domains/cpu0/domain* /proc/sys/kernel/sched_domain/cpu0/domain*; do
+    [ -f "$d/name" ] && printf " sd-%s=%s" "${d##*/}" "$(cat "$d/name")"
+  done
+  printf " core_siblings=%s" "$(cat /sys/devices/system/cpu/cpu0/topology/core_siblings_list 2>/dev/null)"
+  echo
+}
+
 # Interrupts the guest took from its virtio devices, all CPUs.
 virtio_irqs() {
   awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts
@@ -335,6 +359,7 @@ run_step() {
     zero-range) out=$(step_zero_range "${arg:-16}") ;;
     devtest) out=$(step_devtest) ;;
     df) out=$(step_df) ;;
+    topology) out=$(step_topology) ;;
     blkbench) out=$(step_blkbench "$arg") ;;
     fio) out=$(step_fio "$arg") ;;
     raw-header) out=$(step_raw_header) ;;
