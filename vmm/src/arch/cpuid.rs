@@ -25,6 +25,10 @@ const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
 /// Leaf 0x8000_0001 ECX: ABM (LZCNT/POPCNT).
 const EXT_ECX_ABM: u32 = 1 << 5;
 
+/// Deterministic cache leaves (Intel leaf 4, AMD 0x8000_001D) EAX[25:14]: the logical
+/// processors sharing the cache, minus one.
+const CACHE_SHARING_MASK: u32 = 0xfff << 14;
+
 /// Features hidden on software-nested hosts (see the host notes: the host's emulator fails
 /// on cmpxchg16b, xrstor, popcnt, clac, ...).
 const CONSERVATIVE_HIDE_LEAF1_ECX: u32 = ECX_PCLMUL
@@ -88,8 +92,9 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, host: 
         4 => {
             // Cores per package - 1 in EAX[31:26]; one thread per core.
             e.eax = (e.eax & 0x03ff_ffff) | ((cpus.min(64) - 1) << 26);
-            e.eax &= !(0xfff << 14);
+            e.eax = cache_sharing(e.eax, cpus);
         }
+        0x8000_001d => e.eax = cache_sharing(e.eax, cpus),
         7 if conservative => {
             // SMEP, SMAP, FSGSBASE, BMI, ERMS, INVPCID, AVX2, RDSEED, ADX (EBX); UMIP, RDPID
             // (ECX); FSRM (EDX) ...
@@ -132,6 +137,22 @@ fn filter_entry(e: &mut kvm_cpuid_entry2, id: u32, cpus: u32, shift: u32, host: 
         }
         _ => {}
     }
+}
+
+/// `eax` of a deterministic cache leaf with the vCPUs sharing that cache: each vCPU is a
+/// core of one thread, so its L1 and L2 are its own, and the last level (L3 and beyond) is
+/// shared by every vCPU, as in one package. The guest's scheduler and block layer go by
+/// this: CPUs that share a last-level cache wake each other's tasks and complete each
+/// other's I/O directly, other CPUs by an inter-processor interrupt (a private L3 per vCPU,
+/// as the host's values or a zeroed field would say, costs the guest IPIs and exits).
+fn cache_sharing(eax: u32, cpus: u32) -> u32 {
+    let level = (eax >> 5) & 0x7;
+    let sharing = if level >= 3 {
+        cpus.clamp(1, 0x1000) - 1
+    } else {
+        0
+    };
+    (eax & !CACHE_SHARING_MASK) | (sharing << 14)
 }
 
 #[cfg(test)]
@@ -179,6 +200,34 @@ mod tests {
         let s = cpuid.as_slice();
         assert_eq!(s[0].ecx & (ECX_CX16 | ECX_POPCNT | ECX_XSAVE), 0);
         assert_eq!(s[2].ebx, 0);
+    }
+
+    /// L1 and L2 are each vCPU's own, the L3 is shared by all of them, on Intel's leaf 4
+    /// and AMD's 0x8000_001D, whatever the host said.
+    #[test]
+    fn the_last_level_cache_is_shared_by_every_vcpu() {
+        // EAX: cache type 1-3 in bits 4:0, level in bits 7:5, host's sharing count all ones.
+        let leaf = |function, index, level: u32| {
+            let mut e = entry(function, index);
+            e.eax = CACHE_SHARING_MASK | (level << 5) | 1;
+            e
+        };
+        for function in [4, 0x8000_001d] {
+            let mut cpuid = CpuId::from_entries(&[
+                leaf(function, 0, 1),
+                leaf(function, 1, 2),
+                leaf(function, 2, 3),
+            ])
+            .unwrap();
+            filter(&mut cpuid, 1, 6, HostFeatures::default());
+            let sharing: Vec<u32> = cpuid
+                .as_slice()
+                .iter()
+                .map(|e| (e.eax & CACHE_SHARING_MASK) >> 14)
+                .collect();
+            assert_eq!(sharing, [0, 0, 5], "leaf {function:#x}");
+            assert!(cpuid.as_slice().iter().all(|e| e.eax & 0xff == (e.eax & 0xe0) | 1));
+        }
     }
 
     #[test]
