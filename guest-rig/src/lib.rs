@@ -206,11 +206,19 @@ __thinvm_threads() {{
   done
 }}
 __thinvm_watchdog() {{
-  local main=$1 s=0 p f
-  while [ $s -lt {after} ]; do
-    sleep 1; s=$((s + 1))
+  # Wall-clock time, not a count of one-second sleeps: in the rig a loop turn costs far
+  # more than its sleep when the machine is loaded, and counted turns once let a hung
+  # guest outlive the rig's timeout with no report at all. Builtins only in the loop.
+  local main=$1 p f now end state
+  printf -v end '%(%s)T' -1; end=$((end + {after}))
+  while :; do
+    sleep 1
     # Gone, or a zombie its parent has not reaped yet.
-    case $(cut -d' ' -f3 /proc/"$main"/stat 2>/dev/null) in "" | Z) return 0 ;; esac
+    state=
+    read -r _ _ state _ < /proc/"$main"/stat 2>/dev/null
+    case $state in "" | Z) return 0 ;; esac
+    printf -v now '%(%s)T' -1
+    [ "$now" -lt "$end" ] || break
   done
   # The script's own stdout (the watchdog holds none while it waits, so that a reader
   # waiting for the end of the output is never held up by it).
@@ -294,6 +302,52 @@ mod tests {
         );
         assert!(stdout.contains("thread=thinvm state="), "{stdout}");
         assert!(stdout.contains("EXIT code=143"), "{stdout}");
+    }
+
+    /// The watchdog keeps wall-clock time: with every `sleep 1` of its loop taking 3 s (a
+    /// loaded rig, where counted turns let a hung guest outlive the rig's timeout unreported)
+    /// it still reports and stops the hung VMM at three quarters of the time allowed.
+    #[test]
+    fn the_watchdog_fires_on_time_when_its_loop_runs_slow() {
+        let dir = std::env::temp_dir().join(format!("thinvm-watchdog-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sleep"), "#!/bin/bash\nexec /bin/sleep 3\n").unwrap();
+        std::fs::write(
+            dir.join("thinvm"),
+            "#!/bin/bash\ntrap : USR1\ntrap 'exit 143' TERM\nwhile :; do /bin/sleep 0.1; done\n",
+        )
+        .unwrap();
+        // Executable before the script starts: its watchdog's first `sleep` must find this one.
+        for f in ["sleep", "thinvm"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let script = format!(
+            "cd {d} && (exec -a thinvm ./thinvm); echo \"EXIT code=$?\"",
+            d = dir.display()
+        );
+        let t = std::time::Instant::now();
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg("bash")
+            .arg("-c")
+            .arg(with_hang_watchdog(&script, 8))
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.display()))
+            .output()
+            .unwrap();
+        let elapsed = t.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            stdout.contains("THINVM-HANG still running after 6 s"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("EXIT code=143"), "{stdout}");
+        // Counted turns: 6 turns of 3 s, then 3 s of report before the SIGTERM (21 s).
+        assert!(
+            elapsed < std::time::Duration::from_secs(17),
+            "{elapsed:?}: {stdout}"
+        );
     }
 
     /// A script that ends in time prints nothing of the watchdog and is not held up by it.
