@@ -21,12 +21,18 @@ fn debian() -> guest_rig::DebianGuest {
 /// every size is the one the step left; once more when thinvm ended. Shell fragment; prints
 /// the THINVM-* lines, `EXIT code=N` if thinvm failed, and thinvm's guest and disk summary
 /// lines as `VMM ...`.
-fn boot_fragment(g: &guest_rig::DebianGuest, disks: &str, workload: &str, watch: &str) -> String {
+fn boot_fragment(
+    g: &guest_rig::DebianGuest,
+    cpus: u32,
+    disks: &str,
+    workload: &str,
+    watch: &str,
+) -> String {
     format!(
         r#"mkfifo console.in
 # Read-write: neither side's open waits for the other.
 exec 3<>console.in
-{{ {thinvm} run --kernel {k} --initrd {i} --memory 1G --cpus 2 --disk path=root.qcow2,format=qcow2 {disks} --serial stdio --cmdline "{cmdline} thinvm.ack=1 thinvm.workload={workload}" <console.in 2>vmm.log || echo "EXIT code=$?"; }} | while IFS= read -r line; do
+{{ {thinvm} run --kernel {k} --initrd {i} --memory 1G --cpus {cpus} --disk path=root.qcow2,format=qcow2 {disks} --serial stdio --cmdline "{cmdline} thinvm.ack=1 thinvm.workload={workload}" <console.in 2>vmm.log || echo "EXIT code=$?"; }} | while IFS= read -r line; do
   line=${{line%$'\r'}}
   printf '%s\n' "$line" >>console.log
   case $line in
@@ -77,6 +83,7 @@ cd /; rm -rf "$d"
         base = g.base_qcow2.display(),
         boot = boot_fragment(
             &g,
+            2,
             "",
             "boot,fill:96,rm,fstrim-service,discard-mount:64,fill:64,rm,zero-wipe",
             "root.qcow2"
@@ -180,6 +187,14 @@ const MATRIX_CELLS: [(&str, &str); 4] = [
     ("ntfs", "zero"),
 ];
 
+/// vCPUs of the matrix's guest. One: the matrix is about what each file system gives back,
+/// and in the rig (QEMU's TCG emulating SVM) a 2-vCPU guest under this much I/O dies or
+/// stalls now and then under either VMM (see `linux_guest_may_die`): on the machine of
+/// 2026-12-07 the 2-vCPU matrix died or hung in 5 of 6 runs (triple faults on vCPU 1, a
+/// soft lockup at the NTFS cell, the rig's own crash). Two vCPUs stay covered by the boot
+/// and console tests here and by `linux_rig`'s.
+const MATRIX_CPUS: u32 = 1;
+
 /// MiB each matrix cell writes, deletes and reclaims.
 const MATRIX_FILL_MIB: u64 = 64;
 
@@ -231,9 +246,15 @@ cd /; rm -rf "$d"
 "#,
         base = g.base_qcow2.display(),
         watch = watch.join(" "),
-        boot = boot_fragment(&g, &disks.join(" "), &workload.join(","), &watch.join(" ")),
+        boot = boot_fragment(
+            &g,
+            MATRIX_CPUS,
+            &disks.join(" "),
+            &workload.join(","),
+            &watch.join(" ")
+        ),
     );
-    let out = linux_guest_may_die("debian_file_system_matrix", &script, 3600);
+    let out = linux_guest_may_die("debian_file_system_matrix", &script, 1800);
     eprintln!("{out}");
     assert!(!out.contains("EXIT code"), "thinvm failed: {out}");
     assert!(!out.contains("THINVM-ERROR"), "{out}");
