@@ -226,7 +226,10 @@ mod tests {
                 .map(|e| (e.eax & CACHE_SHARING_MASK) >> 14)
                 .collect();
             assert_eq!(sharing, [0, 0, 5], "leaf {function:#x}");
-            assert!(cpuid.as_slice().iter().all(|e| e.eax & 0xff == (e.eax & 0xe0) | 1));
+            assert!(cpuid
+                .as_slice()
+                .iter()
+                .all(|e| e.eax & 0xff == (e.eax & 0xe0) | 1));
         }
     }
 
